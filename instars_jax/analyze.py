@@ -1,0 +1,142 @@
+"""Certified accuracy and average certified radius (ACR) of certification results.
+
+    python -m instars_jax.analyze FILE [FILE ...] [--radii 0,0.25,0.5] [--format markdown|json]
+                                  [--plot out.png] [--sigma-hist sigmas.png]
+
+Certified accuracy at r is the fraction of rows with correct == 1 and radius >= r; the ACR is
+the mean over all rows of radius * correct (abstentions count 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from instars_jax import results
+
+DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+UNLABELLED = "unlabelled (no metadata sidecar)"
+
+
+def certified_accuracy(radius, correct, radii) -> np.ndarray:
+  """Fraction of rows that are correct with radius >= r, for each r in radii."""
+  radius, correct = np.asarray(radius), np.asarray(correct) == 1
+  return np.array([np.mean(correct & (radius >= r)) for r in radii])
+
+
+def average_certified_radius(radius, correct) -> float:
+  return float(np.mean(np.asarray(radius) * (np.asarray(correct) == 1)))
+
+
+def radius_key(r: float) -> str:
+  return f"{r:g}"
+
+
+def summarize(path, radii=DEFAULT_RADII) -> dict:
+  """One file's numbers: {"file", "n", "certificate", "certified_accuracy", "acr"}."""
+  table = results.read_results(path)
+  metadata = results.read_metadata(path)
+  accuracy = certified_accuracy(table["radius"], table["correct"], radii)
+  return {
+      "file": str(path),
+      "n": int(len(table["idx"])),
+      "certificate": metadata.get("certificate_label", metadata.get("certificate", UNLABELLED)),
+      "certified_accuracy": {radius_key(r): float(a) for r, a in zip(radii, accuracy)},
+      "acr": average_certified_radius(table["radius"], table["correct"]),
+  }
+
+
+def markdown_table(summaries, radii=DEFAULT_RADII) -> str:
+  """Certified accuracy at each radius, the ACR and the certificate kind, one row per file."""
+  header = ["file", "n"] + [f"r = {radius_key(r)}" for r in radii] + ["ACR", "certificate"]
+  lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+  for s in summaries:
+    cells = [s["file"], str(s["n"])]
+    cells += [f"{s['certified_accuracy'][radius_key(r)]:.3f}" for r in radii]
+    cells += [f"{s['acr']:.3f}", s["certificate"]]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot_certified_accuracy(paths, out_path) -> None:
+  """Certified accuracy against radius, one curve per file."""
+  fig, ax = _new_figure()
+  for path in paths:
+    table = results.read_results(path)
+    grid = np.linspace(0.0, max(float(np.max(table["radius"], initial=0.0)), 1e-3) * 1.05, 200)
+    ax.plot(grid, certified_accuracy(table["radius"], table["correct"], grid), label=Path(path).stem)
+  ax.set_xlabel("L2 radius")
+  ax.set_ylabel("certified accuracy")
+  ax.set_ylim(0, 1)
+  ax.grid(alpha=0.3)
+  _save_figure(fig, ax, out_path)
+
+
+def plot_sigma_histogram(paths, out_path) -> None:
+  """Histogram of the `sigma` column of each file (the σ each instance was certified at)."""
+  fig, ax = _new_figure()
+  for path in paths:
+    table = results.read_results(path)
+    if "sigma" not in table:
+      raise ValueError(f"{path} has no sigma column to plot")
+    ax.hist(table["sigma"], bins=30, alpha=0.6, label=Path(path).stem)
+  ax.set_xlabel("σ used for certification")
+  ax.set_ylabel("instances")
+  _save_figure(fig, ax, out_path)
+
+
+def _new_figure():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt.subplots(figsize=(6, 4))
+
+
+def _save_figure(fig, ax, out_path) -> None:
+  import matplotlib.pyplot as plt
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out_path, dpi=120)
+  plt.close(fig)
+
+
+def parse_radii(text: str) -> tuple[float, ...]:
+  try:
+    radii = tuple(float(r) for r in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"--radii must be comma-separated numbers; got {text!r}")
+  if any(r < 0 for r in radii):
+    raise argparse.ArgumentTypeError(f"--radii must be >= 0; got {text!r}")
+  return radii
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m instars_jax.analyze", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("files", nargs="+", help="certification TSV files")
+  parser.add_argument("--radii", type=parse_radii, default=DEFAULT_RADII)
+  parser.add_argument("--format", choices=("markdown", "json"), default="markdown")
+  parser.add_argument("--plot", help="write certified accuracy against radius to this PNG")
+  parser.add_argument("--sigma-hist", help="write a histogram of the sigma column to this PNG")
+  args = parser.parse_args(argv)
+  try:
+    summaries = [summarize(f, args.radii) for f in args.files]
+  except (FileNotFoundError, ValueError) as error:
+    parser.error(str(error))
+  if args.format == "json":
+    print(json.dumps(summaries, indent=2))
+  else:
+    print(markdown_table(summaries, args.radii))
+  if args.plot:
+    plot_certified_accuracy(args.files, args.plot)
+  if args.sigma_hist:
+    plot_sigma_histogram(args.files, args.sigma_hist)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,152 @@
+"""Base classifiers (flax.linen). Each starts with per-channel normalization, so noise is
+added in [0, 1] pixel space, before it, as in Cohen et al.'s code.
+
+`model(x, train)`: BatchNorm uses batch statistics when train is True and running statistics
+otherwise (certification).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# Per-channel statistics of the training sets, as used by Cohen et al.
+DATASET_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+}
+
+
+class Normalize(nn.Module):
+  mean: Sequence[float]
+  std: Sequence[float]
+
+  @nn.compact
+  def __call__(self, x):
+    return (x - jnp.asarray(self.mean, x.dtype)) / jnp.asarray(self.std, x.dtype)
+
+
+def _channels_last(x):
+  return x[..., None] if x.ndim == 3 else x
+
+
+class LeNet(nn.Module):
+  """A LeNet-style CNN for 28×28 grayscale images."""
+  num_classes: int
+  mean: Sequence[float] = DATASET_STATS["fashion_mnist"][0]
+  std: Sequence[float] = DATASET_STATS["fashion_mnist"][1]
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = Normalize(self.mean, self.std)(_channels_last(x)).astype(self.dtype)
+    for features in (16, 32):
+      x = nn.relu(nn.Conv(features, (5, 5), dtype=self.dtype)(x))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(128, dtype=self.dtype)(x))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+class BasicBlock(nn.Module):
+  features: int
+  strides: int
+  norm: Any
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    y = nn.relu(self.norm()(conv(self.features, (3, 3), self.strides)(x)))
+    y = self.norm(scale_init=nn.initializers.zeros)(conv(self.features, (3, 3))(y))
+    if x.shape != y.shape:
+      x = self.norm()(conv(self.features, (1, 1), self.strides)(x))
+    return nn.relu(x + y)
+
+
+class Bottleneck(nn.Module):
+  features: int
+  strides: int
+  norm: Any
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    y = nn.relu(self.norm()(conv(self.features, (1, 1))(x)))
+    y = nn.relu(self.norm()(conv(self.features, (3, 3), self.strides)(y)))
+    y = self.norm(scale_init=nn.initializers.zeros)(conv(4 * self.features, (1, 1))(y))
+    if x.shape != y.shape:
+      x = self.norm()(conv(4 * self.features, (1, 1), self.strides)(x))
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """ResNet with projection shortcuts. CIFAR variants (stem 3×3, widths 16/32/64) follow
+  Cohen et al.'s `cifar_resnet`; the ImageNet variant is the standard ResNet-50."""
+  stage_sizes: Sequence[int]
+  block: Any
+  num_classes: int
+  widths: Sequence[int]
+  mean: Sequence[float]
+  std: Sequence[float]
+  imagenet_stem: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                             epsilon=1e-5, dtype=self.dtype)
+    x = Normalize(self.mean, self.std)(_channels_last(x)).astype(self.dtype)
+    if self.imagenet_stem:
+      x = nn.Conv(self.widths[0], (7, 7), 2, padding=[(3, 3), (3, 3)], use_bias=False,
+                  dtype=self.dtype)(x)
+      x = nn.relu(norm()(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+    else:
+      x = nn.relu(norm()(nn.Conv(self.widths[0], (3, 3), use_bias=False, dtype=self.dtype)(x)))
+    for stage, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):
+      for i in range(size):
+        strides = 2 if stage > 0 and i == 0 else 1
+        x = self.block(width, strides, norm, self.dtype)(x)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+def cifar_resnet(depth: int, num_classes: int = 10, dtype=jnp.float32, stats="cifar10"):
+  if (depth - 2) % 6:
+    raise ValueError(f"CIFAR ResNet depth must be 6n + 2 (20, 32, 44, 56, 110); got {depth}")
+  n = (depth - 2) // 6
+  mean, std = DATASET_STATS[stats]
+  return ResNet((n, n, n), BasicBlock, num_classes, (16, 32, 64), mean, std, dtype=dtype)
+
+
+def resnet50(num_classes: int = 1000, dtype=jnp.float32):
+  mean, std = DATASET_STATS["imagenet"]
+  return ResNet((3, 4, 6, 3), Bottleneck, num_classes, (64, 128, 256, 512), mean, std,
+                imagenet_stem=True, dtype=dtype)
+
+
+ARCHITECTURES = ("lenet", "resnet20", "resnet110", "resnet50")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def create_model(name: str, num_classes: int, dtype: str = "float32", stats: str = "cifar10"):
+  """The architecture `name` with `num_classes` outputs, computing in `dtype`; `stats` names
+  the dataset whose per-channel mean and std its Normalize layer uses."""
+  if dtype not in DTYPES:
+    raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+  if stats not in DATASET_STATS:
+    raise ValueError(f"normalization stats must be one of {sorted(DATASET_STATS)}; got {stats!r}")
+  mean, std = DATASET_STATS[stats]
+  if name == "lenet":
+    return LeNet(num_classes, mean, std, DTYPES[dtype])
+  if name in ("resnet20", "resnet110"):
+    return cifar_resnet(int(name[6:]), num_classes, DTYPES[dtype], stats)
+  if name == "resnet50":
+    return resnet50(num_classes, DTYPES[dtype])
+  raise ValueError(f"model.name must be one of {ARCHITECTURES}; got {name!r}")

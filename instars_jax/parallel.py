@@ -1,0 +1,47 @@
+"""Device meshes, padding to the device count, and multi-host set-up."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+@functools.lru_cache(maxsize=None)
+def local_data_mesh() -> Mesh:
+  """A 1-D mesh named `data` over this host's devices."""
+  return Mesh(np.asarray(jax.local_devices()), (DATA_AXIS,))
+
+
+def pad_rows(array: np.ndarray, multiple: int, fill=None) -> np.ndarray:
+  """Pads axis 0 up to a multiple of `multiple`, repeating row 0 unless `fill` is given."""
+  array = np.asarray(array)
+  missing = -len(array) % multiple
+  if missing == 0:
+    return array
+  if fill is None:
+    padding = np.repeat(array[:1], missing, axis=0)
+  else:
+    padding = np.full((missing,) + array.shape[1:], fill, array.dtype)
+  return np.concatenate([array, padding], axis=0)
+
+
+def shard_instances(fn, mesh: Mesh, num_sharded: int, num_replicated: int = 0):
+  """shard_map `fn` so its first `num_sharded` arguments split on axis 0 over `mesh`.
+
+  The trailing `num_replicated` arguments are given whole to every device; the
+  outputs are split like the inputs.
+  """
+  in_specs = (PartitionSpec(DATA_AXIS),) * num_sharded + (PartitionSpec(),) * num_replicated
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec(DATA_AXIS),
+                       check_vma=False)
+
+
+def initialize_distributed() -> None:
+  """Joins JAX's multi-controller runtime (TPU pods, multi-node GPU); a no-op when already joined."""
+  if not jax.distributed.is_initialized():
+    jax.distributed.initialize()

@@ -1,0 +1,102 @@
+"""Certification results in Cohen et al.'s TSV format, written with resume, and their metadata.
+
+Columns: `idx label predict radius correct time` (Cohen's), then any extra columns (`sigma`).
+`predict` is -1 and `radius` 0 on abstention. A JSON sidecar next to each TSV records how the
+numbers were made (certificate kind, n0, n, α, seed, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
+_INT_COLUMNS = ("idx", "label", "predict", "correct")
+
+
+def metadata_path(tsv_path) -> Path:
+  return Path(tsv_path).with_suffix(".json")
+
+
+def read_metadata(tsv_path) -> dict:
+  """The sidecar metadata of a results file, or {} when it has none."""
+  path = metadata_path(tsv_path)
+  return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_metadata(tsv_path, metadata: dict) -> None:
+  path = metadata_path(tsv_path)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+  os.replace(tmp, path)
+
+
+def read_results(path) -> dict[str, np.ndarray]:
+  """Columns of a results TSV: integers for idx/label/predict/correct, floats for numeric
+  extras and radius, strings otherwise (Cohen's `time` is sometimes h:mm:ss)."""
+  path = Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"results file not found: {path}")
+  lines = [line.rstrip("\n").split("\t") for line in path.read_text().splitlines() if line.strip()]
+  if not lines or not set(COHEN_COLUMNS[:5]) <= set(lines[0]):
+    raise ValueError(f"{path} is not a certification TSV: its header must contain "
+                     f"{' '.join(COHEN_COLUMNS)}")
+  header, rows = lines[0], lines[1:]
+  columns = {name: [row[i] for row in rows] for i, name in enumerate(header)}
+  return {name: _typed(name, values) for name, values in columns.items()}
+
+
+def _typed(name, values):
+  if name in _INT_COLUMNS:
+    return np.asarray(values, np.int64)
+  try:
+    return np.asarray(values, np.float64)
+  except ValueError:
+    return np.asarray(values)
+
+
+class ResultsWriter:
+  """Appends rows to a results TSV, flushed and synced after every batch.
+
+  Opening an existing file resumes it: a torn last line (from a kill mid-write) is dropped,
+  and `done` holds the idx values already written, so a rerun certifies only what is missing.
+  """
+
+  def __init__(self, path, extra_columns=("sigma",)):
+    self.path = Path(path)
+    self.columns = COHEN_COLUMNS + tuple(extra_columns)
+    self.done: set[int] = set()
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    if self.path.exists() and self.path.stat().st_size > 0:
+      self._resume()
+    else:
+      self.path.write_text("\t".join(self.columns) + "\n")
+
+  def _resume(self):
+    text = self.path.read_text()
+    complete = text[: text.rfind("\n") + 1]
+    if complete != text:
+      self.path.write_text(complete)
+    lines = complete.splitlines()
+    if tuple(lines[0].split("\t")) != self.columns:
+      raise ValueError(f"{self.path} has columns {lines[0].split()} but this run writes "
+                       f"{list(self.columns)}; choose another output name")
+    self.done = {int(line.split("\t", 1)[0]) for line in lines[1:] if line}
+
+  def write(self, rows) -> None:
+    """Writes rows, each a dict with every column, then flushes and syncs the file."""
+    with self.path.open("a") as f:
+      for row in rows:
+        f.write("\t".join(_format(row[c]) for c in self.columns) + "\n")
+        self.done.add(int(row["idx"]))
+      f.flush()
+      os.fsync(f.fileno())
+
+
+def _format(value) -> str:
+  if isinstance(value, (float, np.floating)):
+    return f"{float(value):.6g}"
+  return str(value)

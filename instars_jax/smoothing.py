@@ -1,0 +1,229 @@
+"""Randomized smoothing (Cohen, Rosenfeld & Kolter 2019): Monte Carlo counts, CERTIFY, PREDICT.
+
+The smoothed classifier is g(x) = argmax_c P[f(x + ε) = c], ε ~ N(0, σ²I). Everything here
+is batched over instances: `x` is float32[B, ...], `sigma` a scalar or float32[B], and
+`apply_fn` maps a batch of inputs [b, ...] to logits [b, C].
+
+Noise for instance i and sample j is a pure function of (key, ids[i], j), so counts do not
+depend on batch size, on how instances are grouped into calls, or on the device count.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import stats
+
+from instars_jax import parallel
+
+ABSTAIN = -1
+
+# Independent streams for each use of a key, so no two purposes ever share noise.
+PURPOSE_SELECT = 0
+PURPOSE_ESTIMATE = 1
+PURPOSE_PREDICT = 2
+PURPOSE_SEARCH = 3
+
+
+class Certificate(NamedTuple):
+  """The result of `certify` for a batch of instances (host numpy arrays)."""
+  prediction: np.ndarray  # int32[B], ABSTAIN where no class could be certified
+  radius: np.ndarray  # float32[B], 0 on abstention
+  p_lower: np.ndarray  # float64[B], lower confidence bound on p_A
+  sigma: np.ndarray  # float32[B], the noise level certified at
+  counts: np.ndarray  # int32[B, C], counts of the n estimation samples
+
+
+# ---------------------------------------------------------------------------
+# Statistics
+
+
+def clopper_pearson_lower(successes, trials, alpha):
+  """One-sided (1 − α) Clopper–Pearson lower bound on a binomial proportion.
+
+  Equals statsmodels' proportion_confint(successes, trials, alpha=2α, method="beta")[0];
+  it is 0 when there are no successes.
+  """
+  successes = np.asarray(successes, np.float64)
+  trials = np.broadcast_to(np.asarray(trials, np.float64), successes.shape)
+  with np.errstate(invalid="ignore"):
+    bound = stats.beta.ppf(alpha, successes, trials - successes + 1)
+  return np.where(successes > 0, bound, 0.0)
+
+
+def certified_radius(p_lower, sigma):
+  """The L2 radius σ·Φ⁻¹(p_lower) of Cohen et al. Theorem 1 (meaningful for p_lower ≥ 1/2)."""
+  return np.asarray(sigma) * stats.norm.ppf(p_lower)
+
+
+# ---------------------------------------------------------------------------
+# Monte Carlo sampling
+
+
+def instance_noise(key, instance_id, sample_ids, shape):
+  """Standard normal ε[j] for one instance: a pure function of (key, instance_id, j)."""
+  instance_key = jax.random.fold_in(key, instance_id)
+  draw = lambda j: jax.random.normal(jax.random.fold_in(instance_key, j), shape, jnp.float32)
+  return jax.vmap(draw)(sample_ids)
+
+
+def _local_counts(x, sigma, ids, key, *, apply_fn, num, chunk, num_classes):
+  """Counts for the instances on one device, `chunk` samples per instance per forward pass."""
+  b, shape = x.shape[0], x.shape[1:]
+  sigma = sigma.reshape((b, 1) + (1,) * len(shape))
+
+  def add_chunk(c, counts):
+    sample_ids = c * chunk + jnp.arange(chunk)
+    eps = jax.vmap(instance_noise, in_axes=(None, 0, None, None))(key, ids, sample_ids, shape)
+    logits = apply_fn((x[:, None] + sigma * eps).reshape((b * chunk,) + shape))
+    predictions = jnp.argmax(logits, axis=-1).reshape(b, chunk)
+    hits = jax.nn.one_hot(predictions, num_classes, dtype=jnp.int32)
+    return counts + jnp.sum(hits * (sample_ids < num)[None, :, None], axis=1)
+
+  num_chunks = -(-num // chunk)
+  return jax.lax.fori_loop(0, num_chunks, add_chunk, jnp.zeros((b, num_classes), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "num", "chunk", "num_classes", "mesh"))
+def _sharded_counts(x, sigma, ids, key, *, apply_fn, num, chunk, num_classes, mesh):
+  local = functools.partial(_local_counts, apply_fn=apply_fn, num=num, chunk=chunk,
+                            num_classes=num_classes)
+  return parallel.shard_instances(local, mesh, num_sharded=3, num_replicated=1)(x, sigma, ids, key)
+
+
+def samples_per_pass(batch_size: int, instances_per_device: int, num: int) -> int:
+  """Samples of each instance in one forward pass so that a pass holds about `batch_size` images."""
+  return max(1, min(num, batch_size // instances_per_device))
+
+
+def _counts(apply_fn, x, sigma, ids, key, *, num, batch_size, num_classes):
+  """`sample_counts` on validated host arrays: pads to the device count, shards, unpads."""
+  mesh = parallel.local_data_mesh()
+  devices = mesh.devices.size
+  padded = [parallel.pad_rows(a, devices) for a in (x, sigma, ids)]
+  chunk = samples_per_pass(batch_size, len(padded[0]) // devices, num)
+  counts = _sharded_counts(*padded, key, apply_fn=apply_fn, num=num, chunk=chunk,
+                           num_classes=num_classes, mesh=mesh)
+  return counts[: len(x)]
+
+
+def sample_counts(apply_fn: Callable, x, sigma, key, *, num: int, batch_size: int,
+                  num_classes: int, ids=None) -> jax.Array:
+  """int32[B, C]: counts of argmax apply_fn(x_i + σ_i ε) over `num` samples per instance.
+
+  `batch_size` is the number of noisy images in one forward pass on one device; each pass
+  holds every local instance with batch_size // instances-per-device samples of each.
+  """
+  x, sigma, ids = validate_instances(x, sigma, ids)
+  _check_positive_ints(num=num, batch_size=batch_size)
+  check_model(apply_fn, x, num_classes)
+  return _counts(apply_fn, x, sigma, ids, key, num=num, batch_size=batch_size,
+                 num_classes=num_classes)
+
+
+# ---------------------------------------------------------------------------
+# CERTIFY and PREDICT
+
+
+def certify(apply_fn: Callable, x, sigma, key, *, n0: int = 100, n: int = 100_000,
+            alpha: float = 0.001, batch_size: int, num_classes: int, ids=None) -> Certificate:
+  """CERTIFY of Cohen et al. (2019), for a batch of instances.
+
+  Guarantee: for each instance, with probability at least 1 − α over the sampling, if the
+  prediction is not ABSTAIN then the smoothed classifier g at that σ returns `prediction`
+  at every x' with ‖x' − x‖₂ < radius.
+  """
+  x, sigma, ids = validate_instances(x, sigma, ids)
+  _check_positive_ints(n0=n0, n=n, batch_size=batch_size)
+  check_alpha(alpha)
+  check_model(apply_fn, x, num_classes)
+  count = functools.partial(_counts, apply_fn, x, sigma, ids, batch_size=batch_size,
+                            num_classes=num_classes)
+
+  selection = count(jax.random.fold_in(key, PURPOSE_SELECT), num=n0)
+  guess = np.asarray(jnp.argmax(selection, axis=1))
+  estimation = np.asarray(count(jax.random.fold_in(key, PURPOSE_ESTIMATE), num=n))
+  n_a = estimation[np.arange(len(x)), guess]
+  p_lower = clopper_pearson_lower(n_a, n, alpha)
+
+  certified = p_lower >= 0.5
+  prediction = np.where(certified, guess, ABSTAIN).astype(np.int32)
+  radius = np.where(certified, certified_radius(np.maximum(p_lower, 0.5), sigma), 0.0)
+  return Certificate(prediction, radius.astype(np.float32), p_lower, sigma, estimation)
+
+
+def predict(apply_fn: Callable, x, sigma, key, *, n: int, alpha: float, batch_size: int,
+            num_classes: int, ids=None) -> np.ndarray:
+  """PREDICT of Cohen et al. (2019), for a batch of instances.
+
+  Guarantee: for each instance, the probability of returning a class other than g(x)
+  (rather than the class or ABSTAIN) is at most α.
+  """
+  x, sigma, ids = validate_instances(x, sigma, ids)
+  _check_positive_ints(n=n, batch_size=batch_size)
+  check_alpha(alpha)
+  check_model(apply_fn, x, num_classes)
+  counts = np.asarray(_counts(apply_fn, x, sigma, ids, jax.random.fold_in(key, PURPOSE_PREDICT),
+                              num=n, batch_size=batch_size, num_classes=num_classes))
+  top_two = np.argsort(-counts, axis=1, kind="stable")[:, :2]
+  n_a = counts[np.arange(len(x)), top_two[:, 0]]
+  n_b = counts[np.arange(len(x)), top_two[:, 1]]
+  p_values = np.array([stats.binomtest(int(a), int(a + b), 0.5).pvalue for a, b in zip(n_a, n_b)])
+  return np.where(p_values <= alpha, top_two[:, 0], ABSTAIN).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------
+# Input checks: each raises ValueError naming the argument, before anything compiles.
+
+
+def validate_instances(x, sigma, ids=None):
+  """Host copies of (x float32[B, ...], sigma float32[B], ids int32[B]), checked."""
+  x = np.asarray(x, np.float32)
+  if x.ndim < 2 or x.shape[0] == 0:
+    raise ValueError(f"x must have shape [B, ...] with B >= 1; got shape {x.shape}")
+  if not np.all(np.isfinite(x)):
+    raise ValueError("x contains NaN or inf")
+  batch = x.shape[0]
+  sigma = np.asarray(sigma, np.float32)
+  if sigma.ndim == 0:
+    sigma = np.full((batch,), sigma, np.float32)
+  if sigma.shape != (batch,):
+    raise ValueError(f"sigma must be a scalar or have shape ({batch},) to match x; "
+                     f"got shape {sigma.shape}")
+  if not np.all(np.isfinite(sigma)) or np.any(sigma <= 0):
+    raise ValueError(f"sigma must be finite and > 0; got min {np.min(sigma)}")
+  ids = np.arange(batch, dtype=np.int32) if ids is None else np.asarray(ids)
+  if ids.shape != (batch,) or not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"ids must be integers of shape ({batch},) to match x; "
+                     f"got {ids.dtype} of shape {ids.shape}")
+  return x, sigma, ids.astype(np.int32)
+
+
+def check_alpha(alpha):
+  if not 0.0 < alpha < 1.0:
+    raise ValueError(f"alpha must lie in (0, 1); got {alpha}")
+
+
+def _check_positive_ints(**values):
+  for name, value in values.items():
+    if int(value) != value or value < 1:
+      raise ValueError(f"{name} must be an integer >= 1; got {value}")
+
+
+def check_model(apply_fn, x, num_classes):
+  """Traces (never compiles) apply_fn on one input to check it returns logits [b, num_classes]."""
+  if int(num_classes) != num_classes or num_classes < 2:
+    raise ValueError(f"num_classes must be an integer >= 2; got {num_classes}")
+  probe = jax.ShapeDtypeStruct((2,) + x.shape[1:], jnp.float32)
+  try:
+    out = jax.eval_shape(apply_fn, probe)
+  except Exception as error:
+    raise ValueError(f"apply_fn cannot take inputs of shape [b, {', '.join(map(str, x.shape[1:]))}] "
+                     f"(from x): {error}") from error
+  if out.shape != (2, num_classes):
+    raise ValueError(f"apply_fn must map [b, ...] to logits [b, num_classes={num_classes}]; "
+                     f"it maps {probe.shape} to {out.shape}")

@@ -1,0 +1,33 @@
+"""Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=N: prints the device
+count, counts and certificate of a fixed problem as JSON, for comparison across N."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import instars_jax as ij
+
+
+def main():
+  rng = np.random.default_rng(0)
+  w1 = rng.normal(size=(12, 16)).astype(np.float32)
+  w2 = rng.normal(size=(16, 4)).astype(np.float32)
+  model = lambda x: jnp.tanh(x.reshape(x.shape[0], -1) @ w1) @ w2
+  x = rng.uniform(size=(11, 12)).astype(np.float32)
+  sigma = np.linspace(0.1, 1.0, 11).astype(np.float32)
+  key = jax.random.PRNGKey(0)
+  counts = ij.sample_counts(model, x, sigma, key, num=500, batch_size=96, num_classes=4)
+  cert = ij.certify(model, x, sigma, key, n0=64, n=2000, alpha=0.001, batch_size=256,
+                    num_classes=4)
+  print(json.dumps({
+      "devices": jax.local_device_count(),
+      "counts": np.asarray(counts).tolist(),
+      "prediction": cert.prediction.tolist(),
+      "radius": cert.radius.tolist(),
+  }))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,83 @@
+"""The analyzer reproduces Cohen et al.'s own tables and prints what it promises."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from instars_jax import analyze, results
+
+
+def cohen_table(path):
+  """{sigma: {radius: value}} from one of the authors' markdown tables."""
+  lines = path.read_text().splitlines()
+  radii = [float(r) for r in re.findall(r"r = ([\d.]+)", lines[0])]
+  table = {}
+  for line in lines[2:]:
+    sigma = re.search(r"&sigma; = ([\d.]+)", line).group(1)
+    values = [float(v) for v in re.findall(r"\| ([\d.]+)", line)]
+    table[sigma] = dict(zip(radii, values))
+  return table
+
+
+@pytest.mark.parametrize("dataset, arch", [("cifar10", "resnet110"), ("imagenet", "resnet50")])
+def test_reproduces_cohen_tables(shared_dir, dataset, arch):
+  fixtures = shared_dir / "fixtures" / "cohen2019"
+  table = cohen_table(fixtures / "analysis" / "markdown" / f"vary_noise_{dataset}")
+  assert table
+  for sigma, expected in table.items():
+    path = fixtures / "certify" / dataset / arch / f"noise_{sigma}" / "test" / f"sigma_{sigma}"
+    summary = analyze.summarize(path, radii=tuple(expected))
+    got = {float(r): float(f"{a:.2f}") for r, a in summary["certified_accuracy"].items()}
+    assert got == expected, f"{path}: {got} != {expected}"
+
+
+@pytest.fixture
+def small_results(tmp_path):
+  path = tmp_path / "run.tsv"
+  writer = results.ResultsWriter(path)
+  rows = [(0, 1, 1, 0.8, 0.5), (1, 2, 2, 0.3, 0.5), (2, 0, -1, 0.0, 0.5), (3, 4, 1, 0.9, 0.5)]
+  writer.write([dict(idx=i, label=l, predict=p, radius=r, correct=int(l == p), time=0.1, sigma=s)
+                for i, l, p, r, s in rows])
+  return path
+
+
+def test_certified_accuracy_and_acr(small_results):
+  summary = analyze.summarize(small_results, radii=(0.0, 0.25, 0.5, 1.0))
+  assert summary["n"] == 4
+  assert summary["certified_accuracy"] == {"0": 0.5, "0.25": 0.5, "0.5": 0.25, "1": 0.0}
+  assert summary["acr"] == pytest.approx((0.8 + 0.3) / 4)
+  assert summary["certificate"] == analyze.UNLABELLED
+
+
+def test_cli_json_markdown_and_plots(small_results, tmp_path, capsys):
+  assert analyze.main([str(small_results), "--radii", "0,0.5", "--format", "json"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out == [{"file": str(small_results), "n": 4, "certificate": analyze.UNLABELLED,
+                  "certified_accuracy": {"0": 0.5, "0.5": 0.25}, "acr": pytest.approx(0.275)}]
+  results.write_metadata(small_results, {"certificate": "fixed_sigma"})
+  plot, hist = tmp_path / "acc.png", tmp_path / "sigma.png"
+  analyze.main([str(small_results), "--plot", str(plot), "--sigma-hist", str(hist)])
+  table = capsys.readouterr().out
+  assert "| r = 0.25 |" in table and "fixed_sigma" in table and "0.275" in table
+  assert plot.stat().st_size > 1000 and hist.stat().st_size > 1000
+
+
+def test_cli_errors(tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    analyze.main([str(tmp_path / "missing.tsv")])
+  assert "results file not found" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    analyze.main([str(tmp_path / "x.tsv"), "--radii", "a,b"])
+
+
+def test_writer_resumes_and_drops_a_torn_line(small_results):
+  with small_results.open("a") as f:
+    f.write("4\t1\t1\t0.")  # killed mid-write
+  writer = results.ResultsWriter(small_results)
+  assert writer.done == {0, 1, 2, 3}
+  writer.write([dict(idx=4, label=1, predict=1, radius=0.5, correct=1, time=0.1, sigma=0.5)])
+  table = results.read_results(small_results)
+  np.testing.assert_array_equal(table["idx"], [0, 1, 2, 3, 4])
+  np.testing.assert_allclose(table["radius"], [0.8, 0.3, 0.0, 0.9, 0.5])
