@@ -3,7 +3,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test bench clean
+.PHONY: setup test demo bench clean
+
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+DEMO_DIR ?= runs/demo
+DEMO_CONFIG ?= configs/fashion_mnist.py
 
 setup: $(STAMP)
 
@@ -14,6 +18,13 @@ $(STAMP): pyproject.toml requirements.txt
 
 test: setup
 	$(PY) -m pytest -q
+
+demo: setup
+	@test -f $(FASHION_MNIST) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
+	$(PY) train.py --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR)
+	$(PY) certify.py --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR)
+	$(PY) -m instars_jax.analyze $(DEMO_DIR)/certify/sigma_0.25.tsv --plot $(DEMO_DIR)/certified_accuracy.png
+	@echo "plot: $(DEMO_DIR)/certified_accuracy.png"
 
 bench: setup
 	cd bench && ../$(PY) certify_throughput.py

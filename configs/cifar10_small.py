@@ -1,0 +1,19 @@
+"""ResNet-20 on the JPEG re-encoded CIFAR-10 in ../shared: CIFAR-sized and feasible on CPU."""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.dataset = "cifar10_jpeg"
+  config.model.name = "resnet20"
+  config.train.epochs = 15
+  config.train.batch_size = 128
+  config.train.learning_rate = 0.1
+  config.train.weight_decay = 1e-4
+  config.train.augment = "crop_flip"
+  config.train.eval_examples = 1000
+  config.certify.n = 10_000
+  config.certify.skip = 20
+  config.certify.max = 2000
+  return config

@@ -1,0 +1,42 @@
+"""Every config key, with defaults; the other configs start from this one and change a few."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.dataset = "fashion_mnist"  # fashion_mnist | cifar10_jpeg | cifar10 | imagenet2012 | npz:PATH | tfds:NAME
+  config.data_dir = ""  # overrides where the dataset is read from
+  config.cache_dir = ""  # where decoded datasets are cached (default ~/.cache/instars_jax)
+  config.num_classes = 0  # 0: inferred from the labels
+  config.seed = 0
+  config.distributed = False  # True: jax.distributed.initialize() (multi-host TPU/GPU)
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "lenet"  # lenet | resnet20 | resnet110 | resnet50
+  config.model.dtype = "float32"  # float32 | bfloat16
+
+  config.train = ml_collections.ConfigDict()
+  config.train.epochs = 10
+  config.train.batch_size = 256
+  config.train.learning_rate = 0.1
+  config.train.momentum = 0.9
+  config.train.weight_decay = 1e-4
+  config.train.schedule = "cosine"  # cosine | step
+  config.train.lr_decay_epochs = (30, 60)  # for schedule = step
+  config.train.lr_decay_factor = 0.1
+  config.train.sigma = 0.25  # Gaussian augmentation noise level
+  config.train.augment = "none"  # none | crop_flip
+  config.train.eval_examples = 0  # test examples evaluated after each epoch; 0: all
+
+  config.certify = ml_collections.ConfigDict()
+  config.certify.sigma = 0.25
+  config.certify.n0 = 100
+  config.certify.n = 100_000
+  config.certify.alpha = 0.001
+  config.certify.skip = 1  # certify every skip-th test image ...
+  config.certify.max = -1  # ... with index below max (-1: all)
+  config.certify.batch = 400  # noisy images per forward pass on one device
+  config.certify.instances = 8  # test images sharing each forward pass, per device
+  config.certify.name = ""  # output DIR/certify/<name>.tsv; default sigma_<sigma>
+  return config

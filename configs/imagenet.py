@@ -1,0 +1,25 @@
+"""Cohen et al.'s ImageNet recipe: ResNet-50, 90 epochs, SGD lr 0.1 x0.1 every 30 epochs,
+momentum 0.9, weight decay 1e-4, batch 256; certify every 100th validation image, N0=100,
+N=100,000, alpha=0.001. Needs TFDS imagenet2012 prepared from its manual download."""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.dataset = "imagenet2012"
+  config.model.name = "resnet50"
+  config.train.epochs = 90
+  config.train.batch_size = 256
+  config.train.learning_rate = 0.1
+  config.train.schedule = "step"
+  config.train.lr_decay_epochs = (30, 60)
+  config.train.weight_decay = 1e-4
+  config.train.eval_examples = 5000
+  config.certify.n0 = 100
+  config.certify.n = 100_000
+  config.certify.alpha = 0.001
+  config.certify.skip = 100
+  config.certify.batch = 400
+  config.certify.instances = 2
+  return config

@@ -1,0 +1,57 @@
+"""What train.py and certify.py share: the --config / --workdir flags and clean failure."""
+
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from instars_jax import parallel
+
+CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+                                         lock_config=True)
+WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run: checkpoints, metrics, results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+EXPECTED_ERRORS = (ValueError, FileNotFoundError)
+
+
+def _fail(message) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    _fail(error)
+  except (AttributeError, KeyError) as error:  # config_flags: --config.<key> that does not exist
+    detail = str(error.args[0] if error.args else error).strip("'").replace("\\'", "'")
+    _fail(f"unknown config key {detail.replace(chr(92) + 'n', ' ')}")
+
+
+def main(main_fn) -> None:
+  """Parses flags and calls main_fn(config, workdir). A bad flag, config value, path or dataset
+  ends the process with one line naming the problem (exit status 2), not a traceback."""
+
+  def run(argv):
+    if len(argv) > 1:
+      _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+    config = CONFIG.value
+    try:
+      distributed = config.distributed
+    except OSError as error:  # config_flags reports a config file it could not load lazily
+      _fail(f"cannot load --config: {str(error).strip().splitlines()[-1].strip()}")
+    if distributed:
+      parallel.initialize_distributed()
+    try:
+      main_fn(config, WORKDIR.value)
+    except EXPECTED_ERRORS as error:
+      _fail(error)
+    finally:
+      if distributed:
+        jax.distributed.shutdown()
+
+  app.run(run, flags_parser=_parse_flags)

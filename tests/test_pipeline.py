@@ -1,0 +1,164 @@
+"""train.py / certify.py end to end, resumption after a kill, and clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default
+from instars_jax import certification, checkpoints, results, training
+from test_data_models import write_npz
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Killed(Exception):
+  """Stands for the process dying at that point: whatever is on disk stays."""
+
+
+@pytest.fixture
+def toy_config(tmp_path):
+  config = default.get_config()
+  config.dataset = f"npz:{write_npz(tmp_path / 'toy.npz', n_train=96, n_test=24)}"
+  config.model.name = "lenet"
+  config.train.epochs = 2
+  config.train.batch_size = 32
+  config.train.learning_rate = 0.05
+  config.certify.n0 = 16
+  config.certify.n = 200
+  config.certify.batch = 64
+  config.certify.instances = 4
+  config.certify.skip = 2
+  return config
+
+
+def stop_after(module, name, calls, monkeypatch):
+  """Makes module.name raise Killed on its call number `calls` (1-based)."""
+  original, count = getattr(module, name), [0]
+  def wrapper(*args, **kwargs):
+    count[0] += 1
+    if count[0] == calls:
+      raise Killed
+    return original(*args, **kwargs)
+  monkeypatch.setattr(module, name, wrapper)
+
+
+def rows_without_time(path):
+  table = results.read_results(path)
+  return {k: v.tolist() for k, v in table.items() if k != "time"}
+
+
+def metrics_without_timing(workdir):
+  rows = [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return [{k: v for k, v in r.items() if k not in ("images_per_s", "seconds")} for r in rows]
+
+
+def test_killed_training_and_certification_resume_to_the_same_results(toy_config, tmp_path,
+                                                                      monkeypatch):
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  training.train_and_evaluate(toy_config, straight)
+  certification.certify_test_set(toy_config, straight)
+
+  with monkeypatch.context() as m:  # killed in the middle of epoch 2
+    stop_after(training, "train_step", 3 + 2, m)
+    with pytest.raises(Killed):
+      training.train_and_evaluate(toy_config, resumed)
+  assert checkpoints.manager(resumed).latest_step() == 1
+  training.train_and_evaluate(toy_config, resumed)
+  with monkeypatch.context() as m:  # killed after the first batch of rows was written
+    stop_after(results.ResultsWriter, "write", 2, m)
+    with pytest.raises(Killed):
+      certification.certify_test_set(toy_config, resumed)
+  partial = results.read_results(certification.output_path(toy_config, resumed))
+  assert 0 < len(partial["idx"]) < 12
+  certification.certify_test_set(toy_config, resumed)
+
+  tsv = lambda d: certification.output_path(toy_config, d)
+  assert rows_without_time(tsv(resumed)) == rows_without_time(tsv(straight))
+  assert len(results.read_results(tsv(straight))["idx"]) == 12  # every 2nd of 24 test images
+  assert metrics_without_timing(resumed) == metrics_without_timing(straight)
+  a, b = checkpoints.load_train_state(straight), checkpoints.load_train_state(resumed)
+  for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+    np.testing.assert_array_equal(x, y)
+  assert int(a.step) == 2 * 3 and a.sigma_table.shape == (96,)
+
+
+def test_certification_refuses_other_settings_and_missing_checkpoints(toy_config, tmp_path):
+  with pytest.raises(FileNotFoundError, match="no training run"):
+    certification.certify_test_set(toy_config, tmp_path / "empty")
+  toy_config.train.epochs = 1
+  training.train_and_evaluate(toy_config, tmp_path / "run")
+  path = certification.certify_test_set(toy_config, tmp_path / "run")
+  before = path.read_text()
+  toy_config.certify.n = 300
+  with pytest.raises(ValueError, match=r"made with other settings \(n\)"):
+    certification.certify_test_set(toy_config, tmp_path / "run")
+  assert path.read_text() == before
+  meta = results.read_metadata(path)
+  assert meta["certificate"] == "fixed_sigma" and meta["n"] == 200
+
+
+def test_training_refuses_a_workdir_with_another_config(toy_config, tmp_path):
+  toy_config.train.epochs = 1
+  training.train_and_evaluate(toy_config, tmp_path / "run")
+  toy_config.train.learning_rate = 0.5
+  with pytest.raises(ValueError, match="different config"):
+    training.train_and_evaluate(toy_config, tmp_path / "run")
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("train", "sigma", 0.0, "train.sigma must be finite and > 0"),
+    ("train", "epochs", 0, "train.epochs must be >= 1"),
+    ("train", "batch_size", 0, "train.batch_size must be a positive multiple"),
+    ("train", "schedule", "linear", "train.schedule"),
+    ("model", "name", "vgg", "model.name"),
+])
+def test_bad_training_config(toy_config, tmp_path, section, key, value, message):
+  toy_config[section][key] = value
+  with pytest.raises(ValueError, match=message):
+    training.train_and_evaluate(toy_config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("sigma", -0.5, "certify.sigma"), ("n", 0, "certify.n must"), ("n0", 0, "certify.n0"),
+    ("alpha", 1.5, "certify.alpha"), ("skip", 0, "certify.skip"),
+])
+def test_bad_certify_config(toy_config, tmp_path, key, value, message):
+  toy_config.certify[key] = value
+  with pytest.raises(ValueError, match=message):
+    certification.certify_test_set(toy_config, tmp_path)
+
+
+def run_cli(*args, cwd):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                        timeout=300)
+
+
+def test_end_to_end_command_line(tmp_path):
+  """The one slow test: train.py then certify.py in subprocesses, as a user runs them."""
+  npz = write_npz(tmp_path / "toy.npz", n_train=64, n_test=16)
+  common = [f"--config={ROOT / 'configs' / 'fashion_mnist.py'}", f"--workdir={tmp_path / 'run'}",
+            f"--config.dataset=npz:{npz}", "--config.train.epochs=1", "--config.train.batch_size=32",
+            "--config.certify.n=100", "--config.certify.skip=1", "--config.certify.instances=8"]
+  done = run_cli(ROOT / "train.py", *common, cwd=tmp_path)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert (tmp_path / "run" / "config.json").exists()
+  assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["epoch"] == 0
+  done = run_cli(ROOT / "certify.py", *common, cwd=tmp_path)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "| r = 0.25 |" in done.stdout and "fixed_sigma" in done.stdout
+  table = results.read_results(tmp_path / "run" / "certify" / "sigma_0.25.tsv")
+  assert len(table["idx"]) == 16 and set(table["sigma"]) == {0.25}
+
+  bad = run_cli(ROOT / "train.py", *common, "--config.train.epoch=2", cwd=tmp_path)
+  assert bad.returncode == 2 and "unknown config key 'epoch'" in bad.stderr
+  assert "Traceback" not in bad.stderr
+  missing = run_cli(ROOT / "certify.py", *common[:1], f"--workdir={tmp_path / 'none'}", cwd=tmp_path)
+  assert missing.returncode == 2 and "no training run" in missing.stderr

@@ -1,0 +1,11 @@
+"""Trains a base classifier for randomized smoothing.
+
+    python train.py --config=configs/fashion_mnist.py --workdir=runs/fmnist [--config.key=value ...]
+
+Rerunning the same command resumes from the latest checkpoint in --workdir.
+"""
+
+from instars_jax import cli, training
+
+if __name__ == "__main__":
+  cli.main(training.train_and_evaluate)
