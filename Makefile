@@ -22,9 +22,11 @@ test: setup
 demo: setup
 	@test -f $(FASHION_MNIST) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 	$(PY) train.py --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR)
-	$(PY) certify.py --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR)
-	$(PY) -m instars_jax.analyze $(DEMO_DIR)/certify/sigma_0.25.tsv --plot $(DEMO_DIR)/certified_accuracy.png
-	@echo "plot: $(DEMO_DIR)/certified_accuracy.png"
+	$(PY) certify.py --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR) --config.certify.sigma_mode=fixed
+	$(PY) certify.py --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR) --config.certify.sigma_mode=instance
+	$(PY) -m instars_jax.analyze $(DEMO_DIR)/certify/sigma_0.25.tsv $(DEMO_DIR)/certify/instance_0.1-1.tsv \
+	  --plot $(DEMO_DIR)/certified_accuracy.png --sigma-hist $(DEMO_DIR)/chosen_sigma.png
+	@echo "plots: $(DEMO_DIR)/certified_accuracy.png $(DEMO_DIR)/chosen_sigma.png"
 
 bench: setup
 	cd bench && ../$(PY) certify_throughput.py

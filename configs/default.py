@@ -38,5 +38,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.certify.max = -1  # ... with index below max (-1: all)
   config.certify.batch = 400  # noisy images per forward pass on one device
   config.certify.instances = 8  # test images sharing each forward pass, per device
-  config.certify.name = ""  # output DIR/certify/<name>.tsv; default sigma_<sigma>
+  config.certify.name = ""  # output DIR/certify/<name>.tsv; default sigma_<sigma> / instance_<range>
+  config.certify.sigma_mode = "fixed"  # fixed: certify.sigma for all | instance: Insta-RS search
+
+  config.certify.search = ml_collections.ConfigDict()  # the per-instance σ search
+  config.certify.search.sigma_min = 0.05
+  config.certify.search.sigma_max = 1.0
+  config.certify.search.starts = 4
+  config.certify.search.steps = 6  # evaluations per start (golden section + a fresh check)
+  config.certify.search.samples_per_step = 0  # 0: the search uses 10% of certify.n
+  config.certify.search.estimate_alpha = 0.01  # caution in the search's estimate of p_A
   return config

@@ -17,4 +17,8 @@ def get_config():
   config.certify.skip = 20
   config.certify.batch = 1000
   config.certify.instances = 20
+  config.certify.search.sigma_min = 0.1
+  config.certify.search.sigma_max = 1.0
+  config.certify.search.starts = 2
+  config.certify.search.steps = 4  # 2 x 4 x 50 samples: 10% of certify.n
   return config

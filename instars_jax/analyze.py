@@ -44,7 +44,8 @@ def summarize(path, radii=DEFAULT_RADII) -> dict:
   return {
       "file": str(path),
       "n": int(len(table["idx"])),
-      "certificate": metadata.get("certificate_label", metadata.get("certificate", UNLABELLED)),
+      "certificate": metadata.get("certificate", UNLABELLED),
+      "certificate_meaning": metadata.get("certificate_meaning", ""),
       "certified_accuracy": {radius_key(r): float(a) for r, a in zip(radii, accuracy)},
       "acr": average_certified_radius(table["radius"], table["correct"]),
   }
@@ -59,6 +60,9 @@ def markdown_table(summaries, radii=DEFAULT_RADII) -> str:
     cells += [f"{s['certified_accuracy'][radius_key(r)]:.3f}" for r in radii]
     cells += [f"{s['acr']:.3f}", s["certificate"]]
     lines.append("| " + " | ".join(cells) + " |")
+  meanings = {s["certificate"]: s["certificate_meaning"] for s in summaries
+              if s["certificate_meaning"]}
+  lines += [f"\n{kind}: {meaning}" for kind, meaning in meanings.items()]
   return "\n".join(lines)
 
 

@@ -1,4 +1,8 @@
-"""The certification run: latest checkpoint → test split → CERTIFY → Cohen-format TSV.
+"""The certification run: latest checkpoint → test split → (σ search) → CERTIFY → TSV.
+
+`certify.sigma_mode = "fixed"` certifies every image at `certify.sigma`; `"instance"` first
+chooses a σ per image with `search.search_sigma` on its own key, then certifies at that σ
+with fresh, independent samples.
 
 Rows are appended and synced after every batch of instances; a rerun with the same settings
 resumes after what is written. The noise of test image i depends only on (seed, i), so a
@@ -15,13 +19,11 @@ import numpy as np
 from tqdm import tqdm
 
 import instars_jax
-from instars_jax import analyze, checkpoints, data, results, smoothing, training
+from instars_jax import (analyze, certificates, checkpoints, data, results, search, smoothing,
+                         training)
 
 PURPOSE_CERTIFY = 20
-FIXED_SIGMA = "fixed_sigma"
-CERTIFICATE_LABELS = {
-    FIXED_SIGMA: "fixed_sigma: Cohen et al. CERTIFY of g_sigma at one sigma for all inputs (sound)",
-}
+SIGMA_MODES = ("fixed", "instance")
 
 
 def validate_config(config) -> None:
@@ -40,6 +42,18 @@ def validate_config(config) -> None:
   for ok, message in checks:
     if not ok:
       raise ValueError(message)
+  if c.sigma_mode not in SIGMA_MODES:
+    raise ValueError(f"certify.sigma_mode must be one of {SIGMA_MODES}; got {c.sigma_mode!r}")
+  if c.sigma_mode == "instance":
+    search.validate_search(**search_arguments(config), n=c.n, alpha=c.alpha, batch_size=c.batch)
+
+
+def search_arguments(config) -> dict:
+  """The σ-search parameters of `config.certify.search`, with the 10%-of-n default resolved."""
+  s, c = config.certify.search, config.certify
+  samples = s.samples_per_step or search.default_samples_per_step(c.n, s.starts, s.steps)
+  return {"sigma_min": s.sigma_min, "sigma_max": s.sigma_max, "starts": s.starts,
+          "steps": s.steps, "samples_per_step": samples, "estimate_alpha": s.estimate_alpha}
 
 
 def selected_indices(num_test: int, skip: int, maximum: int) -> np.ndarray:
@@ -49,17 +63,29 @@ def selected_indices(num_test: int, skip: int, maximum: int) -> np.ndarray:
 
 
 def output_path(config, workdir) -> Path:
-  name = config.certify.name or f"sigma_{config.certify.sigma:g}"
-  return Path(workdir) / "certify" / f"{name}.tsv"
+  c = config.certify
+  default = (f"sigma_{c.sigma:g}" if c.sigma_mode == "fixed" else
+             f"instance_{c.search.sigma_min:g}-{c.search.sigma_max:g}")
+  return Path(workdir) / "certify" / f"{c.name or default}.tsv"
 
 
 def run_metadata(config) -> dict:
   """What the numbers in a results file depend on; a resumed run must match it exactly."""
   c = config.certify
-  return {"certificate": FIXED_SIGMA, "certificate_label": CERTIFICATE_LABELS[FIXED_SIGMA],
-          "sigma_mode": "fixed", "sigma": c.sigma, "n0": c.n0, "n": c.n, "alpha": c.alpha,
-          "skip": c.skip, "max": c.max, "seed": config.seed, "dataset": config.dataset,
-          "package_version": instars_jax.__version__}
+  kind = certificates.FIXED_SIGMA if c.sigma_mode == "fixed" else certificates.PER_SIGMA
+  metadata = {"certificate": kind, "certificate_meaning": certificates.MEANING[kind],
+              "sigma_mode": c.sigma_mode, "n0": c.n0, "n": c.n, "alpha": c.alpha,
+              "skip": c.skip, "max": c.max, "seed": config.seed, "dataset": config.dataset,
+              "package_version": instars_jax.__version__}
+  if c.sigma_mode == "fixed":
+    metadata["sigma"] = c.sigma
+  else:
+    metadata["search"] = search_arguments(config)
+    budget = search.search_budget(c.search.starts, c.search.steps,
+                                  metadata["search"]["samples_per_step"])
+    metadata["search_samples_per_instance"] = budget
+    metadata["search_share_of_samples"] = budget / (budget + c.n0 + c.n)
+  return metadata
 
 
 def _open_results(path: Path, metadata: dict) -> results.ResultsWriter:
@@ -89,10 +115,17 @@ def certify_test_set(config, workdir) -> Path:
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), PURPOSE_CERTIFY)
   per_call = c.instances * jax.local_device_count()
   for start in tqdm(range(0, len(todo), per_call), desc=f"certify {path.name}",
-                    unit_scale=per_call):
+                    unit_scale=per_call, disable=None):
     batch = dataset.test.take(np.asarray(todo[start: start + per_call]))
     began = time.perf_counter()
-    cert = smoothing.certify(apply_fn, batch["image"], c.sigma, key, n0=c.n0, n=c.n,
+    sigma = c.sigma
+    if c.sigma_mode == "instance":
+      sigma = search.search_sigma(apply_fn, batch["image"],
+                                  jax.random.fold_in(key, smoothing.PURPOSE_SEARCH),
+                                  **search_arguments(config), n=c.n, alpha=c.alpha,
+                                  batch_size=c.batch, num_classes=dataset.num_classes,
+                                  ids=batch["index"])
+    cert = smoothing.certify(apply_fn, batch["image"], sigma, key, n0=c.n0, n=c.n,
                              alpha=c.alpha, batch_size=c.batch,
                              num_classes=dataset.num_classes, ids=batch["index"])
     seconds = (time.perf_counter() - began) / len(batch["index"])

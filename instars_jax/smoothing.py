@@ -71,7 +71,7 @@ def instance_noise(key, instance_id, sample_ids, shape):
   return jax.vmap(draw)(sample_ids)
 
 
-def _local_counts(x, sigma, ids, key, *, apply_fn, num, chunk, num_classes):
+def local_counts(x, sigma, ids, key, *, apply_fn, num, chunk, num_classes):
   """Counts for the instances on one device, `chunk` samples per instance per forward pass."""
   b, shape = x.shape[0], x.shape[1:]
   sigma = sigma.reshape((b, 1) + (1,) * len(shape))
@@ -90,7 +90,7 @@ def _local_counts(x, sigma, ids, key, *, apply_fn, num, chunk, num_classes):
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "num", "chunk", "num_classes", "mesh"))
 def _sharded_counts(x, sigma, ids, key, *, apply_fn, num, chunk, num_classes, mesh):
-  local = functools.partial(_local_counts, apply_fn=apply_fn, num=num, chunk=chunk,
+  local = functools.partial(local_counts, apply_fn=apply_fn, num=num, chunk=chunk,
                             num_classes=num_classes)
   return parallel.shard_instances(local, mesh, num_sharded=3, num_replicated=1)(x, sigma, ids, key)
 
@@ -119,7 +119,7 @@ def sample_counts(apply_fn: Callable, x, sigma, key, *, num: int, batch_size: in
   holds every local instance with batch_size // instances-per-device samples of each.
   """
   x, sigma, ids = validate_instances(x, sigma, ids)
-  _check_positive_ints(num=num, batch_size=batch_size)
+  check_positive_ints(num=num, batch_size=batch_size)
   check_model(apply_fn, x, num_classes)
   return _counts(apply_fn, x, sigma, ids, key, num=num, batch_size=batch_size,
                  num_classes=num_classes)
@@ -138,7 +138,7 @@ def certify(apply_fn: Callable, x, sigma, key, *, n0: int = 100, n: int = 100_00
   at every x' with ‖x' − x‖₂ < radius.
   """
   x, sigma, ids = validate_instances(x, sigma, ids)
-  _check_positive_ints(n0=n0, n=n, batch_size=batch_size)
+  check_positive_ints(n0=n0, n=n, batch_size=batch_size)
   check_alpha(alpha)
   check_model(apply_fn, x, num_classes)
   count = functools.partial(_counts, apply_fn, x, sigma, ids, batch_size=batch_size,
@@ -164,7 +164,7 @@ def predict(apply_fn: Callable, x, sigma, key, *, n: int, alpha: float, batch_si
   (rather than the class or ABSTAIN) is at most α.
   """
   x, sigma, ids = validate_instances(x, sigma, ids)
-  _check_positive_ints(n=n, batch_size=batch_size)
+  check_positive_ints(n=n, batch_size=batch_size)
   check_alpha(alpha)
   check_model(apply_fn, x, num_classes)
   counts = np.asarray(_counts(apply_fn, x, sigma, ids, jax.random.fold_in(key, PURPOSE_PREDICT),
@@ -208,7 +208,7 @@ def check_alpha(alpha):
     raise ValueError(f"alpha must lie in (0, 1); got {alpha}")
 
 
-def _check_positive_ints(**values):
+def check_positive_ints(**values):
   for name, value in values.items():
     if int(value) != value or value < 1:
       raise ValueError(f"{name} must be an integer >= 1; got {value}")

@@ -238,7 +238,7 @@ def train_and_evaluate(config, workdir) -> TrainState:
                            shuffle=True, drop_remainder=True, host_id=jax.process_index(),
                            host_count=jax.process_count())
     for batch in tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.train.epochs}",
-                      leave=False, disable=jax.process_index() != 0):
+                      leave=False, disable=None if jax.process_index() == 0 else True):
       state, step_metrics = train_step(state, sharder.batch(batch), epoch_key, augment)
       for k in sums:
         sums[k] += step_metrics[k]

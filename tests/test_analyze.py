@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from instars_jax import analyze, results
+from instars_jax import analyze, certificates, results
 
 
 def cohen_table(path):
@@ -55,12 +55,15 @@ def test_cli_json_markdown_and_plots(small_results, tmp_path, capsys):
   assert analyze.main([str(small_results), "--radii", "0,0.5", "--format", "json"]) == 0
   out = json.loads(capsys.readouterr().out)
   assert out == [{"file": str(small_results), "n": 4, "certificate": analyze.UNLABELLED,
+                  "certificate_meaning": "",
                   "certified_accuracy": {"0": 0.5, "0.5": 0.25}, "acr": pytest.approx(0.275)}]
-  results.write_metadata(small_results, {"certificate": "fixed_sigma"})
+  results.write_metadata(small_results, {"certificate": "per_sigma",
+                                         "certificate_meaning": certificates.MEANING["per_sigma"]})
   plot, hist = tmp_path / "acc.png", tmp_path / "sigma.png"
   analyze.main([str(small_results), "--plot", str(plot), "--sigma-hist", str(hist)])
   table = capsys.readouterr().out
-  assert "| r = 0.25 |" in table and "fixed_sigma" in table and "0.275" in table
+  assert "| r = 0.25 |" in table and "| per_sigma |" in table and "0.275" in table
+  assert "not a certificate of the input-dependent classifier" in table
   assert plot.stat().st_size > 1000 and hist.stat().st_size > 1000
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from instars_jax import certification, checkpoints, results, training
+from instars_jax import certification, checkpoints, data, results, smoothing, training
 from test_data_models import write_npz
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +103,37 @@ def test_certification_refuses_other_settings_and_missing_checkpoints(toy_config
   assert meta["certificate"] == "fixed_sigma" and meta["n"] == 200
 
 
+def test_instance_sigma_mode(toy_config, tmp_path):
+  toy_config.train.epochs = 1
+  training.train_and_evaluate(toy_config, tmp_path / "run")
+  toy_config.certify.sigma_mode = "instance"
+  toy_config.certify.search.update(sigma_min=0.1, sigma_max=1.0, starts=2, steps=3,
+                                   samples_per_step=16)
+  path = certification.certify_test_set(toy_config, tmp_path / "run")
+  assert path.name == "instance_0.1-1.tsv"
+  table = results.read_results(path)
+  assert np.all((table["sigma"] >= 0.1) & (table["sigma"] <= 1.0))
+  meta = results.read_metadata(path)
+  assert meta["certificate"] == "per_sigma" and meta["sigma_mode"] == "instance"
+  assert "not a certificate of the input-dependent classifier" in meta["certificate_meaning"]
+  assert meta["search_samples_per_instance"] == 2 * 3 * 16
+  assert meta["search"]["samples_per_step"] == 16
+  # The bound comes from CERTIFY's own fresh samples at the chosen σ: certifying again at
+  # those σ with the run's key reproduces every row.
+  state = checkpoints.load_train_state(tmp_path / "run")
+  dataset = data.load_dataset(toy_config.dataset)
+  batch = dataset.test.take(table["idx"])
+  key = jax.random.fold_in(jax.random.PRNGKey(toy_config.seed), certification.PURPOSE_CERTIFY)
+  again = smoothing.certify(training.logits_fn(state), batch["image"], table["sigma"], key,
+                            n0=16, n=200, alpha=0.001, batch_size=64, num_classes=3,
+                            ids=batch["index"])
+  np.testing.assert_array_equal(again.prediction, table["predict"])
+  np.testing.assert_allclose(again.radius, table["radius"], rtol=1e-5, atol=1e-6)
+  toy_config.certify.search.steps = 2
+  with pytest.raises(ValueError, match="steps must be an integer >= 3"):
+    certification.certify_test_set(toy_config, tmp_path / "run")
+
+
 def test_training_refuses_a_workdir_with_another_config(toy_config, tmp_path):
   toy_config.train.epochs = 1
   training.train_and_evaluate(toy_config, tmp_path / "run")
@@ -153,7 +184,7 @@ def test_end_to_end_command_line(tmp_path):
   assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["epoch"] == 0
   done = run_cli(ROOT / "certify.py", *common, cwd=tmp_path)
   assert done.returncode == 0, done.stderr[-2000:]
-  assert "| r = 0.25 |" in done.stdout and "fixed_sigma" in done.stdout
+  assert "| r = 0.25 |" in done.stdout and "| fixed_sigma |" in done.stdout
   table = results.read_results(tmp_path / "run" / "certify" / "sigma_0.25.tsv")
   assert len(table["idx"]) == 16 and set(table["sigma"]) == {0.25}
 
