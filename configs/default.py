@@ -28,6 +28,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.sigma = 0.25  # Gaussian augmentation noise level
   config.train.augment = "none"  # none | crop_flip
   config.train.eval_examples = 0  # test examples evaluated after each epoch; 0: all
+  # Insta-RS Train: stage 1 is Gaussian augmentation at train.sigma; in stage 2 every
+  # training example has its own σ in the train state's table, updated between epochs.
+  config.train.insta = False
+  config.train.stage1_epochs = 0  # E1: the first stage-2 epoch
+  config.train.table = ml_collections.ConfigDict()
+  config.train.table.eta = 0.1  # candidates σ(1 - eta), σ, σ(1 + eta)
+  config.train.table.samples = 4  # m: noisy samples per candidate (common random numbers)
+  config.train.table.sigma_min = 0.05
+  config.train.table.sigma_max = 1.0
+  config.train.table.update_every = 1  # epochs between updates in stage 2
+  config.train.table.estimate_alpha = 0.5  # 0.5: the median estimate of p_A from m samples
+  config.train.table.chunk = 256  # training examples per update step (all devices)
+  config.train.table.batch = 256  # noisy images per forward pass on one device
 
   config.certify = ml_collections.ConfigDict()
   config.certify.sigma = 0.25

@@ -1,4 +1,7 @@
-"""Fashion-MNIST with a LeNet: the CPU-sized default that `make demo` runs."""
+"""Fashion-MNIST with a LeNet: the CPU-sized default that `make demo` runs.
+
+Trains with Insta-RS Train (3 epochs of Gaussian augmentation, then per-example σ);
+--config.train.insta=False gives Cohen et al.'s fixed-σ training with the same epochs."""
 
 from configs import default
 
@@ -12,6 +15,10 @@ def get_config():
   config.train.learning_rate = 0.05
   config.train.weight_decay = 5e-4
   config.train.sigma = 0.25
+  config.train.insta = True
+  config.train.stage1_epochs = 3
+  config.train.table.sigma_min = 0.1
+  config.train.table.sigma_max = 1.0
   config.certify.sigma = 0.25
   config.certify.n = 4_000
   config.certify.skip = 20

@@ -68,7 +68,7 @@ def markdown_table(summaries, radii=DEFAULT_RADII) -> str:
 
 def plot_certified_accuracy(paths, out_path) -> None:
   """Certified accuracy against radius, one curve per file."""
-  fig, ax = _new_figure()
+  fig, ax = new_figure()
   for path in paths:
     table = results.read_results(path)
     grid = np.linspace(0.0, max(float(np.max(table["radius"], initial=0.0)), 1e-3) * 1.05, 200)
@@ -77,12 +77,12 @@ def plot_certified_accuracy(paths, out_path) -> None:
   ax.set_ylabel("certified accuracy")
   ax.set_ylim(0, 1)
   ax.grid(alpha=0.3)
-  _save_figure(fig, ax, out_path)
+  save_figure(fig, ax, out_path)
 
 
 def plot_sigma_histogram(paths, out_path) -> None:
   """Histogram of the `sigma` column of each file (the σ each instance was certified at)."""
-  fig, ax = _new_figure()
+  fig, ax = new_figure()
   for path in paths:
     table = results.read_results(path)
     if "sigma" not in table:
@@ -90,19 +90,21 @@ def plot_sigma_histogram(paths, out_path) -> None:
     ax.hist(table["sigma"], bins=30, alpha=0.6, label=Path(path).stem)
   ax.set_xlabel("σ used for certification")
   ax.set_ylabel("instances")
-  _save_figure(fig, ax, out_path)
+  save_figure(fig, ax, out_path)
 
 
-def _new_figure():
+def new_figure(width: float = 6.0):
+  """A matplotlib (figure, axes) on the Agg backend (no display needed)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  return plt.subplots(figsize=(6, 4))
+  return plt.subplots(figsize=(width, 4))
 
 
-def _save_figure(fig, ax, out_path) -> None:
+def save_figure(fig, ax, out_path) -> None:
   import matplotlib.pyplot as plt
-  ax.legend()
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend()
   fig.tight_layout()
   fig.savefig(out_path, dpi=120)
   plt.close(fig)

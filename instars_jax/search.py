@@ -43,14 +43,20 @@ def radius_factors(samples: int, n: int, alpha: float, estimate_alpha: float) ->
   return np.maximum(factors, _FLOOR).astype(np.float32)
 
 
-def objective(x, sigma, ids, key, factors, *, apply_fn, samples, chunk, num_classes):
-  """R at σ per instance, from `samples` noisy samples drawn from `key`.
+def objective(x, sigma, ids, key, factors, *, apply_fn, samples, chunk, num_classes,
+              labels=None):
+  """R at σ per instance, from `samples` noisy samples drawn from `key`: for the top class
+  at σ, or for `labels` when given (Insta-RS Train scores the true label). `sigma` may be
+  float32[K, b]: K levels scored on one draw of noise.
 
   Noise depends on (key, id, j) only, so calls with the same key use the same ε at every σ
   (common random numbers)."""
   counts = smoothing.local_counts(x, sigma, ids, key, apply_fn=apply_fn, num=samples,
                                   chunk=chunk, num_classes=num_classes)
-  return sigma * factors[jnp.max(counts, axis=1)]
+  hits = jnp.max(counts, axis=-1) if labels is None else \
+      jnp.take_along_axis(counts, jnp.broadcast_to(labels[:, None], counts.shape[:-1] + (1,)),
+                          axis=-1)[..., 0]
+  return sigma * factors[hits]
 
 
 def _golden_offset(lo, hi):

@@ -72,20 +72,27 @@ def instance_noise(key, instance_id, sample_ids, shape):
 
 
 def local_counts(x, sigma, ids, key, *, apply_fn, num, chunk, num_classes):
-  """Counts for the instances on one device, `chunk` samples per instance per forward pass."""
+  """Counts for the instances on one device, `chunk` samples per instance per forward pass.
+
+  `sigma` is float32[b], or float32[K, b] for K noise levels that share every ε (common
+  random numbers, one noise draw for all K); the counts are then int32[K, b, C].
+  """
   b, shape = x.shape[0], x.shape[1:]
-  sigma = sigma.reshape((b, 1) + (1,) * len(shape))
+  levels = sigma.reshape((-1, b) + (1,) * (len(shape) + 1))
 
   def add_chunk(c, counts):
     sample_ids = c * chunk + jnp.arange(chunk)
     eps = jax.vmap(instance_noise, in_axes=(None, 0, None, None))(key, ids, sample_ids, shape)
-    logits = apply_fn((x[:, None] + sigma * eps).reshape((b * chunk,) + shape))
-    predictions = jnp.argmax(logits, axis=-1).reshape(b, chunk)
+    noisy = x[None, :, None] + levels * eps[None]
+    logits = apply_fn(noisy.reshape((-1,) + shape))
+    predictions = jnp.argmax(logits, axis=-1).reshape(-1, b, chunk)
     hits = jax.nn.one_hot(predictions, num_classes, dtype=jnp.int32)
-    return counts + jnp.sum(hits * (sample_ids < num)[None, :, None], axis=1)
+    return counts + jnp.sum(hits * (sample_ids < num)[None, None, :, None], axis=2)
 
   num_chunks = -(-num // chunk)
-  return jax.lax.fori_loop(0, num_chunks, add_chunk, jnp.zeros((b, num_classes), jnp.int32))
+  initial = jnp.zeros((levels.shape[0], b, num_classes), jnp.int32)
+  counts = jax.lax.fori_loop(0, num_chunks, add_chunk, initial)
+  return counts.reshape(sigma.shape + (num_classes,))
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "num", "chunk", "num_classes", "mesh"))

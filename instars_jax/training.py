@@ -1,9 +1,15 @@
-"""Training the base classifier with Gaussian noise augmentation (Cohen et al.'s recipe).
+"""Training the base classifier: Gaussian augmentation (Cohen et al.) and Insta-RS Train.
 
 Every example is trained at the noise level in its entry of the per-example σ table carried
-in the train state (all equal to `train.sigma` for Gaussian augmentation). The noise and the
-augmentation of example i in epoch e depend only on (seed, e, i): a run resumed from a
-checkpoint continues exactly as the uninterrupted run would have.
+in the train state. With Gaussian augmentation every entry stays at `train.sigma`. Insta-RS
+Train (`train.insta`) runs two stages: epochs [0, stage1_epochs) are Gaussian augmentation
+at `train.sigma`; from then on, before every `table.update_every`-th epoch, each example's σ
+moves to whichever of σ(1 − η), σ, σ(1 + η) scores best on the test-time search's objective
+for its true label (`update_sigma_table`), clamped to [table.sigma_min, table.sigma_max].
+
+The noise and the augmentation of example i in epoch e depend only on (seed, e, i), and the
+table update of epoch e only on (seed, e, i) and the state: a run resumed from a checkpoint
+continues exactly as the uninterrupted run would have.
 
 Training is data parallel: each global batch is sharded over a 1-D `data` mesh of all
 devices and jit inserts the gradient and BatchNorm-statistics reductions.
@@ -25,10 +31,11 @@ from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from instars_jax import checkpoints, data, models, parallel
+from instars_jax import checkpoints, data, models, parallel, search, smoothing
 
 PURPOSE_TRAIN_NOISE = 10
 PURPOSE_EVAL_NOISE = 11
+PURPOSE_TABLE_UPDATE = 12
 
 
 class TrainState(train_state.TrainState):
@@ -116,6 +123,80 @@ def eval_step(state: TrainState, batch, key, sigma):
   return {"clean": jnp.sum(clean_hits * w), "noisy": jnp.sum(noisy_hits * w), "count": jnp.sum(w)}
 
 
+@functools.partial(jax.jit, static_argnames=("samples", "chunk", "num_classes"),
+                   donate_argnames="state")
+def update_sigma_table_step(state: TrainState, batch, key, factors, eta, sigma_min, sigma_max, *,
+                            samples, chunk, num_classes) -> TrainState:
+  """Moves the σ of each example in `batch` to the best of σ(1 − η), σ, σ(1 + η).
+
+  Each candidate is scored by search.objective for the example's true label on the same
+  `samples` noise vectors (common random numbers). An example whose score at its current σ
+  is not positive (the smoothed classifier would not certify its label there) moves down.
+  """
+  sigma = state.sigma_table[batch["index"]]
+  candidates = jnp.stack([sigma * (1 - eta), sigma, sigma * (1 + eta)])
+  score = functools.partial(search.objective, batch["image"], ids=batch["index"], key=key,
+                            factors=factors, apply_fn=logits_fn(state), samples=samples,
+                            chunk=chunk, num_classes=num_classes, labels=batch["label"])
+  radius = score(candidates)  # [3, b], all three on the same noise
+  best = jnp.take_along_axis(candidates, jnp.argmax(radius, axis=0)[None], axis=0)[0]
+  new_sigma = jnp.clip(jnp.where(radius[1] <= 0, candidates[0], best), sigma_min, sigma_max)
+  return state.replace(sigma_table=state.sigma_table.at[batch["index"]].set(new_sigma))
+
+
+def table_update_due(config, epoch: int) -> bool:
+  """Whether the σ table is updated before training `epoch` (stage 2, every k-th epoch)."""
+  t = config.train
+  return t.insta and epoch >= t.stage1_epochs and (epoch - t.stage1_epochs) % t.table.update_every == 0
+
+
+def update_sigma_table(state, split, sharder, config, epoch, num_classes) -> TrainState:
+  """One pass of `update_sigma_table_step` over the whole training split, in chunks."""
+  table = config.train.table
+  factors = search.radius_factors(table.samples, config.certify.n, config.certify.alpha,
+                                  table.estimate_alpha)
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed),
+                                              PURPOSE_TABLE_UPDATE), epoch)
+  per_host = table.chunk // jax.process_count()
+  chunk = smoothing.samples_per_pass(table.batch, table.chunk // jax.device_count(), table.samples)
+  for batch in data.batches(split, table.chunk, host_id=jax.process_index(),
+                            host_count=jax.process_count()):
+    real = len(batch["index"])
+    if real < per_host:  # pad the last chunk by repeating its first example (same index and σ)
+      batch = {k: np.concatenate([v, np.repeat(v[:1], per_host - real, axis=0)])
+               for k, v in batch.items()}
+    state = update_sigma_table_step(state, sharder.batch(batch), key, factors, table.eta,
+                                    table.sigma_min, table.sigma_max, samples=table.samples,
+                                    chunk=chunk, num_classes=num_classes)
+  return state
+
+
+def sigma_quantiles(sigma_table) -> dict:
+  values = np.asarray(sigma_table)
+  qs = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+  return {f"sigma_q{int(q * 100):02d}": float(v) for q, v in zip(qs, np.quantile(values, qs))} | \
+      {"sigma_mean": float(values.mean())}
+
+
+def plot_sigma_table(sigma_table, labels, workdir: Path) -> None:
+  """Histograms of the σ table, overall and by class, as PNGs in workdir."""
+  from instars_jax import analyze
+
+  values = np.asarray(sigma_table)
+  fig, ax = analyze.new_figure()
+  ax.hist(values, bins=50)
+  ax.set_xlabel("σ of a training example")
+  ax.set_ylabel("examples")
+  analyze.save_figure(fig, ax, workdir / "sigma_table.png")
+
+  classes = np.unique(labels)
+  fig, ax = analyze.new_figure(max(6.0, 0.6 * len(classes)))
+  ax.boxplot([values[labels == c] for c in classes], tick_labels=[str(c) for c in classes])
+  ax.set_xlabel("class")
+  ax.set_ylabel("σ of a training example")
+  analyze.save_figure(fig, ax, workdir / "sigma_by_class.png")
+
+
 class Sharder:
   """Puts host-local batches onto the data mesh as global arrays (one host or many)."""
 
@@ -172,6 +253,24 @@ def validate_config(config, devices: int) -> None:
       (config.model.dtype in models.DTYPES,
        f"model.dtype must be one of {sorted(models.DTYPES)}; got {config.model.dtype!r}"),
   ]
+  if t.insta:
+    table = t.table
+    checks += [
+        (0 <= t.stage1_epochs <= t.epochs,
+         f"train.stage1_epochs must lie in [0, train.epochs={t.epochs}]; got {t.stage1_epochs}"),
+        (0 < table.eta < 1, f"train.table.eta must lie in (0, 1); got {table.eta}"),
+        (table.samples >= 1, f"train.table.samples must be >= 1; got {table.samples}"),
+        (0 < table.sigma_min <= t.sigma <= table.sigma_max,
+         f"train.table.sigma_min <= train.sigma <= train.table.sigma_max must hold with "
+         f"sigma_min > 0; got {table.sigma_min}, {t.sigma}, {table.sigma_max}"),
+        (table.update_every >= 1, f"train.table.update_every must be >= 1; got {table.update_every}"),
+        (0 < table.estimate_alpha < 1,
+         f"train.table.estimate_alpha must lie in (0, 1); got {table.estimate_alpha}"),
+        (table.chunk >= 1 and table.chunk % devices == 0,
+         f"train.table.chunk must be a positive multiple of the device count {devices}; "
+         f"got {table.chunk}"),
+        (table.batch >= 1, f"train.table.batch must be >= 1; got {table.batch}"),
+    ]
   for ok, message in checks:
     if not ok:
       raise ValueError(message)
@@ -231,6 +330,12 @@ def train_and_evaluate(config, workdir) -> TrainState:
   augment = config.train.augment == "crop_flip"
   noise_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), PURPOSE_TRAIN_NOISE)
   for epoch in range(start_epoch, config.train.epochs):
+    update_seconds = 0.0
+    if table_update_due(config, epoch):
+      began = time.perf_counter()
+      state = update_sigma_table(state, dataset.train, sharder, config, epoch, dataset.num_classes)
+      jax.block_until_ready(state.sigma_table)
+      update_seconds = time.perf_counter() - began
     start = time.perf_counter()
     epoch_key = jax.random.fold_in(noise_key, epoch)
     sums = {"loss": 0.0, "noisy_accuracy": 0.0}
@@ -247,7 +352,10 @@ def train_and_evaluate(config, workdir) -> TrainState:
            "train_loss": float(sums["loss"]) / steps_per_epoch,
            "train_noisy_accuracy": float(sums["noisy_accuracy"]) / steps_per_epoch,
            "images_per_s": steps_per_epoch * config.train.batch_size / train_seconds,
-           "sigma": config.train.sigma}
+           "stage": 2 if config.train.insta and epoch >= config.train.stage1_epochs else 1,
+           "sigma": config.train.sigma, "table_update_seconds": update_seconds,
+           "table_update_share_of_epoch": update_seconds / train_seconds}
+    row.update(sigma_quantiles(state.sigma_table))
     row.update(evaluate(state, dataset.test, sharder, config, config.train.sigma))
     row["seconds"] = time.perf_counter() - start
     history.append(row)
@@ -256,4 +364,6 @@ def train_and_evaluate(config, workdir) -> TrainState:
       tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in row.items()))
     checkpoints.save(manager, epoch + 1, state)
+  if config.train.insta and jax.process_index() == 0:
+    plot_sigma_table(state.sigma_table, dataset.train.labels, workdir)
   return state

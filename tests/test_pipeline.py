@@ -177,7 +177,8 @@ def test_end_to_end_command_line(tmp_path):
   npz = write_npz(tmp_path / "toy.npz", n_train=64, n_test=16)
   common = [f"--config={ROOT / 'configs' / 'fashion_mnist.py'}", f"--workdir={tmp_path / 'run'}",
             f"--config.dataset=npz:{npz}", "--config.train.epochs=1", "--config.train.batch_size=32",
-            "--config.certify.n=100", "--config.certify.skip=1", "--config.certify.instances=8"]
+            "--config.certify.n=100", "--config.certify.skip=1", "--config.certify.instances=8",
+            "--config.train.stage1_epochs=0"]
   done = run_cli(ROOT / "train.py", *common, cwd=tmp_path)
   assert done.returncode == 0, done.stderr[-2000:]
   assert (tmp_path / "run" / "config.json").exists()
