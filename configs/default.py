@@ -54,6 +54,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.certify.name = ""  # output DIR/certify/<name>.tsv; default sigma_<sigma> / instance_<range>
   config.certify.sigma_mode = "fixed"  # fixed: certify.sigma for all | instance: Insta-RS search
 
+  # With sigma_mode = instance: per_sigma (Insta-RS as published, not a certificate of the
+  # input-dependent classifier) | memory | locally_constant (both sound); see certificates.py.
+  config.certify.certificate = "per_sigma"
+
+  config.certify.selector = ml_collections.ConfigDict()  # for locally_constant
+  config.certify.selector.grid = (0.12, 0.25, 0.5, 1.0)  # the σ the selector chooses among
+  config.certify.selector.sigma = 0.25  # the selector's own smoothing noise
+  config.certify.selector.n = 1_000  # selector CERTIFY samples (at alpha / 2)
+  config.certify.selector.epochs = 2  # training of the selector on the sigma table's bins
+
   config.certify.search = ml_collections.ConfigDict()  # the per-instance σ search
   config.certify.search.sigma_min = 0.05
   config.certify.search.sigma_max = 1.0

@@ -1,10 +1,34 @@
-"""What a reported radius means when σ may depend on the input.
+"""What a reported radius means when σ may depend on the input, and two sound ways to report one.
 
-Every results file names one of these kinds in its metadata, and every table prints it.
+With σ chosen per input, the deployed classifier is G(x) = g_{σ(x)}(x). A radius certified for
+g_{σ(x)} around x (`per_sigma`) says nothing about G at x' near x, since σ(x') may differ
+(Súkeník, Kuvshinov & Günnemann, ICML 2022). Every results file names one of these kinds:
+
+  fixed_sigma       Cohen et al.'s CERTIFY with one σ for every input (sound).
+  per_sigma         Insta-RS as published: g_σ at the chosen σ (not a certificate of G).
+  memory            per_sigma radii made consistent by a memory of answered balls
+                    (Alfarra et al., "Data Dependent Randomized Smoothing", UAI 2022).
+  locally_constant  σ from a grid through a smoothed, certified selector; the radius is where
+                    both the selector and the class are certified (in the spirit of Dual
+                    Randomized Smoothing, Sun, Mao & Vechev).
 """
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from instars_jax import smoothing
 
 FIXED_SIGMA = "fixed_sigma"
 PER_SIGMA = "per_sigma"
+MEMORY = "memory"
+LOCALLY_CONSTANT = "locally_constant"
+INSTANCE_KINDS = (PER_SIGMA, MEMORY, LOCALLY_CONSTANT)
 
 MEANING = {
     FIXED_SIGMA: "sound: Cohen et al. CERTIFY of the smoothed classifier g_sigma, one sigma for "
@@ -12,4 +36,143 @@ MEANING = {
     PER_SIGMA: "certifies g_sigma at the chosen sigma; not a certificate of the input-dependent "
                "classifier G(x) = g_sigma(x)(x) (Insta-RS as published; see Sukenik et al., "
                "ICML 2022)",
+    MEMORY: "sound for the memory-based classifier that answers the test points in this file's "
+            "order and keeps its memory (Alfarra et al., UAI 2022): certified balls of different "
+            "classes never intersect",
+    LOCALLY_CONSTANT: "sound for G(x) = g_sigma_s(x)(x) with a smoothed, certified sigma "
+                      "selector s: radius = min(selector radius, class radius), alpha split "
+                      "between the two tests",
 }
+
+# Radii derived from distances are shrunk by one part in a million, so that floating-point
+# rounding can never turn two touching balls into overlapping ones.
+_ROUNDING_MARGIN = 1e-6
+
+PURPOSE_SELECTOR = 30
+PURPOSE_CLASS = 31
+
+
+# ---------------------------------------------------------------------------
+# memory
+
+
+class Memory(NamedTuple):
+  """The balls answered so far: centres (flattened), predictions, radii and test ids."""
+  points: np.ndarray  # float32[M, D]
+  predictions: np.ndarray  # int32[M]
+  radii: np.ndarray  # float64[M]
+  ids: np.ndarray  # int64[M]
+
+  @classmethod
+  def empty(cls, dim: int) -> "Memory":
+    return cls(np.zeros((0, dim), np.float32), np.zeros((0,), np.int32),
+               np.zeros((0,), np.float64), np.zeros((0,), np.int64))
+
+
+def answer_with_memory(memory: Memory, x, prediction: int, radius: float, idx: int):
+  """The memory certificate of one point: (prediction, radius, memory with the answer added).
+
+  Rests on one assumption: points are answered one at a time in a fixed order, and the memory
+  of earlier answers is kept and consulted for every later one. Under it, the classifier that
+  answers x by this rule returns `prediction` everywhere within `radius`, because stored balls
+  of different classes never intersect:
+    - x inside a stored ball of another class takes that ball's prediction, with the distance
+      left to that ball's edge as its radius (a sub-ball of a ball already answered);
+    - otherwise its per-σ radius is cut to min over stored balls of other classes of
+      ‖x − x_j‖ − R_j, so its ball does not meet theirs.
+  An abstaining point inside a stored ball takes that ball's answer too. Abstentions and zero
+  radii are answered but not stored.
+  """
+  x = np.asarray(x, np.float32).reshape(-1)
+  distance = np.linalg.norm(memory.points.astype(np.float64) - x, axis=1)
+  inside = (memory.predictions != prediction) & (distance < memory.radii)
+  if inside.any():
+    j = np.flatnonzero(inside)[np.argmax((memory.radii - distance)[inside])]
+    prediction = int(memory.predictions[j])
+    radius = float(memory.radii[j] - distance[j]) * (1 - _ROUNDING_MARGIN)
+  elif prediction != smoothing.ABSTAIN:
+    other = memory.predictions != prediction
+    if other.any():
+      gap = float(np.min(distance[other] - memory.radii[other])) * (1 - _ROUNDING_MARGIN)
+      radius = min(radius, gap)
+  if prediction == smoothing.ABSTAIN:
+    return prediction, 0.0, memory
+  radius = max(radius, 0.0)
+  if radius > 0:
+    memory = Memory(np.concatenate([memory.points, x[None]]),
+                    np.append(memory.predictions, np.int32(prediction)),
+                    np.append(memory.radii, radius), np.append(memory.ids, idx))
+  return prediction, radius, memory
+
+
+def save_memory(path, memory: Memory) -> None:
+  """Writes the memory atomically (it is what a resumed or extended run continues from)."""
+  path = Path(path)
+  tmp = path.with_name(path.name + ".tmp.npz")
+  np.savez(tmp, **memory._asdict())
+  os.replace(tmp, path)
+
+
+def load_memory(path, dim: int) -> Memory:
+  path = Path(path)
+  if not path.exists():
+    return Memory.empty(dim)
+  with np.load(path) as f:
+    return Memory(**{k: f[k] for k in Memory._fields})
+
+
+def intersecting_pairs(points, predictions, radii) -> int:
+  """How many pairs of certified balls of different predictions intersect (a sound
+  certificate of one classifier admits none)."""
+  points = np.asarray(points, np.float64).reshape(len(points), -1)
+  keep = (np.asarray(predictions) != smoothing.ABSTAIN) & (np.asarray(radii) > 0)
+  p, c, r = points[keep], np.asarray(predictions)[keep], np.asarray(radii, np.float64)[keep]
+  distance = np.linalg.norm(p[:, None] - p[None], axis=-1)
+  clash = (c[:, None] != c[None]) & (distance < r[:, None] + r[None])
+  return int(np.triu(clash, 1).sum())
+
+
+# ---------------------------------------------------------------------------
+# locally_constant
+
+
+class LocallyConstantCertificate(NamedTuple):
+  prediction: np.ndarray  # int32[B], ABSTAIN where either test fails
+  radius: np.ndarray  # float32[B]: min(selector radius, class radius)
+  sigma: np.ndarray  # float32[B]: the grid σ the selector certified
+  selector_radius: np.ndarray
+  class_radius: np.ndarray
+
+
+def certify_locally_constant(apply_fn, selector_fn, x, key, *, sigma_grid, sigma_selector,
+                             n0, n, n_selector, alpha, batch_size, num_classes,
+                             ids=None) -> LocallyConstantCertificate:
+  """A sound certificate for the input-dependent classifier G(x) = g_{σ_{s̄(x)}}(x).
+
+  `selector_fn` maps inputs to logits over the K bins of `sigma_grid`; s̄ is its smoothed
+  version at `sigma_selector` (argmax of bin probabilities under that noise).
+
+  Proof sketch. CERTIFY of the selector at level α/2 returns a bin k and R_sel such that, with
+  probability ≥ 1 − α/2, s̄(x') = k for all ‖x' − x‖ < R_sel. CERTIFY of the base classifier at
+  σ_k, level α/2, returns c and R_cls such that, with probability ≥ 1 − α/2, g_{σ_k}(x') = c
+  for all ‖x' − x‖ < R_cls. By the union bound both hold with probability ≥ 1 − α, and then for
+  every ‖x' − x‖ < min(R_sel, R_cls): G(x') = g_{σ_{s̄(x')}}(x') = g_{σ_k}(x') = c. If either
+  test abstains, so does G's certificate. The two tests use independent noise.
+  """
+  sigma_grid = np.asarray(sigma_grid, np.float32)
+  if sigma_grid.ndim != 1 or len(sigma_grid) < 2 or np.any(sigma_grid <= 0):
+    raise ValueError(f"sigma_grid must list at least two positive σ; got {sigma_grid}")
+  selector = smoothing.certify(selector_fn, x, sigma_selector,
+                               jax.random.fold_in(key, PURPOSE_SELECTOR), n0=n0, n=n_selector,
+                               alpha=alpha / 2, batch_size=batch_size,
+                               num_classes=len(sigma_grid), ids=ids)
+  selected = selector.prediction != smoothing.ABSTAIN
+  sigma = sigma_grid[np.where(selected, selector.prediction, 0)]
+  cls = smoothing.certify(apply_fn, x, sigma, jax.random.fold_in(key, PURPOSE_CLASS), n0=n0,
+                          n=n, alpha=alpha / 2, batch_size=batch_size, num_classes=num_classes,
+                          ids=ids)
+  certified = selected & (cls.prediction != smoothing.ABSTAIN)
+  radius = np.where(certified, np.minimum(selector.radius, cls.radius), 0.0)
+  prediction = np.where(certified, cls.prediction, smoothing.ABSTAIN).astype(np.int32)
+  return LocallyConstantCertificate(prediction, radius.astype(np.float32), sigma,
+                                    selector.radius, cls.radius)

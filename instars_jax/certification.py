@@ -1,8 +1,13 @@
 """The certification run: latest checkpoint → test split → (σ search) → CERTIFY → TSV.
 
-`certify.sigma_mode = "fixed"` certifies every image at `certify.sigma`; `"instance"` first
-chooses a σ per image with `search.search_sigma` on its own key, then certifies at that σ
-with fresh, independent samples.
+`certify.sigma_mode = "fixed"` certifies every image at `certify.sigma` (fixed_sigma). With
+`"instance"`, `certify.certificate` decides what is reported:
+  per_sigma         σ per image from `search.search_sigma` (its own key), then CERTIFY at that σ
+                    with fresh samples: Insta-RS as published, not a certificate of G.
+  memory            the per_sigma answers passed through `certificates.answer_with_memory` in
+                    idx order; the memory is saved beside the TSV (<name>.memory.npz).
+  locally_constant  σ from the grid bin a smoothed, certified selector picks
+                    (`certificates.certify_locally_constant`; `selector.py` trains it).
 
 Rows are appended and synced after every batch of instances; a rerun with the same settings
 resumes after what is written. The noise of test image i depends only on (seed, i), so a
@@ -19,8 +24,8 @@ import numpy as np
 from tqdm import tqdm
 
 import instars_jax
-from instars_jax import (analyze, certificates, checkpoints, data, results, search, smoothing,
-                         training)
+from instars_jax import (analyze, certificates, checkpoints, data, results, search, selector,
+                         smoothing, training)
 
 PURPOSE_CERTIFY = 20
 SIGMA_MODES = ("fixed", "instance")
@@ -45,7 +50,18 @@ def validate_config(config) -> None:
   if c.sigma_mode not in SIGMA_MODES:
     raise ValueError(f"certify.sigma_mode must be one of {SIGMA_MODES}; got {c.sigma_mode!r}")
   if c.sigma_mode == "instance":
+    if c.certificate not in certificates.INSTANCE_KINDS:
+      raise ValueError(f"certify.certificate must be one of {certificates.INSTANCE_KINDS}; "
+                       f"got {c.certificate!r}")
     search.validate_search(**search_arguments(config), n=c.n, alpha=c.alpha, batch_size=c.batch)
+  if c.sigma_mode == "instance" and c.certificate == certificates.LOCALLY_CONSTANT:
+    grid = np.asarray(c.selector.grid, np.float64)
+    if grid.ndim != 1 or len(grid) < 2 or np.any(grid <= 0) or np.any(np.diff(grid) <= 0):
+      raise ValueError(f"certify.selector.grid must be at least two increasing σ > 0; "
+                       f"got {tuple(c.selector.grid)}")
+    if not c.selector.sigma > 0 or c.selector.n < 1 or c.selector.epochs < 1:
+      raise ValueError("certify.selector.sigma must be > 0 and certify.selector.n and .epochs "
+                       f">= 1; got {c.selector.sigma}, {c.selector.n}, {c.selector.epochs}")
 
 
 def search_arguments(config) -> dict:
@@ -64,21 +80,31 @@ def selected_indices(num_test: int, skip: int, maximum: int) -> np.ndarray:
 
 def output_path(config, workdir) -> Path:
   c = config.certify
-  default = (f"sigma_{c.sigma:g}" if c.sigma_mode == "fixed" else
-             f"instance_{c.search.sigma_min:g}-{c.search.sigma_max:g}")
+  if c.sigma_mode == "fixed":
+    default = f"sigma_{c.sigma:g}"
+  elif c.certificate == certificates.LOCALLY_CONSTANT:
+    default = f"locally_constant_{'-'.join(f'{g:g}' for g in c.selector.grid)}"
+  else:
+    suffix = "" if c.certificate == certificates.PER_SIGMA else f"_{c.certificate}"
+    default = f"instance_{c.search.sigma_min:g}-{c.search.sigma_max:g}{suffix}"
   return Path(workdir) / "certify" / f"{c.name or default}.tsv"
 
 
 def run_metadata(config) -> dict:
   """What the numbers in a results file depend on; a resumed run must match it exactly."""
   c = config.certify
-  kind = certificates.FIXED_SIGMA if c.sigma_mode == "fixed" else certificates.PER_SIGMA
+  kind = certificates.FIXED_SIGMA if c.sigma_mode == "fixed" else c.certificate
   metadata = {"certificate": kind, "certificate_meaning": certificates.MEANING[kind],
               "sigma_mode": c.sigma_mode, "n0": c.n0, "n": c.n, "alpha": c.alpha,
               "skip": c.skip, "max": c.max, "seed": config.seed, "dataset": config.dataset,
               "package_version": instars_jax.__version__}
   if c.sigma_mode == "fixed":
     metadata["sigma"] = c.sigma
+  elif kind == certificates.LOCALLY_CONSTANT:
+    metadata["selector"] = {"grid": list(c.selector.grid), "sigma": c.selector.sigma,
+                            "n": c.selector.n, "epochs": c.selector.epochs,
+                            "labels": "nearest grid bin of the Insta-RS Train sigma table",
+                            "alpha_split": "alpha/2 selector, alpha/2 class"}
   else:
     metadata["search"] = search_arguments(config)
     budget = search.search_budget(c.search.starts, c.search.steps,
@@ -99,6 +125,20 @@ def _open_results(path: Path, metadata: dict) -> results.ResultsWriter:
   return writer
 
 
+def _per_sigma(apply_fn, batch, config, key, num_classes):
+  """(prediction, radius, σ) of CERTIFY at certify.sigma or at the searched σ (per_sigma)."""
+  c = config.certify
+  sigma = c.sigma
+  if c.sigma_mode == "instance":
+    sigma = search.search_sigma(apply_fn, batch["image"],
+                                jax.random.fold_in(key, smoothing.PURPOSE_SEARCH),
+                                **search_arguments(config), n=c.n, alpha=c.alpha,
+                                batch_size=c.batch, num_classes=num_classes, ids=batch["index"])
+  cert = smoothing.certify(apply_fn, batch["image"], sigma, key, n0=c.n0, n=c.n, alpha=c.alpha,
+                           batch_size=c.batch, num_classes=num_classes, ids=batch["index"])
+  return cert.prediction, cert.radius, cert.sigma
+
+
 def certify_test_set(config, workdir) -> Path:
   """Certifies the selected test images with the latest checkpoint in `workdir`, appending to
   DIR/certify/<name>.tsv; prints the analysis table and returns the file's path."""
@@ -107,31 +147,46 @@ def certify_test_set(config, workdir) -> Path:
                               cache_dir=config.cache_dir, num_classes=config.num_classes)
   state = checkpoints.load_train_state(workdir)
   path = output_path(config, workdir)
-  writer = _open_results(path, run_metadata(config))
+  metadata = run_metadata(config)
+  writer = _open_results(path, metadata)
 
   c = config.certify
+  kind = metadata["certificate"]
   todo = [i for i in selected_indices(len(dataset.test), c.skip, c.max) if i not in writer.done]
   apply_fn = training.logits_fn(state)
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), PURPOSE_CERTIFY)
+  if kind == certificates.LOCALLY_CONSTANT:
+    selector_fn = selector.load_or_train(config, workdir, dataset, state.sigma_table)
+  memory_path = path.with_suffix(".memory.npz")
+  if kind == certificates.MEMORY:  # entries saved for rows a kill kept from the TSV are dropped
+    memory = certificates.load_memory(memory_path, int(np.prod(dataset.image_shape)))
+    memory = certificates.Memory(*(a[np.isin(memory.ids, list(writer.done))] for a in memory))
+
   per_call = c.instances * jax.local_device_count()
   for start in tqdm(range(0, len(todo), per_call), desc=f"certify {path.name}",
                     unit_scale=per_call, disable=None):
     batch = dataset.test.take(np.asarray(todo[start: start + per_call]))
     began = time.perf_counter()
-    sigma = c.sigma
-    if c.sigma_mode == "instance":
-      sigma = search.search_sigma(apply_fn, batch["image"],
-                                  jax.random.fold_in(key, smoothing.PURPOSE_SEARCH),
-                                  **search_arguments(config), n=c.n, alpha=c.alpha,
-                                  batch_size=c.batch, num_classes=dataset.num_classes,
-                                  ids=batch["index"])
-    cert = smoothing.certify(apply_fn, batch["image"], sigma, key, n0=c.n0, n=c.n,
-                             alpha=c.alpha, batch_size=c.batch,
-                             num_classes=dataset.num_classes, ids=batch["index"])
+    if kind == certificates.LOCALLY_CONSTANT:
+      s = c.selector
+      cert = certificates.certify_locally_constant(
+          apply_fn, selector_fn, batch["image"], key, sigma_grid=s.grid, sigma_selector=s.sigma,
+          n0=c.n0, n=c.n, n_selector=s.n, alpha=c.alpha, batch_size=c.batch,
+          num_classes=dataset.num_classes, ids=batch["index"])
+      prediction, radius, sigma = cert.prediction, cert.radius, cert.sigma
+    else:
+      prediction, radius, sigma = _per_sigma(apply_fn, batch, config, key, dataset.num_classes)
+    if kind == certificates.MEMORY:
+      answers = []
+      for x, p, r, i in zip(batch["image"], prediction, radius, batch["index"]):
+        p, r, memory = certificates.answer_with_memory(memory, x, int(p), float(r), int(i))
+        answers.append((p, r))
+      prediction, radius = map(np.asarray, zip(*answers))
+      certificates.save_memory(memory_path, memory)
     seconds = (time.perf_counter() - began) / len(batch["index"])
     writer.write([{"idx": int(i), "label": int(y), "predict": int(p), "radius": float(r),
                    "correct": int(p == y), "time": seconds, "sigma": float(s)}
-                  for i, y, p, r, s in zip(batch["index"], batch["label"], cert.prediction,
-                                           cert.radius, cert.sigma)])
+                  for i, y, p, r, s in zip(batch["index"], batch["label"], prediction, radius,
+                                           sigma)])
   print(analyze.markdown_table([analyze.summarize(path)]))
   return path

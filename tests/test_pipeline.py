@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from instars_jax import certification, checkpoints, data, results, smoothing, training
+from instars_jax import (certificates, certification, checkpoints, data, results, smoothing,
+                         training)
 from test_data_models import write_npz
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,6 +133,45 @@ def test_instance_sigma_mode(toy_config, tmp_path):
   toy_config.certify.search.steps = 2
   with pytest.raises(ValueError, match="steps must be an integer >= 3"):
     certification.certify_test_set(toy_config, tmp_path / "run")
+
+
+def test_sound_instance_certificates_through_certify_py(toy_config, tmp_path, monkeypatch):
+  toy_config.train.epochs = 1
+  toy_config.certify.sigma_mode = "instance"
+  toy_config.certify.search.update(sigma_min=0.1, sigma_max=1.0, starts=2, steps=3,
+                                   samples_per_step=16)
+  toy_config.certify.certificate = "memory"
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  for workdir in (straight, resumed):
+    training.train_and_evaluate(toy_config, workdir)
+  path = certification.certify_test_set(toy_config, straight)
+  assert path.name == "instance_0.1-1_memory.tsv"
+  assert path.with_suffix(".memory.npz").exists()
+  with monkeypatch.context() as m:  # killed after the memory of batch 2 was saved
+    stop_after(results.ResultsWriter, "write", 2, m)
+    with pytest.raises(Killed):
+      certification.certify_test_set(toy_config, resumed)
+  certification.certify_test_set(toy_config, resumed)
+  assert rows_without_time(certification.output_path(toy_config, resumed)) == \
+      rows_without_time(path)
+  table = results.read_results(path)
+  assert certificates.intersecting_pairs(
+      data.load_dataset(toy_config.dataset).test.take(table["idx"])["image"], table["predict"],
+      table["radius"]) == 0
+  assert results.read_metadata(path)["certificate"] == "memory"
+
+  toy_config.certify.certificate = "locally_constant"
+  toy_config.certify.selector.update(grid=(0.12, 0.25, 0.5), sigma=0.25, n=64, epochs=1)
+  path = certification.certify_test_set(toy_config, straight)
+  assert path.name == "locally_constant_0.12-0.25-0.5.tsv"
+  table = results.read_results(path)
+  assert set(table["sigma"]) <= {np.float32(g) for g in (0.12, 0.25, 0.5)}
+  meta = results.read_metadata(path)
+  assert meta["certificate"] == "locally_constant" and meta["selector"]["n"] == 64
+  assert (straight / "selector" / "selector.json").exists()
+  toy_config.certify.certificate = "typo"
+  with pytest.raises(ValueError, match="certify.certificate must be one of"):
+    certification.certify_test_set(toy_config, straight)
 
 
 def test_training_refuses_a_workdir_with_another_config(toy_config, tmp_path):

@@ -1,0 +1,150 @@
+"""Instance-wise certificates: per_sigma is unsound for the input-dependent classifier;
+memory and locally_constant are not."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import instars_jax as ij
+from instars_jax import certificates
+
+DIM = 16
+
+
+class Island:
+  """Class 0 inside a ball of radius rho around c, class 1 outside: only a small σ sees it."""
+  rho = 1.0
+
+  def __init__(self):
+    self.c = np.zeros(DIM, np.float32)
+
+  def __call__(self, z):
+    inside = jnp.linalg.norm(z.reshape(z.shape[0], -1) - self.c, axis=1) < self.rho
+    score = jnp.where(inside, 1.0, -1.0)
+    return jnp.stack([score, -score], axis=-1)
+
+
+def sigma_rule(x):
+  """σ jumps across the hyperplane x_0 = 0: tiny on one side, large on the other."""
+  return np.where(x[:, 0] < 0, 0.1, 2.0).astype(np.float32)
+
+
+def half_space_selector(x):
+  """Selector base function: bin 1 (σ = 2) where x_0 >= 0, bin 0 (σ = 0.1) elsewhere."""
+  z = x.reshape(x.shape[0], -1)[:, 0]
+  return jnp.stack([-z, z], axis=-1) * 100.0
+
+
+@pytest.fixture(scope="module")
+def island_points():
+  rng = np.random.default_rng(0)
+  directions = rng.normal(size=(120, DIM))
+  directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+  return (directions * rng.uniform(0.05, 0.6, size=(120, 1))).astype(np.float32)
+
+
+def per_sigma_answers(points):
+  cert = ij.certify(Island(), points, sigma_rule(points), jax.random.PRNGKey(0), n0=64, n=2000,
+                    alpha=0.001, batch_size=8192, num_classes=2)
+  return cert.prediction, cert.radius
+
+
+def test_per_sigma_certifies_intersecting_balls_of_different_classes(island_points):
+  prediction, radius = per_sigma_answers(island_points)
+  assert set(prediction[island_points[:, 0] < 0]) == {0}  # the island, seen at σ = 0.1
+  assert set(prediction[island_points[:, 0] >= 0]) == {1}  # σ = 2 drowns it
+  clashes = certificates.intersecting_pairs(island_points, prediction, radius)
+  assert clashes > 1000  # of 7,140 pairs: the published certificate contradicts itself
+
+
+def test_memory_never_certifies_intersecting_balls(island_points):
+  prediction, radius = per_sigma_answers(island_points)
+  for order_seed in range(3):  # any fixed answering order
+    order = np.random.default_rng(order_seed).permutation(len(island_points))
+    memory = certificates.Memory.empty(DIM)
+    answers = []
+    for i in order:
+      p, r, memory = certificates.answer_with_memory(memory, island_points[i], int(prediction[i]),
+                                                     float(radius[i]), int(i))
+      answers.append((p, r))
+    p, r = map(np.asarray, zip(*answers))
+    assert certificates.intersecting_pairs(island_points[order], p, r) == 0
+    assert np.all(r <= radius[order] + 1e-6) or np.any(p != prediction[order])
+    assert np.sum(r > 0) > 20  # still certifies something
+
+
+def test_memory_rules_by_hand():
+  memory = certificates.Memory.empty(2)
+  p, r, memory = certificates.answer_with_memory(memory, [0.0, 0.0], 0, 1.0, 0)
+  assert (p, r) == (0, 1.0)
+  # A ball of another class meeting the stored one is cut back to touch it.
+  p, r, memory = certificates.answer_with_memory(memory, [3.0, 0.0], 1, 2.5, 1)
+  assert p == 1 and r == pytest.approx(2.0, rel=1e-5)
+  # A point inside a stored ball of another class takes that ball's answer.
+  p, r, memory = certificates.answer_with_memory(memory, [0.25, 0.0], 1, 0.9, 2)
+  assert p == 0 and r == pytest.approx(0.75, rel=1e-5)
+  # So does an abstention.
+  p, r, memory = certificates.answer_with_memory(memory, [3.5, 0.0], ij.ABSTAIN, 0.0, 3)
+  assert p == 1 and r == pytest.approx(1.5, rel=1e-5)
+  # Outside every ball, an abstention stays one and is not stored.
+  size = len(memory.ids)
+  p, r, memory = certificates.answer_with_memory(memory, [10.0, 10.0], ij.ABSTAIN, 0.0, 4)
+  assert (p, r, len(memory.ids)) == (ij.ABSTAIN, 0.0, size)
+
+
+def test_memory_round_trips(tmp_path):
+  memory = certificates.Memory.empty(3)
+  for i in range(4):
+    _, _, memory = certificates.answer_with_memory(memory, np.full(3, 10.0 * i), i % 2, 1.0, i)
+  certificates.save_memory(tmp_path / "m.npz", memory)
+  loaded = certificates.load_memory(tmp_path / "m.npz", 3)
+  for a, b in zip(memory, loaded):
+    np.testing.assert_array_equal(a, b)
+  assert len(certificates.load_memory(tmp_path / "none.npz", 3).ids) == 0
+
+
+def test_locally_constant_never_certifies_intersecting_balls(island_points):
+  cert = certificates.certify_locally_constant(
+      Island(), half_space_selector, island_points, jax.random.PRNGKey(0), sigma_grid=(0.1, 2.0),
+      sigma_selector=0.1, n0=64, n=2000, n_selector=2000, alpha=0.001, batch_size=8192,
+      num_classes=2)
+  assert certificates.intersecting_pairs(island_points, cert.prediction, cert.radius) == 0
+  certified = cert.prediction != ij.ABSTAIN
+  assert certified.sum() > 60
+  np.testing.assert_array_equal(cert.radius[certified],
+                                np.minimum(cert.selector_radius, cert.class_radius)[certified])
+  # The selector's radius never crosses the hyperplane where σ jumps.
+  assert np.all(cert.radius[certified] <= np.abs(island_points[certified, 0]) + 1e-6)
+
+
+def test_sound_modes_never_exceed_the_true_radius_of_G(linear):
+  # A linear base classifier is its own smoothed classifier at every σ, so G equals it
+  # whatever σ(x) is, and its exact robust radius is the distance to the hyperplane.
+  rng = np.random.default_rng(1)
+  distances = rng.uniform(-1.0, 1.0, size=1000)
+  x = linear.points_at_distance(distances, 8) + rng.normal(scale=0.3, size=(1000, 8)).astype(
+      np.float32) * (linear.w == 0)
+  truth = linear.distance(x)
+  sigma = np.where(x[:, 7] > 0, 0.25, 0.5).astype(np.float32)  # σ jumps with an unrelated feature
+  cert = ij.certify(linear, x, sigma, jax.random.PRNGKey(2), n0=64, n=1000, alpha=0.001,
+                    batch_size=65536, num_classes=2)
+  memory = certificates.Memory.empty(8)
+  for i in range(len(x)):
+    _, r, memory = certificates.answer_with_memory(memory, x[i], int(cert.prediction[i]),
+                                                   float(cert.radius[i]), i)
+    assert r <= truth[i] + 1e-6
+  selector = lambda z: jnp.stack([-z[:, 7], z[:, 7]], axis=-1) * 100.0
+  local = certificates.certify_locally_constant(
+      linear, selector, x, jax.random.PRNGKey(3), sigma_grid=(0.25, 0.5), sigma_selector=0.25,
+      n0=64, n=1000, n_selector=1000, alpha=0.001, batch_size=65536, num_classes=2)
+  assert np.all(local.radius <= truth + 1e-6)
+  assert np.mean(local.prediction != ij.ABSTAIN) > 0.5
+
+
+def test_bad_grid_is_rejected(linear):
+  with pytest.raises(ValueError, match="sigma_grid"):
+    certificates.certify_locally_constant(linear, linear, np.zeros((1, 8), np.float32),
+                                          jax.random.PRNGKey(0), sigma_grid=(0.5,),
+                                          sigma_selector=0.25, n0=8, n=8, n_selector=8,
+                                          alpha=0.01, batch_size=8, num_classes=2)
