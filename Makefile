@@ -29,7 +29,11 @@ demo: setup
 	@echo "plots: $(DEMO_DIR)/certified_accuracy.png $(DEMO_DIR)/chosen_sigma.png"
 
 bench: setup
-	cd bench && ../$(PY) certify_throughput.py
+	$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	cd bench && PYTHONPATH=.. ../$(PY) certify_throughput.py --models lenet,resnet20,resnet110
+	cd bench && PYTHONPATH=.. ../$(PY) train_throughput.py
+	cd bench && PYTHONPATH=.. ../$(PY) search_share.py
+	cd bench && PYTHONPATH=.. ../$(PY) cohen_loop.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -82,12 +82,16 @@ def plot_certified_accuracy(paths, out_path) -> None:
 
 def plot_sigma_histogram(paths, out_path) -> None:
   """Histogram of the `sigma` column of each file (the σ each instance was certified at)."""
-  fig, ax = new_figure()
-  for path in paths:
-    table = results.read_results(path)
+  tables = [results.read_results(path) for path in paths]
+  for path, table in zip(paths, tables):
     if "sigma" not in table:
       raise ValueError(f"{path} has no sigma column to plot")
-    ax.hist(table["sigma"], bins=30, alpha=0.6, label=Path(path).stem)
+  values = np.concatenate([t["sigma"] for t in tables])
+  low, high = float(values.min()), float(values.max())
+  bins = np.linspace(low * 0.95, high * 1.05 if high > low else low * 1.05, 41)
+  fig, ax = new_figure()
+  for path, table in zip(paths, tables):
+    ax.hist(table["sigma"], bins=bins, alpha=0.6, label=Path(path).stem)
   ax.set_xlabel("σ used for certification")
   ax.set_ylabel("instances")
   save_figure(fig, ax, out_path)

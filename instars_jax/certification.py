@@ -21,6 +21,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 import instars_jax
@@ -139,20 +140,32 @@ def _per_sigma(apply_fn, batch, config, key, num_classes):
   return cert.prediction, cert.radius, cert.sigma
 
 
-def certify_test_set(config, workdir) -> Path:
+def certify_test_set(config, workdir, host: int | None = None, hosts: int | None = None) -> Path:
   """Certifies the selected test images with the latest checkpoint in `workdir`, appending to
-  DIR/certify/<name>.tsv; prints the analysis table and returns the file's path."""
+  DIR/certify/<name>.tsv; prints the analysis table and returns the file's path.
+
+  With several hosts (jax.distributed), host k certifies every hosts-th selected image into
+  <name>.host<k>of<hosts>.tsv, and host 0 merges the parts into <name>.tsv at the end.
+  """
+  host = jax.process_index() if host is None else host
+  hosts = jax.process_count() if hosts is None else hosts
   validate_config(config)
+  if hosts > 1 and config.certify.sigma_mode == "instance" and \
+      config.certify.certificate == certificates.MEMORY:
+    raise ValueError("the memory certificate answers test points in one fixed order: run it "
+                     "on a single host")
   dataset = data.load_dataset(config.dataset, data_dir=config.data_dir,
                               cache_dir=config.cache_dir, num_classes=config.num_classes)
   state = checkpoints.load_train_state(workdir)
   path = output_path(config, workdir)
   metadata = run_metadata(config)
-  writer = _open_results(path, metadata)
+  part = path if hosts == 1 else path.with_name(f"{path.stem}.host{host}of{hosts}.tsv")
+  writer = _open_results(part, metadata)
 
   c = config.certify
   kind = metadata["certificate"]
-  todo = [i for i in selected_indices(len(dataset.test), c.skip, c.max) if i not in writer.done]
+  mine = selected_indices(len(dataset.test), c.skip, c.max)[host::hosts]
+  todo = [i for i in mine if i not in writer.done]
   apply_fn = training.logits_fn(state)
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), PURPOSE_CERTIFY)
   if kind == certificates.LOCALLY_CONSTANT:
@@ -188,5 +201,12 @@ def certify_test_set(config, workdir) -> Path:
                    "correct": int(p == y), "time": seconds, "sigma": float(s)}
                   for i, y, p, r, s in zip(batch["index"], batch["label"], prediction, radius,
                                            sigma)])
+  if hosts > 1:
+    multihost_utils.sync_global_devices(f"certified {path.name}")
+    if host != 0:
+      return path
+    parts = [path.with_name(f"{path.stem}.host{k}of{hosts}.tsv") for k in range(hosts)]
+    results.merge_results(parts, path)
+    results.write_metadata(path, metadata)
   print(analyze.markdown_table([analyze.summarize(path)]))
   return path

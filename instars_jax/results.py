@@ -100,3 +100,17 @@ def _format(value) -> str:
   if isinstance(value, (float, np.floating)):
     return f"{float(value):.6g}"
   return str(value)
+
+
+def merge_results(parts, out_path) -> None:
+  """Writes the rows of several results files (one per host) to one file, sorted by idx."""
+  tables = [Path(p).read_text().splitlines() for p in parts]
+  header = tables[0][0]
+  if any(t[0] != header for t in tables):
+    raise ValueError(f"cannot merge results files with different columns: {list(parts)}")
+  rows = sorted((line for t in tables for line in t[1:] if line),
+                key=lambda line: int(line.split("\t", 1)[0]))
+  out_path = Path(out_path)
+  tmp = out_path.with_name(out_path.name + ".tmp")
+  tmp.write_text("\n".join([header] + rows) + "\n")
+  os.replace(tmp, out_path)

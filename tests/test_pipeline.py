@@ -174,6 +174,20 @@ def test_sound_instance_certificates_through_certify_py(toy_config, tmp_path, mo
     certification.certify_test_set(toy_config, straight)
 
 
+def test_hosts_split_the_test_set_and_merge_one_tsv(toy_config, tmp_path):
+  toy_config.train.epochs = 1
+  training.train_and_evaluate(toy_config, tmp_path / "run")
+  single = certification.certify_test_set(toy_config, tmp_path / "run")
+  expected = rows_without_time(single)
+  toy_config.certify.name = "two_hosts"
+  for host in (1, 0):  # host 0 merges, after every host has written its part
+    merged = certification.certify_test_set(toy_config, tmp_path / "run", host=host, hosts=2)
+  parts = sorted(merged.parent.glob("two_hosts.host*of2.tsv"))
+  assert [len(results.read_results(p)["idx"]) for p in parts] == [6, 6]
+  assert rows_without_time(merged) == expected
+  assert results.read_metadata(merged)["certificate"] == "fixed_sigma"
+
+
 def test_training_refuses_a_workdir_with_another_config(toy_config, tmp_path):
   toy_config.train.epochs = 1
   training.train_and_evaluate(toy_config, tmp_path / "run")

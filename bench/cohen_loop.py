@@ -1,0 +1,134 @@
+"""Against what users would otherwise run: Cohen et al.'s PyTorch certification loop (one test
+image at a time, 400 noisy copies per forward pass, argmax counted on the host), on the same
+architecture, against instars_jax's sample_counts (many instances per forward pass). Both count
+`num` samples for each of `images` test images; the FLOPs per sample are the same.
+
+    pip install -r bench/requirements.txt
+    python bench/cohen_loop.py [--models lenet,resnet20] [--num 2000] [--images 8]
+"""
+
+import argparse
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from torch import nn
+
+import instars_jax as ij
+from instars_jax import models
+from certify_throughput import INPUTS
+from common import device_info, emit, median_seconds
+
+
+class TorchLeNet(nn.Module):
+  """models.LeNet in PyTorch."""
+
+  def __init__(self):
+    super().__init__()
+    self.features = nn.Sequential(nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2))
+    self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(),
+                              nn.Linear(128, 10))
+
+  def forward(self, x):
+    return self.head(self.features(x))
+
+
+class TorchBlock(nn.Module):
+  def __init__(self, cin, cout, stride):
+    super().__init__()
+    self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(cout)
+    self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(cout)
+    self.shortcut = nn.Sequential()
+    if stride != 1 or cin != cout:
+      self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+  def forward(self, x):
+    y = torch.relu(self.bn1(self.conv1(x)))
+    return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class TorchResNet20(nn.Module):
+  """models.cifar_resnet(20) in PyTorch (Cohen et al.'s cifar_resnet layout)."""
+
+  def __init__(self):
+    super().__init__()
+    layers, cin = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()], 16
+    for stage, width in enumerate((16, 32, 64)):
+      for i in range(3):
+        layers.append(TorchBlock(cin, width, 2 if stage > 0 and i == 0 else 1))
+        cin = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)]
+    self.net = nn.Sequential(*layers)
+
+  def forward(self, x):
+    return self.net(x)
+
+
+TORCH_MODELS = {"lenet": TorchLeNet, "resnet20": TorchResNet20}
+
+
+def cohen_counts(model, image, sigma, num, batch):
+  """Cohen et al.'s Smooth._sample_noise: one image, `batch` noisy copies per pass."""
+  counts = np.zeros(10, dtype=int)
+  with torch.no_grad():
+    remaining = num
+    while remaining > 0:
+      this_batch = min(batch, remaining)
+      remaining -= this_batch
+      copies = image.repeat((this_batch, 1, 1, 1))
+      noise = torch.randn_like(copies) * sigma
+      predictions = model(copies + noise).argmax(1)
+      counts += np.bincount(predictions.cpu().numpy(), minlength=10)
+  return counts
+
+
+def measure(name, num, images, batch, threads):
+  torch.set_num_threads(threads)
+  shape, num_classes, stats = INPUTS[name]
+  torch_model = TORCH_MODELS[name]().eval().to(memory_format=torch.channels_last)
+  chw = (shape[-1], *shape[:2]) if len(shape) == 3 else (1, *shape)
+  x = np.random.default_rng(0).uniform(size=(images,) + shape).astype(np.float32)
+  torch_images = torch.from_numpy(x.reshape(images, *shape[:2], -1)).permute(0, 3, 1, 2) \
+      .contiguous(memory_format=torch.channels_last)
+  assert torch_images.shape[1:] == chw
+  cohen_counts(torch_model, torch_images[:1], 0.25, batch, batch)  # warm-up
+  start = time.perf_counter()
+  for i in range(images):
+    cohen_counts(torch_model, torch_images[i: i + 1], 0.25, num, batch)
+  torch_s = time.perf_counter() - start
+
+  model = models.create_model(name, num_classes, "float32", stats)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape))
+  apply_fn = functools.partial(model.apply, variables, train=False)
+  jax_s = median_seconds(lambda: ij.sample_counts(apply_fn, x, 0.25, jax.random.PRNGKey(1),
+                                                  num=num, batch_size=batch,
+                                                  num_classes=num_classes), repeats=3)
+  samples = images * num
+  return {"model": name, "batch": batch, "samples": samples,
+          "cohen_torch_loop_images_per_s": round(samples / torch_s, 1),
+          "instars_jax_images_per_s": round(samples / jax_s, 1),
+          "speedup": round(torch_s / jax_s, 3)}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--models", default="lenet,resnet20")
+  parser.add_argument("--num", type=int, default=2000)
+  parser.add_argument("--images", type=int, default=8)
+  parser.add_argument("--batch", type=int, default=400)
+  parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+  args = parser.parse_args()
+  emit({"benchmark": "cohen_loop", **device_info(), "torch": torch.__version__,
+        "torch_threads": args.threads,
+        "results": [measure(m, args.num, args.images, args.batch, args.threads)
+                    for m in args.models.split(",")]})
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,38 @@
+"""Run in a subprocess with N fake CPU devices: trains one short Insta-RS run on toy data and
+certifies it, then prints parameters, σ table and TSV rows as JSON for comparison across N."""
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from configs import default  # noqa: E402
+from instars_jax import certification, results, training  # noqa: E402
+from test_data_models import write_npz  # noqa: E402
+
+
+def main(workdir: str):
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  config = default.get_config()
+  config.dataset = f"npz:{write_npz(workdir / 'toy.npz', n_train=64, n_test=16)}"
+  config.train.update(epochs=2, batch_size=32, learning_rate=0.05, insta=True, stage1_epochs=1)
+  config.train.table.update(samples=4, chunk=32, batch=64)
+  config.certify.update(n0=16, n=128, batch=64, instances=2, skip=2)
+  state = training.train_and_evaluate(config, workdir / "run")
+  path = certification.certify_test_set(config, workdir / "run")
+  table = results.read_results(path)
+  print(json.dumps({
+      "devices": jax.device_count(),
+      "params": [np.asarray(p, np.float64).ravel().tolist()
+                 for p in jax.tree_util.tree_leaves(state.params)],
+      "sigma_table": np.asarray(state.sigma_table).tolist(),
+      "rows": {k: v.tolist() for k, v in table.items() if k != "time"},
+  }))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])
