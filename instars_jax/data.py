@@ -86,14 +86,17 @@ def epoch_order(num_examples: int, seed: int, epoch: int, shuffle: bool) -> np.n
 
 def batches(split: Split, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = False,
             drop_remainder: bool = False, host_id: int = 0, host_count: int = 1,
-            start_batch: int = 0) -> Iterator[dict]:
-  """Global batches of `batch_size` examples, of which this host yields its contiguous slice."""
+            order=None) -> Iterator[dict]:
+  """Global batches of `batch_size` examples, of which this host yields its contiguous slice.
+
+  The examples come in `order` (split indices) when given, else in the epoch's order."""
   if batch_size % host_count:
     raise ValueError(f"batch size {batch_size} must divide by the host count {host_count}")
-  order = epoch_order(len(split), seed, epoch, shuffle)
+  if order is None:
+    order = epoch_order(len(split), seed, epoch, shuffle)
   stop = len(order) - len(order) % batch_size if drop_remainder else len(order)
   per_host = batch_size // host_count
-  for start in range(start_batch * batch_size, stop, batch_size):
+  for start in range(0, stop, batch_size):
     indices = order[start: min(start + batch_size, stop)]
     mine = indices[host_id * per_host: (host_id + 1) * per_host] if len(indices) == batch_size \
         else np.array_split(indices, host_count)[host_id]

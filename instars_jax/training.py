@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -150,9 +151,25 @@ def table_update_due(config, epoch: int) -> bool:
   return t.insta and epoch >= t.stage1_epochs and (epoch - t.stage1_epochs) % t.table.update_every == 0
 
 
+def table_update_indices(num_examples: int, fraction: float, update_number: int,
+                         seed: int) -> np.ndarray:
+  """The training examples one table update visits: all of them (fraction 1), or the
+  update_number-th slice of a fixed permutation, so that every example is visited once in
+  every ceil(1 / fraction) updates."""
+  if fraction >= 1.0:
+    return np.arange(num_examples)
+  size = math.ceil(fraction * num_examples)
+  permutation = np.random.default_rng([seed, PURPOSE_TABLE_UPDATE]).permutation(num_examples)
+  return np.take(permutation, np.arange(update_number * size, (update_number + 1) * size),
+                 mode="wrap")
+
+
 def update_sigma_table(state, split, sharder, config, epoch, num_classes) -> TrainState:
-  """One pass of `update_sigma_table_step` over the whole training split, in chunks."""
+  """One pass of `update_sigma_table_step` over the training split (or the `table.fraction`
+  of it due at this update), in chunks."""
   table = config.train.table
+  update_number = (epoch - config.train.stage1_epochs) // table.update_every
+  order = table_update_indices(len(split), table.fraction, update_number, config.seed)
   factors = search.radius_factors(table.samples, config.certify.n, config.certify.alpha,
                                   table.estimate_alpha)
   key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed),
@@ -160,7 +177,7 @@ def update_sigma_table(state, split, sharder, config, epoch, num_classes) -> Tra
   per_host = table.chunk // jax.process_count()
   chunk = smoothing.samples_per_pass(table.batch, table.chunk // jax.device_count(), table.samples)
   for batch in data.batches(split, table.chunk, host_id=jax.process_index(),
-                            host_count=jax.process_count()):
+                            host_count=jax.process_count(), order=order):
     real = len(batch["index"])
     if real < per_host:  # pad the last chunk by repeating its first example (same index and σ)
       batch = {k: np.concatenate([v, np.repeat(v[:1], per_host - real, axis=0)])
@@ -270,6 +287,7 @@ def validate_config(config, devices: int) -> None:
          f"train.table.chunk must be a positive multiple of the device count {devices}; "
          f"got {table.chunk}"),
         (table.batch >= 1, f"train.table.batch must be >= 1; got {table.batch}"),
+        (0 < table.fraction <= 1, f"train.table.fraction must lie in (0, 1]; got {table.fraction}"),
     ]
   for ok, message in checks:
     if not ok:

@@ -115,6 +115,18 @@ def test_cohen_training_keeps_the_table_constant(insta_config, tmp_path):
   assert [r["stage"] for r in read_metrics(tmp_path / "run")] == [1, 1, 1]
 
 
+def test_a_fractional_update_visits_a_rotating_slice(insta_config, tmp_path):
+  slices = [training.table_update_indices(96, 0.25, u, seed=0) for u in range(4)]
+  assert all(len(s) == 24 for s in slices)
+  np.testing.assert_array_equal(np.sort(np.concatenate(slices)), np.arange(96))
+  np.testing.assert_array_equal(training.table_update_indices(96, 1.0, 3, seed=0), np.arange(96))
+  insta_config.train.epochs = 2
+  insta_config.train.table.fraction = 0.25
+  state = training.train_and_evaluate(insta_config, tmp_path / "run")
+  moved = np.flatnonzero(np.asarray(state.sigma_table) != np.float32(0.25))
+  assert set(moved) <= set(slices[0]) and len(moved) > 0
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("stage1_epochs", 5, "train.stage1_epochs must lie in"),
     ("table.eta", 1.5, "train.table.eta"),
@@ -122,6 +134,7 @@ def test_cohen_training_keeps_the_table_constant(insta_config, tmp_path):
     ("table.sigma_min", 0.5, "sigma_min <= train.sigma <= train.table.sigma_max"),
     ("table.update_every", 0, "train.table.update_every"),
     ("table.chunk", 0, "train.table.chunk"),
+    ("table.fraction", 0.0, "train.table.fraction"),
 ])
 def test_bad_knobs_are_rejected(insta_config, tmp_path, key, value, message):
   section = insta_config.train
