@@ -34,6 +34,7 @@ bench: setup
 	cd bench && PYTHONPATH=.. ../$(PY) train_throughput.py
 	cd bench && PYTHONPATH=.. ../$(PY) search_share.py
 	cd bench && PYTHONPATH=.. ../$(PY) cohen_loop.py
+	cd bench && PYTHONPATH=.. ../$(PY) bf16_agreement.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

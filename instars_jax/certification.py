@@ -171,7 +171,7 @@ def certify_test_set(config, workdir, host: int | None = None, hosts: int | None
   if kind == certificates.LOCALLY_CONSTANT:
     selector_fn = selector.load_or_train(config, workdir, dataset, state.sigma_table)
   memory_path = path.with_suffix(".memory.npz")
-  if kind == certificates.MEMORY:  # entries saved for rows a kill kept from the TSV are dropped
+  if kind == certificates.MEMORY:  # drop entries whose rows a kill kept out of the TSV
     memory = certificates.load_memory(memory_path, int(np.prod(dataset.image_shape)))
     memory = certificates.Memory(*(a[np.isin(memory.ids, list(writer.done))] for a in memory))
 
@@ -181,10 +181,10 @@ def certify_test_set(config, workdir, host: int | None = None, hosts: int | None
     batch = dataset.test.take(np.asarray(todo[start: start + per_call]))
     began = time.perf_counter()
     if kind == certificates.LOCALLY_CONSTANT:
-      s = c.selector
       cert = certificates.certify_locally_constant(
-          apply_fn, selector_fn, batch["image"], key, sigma_grid=s.grid, sigma_selector=s.sigma,
-          n0=c.n0, n=c.n, n_selector=s.n, alpha=c.alpha, batch_size=c.batch,
+          apply_fn, selector_fn, batch["image"], key, sigma_grid=c.selector.grid,
+          sigma_selector=c.selector.sigma, n0=c.n0, n=c.n, n_selector=c.selector.n,
+          alpha=c.alpha, batch_size=c.batch,
           num_classes=dataset.num_classes, ids=batch["index"])
       prediction, radius, sigma = cert.prediction, cert.radius, cert.sigma
     else:
