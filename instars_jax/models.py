@@ -52,37 +52,41 @@ class LeNet(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
-class BasicBlock(nn.Module):
+def _residual(x, y, strides, norm, conv):
+  """relu(x + y), projecting x (1×1 convolution + norm) where its shape differs from y's.
+  Called inside a block's compact __call__, so the projection's layers belong to the block."""
+  if x.shape != y.shape:
+    x = norm()(conv(y.shape[-1], (1, 1), strides)(x))
+  return nn.relu(x + y)
+
+
+class _Block(nn.Module):
   features: int
   strides: int
   norm: Any
   dtype: Any
 
+  def conv(self, *args):
+    return nn.Conv(*args, use_bias=False, dtype=self.dtype)
+
+
+class BasicBlock(_Block):
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    conv = self.conv
     y = nn.relu(self.norm()(conv(self.features, (3, 3), self.strides)(x)))
     y = self.norm(scale_init=nn.initializers.zeros)(conv(self.features, (3, 3))(y))
-    if x.shape != y.shape:
-      x = self.norm()(conv(self.features, (1, 1), self.strides)(x))
-    return nn.relu(x + y)
+    return _residual(x, y, self.strides, self.norm, conv)
 
 
-class Bottleneck(nn.Module):
-  features: int
-  strides: int
-  norm: Any
-  dtype: Any
-
+class Bottleneck(_Block):
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    conv = self.conv
     y = nn.relu(self.norm()(conv(self.features, (1, 1))(x)))
     y = nn.relu(self.norm()(conv(self.features, (3, 3), self.strides)(y)))
     y = self.norm(scale_init=nn.initializers.zeros)(conv(4 * self.features, (1, 1))(y))
-    if x.shape != y.shape:
-      x = self.norm()(conv(4 * self.features, (1, 1), self.strides)(x))
-    return nn.relu(x + y)
+    return _residual(x, y, self.strides, self.norm, conv)
 
 
 class ResNet(nn.Module):

@@ -28,7 +28,7 @@ class LinearClassifier:
     x = np.asarray(x, np.float64).reshape(len(x), -1)
     return np.abs(x @ self.w + self.b) / np.linalg.norm(self.w)
 
-  def points_at_distance(self, distances, dim):
+  def points_at_distance(self, distances):
     """Points x with w·x + b = +distance·‖w‖ (so class 0, at that distance from the boundary)."""
     unit = self.w / np.linalg.norm(self.w)
     offset = -self.b / np.linalg.norm(self.w) * unit

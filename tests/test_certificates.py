@@ -123,7 +123,7 @@ def test_sound_modes_never_exceed_the_true_radius_of_G(linear):
   # whatever σ(x) is, and its exact robust radius is the distance to the hyperplane.
   rng = np.random.default_rng(1)
   distances = rng.uniform(-1.0, 1.0, size=1000)
-  x = linear.points_at_distance(distances, 8) + rng.normal(scale=0.3, size=(1000, 8)).astype(
+  x = linear.points_at_distance(distances) + rng.normal(scale=0.3, size=(1000, 8)).astype(
       np.float32) * (linear.w == 0)
   truth = linear.distance(x)
   sigma = np.where(x[:, 7] > 0, 0.25, 0.5).astype(np.float32)  # σ jumps with an unrelated feature

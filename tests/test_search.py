@@ -20,7 +20,7 @@ def certified_radius_at(p_a, sigma, n=100_000, alpha=0.001):
 
 def test_reaches_97_percent_of_the_best_radius_on_a_linear_classifier(linear):
   margins = np.repeat([0.1, 0.2, 0.4, 0.8, 1.5], 4)
-  x = linear.points_at_distance(margins, 8)
+  x = linear.points_at_distance(margins)
   sigma = ij.search_sigma(linear, x, jax.random.PRNGKey(0), **SEARCH)
   grid = np.geomspace(SEARCH["sigma_min"], SEARCH["sigma_max"], 4000)
   for m, s in zip(margins, sigma):
@@ -115,7 +115,7 @@ def test_budget_is_starts_times_steps_times_samples():
 
 def test_tiny_sigma_with_p_one_does_not_win_by_default(linear):
   # Far from the boundary p_A = 1 at every σ; the cap ~σ·Φ⁻¹(α^(1/n)) makes larger σ better.
-  x = linear.points_at_distance(np.array([100.0]), 8)
+  x = linear.points_at_distance(np.array([100.0]))
   sigma = ij.search_sigma(linear, x, jax.random.PRNGKey(0), **SEARCH)
   assert sigma[0] > 0.75 * SEARCH["sigma_max"]  # golden section stops short of the end point
 

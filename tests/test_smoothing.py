@@ -56,7 +56,7 @@ def test_counts_sum_to_num_and_are_deterministic():
 
 def test_counts_match_analytic_probability(linear):
   distances = np.array([0.05, 0.2, 0.5])
-  x = linear.points_at_distance(distances, 8)
+  x = linear.points_at_distance(distances)
   counts = np.asarray(ij.sample_counts(linear, x, 0.4, jax.random.PRNGKey(0), num=20_000,
                                        batch_size=4096, num_classes=2))
   p = stats.norm.cdf(distances / 0.4)
@@ -96,7 +96,7 @@ def test_typed_keys_work():
 def test_certify_radius_is_sound_and_tight(linear):
   sigma = 0.5
   distances = np.array([0.02, 0.1, 0.25, 0.5, 0.8, 1.0])
-  x = linear.points_at_distance(distances, 8)
+  x = linear.points_at_distance(distances)
   cert = ij.certify(linear, x, sigma, jax.random.PRNGKey(0), n0=100, n=100_000, alpha=0.001,
                     batch_size=20_000, num_classes=2)
   assert isinstance(cert, ij.Certificate)
@@ -118,7 +118,7 @@ def test_certify_radius_is_sound_and_tight(linear):
 
 def test_certify_handles_all_and_no_successes(linear):
   # Far on class 0's side: n_A = n, radius capped at σ·Φ⁻¹(α^(1/n)), no NaN.
-  x = linear.points_at_distance(np.array([50.0]), 8)
+  x = linear.points_at_distance(np.array([50.0]))
   cert = ij.certify(linear, x, 0.25, jax.random.PRNGKey(1), n0=10, n=1000, alpha=0.001,
                     batch_size=512, num_classes=2)
   assert cert.prediction[0] == 0
@@ -131,7 +131,7 @@ def test_certify_handles_all_and_no_successes(linear):
 
 
 def test_certify_abstains_on_the_boundary(linear):
-  x = linear.points_at_distance(np.array([0.0, 0.0005]), 8)
+  x = linear.points_at_distance(np.array([0.0, 0.0005]))
   cert = ij.certify(linear, x, 0.5, jax.random.PRNGKey(2), n0=100, n=10_000, alpha=0.001,
                     batch_size=4096, num_classes=2)
   np.testing.assert_array_equal(cert.prediction, ij.ABSTAIN)
@@ -140,18 +140,18 @@ def test_certify_abstains_on_the_boundary(linear):
 
 def test_certify_failure_rate_is_at_most_alpha(linear):
   # 400 points at distance 0.3 with α = 0.05: the radius exceeds the truth at most ~5% of the time.
-  x = linear.points_at_distance(np.full(400, 0.3), 8)
+  x = linear.points_at_distance(np.full(400, 0.3))
   cert = ij.certify(linear, x, 0.5, jax.random.PRNGKey(7), n0=50, n=500, alpha=0.05,
                     batch_size=8192, num_classes=2)
   assert np.mean(cert.radius > 0.3) <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / 400)
 
 
 def test_predict(linear):
-  x = linear.points_at_distance(np.array([0.0, 0.001, 0.5, 1.0]), 8)
+  x = linear.points_at_distance(np.array([0.0, 0.001, 0.5, 1.0]))
   prediction = ij.predict(linear, x, 0.5, jax.random.PRNGKey(0), n=1000, alpha=0.001,
                           batch_size=4000, num_classes=2)
   np.testing.assert_array_equal(prediction, [ij.ABSTAIN, ij.ABSTAIN, 0, 0])
-  flipped = ij.predict(linear, linear.points_at_distance(np.array([-0.5]), 8), 0.5,
+  flipped = ij.predict(linear, linear.points_at_distance(np.array([-0.5])), 0.5,
                        jax.random.PRNGKey(0), n=1000, alpha=0.001, batch_size=1000, num_classes=2)
   np.testing.assert_array_equal(flipped, [1])
 
