@@ -17,17 +17,13 @@ def local_data_mesh() -> Mesh:
   return Mesh(np.asarray(jax.local_devices()), (DATA_AXIS,))
 
 
-def pad_rows(array: np.ndarray, multiple: int, fill=None) -> np.ndarray:
-  """Pads axis 0 up to a multiple of `multiple`, repeating row 0 unless `fill` is given."""
+def pad_rows(array: np.ndarray, multiple: int) -> np.ndarray:
+  """Pads axis 0 up to a multiple of `multiple` by repeating row 0 (a valid input to drop later)."""
   array = np.asarray(array)
   missing = -len(array) % multiple
   if missing == 0:
     return array
-  if fill is None:
-    padding = np.repeat(array[:1], missing, axis=0)
-  else:
-    padding = np.full((missing,) + array.shape[1:], fill, array.dtype)
-  return np.concatenate([array, padding], axis=0)
+  return np.concatenate([array, np.repeat(array[:1], missing, axis=0)], axis=0)
 
 
 def shard_instances(fn, mesh: Mesh, num_sharded: int, num_replicated: int = 0):

@@ -178,10 +178,8 @@ def update_sigma_table(state, split, sharder, config, epoch, num_classes) -> Tra
   chunk = smoothing.samples_per_pass(table.batch, table.chunk // jax.device_count(), table.samples)
   for batch in data.batches(split, table.chunk, host_id=jax.process_index(),
                             host_count=jax.process_count(), order=order):
-    real = len(batch["index"])
-    if real < per_host:  # pad the last chunk by repeating its first example (same index and σ)
-      batch = {k: np.concatenate([v, np.repeat(v[:1], per_host - real, axis=0)])
-               for k, v in batch.items()}
+    # The last chunk is padded with copies of its first example: same index, same new σ.
+    batch = {k: parallel.pad_rows(v, per_host) for k, v in batch.items()}
     state = update_sigma_table_step(state, sharder.batch(batch), key, factors, table.eta,
                                     table.sigma_min, table.sigma_max, samples=table.samples,
                                     chunk=chunk, num_classes=num_classes)
