@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import numpy as np
@@ -38,6 +39,16 @@ def shard_instances(fn, mesh: Mesh, num_sharded: int, num_replicated: int = 0):
 
 
 def initialize_distributed() -> None:
-  """Joins JAX's multi-controller runtime (TPU pods, multi-node GPU); a no-op when already joined."""
-  if not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+  """Joins JAX's multi-controller runtime; a no-op when already joined.
+
+  On Cloud TPU, SLURM, Open MPI and Kubernetes JAX finds the coordinator and this process's
+  rank by itself; elsewhere set JAX_COORDINATOR_ADDRESS (host:port of process 0),
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID (and, on CPU hosts,
+  JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo).
+  """
+  if jax.distributed.is_initialized():
+    return
+  explicit = {arg: int(os.environ[name]) for arg, name in
+              (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
+              if name in os.environ}
+  jax.distributed.initialize(**explicit)

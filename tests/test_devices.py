@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,34 @@ def test_training_and_certification_agree_on_1_and_8_devices(tmp_path):
   assert one["rows"]["idx"] == eight["rows"]["idx"]
   assert one["rows"]["predict"] == eight["rows"]["predict"]
   np.testing.assert_allclose(one["rows"]["radius"], eight["rows"]["radius"], rtol=1e-4)
+
+
+def test_two_processes_joined_by_jax_distributed_match_one(tmp_path):
+  """A real multi-controller run: two processes on this machine (gloo collectives), each with
+  its own data shard, one orbax checkpoint directory and one merged certification TSV."""
+  from test_data_models import write_npz
+  one = run_on_devices(Path(__file__).parent / "train_probe.py", 1, tmp_path / "one")
+  (tmp_path / "two").mkdir()
+  write_npz(tmp_path / "two" / "toy.npz", n_train=64, n_test=16)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), JAX_NUM_PROCESSES="2",
+             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+  env.pop("XLA_FLAGS", None)
+  script = [sys.executable, str(Path(__file__).parent / "multihost_probe.py"), str(tmp_path / "two")]
+  processes = [subprocess.Popen(script, env=dict(env, JAX_PROCESS_ID=str(k)), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k in (0, 1)]
+  outputs = [p.communicate(timeout=300) for p in processes]
+  for p, (_, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-3000:]
+  two = json.loads(outputs[0][0].strip().splitlines()[-1])
+  assert two["devices"] == 2
+  for a, b in zip(one["params"], two["params"]):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(one["sigma_table"], two["sigma_table"], rtol=1e-6)
+  assert one["rows"]["idx"] == two["rows"]["idx"]
+  assert one["rows"]["predict"] == two["rows"]["predict"]
+  np.testing.assert_allclose(one["rows"]["radius"], two["rows"]["radius"], rtol=1e-4)
+  assert sorted(p.name for p in (tmp_path / "two" / "run" / "certify").glob("*.tsv")) == [
+      "sigma_0.25.host0of2.tsv", "sigma_0.25.host1of2.tsv", "sigma_0.25.tsv"]

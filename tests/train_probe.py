@@ -14,16 +14,21 @@ from instars_jax import certification, results, training  # noqa: E402
 from test_data_models import write_npz  # noqa: E402
 
 
-def main(workdir: str):
+def main(workdir: str, quiet: bool = False):
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   config = default.get_config()
-  config.dataset = f"npz:{write_npz(workdir / 'toy.npz', n_train=64, n_test=16)}"
+  npz = workdir / "toy.npz"  # written once, before any process of a multi-host run starts
+  if not npz.exists():
+    write_npz(npz, n_train=64, n_test=16)
+  config.dataset = f"npz:{npz}"
   config.train.update(epochs=2, batch_size=32, learning_rate=0.05, insta=True, stage1_epochs=1)
   config.train.table.update(samples=4, chunk=32, batch=64)
   config.certify.update(n0=16, n=128, batch=64, instances=2, skip=2)
   state = training.train_and_evaluate(config, workdir / "run")
   path = certification.certify_test_set(config, workdir / "run")
+  if quiet:
+    return
   table = results.read_results(path)
   print(json.dumps({
       "devices": jax.device_count(),
