@@ -6,20 +6,11 @@ from configs import default
 
 
 def get_config():
-  config = default.get_config()
+  config = default.cohen_recipe(default.get_config())
   config.dataset = "cifar10"
   config.model.name = "resnet110"
-  config.train.epochs = 90
   config.train.batch_size = 400
-  config.train.learning_rate = 0.1
-  config.train.schedule = "step"
-  config.train.lr_decay_epochs = (30, 60)
-  config.train.weight_decay = 1e-4
   config.train.augment = "crop_flip"
   config.train.eval_examples = 2000
-  config.certify.n0 = 100
-  config.certify.n = 100_000
-  config.certify.alpha = 0.001
   config.certify.skip = 20
-  config.certify.batch = 400
   return config

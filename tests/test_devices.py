@@ -33,18 +33,23 @@ def test_results_identical_across_device_counts(script):
     assert outputs[n] == reference, f"results on {n} devices differ from 1 device"
 
 
+def assert_same_run(one: dict, other: dict) -> None:
+  """Parameters equal to float tolerance; σ table and certification rows identical."""
+  for a, b in zip(one["params"], other["params"]):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(one["sigma_table"], other["sigma_table"], rtol=1e-6)
+  assert one["rows"]["idx"] == other["rows"]["idx"]
+  assert one["rows"]["predict"] == other["rows"]["predict"]
+  np.testing.assert_allclose(one["rows"]["radius"], other["rows"]["radius"], rtol=1e-4)
+
+
 def test_training_and_certification_agree_on_1_and_8_devices(tmp_path):
   """Data-parallel training (gradients averaged over the global batch) gives the parameters
   of one device to float tolerance; the σ table and the certification rows are identical."""
   one = run_on_devices(Path(__file__).parent / "train_probe.py", 1, tmp_path / "one")
   eight = run_on_devices(Path(__file__).parent / "train_probe.py", 8, tmp_path / "eight")
   assert (one["devices"], eight["devices"]) == (1, 8)
-  for a, b in zip(one["params"], eight["params"]):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(one["sigma_table"], eight["sigma_table"], rtol=1e-6)
-  assert one["rows"]["idx"] == eight["rows"]["idx"]
-  assert one["rows"]["predict"] == eight["rows"]["predict"]
-  np.testing.assert_allclose(one["rows"]["radius"], eight["rows"]["radius"], rtol=1e-4)
+  assert_same_run(one, eight)
 
 
 def test_two_processes_joined_by_jax_distributed_match_one(tmp_path):
@@ -68,11 +73,6 @@ def test_two_processes_joined_by_jax_distributed_match_one(tmp_path):
     assert p.returncode == 0, err[-3000:]
   two = json.loads(outputs[0][0].strip().splitlines()[-1])
   assert two["devices"] == 2
-  for a, b in zip(one["params"], two["params"]):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(one["sigma_table"], two["sigma_table"], rtol=1e-6)
-  assert one["rows"]["idx"] == two["rows"]["idx"]
-  assert one["rows"]["predict"] == two["rows"]["predict"]
-  np.testing.assert_allclose(one["rows"]["radius"], two["rows"]["radius"], rtol=1e-4)
+  assert_same_run(one, two)
   assert sorted(p.name for p in (tmp_path / "two" / "run" / "certify").glob("*.tsv")) == [
       "sigma_0.25.host0of2.tsv", "sigma_0.25.host1of2.tsv", "sigma_0.25.tsv"]
