@@ -16,8 +16,7 @@ import numpy as np
 
 import instars_jax as ij
 from instars_jax import data, models
-from certify_throughput import INPUTS
-from common import device_info, emit, median_seconds
+from common import INPUTS, device_info, emit, median_seconds
 
 
 def main():

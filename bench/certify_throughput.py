@@ -5,25 +5,17 @@ pass of the same model at the same batch size. Prints JSON.
 """
 
 import argparse
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import instars_jax as ij
-from instars_jax import models
-from common import device_info, emit, median_seconds
-
-INPUTS = {"lenet": ((28, 28), 10, "fashion_mnist"), "resnet20": ((32, 32, 3), 10, "cifar10"),
-          "resnet110": ((32, 32, 3), 10, "cifar10"), "resnet50": ((224, 224, 3), 1000, "imagenet")}
+from common import device_info, emit, initialised_model, median_seconds
 
 
 def measure(name: str, batch: int, num: int, instances: int, dtype: str) -> dict:
-  shape, num_classes, stats = INPUTS[name]
-  model = models.create_model(name, num_classes, dtype, stats)
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape))
-  apply_fn = functools.partial(model.apply, variables, train=False)
+  apply_fn, shape, num_classes = initialised_model(name, dtype)
 
   forward = jax.jit(lambda x: jnp.argmax(apply_fn(x), -1))
   images = jax.random.uniform(jax.random.PRNGKey(1), (batch,) + shape)

@@ -8,19 +8,15 @@ architecture, against instars_jax's sample_counts (many instances per forward pa
 """
 
 import argparse
-import functools
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 from torch import nn
 
 import instars_jax as ij
-from instars_jax import models
-from certify_throughput import INPUTS
-from common import device_info, emit, median_seconds
+from common import INPUTS, device_info, emit, initialised_model, median_seconds
 
 
 class TorchLeNet(nn.Module):
@@ -90,7 +86,7 @@ def cohen_counts(model, image, sigma, num, batch):
 
 def measure(name, num, images, batch, threads):
   torch.set_num_threads(threads)
-  shape, num_classes, stats = INPUTS[name]
+  shape, num_classes, _ = INPUTS[name]
   torch_model = TORCH_MODELS[name]().eval().to(memory_format=torch.channels_last)
   chw = (shape[-1], *shape[:2]) if len(shape) == 3 else (1, *shape)
   x = np.random.default_rng(0).uniform(size=(images,) + shape).astype(np.float32)
@@ -103,9 +99,7 @@ def measure(name, num, images, batch, threads):
     cohen_counts(torch_model, torch_images[i: i + 1], 0.25, num, batch)
   torch_s = time.perf_counter() - start
 
-  model = models.create_model(name, num_classes, "float32", stats)
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape))
-  apply_fn = functools.partial(model.apply, variables, train=False)
+  apply_fn, _, _ = initialised_model(name)
   jax_s = median_seconds(lambda: ij.sample_counts(apply_fn, x, 0.25, jax.random.PRNGKey(1),
                                                   num=num, batch_size=batch,
                                                   num_classes=num_classes), repeats=3)

@@ -4,16 +4,13 @@
 """
 
 import argparse
-import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import instars_jax as ij
-from instars_jax import models, search
-from certify_throughput import INPUTS
-from common import device_info, emit, median_seconds
+from instars_jax import search
+from common import device_info, emit, initialised_model, median_seconds
 
 
 def main():
@@ -27,10 +24,7 @@ def main():
   parser.add_argument("--steps", type=int, default=4)
   args = parser.parse_args()
 
-  shape, num_classes, stats = INPUTS[args.model]
-  model = models.create_model(args.model, num_classes, "float32", stats)
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape))
-  apply_fn = functools.partial(model.apply, variables, train=False)
+  apply_fn, shape, num_classes = initialised_model(args.model)
   x = np.random.default_rng(0).uniform(size=(args.instances,) + shape).astype(np.float32)
   common = dict(batch_size=args.batch, num_classes=num_classes)
   search_s = median_seconds(lambda: ij.search_sigma(

@@ -7,14 +7,12 @@ backward pass of the same model and batch. Prints JSON.
 import argparse
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from configs import default
 from instars_jax import training
-from certify_throughput import INPUTS
-from common import device_info, emit, median_seconds
+from common import INPUTS, device_info, emit, median_seconds
 
 
 def measure(name: str, batch_size: int) -> dict:
