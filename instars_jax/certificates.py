@@ -105,20 +105,43 @@ def answer_with_memory(memory: Memory, x, prediction: int, radius: float, idx: i
   return prediction, radius, memory
 
 
-def save_memory(path, memory: Memory) -> None:
-  """Writes the memory atomically (it is what a resumed or extended run continues from)."""
-  path = Path(path)
-  tmp = path.with_name(path.name + ".tmp.npz")
-  np.savez(tmp, **memory._asdict())
-  os.replace(tmp, path)
+def append_memory(directory, memory: Memory, start: int) -> None:
+  """Saves the entries memory[start:] as the next part of the memory in `directory`.
+
+  Each batch adds one part, written atomically, so a run's I/O grows with what it answers,
+  not with what it has answered before."""
+  if start >= len(memory.ids):
+    return
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  part = directory / f"part_{len(list(directory.glob('part_*.npz'))):08d}.npz"
+  tmp = directory / f".{part.name}.tmp.npz"
+  np.savez(tmp, **{k: v[start:] for k, v in memory._asdict().items()})
+  os.replace(tmp, part)
 
 
-def load_memory(path, dim: int) -> Memory:
-  path = Path(path)
-  if not path.exists():
+def load_memory(directory, dim: int, keep_ids=None) -> Memory:
+  """The memory saved in `directory`, its parts in order (empty when there is none).
+
+  With keep_ids, entries of other test points are dropped (a kill can save a batch's memory
+  before its rows reach the results file), and the parts are rewritten as one."""
+  directory = Path(directory)
+  parts = sorted(directory.glob("part_*.npz")) if directory.is_dir() else []
+  if not parts:
     return Memory.empty(dim)
-  with np.load(path) as f:
-    return Memory(**{k: f[k] for k in Memory._fields})
+  loaded = []
+  for part in parts:
+    with np.load(part) as f:
+      loaded.append(Memory(**{k: f[k] for k in Memory._fields}))
+  memory = Memory(*(np.concatenate(column) for column in zip(*loaded)))
+  if keep_ids is not None:
+    keep = np.isin(memory.ids, np.fromiter(keep_ids, np.int64))
+    if not keep.all():
+      memory = Memory(*(column[keep] for column in memory))
+      for part in parts:
+        part.unlink()
+      append_memory(directory, memory, 0)
+  return memory
 
 
 def intersecting_pairs(points, predictions, radii) -> int:

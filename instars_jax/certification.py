@@ -5,7 +5,8 @@
   per_sigma         σ per image from `search.search_sigma` (its own key), then CERTIFY at that σ
                     with fresh samples: Insta-RS as published, not a certificate of G.
   memory            the per_sigma answers passed through `certificates.answer_with_memory` in
-                    idx order; the memory is saved beside the TSV (<name>.memory.npz).
+                    idx order; the memory is saved beside the TSV (<name>.memory/, one part
+                    per batch).
   locally_constant  σ from the grid bin a smoothed, certified selector picks
                     (`certificates.certify_locally_constant`; `selector.py` trains it).
 
@@ -170,10 +171,10 @@ def certify_test_set(config, workdir, host: int | None = None, hosts: int | None
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), PURPOSE_CERTIFY)
   if kind == certificates.LOCALLY_CONSTANT:
     selector_fn = selector.load_or_train(config, workdir, dataset, state.sigma_table)
-  memory_path = path.with_suffix(".memory.npz")
-  if kind == certificates.MEMORY:  # drop entries whose rows a kill kept out of the TSV
-    memory = certificates.load_memory(memory_path, int(np.prod(dataset.image_shape)))
-    memory = certificates.Memory(*(a[np.isin(memory.ids, list(writer.done))] for a in memory))
+  memory_dir = path.with_suffix(".memory")
+  if kind == certificates.MEMORY:
+    memory = certificates.load_memory(memory_dir, int(np.prod(dataset.image_shape)),
+                                      keep_ids=writer.done)
 
   per_call = c.instances * jax.local_device_count()
   for start in tqdm(range(0, len(todo), per_call), desc=f"certify {path.name}",
@@ -190,12 +191,12 @@ def certify_test_set(config, workdir, host: int | None = None, hosts: int | None
     else:
       prediction, radius, sigma = _per_sigma(apply_fn, batch, config, key, dataset.num_classes)
     if kind == certificates.MEMORY:
-      answers = []
+      answers, stored = [], len(memory.ids)
       for x, p, r, i in zip(batch["image"], prediction, radius, batch["index"]):
         p, r, memory = certificates.answer_with_memory(memory, x, int(p), float(r), int(i))
         answers.append((p, r))
       prediction, radius = map(np.asarray, zip(*answers))
-      certificates.save_memory(memory_path, memory)
+      certificates.append_memory(memory_dir, memory, stored)
     seconds = (time.perf_counter() - began) / len(batch["index"])
     writer.write([{"idx": int(i), "label": int(y), "predict": int(p), "radius": float(r),
                    "correct": int(p == y), "time": seconds, "sigma": float(s)}

@@ -93,15 +93,21 @@ def test_memory_rules_by_hand():
   assert (p, r, len(memory.ids)) == (ij.ABSTAIN, 0.0, size)
 
 
-def test_memory_round_trips(tmp_path):
-  memory = certificates.Memory.empty(3)
+def test_memory_round_trips_in_appended_parts(tmp_path):
+  memory, directory = certificates.Memory.empty(3), tmp_path / "m.memory"
   for i in range(4):
+    stored = len(memory.ids)
     _, _, memory = certificates.answer_with_memory(memory, np.full(3, 10.0 * i), i % 2, 1.0, i)
-  certificates.save_memory(tmp_path / "m.npz", memory)
-  loaded = certificates.load_memory(tmp_path / "m.npz", 3)
-  for a, b in zip(memory, loaded):
+    certificates.append_memory(directory, memory, stored)
+  assert len(list(directory.glob("part_*.npz"))) == 4  # one part per append, none rewritten
+  for a, b in zip(memory, certificates.load_memory(directory, 3)):
     np.testing.assert_array_equal(a, b)
-  assert len(certificates.load_memory(tmp_path / "none.npz", 3).ids) == 0
+  # Resuming keeps only the points whose rows were written, consolidated into one part.
+  kept = certificates.load_memory(directory, 3, keep_ids={0, 2})
+  np.testing.assert_array_equal(kept.ids, [0, 2])
+  assert len(list(directory.glob("part_*.npz"))) == 1
+  np.testing.assert_array_equal(certificates.load_memory(directory, 3).ids, [0, 2])
+  assert len(certificates.load_memory(tmp_path / "none.memory", 3).ids) == 0
 
 
 def test_locally_constant_never_certifies_intersecting_balls(island_points):
