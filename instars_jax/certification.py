@@ -155,9 +155,9 @@ def certify_test_set(config, workdir, host: int | None = None, hosts: int | None
       config.certify.certificate == certificates.MEMORY:
     raise ValueError("the memory certificate answers test points in one fixed order: run it "
                      "on a single host")
+  state = checkpoints.load_train_state(workdir)  # before the data: a wrong workdir fails fast
   dataset = data.load_dataset(config.dataset, data_dir=config.data_dir,
                               cache_dir=config.cache_dir, num_classes=config.num_classes)
-  state = checkpoints.load_train_state(workdir)
   path = output_path(config, workdir)
   metadata = run_metadata(config)
   part = path if hosts == 1 else path.with_name(f"{path.stem}.host{host}of{hosts}.tsv")

@@ -25,8 +25,8 @@ from scipy import stats
 from instars_jax import parallel, smoothing
 
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0  # 0.618...
-_FLOOR = -10.0
-ESTIMATE_ALPHA = 0.01  # caution in the search's own estimate of p_A; see radius_factors  # Φ⁻¹ of a zero lower bound, kept finite so comparisons stay defined
+_FLOOR = -10.0  # Φ⁻¹ of a zero lower bound, kept finite so comparisons stay defined
+ESTIMATE_ALPHA = 0.01  # caution in the search's own estimate of p_A; see radius_factors
 
 
 def radius_factors(samples: int, n: int, alpha: float, estimate_alpha: float) -> np.ndarray:
@@ -63,9 +63,15 @@ def _golden_offset(lo, hi):
   return jnp.round(GOLDEN * (hi - lo)).astype(jnp.int32)
 
 
-def golden_section(evaluate, size, batch, steps):
+def golden_section(evaluate, size, batch, steps, edge_low=False, edge_high=False):
   """Maximizes evaluate(i) over lattice points i in [0, size) (per instance) with `steps`
   evaluations; returns the best index evaluated and its value.
+
+  Golden section only ever evaluates interior points, so a maximum at an end of the range
+  (R(σ) still growing at σ_max) would be missed by a fraction of the bracket. Where
+  `edge_low` / `edge_high` say that index 0 / size − 1 is an end of the whole search range,
+  the last step evaluates that end instead of a golden point whenever the bracket still
+  reaches it on the side of the better point: the same number of evaluations.
 
   Positions are integers, so the search takes the same path whatever the batch shape or
   device count (transcendental functions may round differently in vectorized code)."""
@@ -73,12 +79,16 @@ def golden_section(evaluate, size, batch, steps):
   x1, x2 = hi - _golden_offset(lo, hi), lo + _golden_offset(lo, hi)
   f1, f2 = evaluate(x1), evaluate(x2)
   best_x, best_f = jnp.where(f2 > f1, x2, x1), jnp.maximum(f1, f2)
+  last = steps - 3
 
-  def step(_, carry):
+  def step(i, carry):
     lo, hi, x1, x2, f1, f2, best_x, best_f = carry
     left = f1 >= f2  # the maximum lies in [lo, x2]; otherwise in [x1, hi]
     lo, hi = jnp.where(left, lo, x1), jnp.where(left, x2, hi)
     new_x = jnp.where(left, hi - _golden_offset(lo, hi), lo + _golden_offset(lo, hi))
+    to_low = (i == last) & edge_low & left & (lo == 0)
+    to_high = (i == last) & edge_high & ~left & (hi == size - 1)
+    new_x = jnp.where(to_low, 0, jnp.where(to_high, size - 1, new_x))
     new_f = evaluate(new_x)
     x1, f1, x2, f2 = (jnp.where(left, new_x, x2), jnp.where(left, new_f, f2),
                       jnp.where(left, x1, new_x), jnp.where(left, f1, new_f))
@@ -116,7 +126,8 @@ def _local_search(x, ids, key, factors, lattices, *, apply_fn, samples, chunk, n
     evaluator = lambda stream: lambda i: objective(
         x, lattice[i], ids, jax.random.fold_in(key, stream), factors, apply_fn=apply_fn,
         samples=samples, chunk=chunk, num_classes=num_classes)
-    index, _ = golden_section(evaluator(2 * k), lattice.shape[0], b, steps - 1)
+    index, _ = golden_section(evaluator(2 * k), lattice.shape[0], b, steps - 1,
+                              edge_low=k == 0, edge_high=k == len(lattices) - 1)
     radius = evaluator(2 * k + 1)(index)  # fresh samples: no winner's curse across starts
     better = radius > best[1]
     return (jnp.where(better, lattice[index], best[0]), jnp.where(better, radius, best[1])), None
@@ -154,7 +165,8 @@ def search_sigma(apply_fn, x, key, *, sigma_min: float, sigma_max: float, starts
 
   Multi-start search: `starts` brackets in log σ, centred geometrically over the range and
   overlapping their neighbours. In each, a golden-section ascent of R(σ) with steps − 1
-  evaluations on one set of noise, then one evaluation of its end point on fresh noise; the
+  evaluations on one set of noise (the lowest and highest starts spend their last step on
+  σ_min / σ_max when the ascent heads there), then one evaluation of its end point on fresh noise; the
   start whose end point scores best on that fresh evaluation wins. Every evaluation uses
   `samples_per_step` samples, so the search draws starts × steps × samples_per_step per
   instance (default samples_per_step: the whole search uses ≤ 10% of n).

@@ -36,9 +36,10 @@ class Shells:
   c. Golden section over the whole range first compares σ ≈ 0.15 (class 0) with σ ≈ 0.53
   (a coin flip) and so settles in the lower basin.
   """
-  a, b, c, dim = 0.2, 1.0, 1.4, 256
+  dim = 256
 
-  def __init__(self):
+  def __init__(self, a=0.2, b=1.0, c=1.4):
+    self.a, self.b, self.c = a, b, c
     self.x0 = np.full((self.dim,), 0.5, np.float32)
     self.u = np.random.default_rng(0).normal(size=self.dim).astype(np.float32)
 
@@ -117,7 +118,29 @@ def test_tiny_sigma_with_p_one_does_not_win_by_default(linear):
   # Far from the boundary p_A = 1 at every σ; the cap ~σ·Φ⁻¹(α^(1/n)) makes larger σ better.
   x = linear.points_at_distance(np.array([100.0]))
   sigma = ij.search_sigma(linear, x, jax.random.PRNGKey(0), **SEARCH)
-  assert sigma[0] > 0.75 * SEARCH["sigma_max"]  # golden section stops short of the end point
+  assert sigma[0] == SEARCH["sigma_max"]  # the top start's last step evaluates the end
+
+
+def test_search_reaches_the_ends_of_its_range():
+  # Class 1 on a shell that only middle σ reach: R(σ) grows up to σ_max = 1.0 (best there).
+  # Plain golden section with 4 starts x 4 steps stopped at σ = 0.767, 77% of the best R.
+  shells = Shells(a=0.0, b=0.5, c=1.3)
+  budget = dict(SEARCH, sigma_min=0.1, sigma_max=1.0, steps=4)
+  grid = np.geomspace(0.1, 1.0, 2000)
+  radius = certified_radius_at(shells.p_top(grid), grid)
+  assert np.argmax(radius) == len(grid) - 1
+  sigma = ij.search_sigma(shells, np.tile(shells.x0, (4, 1)), jax.random.PRNGKey(2), **budget)
+  np.testing.assert_array_equal(sigma, np.float32(1.0))
+  # ... and the bottom end, where R(σ) falls from σ_min: a linear classifier whose points lie
+  # closer to the boundary than any σ in the range likes.
+  margin = 0.03
+  best = certified_radius_at(stats.norm.cdf(margin / grid), grid).max()
+  sigma = ij.search_sigma(LINEAR_NEAR, LINEAR_NEAR.points_at_distance(np.full(8, margin)),
+                          jax.random.PRNGKey(3), **budget)
+  # R is flat here (0.1 and 0.175 differ by 3%), so the fresh re-scoring of the starts picks
+  # either; the end itself must be reached, and nothing chosen may fall far below it.
+  assert np.sum(sigma == np.float32(0.1)) >= len(sigma) // 2, sigma
+  assert np.all(certified_radius_at(stats.norm.cdf(margin / sigma), sigma) >= 0.95 * best), sigma
 
 
 @pytest.mark.parametrize("change, message", [
@@ -141,3 +164,13 @@ def test_bad_parameters_are_rejected(linear, change, message, monkeypatch):
   assert not compiled
   with pytest.raises(ValueError, match="x contains NaN"):
     ij.search_sigma(linear, np.full((2, 8), np.nan, np.float32), jax.random.PRNGKey(0), **SEARCH)
+
+
+def _near_boundary_linear():
+  from conftest import LinearClassifier
+  w = np.zeros(8, np.float32)
+  w[0] = 1.0
+  return LinearClassifier(w, 0.0)
+
+
+LINEAR_NEAR = _near_boundary_linear()
