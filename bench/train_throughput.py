@@ -20,7 +20,7 @@ def measure(name: str, batch_size: int) -> dict:
   config = default.get_config()
   config.model.name = name
   config.train.batch_size = batch_size
-  state = training.create_train_state(config, shape, num_classes, stats, 10 * batch_size, 10)
+  state = model_state.create_train_state(config, shape, num_classes, stats, 10 * batch_size, 10)
   rng = np.random.default_rng(0)
   batch = {"image": rng.uniform(size=(batch_size,) + shape).astype(np.float32),
            "label": rng.integers(0, num_classes, batch_size).astype(np.int32),

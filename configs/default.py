@@ -30,23 +30,31 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.sigma = 0.25  # Gaussian augmentation noise level
   config.train.augment = "none"  # none | crop_flip
   config.train.eval_examples = 0  # test examples evaluated after each epoch; 0: all
-  # Insta-RS Train: stage 1 is Gaussian augmentation at train.sigma; in stage 2 every
-  # training example has its own σ in the train state's table, updated between epochs.
+  # Insta-RS Train: stage 1 is Gaussian augmentation; in stage 2 every training example
+  # trains at its own σ, the grid σ where the table's radius profile of it is best
+  # (instars_jax/sigma_table.py), re-estimated between epochs.
   config.train.insta = False
   config.train.stage1_epochs = 0  # E1: the first stage-2 epoch
+  config.train.stage1_noise = "sigma"  # sigma: train.sigma | grid: a grid σ per example and step
   config.train.table = ml_collections.ConfigDict()
-  config.train.table.eta = 0.1  # candidates σ(1 - eta), σ, σ(1 + eta)
-  config.train.table.samples = 4  # m: noisy samples per candidate (common random numbers)
-  config.train.table.sigma_min = 0.05
-  config.train.table.sigma_max = 1.0
+  config.train.table.grid = (0.25, 0.5, 1.0)  # the σ an example can train at (and the estimator's)
+  config.train.table.samples = 4  # m: noise vectors per example, shared by every grid σ
   config.train.table.update_every = 1  # epochs between updates in stage 2
   # Share of the training split one update visits (a rotating slice; 1: all of it). An update
-  # costs 3 x samples forward passes per visited example: on a 2-core CPU the whole split is
-  # ~1.5 epochs of training and fraction 0.12 is ~20% of one.
+  # costs K x samples forward passes per visited example.
   config.train.table.fraction = 1.0
-  config.train.table.estimate_alpha = 0.5  # 0.5: the median estimate of p_A from m samples
   config.train.table.chunk = 256  # training examples per update step (all devices)
-  config.train.table.batch = 256  # noisy images per forward pass on one device
+
+  # The σ-estimator of the sound instance-wise certificate (instars_jax/estimator.py), trained
+  # after the base model in the same train.py run; 0 epochs: none.
+  config.estimator = ml_collections.ConfigDict()
+  config.estimator.epochs = 0
+  config.estimator.model = ""  # architecture; "": model.name
+  config.estimator.sigma = 0.0  # its smoothing noise σ_e; 0: the top of train.table.grid
+  config.estimator.label_samples = 16  # noise vectors per example for its labels' radius profile
+  config.estimator.temperature = 0.1  # soft labels softmax(R_k / temperature)
+  config.estimator.consistency = 10.0  # λ of the consistency regularizer (Jeong & Shin 2020)
+  config.estimator.learning_rate = 0.05
 
   config.certify = ml_collections.ConfigDict()
   config.certify.sigma = 0.25
@@ -60,15 +68,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.certify.name = ""  # output DIR/certify/<name>.tsv; default sigma_<sigma> / instance_<range>
   config.certify.sigma_mode = "fixed"  # fixed: certify.sigma for all | instance: Insta-RS search
 
-  # With sigma_mode = instance: per_sigma (Insta-RS as published, not a certificate of the
-  # input-dependent classifier) | memory | locally_constant (both sound); see certificates.py.
-  config.certify.certificate = "per_sigma"
-
-  config.certify.selector = ml_collections.ConfigDict()  # for locally_constant
-  config.certify.selector.grid = (0.12, 0.25, 0.5, 1.0)  # the σ the selector chooses among
-  config.certify.selector.sigma = 0.25  # the selector's own smoothing noise
-  config.certify.selector.n = 1_000  # selector CERTIFY samples (at alpha / 2)
-  config.certify.selector.epochs = 2  # training of the selector on the sigma table's bins
+  # With sigma_mode = instance: locally_constant (sound: σ from the smoothed σ-estimator;
+  # needs estimator.epochs > 0 at training) | memory (sound for one fixed query order) |
+  # per_sigma (Insta-RS as published: NOT a certificate of the input-dependent classifier).
+  config.certify.certificate = "locally_constant"
+  config.certify.estimator = ml_collections.ConfigDict()  # for locally_constant
+  config.certify.estimator.n = 0  # estimator CERTIFY samples; 0: certify.n
+  # certify.alpha is the failure probability of the whole certificate: the estimator's test
+  # gets beta = beta_share * alpha, the class's alpha - beta (union bound).
+  config.certify.estimator.beta_share = 0.5
 
   config.certify.search = ml_collections.ConfigDict()  # the per-instance σ search
   config.certify.search.sigma_min = 0.05

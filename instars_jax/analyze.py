@@ -20,6 +20,11 @@ from instars_jax import results
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 UNLABELLED = "unlabelled (no metadata sidecar)"
+UNSOUND_KINDS = ("per_sigma",)  # certify g_sigma at a chosen sigma, not the deployed classifier
+
+
+def shown_kind(kind: str) -> str:
+  return f"{kind} (UNSOUND)" if kind in UNSOUND_KINDS else kind
 
 
 def certified_accuracy(radius, correct, radii) -> np.ndarray:
@@ -58,21 +63,43 @@ def markdown_table(summaries, radii=DEFAULT_RADII) -> str:
   for s in summaries:
     cells = [s["file"], str(s["n"])]
     cells += [f"{s['certified_accuracy'][radius_key(r)]:.3f}" for r in radii]
-    cells += [f"{s['acr']:.3f}", s["certificate"]]
+    cells += [f"{s['acr']:.3f}", shown_kind(s["certificate"])]
     lines.append("| " + " | ".join(cells) + " |")
   meanings = {s["certificate"]: s["certificate_meaning"] for s in summaries
               if s["certificate_meaning"]}
-  lines += [f"\n{kind}: {meaning}" for kind, meaning in meanings.items()]
+  lines += [f"\n{shown_kind(kind)}: {meaning}" for kind, meaning in meanings.items()]
   return "\n".join(lines)
 
 
+def legend_label(path) -> str:
+  """A plot legend for a results file: its certificate kind and σ, from the sidecar;
+  unsound kinds say so."""
+  metadata = results.read_metadata(path)
+  kind = metadata.get("certificate")
+  if kind is None:
+    return f"{Path(path).stem} (unlabelled)"
+  if "sigma" in metadata:
+    sigma = f"σ = {metadata['sigma']:g}"
+  elif "estimator" in metadata:
+    grid = metadata["estimator"].get("grid", [])
+    sigma = f"σ ∈ {{{', '.join(f'{g:g}' for g in grid)}}} by estimator"
+  elif "search" in metadata:
+    sigma = f"σ searched in [{metadata['search']['sigma_min']:g}, {metadata['search']['sigma_max']:g}]"
+  else:
+    sigma = ""
+  label = f"{kind}, {sigma}" if sigma else kind
+  return f"{label} (UNSOUND)" if kind in UNSOUND_KINDS else label
+
+
 def plot_certified_accuracy(paths, out_path) -> None:
-  """Certified accuracy against radius, one curve per file."""
+  """Certified accuracy against radius, one curve per file, labelled by certificate and σ."""
   fig, ax = new_figure()
   for path in paths:
     table = results.read_results(path)
     grid = np.linspace(0.0, max(float(np.max(table["radius"], initial=0.0)), 1e-3) * 1.05, 200)
-    ax.plot(grid, certified_accuracy(table["radius"], table["correct"], grid), label=Path(path).stem)
+    unsound = results.read_metadata(path).get("certificate") in UNSOUND_KINDS
+    ax.plot(grid, certified_accuracy(table["radius"], table["correct"], grid),
+            label=legend_label(path), linestyle=":" if unsound else "-")
   ax.set_xlabel("L2 radius")
   ax.set_ylabel("certified accuracy")
   ax.set_ylim(0, 1)
@@ -91,7 +118,7 @@ def plot_sigma_histogram(paths, out_path) -> None:
   bins = np.linspace(low * 0.95, high * 1.05 if high > low else low * 1.05, 41)
   fig, ax = new_figure()
   for path, table in zip(paths, tables):
-    ax.hist(table["sigma"], bins=bins, alpha=0.6, label=Path(path).stem)
+    ax.hist(table["sigma"], bins=bins, alpha=0.6, label=legend_label(path))
   ax.set_xlabel("σ used for certification")
   ax.set_ylabel("instances")
   save_figure(fig, ax, out_path)

@@ -1,34 +1,40 @@
-"""What a reported radius means when σ may depend on the input, and two sound ways to report one.
+"""What a reported radius means when σ may depend on the input, and one function per kind of
+certificate behind one interface.
 
 With σ chosen per input, the deployed classifier is G(x) = g_{σ(x)}(x). A radius certified for
 g_{σ(x)} around x (`per_sigma`) says nothing about G at x' near x, since σ(x') may differ
 (Súkeník, Kuvshinov & Günnemann, ICML 2022). Every results file names one of these kinds:
 
   fixed_sigma       Cohen et al.'s CERTIFY with one σ for every input (sound).
-  per_sigma         Insta-RS as published: g_σ at the chosen σ (not a certificate of G).
+  locally_constant  σ from a grid chosen by a smoothed, certified σ-estimator; the radius is
+                    where both the estimator and the class are certified (Dual Randomized
+                    Smoothing, Sun, Mao & Vechev, ICLR 2026). Sound; the default.
   memory            per_sigma radii made consistent by a memory of answered balls
-                    (Alfarra et al., "Data Dependent Randomized Smoothing", UAI 2022).
-  locally_constant  σ from a grid through a smoothed, certified selector; the radius is where
-                    both the selector and the class are certified (in the spirit of Dual
-                    Randomized Smoothing, Sun, Mao & Vechev).
+                    (Alfarra et al., "Data Dependent Randomized Smoothing", UAI 2022). Sound
+                    only for the classifier that answers the queries in this order.
+  per_sigma         Insta-RS as published: g_σ at the searched σ. NOT a certificate of G.
+
+Every kind is a function `(context, x, ids) -> Certified` in `CERTIFIERS`; `Context` carries
+the model, the key and the settings each kind reads.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
 
-from instars_jax import smoothing
+from instars_jax import search, smoothing
 
 FIXED_SIGMA = "fixed_sigma"
 PER_SIGMA = "per_sigma"
 MEMORY = "memory"
 LOCALLY_CONSTANT = "locally_constant"
-INSTANCE_KINDS = (PER_SIGMA, MEMORY, LOCALLY_CONSTANT)
+INSTANCE_KINDS = (LOCALLY_CONSTANT, MEMORY, PER_SIGMA)
 
 MEANING = {
     FIXED_SIGMA: "sound: Cohen et al. CERTIFY of the smoothed classifier g_sigma, one sigma for "
@@ -39,17 +45,92 @@ MEANING = {
     MEMORY: "sound for the memory-based classifier that answers the test points in this file's "
             "order and keeps its memory (Alfarra et al., UAI 2022): certified balls of different "
             "classes never intersect",
-    LOCALLY_CONSTANT: "sound for G(x) = g_sigma_s(x)(x) with a smoothed, certified sigma "
-                      "selector s: radius = min(selector radius, class radius), alpha split "
-                      "between the two tests",
+    LOCALLY_CONSTANT: "sound for G(x) = g_sigma_e(x)(x) with a smoothed, certified sigma "
+                      "estimator e (Dual Randomized Smoothing): radius = min(estimator radius, "
+                      "class radius); failure probability alpha = beta (estimator) + the "
+                      "class test's alpha",
 }
 
 # Radii derived from distances are shrunk by one part in a million, so that floating-point
 # rounding can never turn two touching balls into overlapping ones.
 _ROUNDING_MARGIN = 1e-6
 
-PURPOSE_SELECTOR = 30
+PURPOSE_ESTIMATOR = 30
 PURPOSE_CLASS = 31
+
+
+class Certified(NamedTuple):
+  """One kind's answer for a batch: prediction (ABSTAIN = -1), radius (0 on abstention), the
+  σ the class was certified at, and the kind."""
+  prediction: np.ndarray
+  radius: np.ndarray
+  sigma: np.ndarray
+  kind: str
+
+
+@dataclasses.dataclass
+class Context:
+  """What the certificate kinds read. `search` (per_sigma, memory) holds search.search_sigma's
+  parameters; `estimator_fn`, `grid`, `estimator_sigma`, `n_estimator` and `beta`
+  (locally_constant) the σ-estimator; `memory` and `memory_dir` the memory's state."""
+  apply_fn: Callable
+  num_classes: int
+  key: jax.Array
+  n0: int
+  n: int
+  alpha: float
+  batch_size: int
+  sigma: float = 0.0
+  search: dict | None = None
+  estimator_fn: Callable | None = None
+  grid: tuple = ()
+  estimator_sigma: float = 0.0
+  n_estimator: int = 0
+  beta: float = 0.0
+  memory: "Memory | None" = None
+  memory_dir: Path | None = None
+
+
+def fixed_sigma(ctx: Context, x, ids) -> Certified:
+  """Cohen et al.'s CERTIFY at ctx.sigma for every input."""
+  cert = smoothing.certify(ctx.apply_fn, x, ctx.sigma, ctx.key, n0=ctx.n0, n=ctx.n,
+                           alpha=ctx.alpha, batch_size=ctx.batch_size,
+                           num_classes=ctx.num_classes, ids=ids)
+  return Certified(cert.prediction, cert.radius, cert.sigma, FIXED_SIGMA)
+
+
+def per_sigma(ctx: Context, x, ids) -> Certified:
+  """σ per input by the multi-start search (its own key), then CERTIFY at that σ with fresh
+  samples. Certifies g_σ at that σ, not the input-dependent classifier."""
+  sigma = search.search_sigma(ctx.apply_fn, x, jax.random.fold_in(ctx.key, smoothing.PURPOSE_SEARCH),
+                              **ctx.search, n=ctx.n, alpha=ctx.alpha, batch_size=ctx.batch_size,
+                              num_classes=ctx.num_classes, ids=ids)
+  cert = smoothing.certify(ctx.apply_fn, x, sigma, ctx.key, n0=ctx.n0, n=ctx.n, alpha=ctx.alpha,
+                           batch_size=ctx.batch_size, num_classes=ctx.num_classes, ids=ids)
+  return Certified(cert.prediction, cert.radius, cert.sigma, PER_SIGMA)
+
+
+def memory(ctx: Context, x, ids) -> Certified:
+  """The per_sigma answers passed through `answer_with_memory` in the order given; the new
+  entries are appended to ctx.memory_dir."""
+  answer = per_sigma(ctx, x, ids)
+  stored, answers = len(ctx.memory.ids), []
+  for point, p, r, i in zip(np.asarray(x), answer.prediction, answer.radius, ids):
+    p, r, ctx.memory = answer_with_memory(ctx.memory, point, int(p), float(r), int(i))
+    answers.append((p, r))
+  append_memory(ctx.memory_dir, ctx.memory, stored)
+  prediction, radius = (np.asarray(column) for column in zip(*answers))
+  return Certified(prediction.astype(np.int32), radius.astype(np.float32), answer.sigma, MEMORY)
+
+
+def locally_constant(ctx: Context, x, ids) -> Certified:
+  """`certify_locally_constant` with the context's estimator."""
+  cert = certify_locally_constant(
+      ctx.apply_fn, ctx.estimator_fn, x, ctx.key, sigma_grid=ctx.grid,
+      sigma_estimator=ctx.estimator_sigma, n0=ctx.n0, n=ctx.n, n_estimator=ctx.n_estimator,
+      alpha=ctx.alpha, beta=ctx.beta, batch_size=ctx.batch_size, num_classes=ctx.num_classes,
+      ids=ids)
+  return Certified(cert.prediction, cert.radius, cert.sigma, LOCALLY_CONSTANT)
 
 
 # ---------------------------------------------------------------------------
@@ -161,41 +242,50 @@ def intersecting_pairs(points, predictions, radii) -> int:
 
 class LocallyConstantCertificate(NamedTuple):
   prediction: np.ndarray  # int32[B], ABSTAIN where either test fails
-  radius: np.ndarray  # float32[B]: min(selector radius, class radius)
-  sigma: np.ndarray  # float32[B]: the grid σ the selector certified
-  selector_radius: np.ndarray
+  radius: np.ndarray  # float32[B]: min(estimator radius, class radius)
+  sigma: np.ndarray  # float32[B]: the grid σ the estimator certified
+  estimator_radius: np.ndarray
   class_radius: np.ndarray
 
 
-def certify_locally_constant(apply_fn, selector_fn, x, key, *, sigma_grid, sigma_selector,
-                             n0, n, n_selector, alpha, batch_size, num_classes,
+def certify_locally_constant(apply_fn, estimator_fn, x, key, *, sigma_grid, sigma_estimator,
+                             n0, n, n_estimator, alpha, beta, batch_size, num_classes,
                              ids=None) -> LocallyConstantCertificate:
-  """A sound certificate for the input-dependent classifier G(x) = g_{σ_{s̄(x)}}(x).
+  """A sound certificate for the input-dependent classifier G(x) = g_{σ_{ē(x)}}(x).
 
-  `selector_fn` maps inputs to logits over the K bins of `sigma_grid`; s̄ is its smoothed
-  version at `sigma_selector` (argmax of bin probabilities under that noise).
+  `estimator_fn` maps inputs to logits over the K bins of `sigma_grid`; ē is its smoothed
+  version at `sigma_estimator` (argmax of bin probabilities under that noise).
 
-  Proof sketch. CERTIFY of the selector at level α/2 returns a bin k and R_sel such that, with
-  probability ≥ 1 − α/2, s̄(x') = k for all ‖x' − x‖ < R_sel. CERTIFY of the base classifier at
-  σ_k, level α/2, returns c and R_cls such that, with probability ≥ 1 − α/2, g_{σ_k}(x') = c
-  for all ‖x' − x‖ < R_cls. By the union bound both hold with probability ≥ 1 − α, and then for
-  every ‖x' − x‖ < min(R_sel, R_cls): G(x') = g_{σ_{s̄(x')}}(x') = g_{σ_k}(x') = c. If either
-  test abstains, so does G's certificate. The two tests use independent noise.
+  Guarantee (Sun, Mao & Vechev, ICLR 2026, Theorem: min of the two radii, failure α + β).
+  `alpha` is the failure probability of the whole certificate; the estimator's test runs at
+  β = `beta` and the class's at α − β. CERTIFY of the estimator returns a bin k and R_e such
+  that, with probability ≥ 1 − β, ē(x') = k for all ‖x' − x‖ < R_e. CERTIFY of the base
+  classifier at σ_k returns c and R_c such that, with probability ≥ 1 − (α − β),
+  g_{σ_k}(x') = c for all ‖x' − x‖ < R_c. By the union bound both hold with probability
+  ≥ 1 − α, and then for every ‖x' − x‖ < min(R_e, R_c): G(x') = g_{σ_{ē(x')}}(x') =
+  g_{σ_k}(x') = c. If either test abstains, so does G's certificate. The tests use
+  independent noise.
   """
   sigma_grid = np.asarray(sigma_grid, np.float32)
   if sigma_grid.ndim != 1 or len(sigma_grid) < 2 or np.any(sigma_grid <= 0):
     raise ValueError(f"sigma_grid must list at least two positive σ; got {sigma_grid}")
-  selector = smoothing.certify(selector_fn, x, sigma_selector,
-                               jax.random.fold_in(key, PURPOSE_SELECTOR), n0=n0, n=n_selector,
-                               alpha=alpha / 2, batch_size=batch_size,
-                               num_classes=len(sigma_grid), ids=ids)
-  selected = selector.prediction != smoothing.ABSTAIN
-  sigma = sigma_grid[np.where(selected, selector.prediction, 0)]
+  if not 0 < beta < alpha:
+    raise ValueError(f"beta must lie in (0, alpha={alpha}); got {beta}")
+  estimate = smoothing.certify(estimator_fn, x, sigma_estimator,
+                               jax.random.fold_in(key, PURPOSE_ESTIMATOR), n0=n0, n=n_estimator,
+                               alpha=beta, batch_size=batch_size, num_classes=len(sigma_grid),
+                               ids=ids)
+  selected = estimate.prediction != smoothing.ABSTAIN
+  sigma = sigma_grid[np.where(selected, estimate.prediction, 0)]
   cls = smoothing.certify(apply_fn, x, sigma, jax.random.fold_in(key, PURPOSE_CLASS), n0=n0,
-                          n=n, alpha=alpha / 2, batch_size=batch_size, num_classes=num_classes,
-                          ids=ids)
+                          n=n, alpha=alpha - beta, batch_size=batch_size,
+                          num_classes=num_classes, ids=ids)
   certified = selected & (cls.prediction != smoothing.ABSTAIN)
-  radius = np.where(certified, np.minimum(selector.radius, cls.radius), 0.0)
+  radius = np.where(certified, np.minimum(estimate.radius, cls.radius), 0.0)
   prediction = np.where(certified, cls.prediction, smoothing.ABSTAIN).astype(np.int32)
   return LocallyConstantCertificate(prediction, radius.astype(np.float32), sigma,
-                                    selector.radius, cls.radius)
+                                    estimate.radius, cls.radius)
+
+
+CERTIFIERS = {FIXED_SIGMA: fixed_sigma, LOCALLY_CONSTANT: locally_constant, MEMORY: memory,
+              PER_SIGMA: per_sigma}

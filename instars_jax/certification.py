@@ -1,14 +1,10 @@
-"""The certification run: latest checkpoint → test split → (σ search) → CERTIFY → TSV.
+"""The certification run: latest checkpoint → test split → certificate → TSV.
 
 `certify.sigma_mode = "fixed"` certifies every image at `certify.sigma` (fixed_sigma). With
-`"instance"`, `certify.certificate` decides what is reported:
-  per_sigma         σ per image from `search.search_sigma` (its own key), then CERTIFY at that σ
-                    with fresh samples: Insta-RS as published, not a certificate of G.
-  memory            the per_sigma answers passed through `certificates.answer_with_memory` in
-                    idx order; the memory is saved beside the TSV (<name>.memory/, one part
-                    per batch).
-  locally_constant  σ from the grid bin a smoothed, certified selector picks
-                    (`certificates.certify_locally_constant`; `selector.py` trains it).
+`"instance"`, `certify.certificate` names the kind (see certificates.py): locally_constant
+(the default, sound: the run's σ-estimator picks a grid σ), memory, or per_sigma (Insta-RS
+as published, not a certificate of the input-dependent classifier). Each kind is one
+function of `certificates.CERTIFIERS`, called with the same context for every batch.
 
 Rows are appended and synced after every batch of instances; a rerun with the same settings
 resumes after what is written. The noise of test image i depends only on (seed, i), so a
@@ -26,8 +22,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 import instars_jax
-from instars_jax import (analyze, certificates, checkpoints, data, results, search, selector,
-                         smoothing, training)
+from instars_jax import (analyze, certificates, data, estimator, model_state, results, search)
 
 PURPOSE_CERTIFY = 20
 SIGMA_MODES = ("fixed", "instance")
@@ -57,13 +52,10 @@ def validate_config(config) -> None:
                        f"got {c.certificate!r}")
     search.validate_search(**search_arguments(config), n=c.n, alpha=c.alpha, batch_size=c.batch)
   if c.sigma_mode == "instance" and c.certificate == certificates.LOCALLY_CONSTANT:
-    grid = np.asarray(c.selector.grid, np.float64)
-    if grid.ndim != 1 or len(grid) < 2 or np.any(grid <= 0) or np.any(np.diff(grid) <= 0):
-      raise ValueError(f"certify.selector.grid must be at least two increasing σ > 0; "
-                       f"got {tuple(c.selector.grid)}")
-    if not c.selector.sigma > 0 or c.selector.n < 1 or c.selector.epochs < 1:
-      raise ValueError("certify.selector.sigma must be > 0 and certify.selector.n and .epochs "
-                       f">= 1; got {c.selector.sigma}, {c.selector.n}, {c.selector.epochs}")
+    if c.estimator.n < 0 or not 0 < c.estimator.beta_share < 1:
+      raise ValueError("certify.estimator.n must be >= 0 (0: certify.n) and "
+                       "certify.estimator.beta_share must lie in (0, 1); got "
+                       f"{c.estimator.n}, {c.estimator.beta_share}")
 
 
 def search_arguments(config) -> dict:
@@ -80,33 +72,45 @@ def selected_indices(num_test: int, skip: int, maximum: int) -> np.ndarray:
   return np.arange(0, stop, skip)
 
 
-def output_path(config, workdir) -> Path:
+def kind_of(config) -> str:
   c = config.certify
-  if c.sigma_mode == "fixed":
+  return certificates.FIXED_SIGMA if c.sigma_mode == "fixed" else c.certificate
+
+
+def output_path(config, workdir) -> Path:
+  c, kind = config.certify, kind_of(config)
+  if kind == certificates.FIXED_SIGMA:
     default = f"sigma_{c.sigma:g}"
-  elif c.certificate == certificates.LOCALLY_CONSTANT:
-    default = f"locally_constant_{'-'.join(f'{g:g}' for g in c.selector.grid)}"
+  elif kind == certificates.LOCALLY_CONSTANT:
+    default = "locally_constant"
   else:
-    suffix = "" if c.certificate == certificates.PER_SIGMA else f"_{c.certificate}"
+    suffix = "" if kind == certificates.PER_SIGMA else f"_{kind}"
     default = f"instance_{c.search.sigma_min:g}-{c.search.sigma_max:g}{suffix}"
   return Path(workdir) / "certify" / f"{c.name or default}.tsv"
 
 
-def run_metadata(config) -> dict:
-  """What the numbers in a results file depend on; a resumed run must match it exactly."""
+def alpha_split(config) -> tuple[float, float]:
+  """(class test's α, estimator's β) of the locally_constant certificate; they sum to
+  certify.alpha."""
   c = config.certify
-  kind = certificates.FIXED_SIGMA if c.sigma_mode == "fixed" else c.certificate
+  beta = c.alpha * c.estimator.beta_share
+  return c.alpha - beta, beta
+
+
+def run_metadata(config, estimator_settings=None) -> dict:
+  """What the numbers in a results file depend on; a resumed run must match it exactly."""
+  c, kind = config.certify, kind_of(config)
   metadata = {"certificate": kind, "certificate_meaning": certificates.MEANING[kind],
-              "sigma_mode": c.sigma_mode, "n0": c.n0, "n": c.n, "alpha": c.alpha,
-              "skip": c.skip, "max": c.max, "seed": config.seed, "dataset": config.dataset,
-              "package_version": instars_jax.__version__}
-  if c.sigma_mode == "fixed":
+              "sound": kind != certificates.PER_SIGMA, "sigma_mode": c.sigma_mode, "n0": c.n0,
+              "n": c.n, "alpha": c.alpha, "skip": c.skip, "max": c.max, "seed": config.seed,
+              "dataset": config.dataset, "package_version": instars_jax.__version__}
+  if kind == certificates.FIXED_SIGMA:
     metadata["sigma"] = c.sigma
   elif kind == certificates.LOCALLY_CONSTANT:
-    metadata["selector"] = {"grid": list(c.selector.grid), "sigma": c.selector.sigma,
-                            "n": c.selector.n, "epochs": c.selector.epochs,
-                            "labels": "nearest grid bin of the Insta-RS Train sigma table",
-                            "alpha_split": "alpha/2 selector, alpha/2 class"}
+    alpha_class, beta = alpha_split(config)
+    metadata["estimator"] = dict(estimator_settings or {}, n=c.estimator.n or c.n)
+    metadata["alpha_split"] = {"alpha_class": alpha_class, "beta_estimator": beta,
+                               "total": c.alpha}
   else:
     metadata["search"] = search_arguments(config)
     budget = search.search_budget(c.search.starts, c.search.steps,
@@ -127,18 +131,25 @@ def _open_results(path: Path, metadata: dict) -> results.ResultsWriter:
   return writer
 
 
-def _per_sigma(apply_fn, batch, config, key, num_classes):
-  """(prediction, radius, σ) of CERTIFY at certify.sigma or at the searched σ (per_sigma)."""
-  c = config.certify
-  sigma = c.sigma
-  if c.sigma_mode == "instance":
-    sigma = search.search_sigma(apply_fn, batch["image"],
-                                jax.random.fold_in(key, smoothing.PURPOSE_SEARCH),
-                                **search_arguments(config), n=c.n, alpha=c.alpha,
-                                batch_size=c.batch, num_classes=num_classes, ids=batch["index"])
-  cert = smoothing.certify(apply_fn, batch["image"], sigma, key, n0=c.n0, n=c.n, alpha=c.alpha,
-                           batch_size=c.batch, num_classes=num_classes, ids=batch["index"])
-  return cert.prediction, cert.radius, cert.sigma
+def certifier_context(config, state, num_classes, image_size, path, done, loaded_estimator=None):
+  """The `certificates.Context` of this run's kind: model, key and the kind's settings
+  (`loaded_estimator`: estimator.load's answer, for locally_constant)."""
+  c, kind = config.certify, kind_of(config)
+  ctx = certificates.Context(
+      apply_fn=model_state.logits_fn(state), num_classes=num_classes,
+      key=jax.random.fold_in(jax.random.PRNGKey(config.seed), PURPOSE_CERTIFY),
+      n0=c.n0, n=c.n, alpha=c.alpha, batch_size=c.batch, sigma=c.sigma)
+  if kind in (certificates.PER_SIGMA, certificates.MEMORY):
+    ctx.search = search_arguments(config)
+  if kind == certificates.MEMORY:
+    ctx.memory_dir = path.with_suffix(".memory")
+    ctx.memory = certificates.load_memory(ctx.memory_dir, image_size, keep_ids=done)
+  if kind == certificates.LOCALLY_CONSTANT:
+    ctx.estimator_fn, saved = loaded_estimator
+    ctx.beta = alpha_split(config)[1]
+    ctx.grid, ctx.estimator_sigma = tuple(saved["grid"]), saved["sigma"]
+    ctx.n_estimator = c.estimator.n or c.n
+  return ctx
 
 
 def certify_test_set(config, workdir, host: int | None = None, hosts: int | None = None) -> Path:
@@ -151,57 +162,36 @@ def certify_test_set(config, workdir, host: int | None = None, hosts: int | None
   host = jax.process_index() if host is None else host
   hosts = jax.process_count() if hosts is None else hosts
   validate_config(config)
-  if hosts > 1 and config.certify.sigma_mode == "instance" and \
-      config.certify.certificate == certificates.MEMORY:
+  kind = kind_of(config)
+  if hosts > 1 and kind == certificates.MEMORY:
     raise ValueError("the memory certificate answers test points in one fixed order: run it "
                      "on a single host")
-  state = checkpoints.load_train_state(workdir)  # before the data: a wrong workdir fails fast
+  state = model_state.load_train_state(workdir)  # before the data: a wrong workdir fails fast
+  loaded = estimator.load(workdir) if kind == certificates.LOCALLY_CONSTANT else None
   dataset = data.load_dataset(config.dataset, data_dir=config.data_dir,
                               cache_dir=config.cache_dir, num_classes=config.num_classes)
   path = output_path(config, workdir)
-  metadata = run_metadata(config)
+  metadata = run_metadata(config, loaded and loaded[1])
   part = path if hosts == 1 else path.with_name(f"{path.stem}.host{host}of{hosts}.tsv")
   writer = _open_results(part, metadata)
 
   c = config.certify
-  kind = metadata["certificate"]
   mine = selected_indices(len(dataset.test), c.skip, c.max)[host::hosts]
   todo = [i for i in mine if i not in writer.done]
-  apply_fn = training.logits_fn(state)
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), PURPOSE_CERTIFY)
-  if kind == certificates.LOCALLY_CONSTANT:
-    selector_fn = selector.load_or_train(config, workdir, dataset, state.sigma_table)
-  memory_dir = path.with_suffix(".memory")
-  if kind == certificates.MEMORY:
-    memory = certificates.load_memory(memory_dir, int(np.prod(dataset.image_shape)),
-                                      keep_ids=writer.done)
-
+  ctx = certifier_context(config, state, dataset.num_classes, int(np.prod(dataset.image_shape)),
+                          path, writer.done, loaded)
+  certify_batch = certificates.CERTIFIERS[kind]
   per_call = c.instances * jax.local_device_count()
   for start in tqdm(range(0, len(todo), per_call), desc=f"certify {path.name}",
                     unit_scale=per_call, disable=None):
     batch = dataset.test.take(np.asarray(todo[start: start + per_call]))
     began = time.perf_counter()
-    if kind == certificates.LOCALLY_CONSTANT:
-      cert = certificates.certify_locally_constant(
-          apply_fn, selector_fn, batch["image"], key, sigma_grid=c.selector.grid,
-          sigma_selector=c.selector.sigma, n0=c.n0, n=c.n, n_selector=c.selector.n,
-          alpha=c.alpha, batch_size=c.batch,
-          num_classes=dataset.num_classes, ids=batch["index"])
-      prediction, radius, sigma = cert.prediction, cert.radius, cert.sigma
-    else:
-      prediction, radius, sigma = _per_sigma(apply_fn, batch, config, key, dataset.num_classes)
-    if kind == certificates.MEMORY:
-      answers, stored = [], len(memory.ids)
-      for x, p, r, i in zip(batch["image"], prediction, radius, batch["index"]):
-        p, r, memory = certificates.answer_with_memory(memory, x, int(p), float(r), int(i))
-        answers.append((p, r))
-      prediction, radius = map(np.asarray, zip(*answers))
-      certificates.append_memory(memory_dir, memory, stored)
+    cert = certify_batch(ctx, batch["image"], batch["index"])
     seconds = (time.perf_counter() - began) / len(batch["index"])
     writer.write([{"idx": int(i), "label": int(y), "predict": int(p), "radius": float(r),
                    "correct": int(p == y), "time": seconds, "sigma": float(s)}
-                  for i, y, p, r, s in zip(batch["index"], batch["label"], prediction, radius,
-                                           sigma)])
+                  for i, y, p, r, s in zip(batch["index"], batch["label"], cert.prediction,
+                                           cert.radius, cert.sigma)])
   if hosts > 1:
     multihost_utils.sync_global_devices(f"certified {path.name}")
     if host != 0:

@@ -1,4 +1,4 @@
-"""Atomic, resumable checkpoints of the train state (orbax), and loading a run for notebooks.
+"""Atomic, resumable checkpoints of train states (orbax).
 
 A workdir holds `config.json` (the run's config), `run.json` (what the state's shapes depend
 on: image shape, classes, training-set size) and `checkpoints/<epochs done>/` (orbax writes
@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 
 CONFIG_FILE = "config.json"
@@ -45,29 +44,3 @@ def write_json_atomic(path: Path, content: dict) -> None:
   tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
   tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
   os.replace(tmp, path)
-
-
-def read_config(workdir) -> ml_collections.ConfigDict:
-  path = Path(workdir) / CONFIG_FILE
-  if not path.exists():
-    raise FileNotFoundError(f"no training run in {workdir}: {CONFIG_FILE} is missing "
-                            "(train first with train.py --workdir)")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
-def load_train_state(workdir):
-  """The latest train state of the run in `workdir` (σ table included), for notebooks.
-
-  `state.apply_fn` is the model's apply; `training.logits_fn(state)` gives x -> logits.
-  """
-  from instars_jax import training  # training imports this module
-
-  config = read_config(workdir)
-  run = json.loads((Path(workdir) / RUN_FILE).read_text())
-  template = training.create_train_state(config, tuple(run["image_shape"]), run["num_classes"],
-                                         run["stats"], run["num_train"], run["steps_per_epoch"])
-  checkpoints = manager(workdir)
-  if checkpoints.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint in {Path(workdir) / 'checkpoints'}")
-  state, _ = restore_latest(checkpoints, template)
-  return state

@@ -7,6 +7,7 @@ numbers were made (certificate kind, n0, n, α, seed, ...).
 
 from __future__ import annotations
 
+import decimal
 import json
 import os
 from pathlib import Path
@@ -90,7 +91,8 @@ class ResultsWriter:
     """Writes rows, each a dict with every column, then flushes and syncs the file."""
     with self.path.open("a") as f:
       for row in rows:
-        f.write("\t".join(_format(row[c]) for c in self.columns) + "\n")
+        f.write("\t".join(format_radius(row[c]) if c == "radius" else _format(row[c])
+                           for c in self.columns) + "\n")
         self.done.add(int(row["idx"]))
       f.flush()
       os.fsync(f.fileno())
@@ -100,6 +102,18 @@ def _format(value) -> str:
   if isinstance(value, (float, np.floating)):
     return f"{float(value):.6g}"
   return str(value)
+
+
+def format_radius(value, digits: int = 6) -> str:
+  """`value` to `digits` significant digits, never above it: the radius read back from the
+  file never exceeds the one computed (a certificate must not grow in print)."""
+  value = float(value)
+  text = f"{value:.{digits}g}"
+  if float(text) <= value:
+    return text
+  exact = decimal.Decimal(value)
+  quantum = decimal.Decimal(1).scaleb(exact.adjusted() - digits + 1)
+  return str(exact.quantize(quantum, rounding=decimal.ROUND_DOWN))
 
 
 def merge_results(parts, out_path) -> None:

@@ -62,9 +62,27 @@ def test_cli_json_markdown_and_plots(small_results, tmp_path, capsys):
   plot, hist = tmp_path / "acc.png", tmp_path / "sigma.png"
   analyze.main([str(small_results), "--plot", str(plot), "--sigma-hist", str(hist)])
   table = capsys.readouterr().out
-  assert "| r = 0.25 |" in table and "| per_sigma |" in table and "0.275" in table
+  assert "| r = 0.25 |" in table and "| per_sigma (UNSOUND) |" in table and "0.275" in table
   assert "not a certificate of the input-dependent classifier" in table
   assert plot.stat().st_size > 1000 and hist.stat().st_size > 1000
+  assert analyze.legend_label(small_results) == "per_sigma (UNSOUND)"
+  results.write_metadata(small_results, {"certificate": "fixed_sigma", "sigma": 0.5})
+  assert analyze.legend_label(small_results) == "fixed_sigma, σ = 0.5"
+  results.write_metadata(small_results, {"certificate": "locally_constant",
+                                         "estimator": {"grid": [0.25, 0.5, 1.0]}})
+  assert analyze.legend_label(small_results) == "locally_constant, σ ∈ {0.25, 0.5, 1} by estimator"
+
+
+def test_printed_radii_are_rounded_down(tmp_path):
+  path = tmp_path / "r.tsv"
+  writer = results.ResultsWriter(path)
+  computed = [0.7071067811865476, 2.9999999, 1.23456789e-7, 0.0, 1.0]
+  writer.write([{"idx": i, "label": 0, "predict": 0, "radius": r, "correct": 1, "time": 0.1,
+                 "sigma": 0.25} for i, r in enumerate(computed)])
+  printed = results.read_results(path)["radius"]
+  assert np.all(printed <= np.asarray(computed))
+  np.testing.assert_allclose(printed, computed, rtol=1e-5)
+  assert printed[1] == 2.99999  # not 3
 
 
 def test_cli_errors(tmp_path, capsys):

@@ -7,61 +7,101 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from scipy import stats
 
 from configs import default
-from instars_jax import checkpoints, data, training
+from instars_jax import estimator, model_state, sigma_table, smoothing, training
 from test_data_models import write_npz
 from test_pipeline import Killed, stop_after
 
 
-def linear_state(num_examples, sigma):
-  """A TrainState whose model is the linear classifier sign(x_0): class 0 where x_0 > 0."""
+GRID = (0.25, 0.5, 1.0)
+N, ALPHA = 10_000, 0.001
+
+
+def linear_state(num_examples, sigma=0.25, scale=1000.0):
+  """A TrainState whose model is the linear classifier sign(x_0) (logits ±scale·x_0, so its
+  softmax is a hard vote and p_A = Φ(x_0 / σ) for class 0)."""
   def apply_fn(variables, x, train=False):
     z = x.reshape(x.shape[0], -1) @ variables["params"]["w"]
-    return jnp.stack([z, -z], axis=-1)
+    return jnp.stack([z, -z], axis=-1) * scale
   w = np.zeros(4, np.float32)
   w[0] = 1.0
-  return training.TrainState.create(apply_fn=apply_fn, params={"w": w}, tx=optax.sgd(0.1),
-                                    batch_stats={},
-                                    sigma_table=jnp.full((num_examples,), sigma, jnp.float32))
+  return model_state.TrainState.create(
+      apply_fn=apply_fn, params={"w": w}, tx=optax.sgd(0.1), batch_stats={},
+      sigma_table=jnp.full((num_examples,), sigma, jnp.float32),
+      sigma_profile=jnp.zeros((num_examples, len(GRID)), jnp.float32))
 
 
-def update_once(state, x, labels, eta=0.2, samples=32, sigma_min=0.05, sigma_max=2.0):
-  factors = training.search.radius_factors(samples, 100_000, 0.001, 0.5)
+def profile_once(state, x, labels, samples=256, key=0):
   batch = {"image": jnp.asarray(x), "label": jnp.asarray(labels, jnp.int32),
            "index": jnp.arange(len(x), dtype=jnp.int32)}
-  return training.update_sigma_table_step(state, batch, jax.random.PRNGKey(0), factors, eta,
-                                          sigma_min, sigma_max, samples=samples, chunk=8,
-                                          num_classes=2)
+  return sigma_table.profile_step(state, batch, jax.random.PRNGKey(key),
+                                  sigma_table.radius_factor_table(N, ALPHA), grid=GRID,
+                                  samples=samples)
 
 
-def test_easy_examples_grow_their_sigma_and_hard_ones_shrink():
-  x = np.zeros((5, 4), np.float32)
-  x[:, 0] = [3.0, 1.5, 0.02, -0.5, 3.0]  # far, far, on the boundary, wrong side, far
-  labels = [0, 0, 0, 0, 0]
-  state = update_once(linear_state(5, 0.25), x, labels)
-  table = np.asarray(state.sigma_table)
-  assert table.shape == (5,)
-  np.testing.assert_allclose(table[[0, 1, 4]], 0.25 * 1.2)  # easy: up
-  np.testing.assert_allclose(table[[2, 3]], 0.25 * 0.8)  # hard and misclassified: down
-  # Bounds: repeated updates stay inside [sigma_min, sigma_max].
-  for _ in range(30):
-    state = update_once(state, x, labels, sigma_min=0.1, sigma_max=1.0)
-  table = np.asarray(state.sigma_table)
-  assert table.min() >= 0.1 and table.max() <= 1.0
-  np.testing.assert_allclose(table[[0, 4]], 1.0)  # far points reach the cap
-  np.testing.assert_allclose(table[3], 0.1)  # the misclassified point sits at the floor
+def analytic_radius(distance, sigma):
+  """R of CERTIFY (n, α) at σ when p_A = Φ(distance / σ) exactly."""
+  p = stats.norm.cdf(distance / sigma)
+  return sigma * stats.norm.ppf(smoothing.clopper_pearson_lower(p * N, N, ALPHA))
 
 
-def test_an_example_settles_where_its_radius_is_best():
-  # At distance 0.5, R(σ) for the true label rises with σ while p_A stays near 1 and falls
-  # once misclassifications appear: repeated updates settle in between, not at a bound.
-  x = np.zeros((1, 4), np.float32)
-  x[0, 0] = 0.5
-  state = linear_state(1, 0.05)
-  for _ in range(40):
-    state = update_once(state, x, [0], eta=0.1, samples=64)
-  assert 0.2 < float(state.sigma_table[0]) < 0.6
+def points(distances):
+  x = np.zeros((len(distances), 4), np.float32)
+  x[:, 0] = distances
+  return x
+
+
+def test_profile_matches_the_analytic_radius_and_picks_the_best_grid_sigma():
+  distances = np.array([0.02, -0.02, 3.0, 5.0, -0.5])  # near, near, far, far, wrong side
+  state = profile_once(linear_state(5), points(distances), [0] * 5, samples=1024)
+  profile, table = np.asarray(state.sigma_profile), np.asarray(state.sigma_table)
+  assert profile.shape == (5, 3)
+  truth = np.stack([analytic_radius(distances, s) for s in GRID], axis=1)
+  # 1,024 samples: p̂ within a few standard errors of Φ(d / σ); compare where R is informative.
+  informative = truth > 0.02
+  np.testing.assert_allclose(profile[informative], truth[informative], rtol=0.25, atol=0.05)
+  np.testing.assert_array_equal(table, [0.25, 0.25, 1.0, 1.0, 0.25])
+  assert np.all(profile[[1, 4]] < 0)  # misclassified: no σ certifies it; trains at the smallest
+  best = np.asarray(GRID)[np.argmax(truth, axis=1)]
+  np.testing.assert_array_equal(table[:4], best[:4])
+
+
+def test_profile_uses_the_same_noise_at_every_grid_sigma():
+  # Common random numbers: for a point on the boundary p̂ is the same at every σ (the sign of
+  # ε_0 decides the vote whatever the scale), exactly.
+  state = profile_once(linear_state(1), points([0.0]), [0], samples=8)
+  profile = np.asarray(state.sigma_profile)[0]
+  factors = profile / np.asarray(GRID)
+  np.testing.assert_allclose(factors, factors[0], rtol=1e-6)
+
+
+def test_estimator_soft_labels_follow_the_per_sigma_radii():
+  # Per example, the best grid σ is known (the analytic profile above); the soft labels put
+  # their mass there, sharper as τ falls, and drop examples no σ certifies.
+  distances = np.array([0.05, 3.0, 5.0, -0.5, 0.3])
+  truth = np.stack([analytic_radius(distances, s) for s in GRID], axis=1)
+  labels, keep = estimator.soft_labels(truth, temperature=0.1)
+  np.testing.assert_array_equal(keep, [True, True, True, False, True])
+  np.testing.assert_array_equal(np.argmax(labels[keep], 1), np.argmax(truth[keep], 1))
+  np.testing.assert_allclose(labels.sum(1), 1.0, rtol=1e-6)
+  expected = np.exp(np.maximum(truth[1], 0) / 0.1)
+  np.testing.assert_allclose(labels[1], expected / expected.sum(), rtol=1e-5)
+  soft, _ = estimator.soft_labels(truth, temperature=10.0)
+  assert soft[1].max() < labels[1].max()
+  # Rare top bins weigh more: 1 / frequency, mean 1.
+  weights = estimator.bin_weights(labels[keep])
+  np.testing.assert_allclose(weights.mean(), 1.0, rtol=1e-6)
+  top = np.argmax(np.array([[0.9, 0.1, 0], [0, 0.2, 0.8], [0, 0, 1], [0.1, 0, 0.9]]), 1)
+  weights = estimator.bin_weights(np.eye(3)[top])
+  # bin 0 holds 1 example, bin 2 holds 3: each bin weighs the same in total
+  np.testing.assert_allclose(weights, [2, 2 / 3, 2 / 3, 2 / 3], rtol=1e-6)
+  # On the trained state: labels from a profile pass of the linear base model.
+  state = profile_once(linear_state(5), points(distances), [0] * 5)
+  labels_state, keep_state = estimator.soft_labels(np.asarray(state.sigma_profile), 0.1)
+  np.testing.assert_array_equal(keep_state, keep)
+  np.testing.assert_array_equal(np.argmax(labels_state[keep], 1)[:3], np.argmax(truth[keep], 1)[:3])
 
 
 @pytest.fixture
@@ -73,7 +113,7 @@ def insta_config(tmp_path):
   config.train.learning_rate = 0.05
   config.train.insta = True
   config.train.stage1_epochs = 1
-  config.train.table.update(samples=4, chunk=64, batch=128, sigma_min=0.1, sigma_max=1.0)
+  config.train.table.update(samples=4, chunk=64)
   return config
 
 
@@ -87,11 +127,14 @@ def test_stages_switch_at_e1_and_the_table_round_trips(insta_config, tmp_path):
   assert [r["stage"] for r in rows] == [1, 2, 2]
   assert rows[0]["sigma_q00"] == rows[0]["sigma_q100"] == pytest.approx(0.25)
   assert rows[0]["table_update_seconds"] == 0.0 and rows[1]["table_update_seconds"] > 0
-  assert rows[1]["sigma_q50"] != pytest.approx(0.25)  # stage 2 moved the table
   table = np.asarray(state.sigma_table)
-  assert table.shape == (96,) and table.min() >= 0.1 and table.max() <= 1.0
-  restored = checkpoints.load_train_state(tmp_path / "run")
+  assert table.shape == (96,) and set(np.unique(table)) <= set(np.float32(GRID))
+  assert rows[1]["sigma_share_1"] > 0  # easy toy data: stage 2 moves examples up the grid
+  assert sum(rows[1][f"sigma_share_{s:g}"] for s in GRID) == pytest.approx(1.0)
+  assert np.asarray(state.sigma_profile).shape == (96, 3)
+  restored = model_state.load_train_state(tmp_path / "run")
   np.testing.assert_array_equal(np.asarray(restored.sigma_table), table)
+  np.testing.assert_array_equal(np.asarray(restored.sigma_profile), np.asarray(state.sigma_profile))
   assert (tmp_path / "run" / "sigma_table.png").stat().st_size > 1000
   assert (tmp_path / "run" / "sigma_by_class.png").stat().st_size > 1000
 
@@ -99,11 +142,13 @@ def test_stages_switch_at_e1_and_the_table_round_trips(insta_config, tmp_path):
 def test_killed_in_stage_2_resumes_to_the_same_table(insta_config, tmp_path, monkeypatch):
   straight = training.train_and_evaluate(insta_config, tmp_path / "straight")
   with monkeypatch.context() as m:  # killed during the second table update
-    stop_after(training, "update_sigma_table_step", 2 + 1, m)
+    stop_after(sigma_table, "profile_step", 2 + 1, m)
     with pytest.raises(Killed):
       training.train_and_evaluate(insta_config, tmp_path / "resumed")
   resumed = training.train_and_evaluate(insta_config, tmp_path / "resumed")
   np.testing.assert_array_equal(np.asarray(resumed.sigma_table), np.asarray(straight.sigma_table))
+  np.testing.assert_array_equal(np.asarray(resumed.sigma_profile),
+                                np.asarray(straight.sigma_profile))
   for a, b in zip(jax.tree_util.tree_leaves(resumed.params), jax.tree_util.tree_leaves(straight.params)):
     np.testing.assert_array_equal(a, b)
 
@@ -116,22 +161,23 @@ def test_cohen_training_keeps_the_table_constant(insta_config, tmp_path):
 
 
 def test_a_fractional_update_visits_a_rotating_slice(insta_config, tmp_path):
-  slices = [training.table_update_indices(96, 0.25, u, seed=0) for u in range(4)]
+  slices = [sigma_table.update_indices(96, 0.25, u, seed=0) for u in range(4)]
   assert all(len(s) == 24 for s in slices)
   np.testing.assert_array_equal(np.sort(np.concatenate(slices)), np.arange(96))
-  np.testing.assert_array_equal(training.table_update_indices(96, 1.0, 3, seed=0), np.arange(96))
+  np.testing.assert_array_equal(sigma_table.update_indices(96, 1.0, 3, seed=0), np.arange(96))
   insta_config.train.epochs = 2
   insta_config.train.table.fraction = 0.25
   state = training.train_and_evaluate(insta_config, tmp_path / "run")
-  moved = np.flatnonzero(np.asarray(state.sigma_table) != np.float32(0.25))
-  assert set(moved) <= set(slices[0]) and len(moved) > 0
+  visited = np.flatnonzero(np.any(np.asarray(state.sigma_profile) != 0, axis=1))
+  np.testing.assert_array_equal(np.sort(visited), np.sort(slices[0]))
 
 
 @pytest.mark.parametrize("key, value, message", [
     ("stage1_epochs", 5, "train.stage1_epochs must lie in"),
-    ("table.eta", 1.5, "train.table.eta"),
+    ("table.grid", (0.5, 0.25), "train.table.grid must be at least two increasing"),
+    ("table.grid", (0.5,), "train.table.grid must be at least two increasing"),
     ("table.samples", 0, "train.table.samples"),
-    ("table.sigma_min", 0.5, "sigma_min <= train.sigma <= train.table.sigma_max"),
+    ("stage1_noise", "uniform", "train.stage1_noise"),
     ("table.update_every", 0, "train.table.update_every"),
     ("table.chunk", 0, "train.table.chunk"),
     ("table.fraction", 0.0, "train.table.fraction"),

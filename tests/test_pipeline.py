@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from instars_jax import (certificates, certification, checkpoints, data, results, smoothing,
-                         training)
+from instars_jax import (certificates, certification, checkpoints, data, model_state, results,
+                         smoothing, training)
 from test_data_models import write_npz
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def test_killed_training_and_certification_resume_to_the_same_results(toy_config
   assert rows_without_time(tsv(resumed)) == rows_without_time(tsv(straight))
   assert len(results.read_results(tsv(straight))["idx"]) == 12  # every 2nd of 24 test images
   assert metrics_without_timing(resumed) == metrics_without_timing(straight)
-  a, b = checkpoints.load_train_state(straight), checkpoints.load_train_state(resumed)
+  a, b = model_state.load_train_state(straight), model_state.load_train_state(resumed)
   for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
     np.testing.assert_array_equal(x, y)
   assert int(a.step) == 2 * 3 and a.sigma_table.shape == (96,)
@@ -108,6 +108,7 @@ def test_instance_sigma_mode(toy_config, tmp_path):
   toy_config.train.epochs = 1
   training.train_and_evaluate(toy_config, tmp_path / "run")
   toy_config.certify.sigma_mode = "instance"
+  toy_config.certify.certificate = "per_sigma"
   toy_config.certify.search.update(sigma_min=0.1, sigma_max=1.0, starts=2, steps=3,
                                    samples_per_step=16)
   path = certification.certify_test_set(toy_config, tmp_path / "run")
@@ -121,11 +122,11 @@ def test_instance_sigma_mode(toy_config, tmp_path):
   assert meta["search"]["samples_per_step"] == 16
   # The bound comes from CERTIFY's own fresh samples at the chosen σ: certifying again at
   # those σ with the run's key reproduces every row.
-  state = checkpoints.load_train_state(tmp_path / "run")
+  state = model_state.load_train_state(tmp_path / "run")
   dataset = data.load_dataset(toy_config.dataset)
   batch = dataset.test.take(table["idx"])
   key = jax.random.fold_in(jax.random.PRNGKey(toy_config.seed), certification.PURPOSE_CERTIFY)
-  again = smoothing.certify(training.logits_fn(state), batch["image"], table["sigma"], key,
+  again = smoothing.certify(model_state.logits_fn(state), batch["image"], table["sigma"], key,
                             n0=16, n=200, alpha=0.001, batch_size=64, num_classes=3,
                             ids=batch["index"])
   np.testing.assert_array_equal(again.prediction, table["predict"])
@@ -137,6 +138,7 @@ def test_instance_sigma_mode(toy_config, tmp_path):
 
 def test_sound_instance_certificates_through_certify_py(toy_config, tmp_path, monkeypatch):
   toy_config.train.epochs = 1
+  toy_config.estimator.update(epochs=1, label_samples=4)
   toy_config.certify.sigma_mode = "instance"
   toy_config.certify.search.update(sigma_min=0.1, sigma_max=1.0, starts=2, steps=3,
                                    samples_per_step=16)
@@ -160,15 +162,21 @@ def test_sound_instance_certificates_through_certify_py(toy_config, tmp_path, mo
       table["radius"]) == 0
   assert results.read_metadata(path)["certificate"] == "memory"
 
-  toy_config.certify.certificate = "locally_constant"
-  toy_config.certify.selector.update(grid=(0.12, 0.25, 0.5), sigma=0.25, n=64, epochs=1)
+  toy_config.certify.certificate = "locally_constant"  # the default; needs the estimator
+  toy_config.certify.estimator.n = 64
   path = certification.certify_test_set(toy_config, straight)
-  assert path.name == "locally_constant_0.12-0.25-0.5.tsv"
+  assert path.name == "locally_constant.tsv"
   table = results.read_results(path)
-  assert set(table["sigma"]) <= {np.float32(g) for g in (0.12, 0.25, 0.5)}
+  assert set(table["sigma"]) <= {np.float32(g) for g in (0.25, 0.5, 1.0)}
   meta = results.read_metadata(path)
-  assert meta["certificate"] == "locally_constant" and meta["selector"]["n"] == 64
-  assert (straight / "selector" / "selector.json").exists()
+  assert meta["certificate"] == "locally_constant" and meta["sound"]
+  assert meta["estimator"]["n"] == 64 and meta["estimator"]["sigma"] == 1.0
+  assert meta["alpha_split"] == {"alpha_class": 0.0005, "beta_estimator": 0.0005, "total": 0.001}
+  assert (straight / "estimator" / "estimator.json").exists()
+  with pytest.raises(FileNotFoundError, match="no σ-estimator"):
+    toy_config.estimator.epochs = 0
+    training.train_and_evaluate(toy_config, tmp_path / "no_estimator")
+    certification.certify_test_set(toy_config, tmp_path / "no_estimator")
   toy_config.certify.certificate = "typo"
   with pytest.raises(ValueError, match="certify.certificate must be one of"):
     certification.certify_test_set(toy_config, straight)

@@ -23,7 +23,7 @@ def main(workdir: str, quiet: bool = False):
     write_npz(npz, n_train=64, n_test=16)
   config.dataset = f"npz:{npz}"
   config.train.update(epochs=2, batch_size=32, learning_rate=0.05, insta=True, stage1_epochs=1)
-  config.train.table.update(samples=4, chunk=32, batch=64)
+  config.train.table.update(samples=4, chunk=32)
   config.certify.update(n0=16, n=128, batch=64, instances=2, skip=2)
   state = training.train_and_evaluate(config, workdir / "run")
   path = certification.certify_test_set(config, workdir / "run")

@@ -1,0 +1,198 @@
+"""The σ-estimator of the sound instance-wise certificate, after Dual Randomized Smoothing
+(Sun, Mao & Vechev, ICLR 2026).
+
+A classifier over the K noise levels of `train.table.grid`, smoothed at σ_e (default: the top
+of the grid) and certified by CERTIFY like any base classifier (`certificates.py`,
+locally_constant). It learns from the trained base model:
+
+1. Labels. Each training example's radius profile R_k at every grid σ (`sigma_table.update`
+   with `estimator.label_samples` noise vectors, on the final base model) becomes the soft
+   label softmax(R_k / τ), R clipped at 0; examples whose R is 0 at every σ are dropped (no
+   σ certifies them, so they say nothing about which σ is best).
+2. Loss. Soft-label cross-entropy on two noisy copies at σ_e, plus λ times the consistency
+   regularizer of Jeong & Shin (NeurIPS 2020): the KL divergence of each copy's prediction
+   from the copies' mean, which makes the smoothed estimator confident, so its certified
+   radius is rarely the smaller of the two.
+3. Weights. Each example weighs 1 / (frequency of its label's top bin), normalised to mean 1,
+   so that rare σ bins are learnt too.
+
+Works for Insta-RS and Cohen base models alike. Saved in WORKDIR/estimator/ (orbax, one
+checkpoint per epoch, resumable) with `estimator.json`, the settings certification reads.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from instars_jax import checkpoints, data, model_state, models, sigma_table
+
+PURPOSE_LABELS = 40
+PURPOSE_NOISE = 41
+SETTINGS_FILE = "estimator.json"
+
+
+def soft_labels(radii, temperature: float):
+  """(labels float32[N, K], keep bool[N]): softmax(max(R, 0) / τ) per example, and whether
+  any R is positive (the examples the estimator trains on)."""
+  radii = np.maximum(np.asarray(radii, np.float64), 0.0)
+  logits = radii / temperature
+  labels = np.exp(logits - logits.max(axis=1, keepdims=True))
+  labels /= labels.sum(axis=1, keepdims=True)
+  return labels.astype(np.float32), radii.max(axis=1) > 0
+
+
+def bin_weights(labels) -> np.ndarray:
+  """float32[N]: 1 / frequency of each example's top bin, normalised to mean 1."""
+  top = np.argmax(labels, axis=1)
+  counts = np.bincount(top, minlength=labels.shape[1]).astype(np.float64)
+  weights = 1.0 / counts[top]
+  return (weights / weights.mean()).astype(np.float32)
+
+
+def smoothing_sigma(config) -> float:
+  return float(config.estimator.sigma or max(config.train.table.grid))
+
+
+def settings(config) -> dict:
+  """What the estimator depends on; certification reads the grid and σ_e from here."""
+  e = config.estimator
+  return {"grid": [float(s) for s in config.train.table.grid], "sigma": smoothing_sigma(config),
+          "model": e.model or config.model.name, "dtype": config.model.dtype,
+          "epochs": e.epochs, "label_samples": e.label_samples, "temperature": e.temperature,
+          "consistency": e.consistency, "learning_rate": e.learning_rate, "seed": config.seed}
+
+
+def validate(config) -> list:
+  e = config.estimator
+  return [
+      (e.epochs >= 0, f"estimator.epochs must be >= 0; got {e.epochs}"),
+      (e.sigma >= 0, f"estimator.sigma must be > 0 (or 0: the top of the grid); got {e.sigma}"),
+      (e.label_samples >= 1, f"estimator.label_samples must be >= 1; got {e.label_samples}"),
+      (e.temperature > 0, f"estimator.temperature must be > 0; got {e.temperature}"),
+      (e.consistency >= 0, f"estimator.consistency must be >= 0; got {e.consistency}"),
+      (e.learning_rate > 0, f"estimator.learning_rate must be > 0; got {e.learning_rate}"),
+      ((e.model or config.model.name) in models.ARCHITECTURES,
+       f"estimator.model must be one of {models.ARCHITECTURES}; got {e.model!r}"),
+  ]
+
+
+@functools.partial(jax.jit, static_argnames=("sigma", "consistency"), donate_argnames="state")
+def train_step(state: model_state.ModelState, batch, epoch_key, *, sigma, consistency):
+  """One SGD step: weighted soft-label cross-entropy on two noisy copies at σ_e plus
+  λ · mean KL(p̄ ‖ p_copy). `batch["label"]` holds weight × soft label."""
+  keys = model_state.example_keys(epoch_key, batch["index"])
+  copies = [model_state.gaussian_noise(jax.vmap(lambda k: jax.random.fold_in(k, c))(keys),
+                                       batch["image"], jnp.full(keys.shape[:1], sigma))
+            for c in range(2)]
+  target = batch["label"]
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
+                                     jnp.concatenate(copies), train=True, mutable=["batch_stats"])
+    log_p = jax.nn.log_softmax(logits).reshape((2, -1) + logits.shape[1:])
+    cross_entropy = -jnp.sum(target * log_p.mean(axis=0), axis=-1)
+    log_mean = jnp.log(jnp.exp(log_p).mean(axis=0) + 1e-12)
+    kl = jnp.sum(jnp.exp(log_mean) * (log_mean - log_p), axis=-1).mean(axis=0)
+    loss = jnp.mean(cross_entropy + consistency * kl)
+    return loss, (log_p, updates)
+
+  (loss, (log_p, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
+  agreement = jnp.mean(jnp.argmax(log_p[0], -1) == jnp.argmax(target, -1))
+  return state, {"loss": loss, "agreement": agreement}
+
+
+def _template(config, image_shape, stats, steps_per_epoch) -> model_state.ModelState:
+  s = settings(config)
+  model, params, batch_stats = model_state.init_model(s["model"], s["dtype"], len(s["grid"]),
+                                                      stats, image_shape, config.seed + 1)
+  t = config.train.copy_and_resolve_references()
+  with t.unlocked():
+    t.learning_rate, t.warmup_epochs, t.schedule = s["learning_rate"], 0.0, "cosine"
+  return model_state.ModelState.create(
+      apply_fn=model.apply, params=params, batch_stats=batch_stats,
+      tx=model_state.optimizer(t, steps_per_epoch, s["epochs"]))
+
+
+def labels_from_base(config, dataset, base_state, sharder):
+  """(base state with the label profile, labels × weights [N, K], kept indices)."""
+  order = np.arange(len(dataset.train))
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), PURPOSE_LABELS)
+  base_state = sigma_table.update(base_state, dataset.train, sharder, config, key, order,
+                                  config.estimator.label_samples)
+  labels, keep = soft_labels(np.asarray(base_state.sigma_profile), config.estimator.temperature)
+  kept = np.flatnonzero(keep)
+  weighted = np.zeros_like(labels)
+  weighted[kept] = labels[kept] * bin_weights(labels[kept])[:, None]
+  return base_state, weighted, kept
+
+
+def train_estimator(config, workdir, dataset, base_state, sharder):
+  """The estimator stage: labels from `base_state`, then `estimator.epochs` epochs, saving
+  after each; a rerun resumes. Returns the base state with the label pass's profile."""
+  directory = Path(workdir) / "estimator"
+  manager = checkpoints.manager(directory, max_to_keep=1)
+  wanted = settings(config)
+  settings_path = directory / SETTINGS_FILE
+  if manager.latest_step() is not None and json.loads(settings_path.read_text()) != wanted:
+    raise ValueError(f"{directory} holds an estimator trained with other settings: remove it, "
+                     "or rerun with the same estimator settings")
+  if manager.latest_step() == wanted["epochs"]:
+    return base_state
+  base_state, labels, kept = labels_from_base(config, dataset, base_state, sharder)
+  batch_size = config.train.batch_size
+  steps_per_epoch = len(kept) // batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"only {len(kept)} training examples have a positive radius at some grid σ: "
+                     f"too few for the estimator's batch of {batch_size}")
+  state = sharder.replicate(_template(config, dataset.image_shape, dataset.stats, steps_per_epoch))
+  state, start = checkpoints.restore_latest(manager, state)
+  if jax.process_index() == 0:
+    directory.mkdir(parents=True, exist_ok=True)
+    checkpoints.write_json_atomic(settings_path, wanted)
+  split = data.Split(dataset.train.images, labels)
+  noise_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), PURPOSE_NOISE)
+  for epoch in range(start, wanted["epochs"]):
+    order = kept[np.random.default_rng([config.seed, PURPOSE_NOISE, epoch]).permutation(len(kept))]
+    sums = {"loss": 0.0, "agreement": 0.0}
+    batches = data.batches(split, batch_size, drop_remainder=True, host_id=jax.process_index(),
+                           host_count=jax.process_count(), order=order)
+    for batch in tqdm(batches, total=steps_per_epoch, leave=False, disable=None,
+                      desc=f"estimator epoch {epoch + 1}/{wanted['epochs']}"):
+      state, metrics = train_step(state, sharder.batch(batch), jax.random.fold_in(noise_key, epoch),
+                                  sigma=wanted["sigma"], consistency=config.estimator.consistency)
+      for k in sums:
+        sums[k] += metrics[k]
+    if jax.process_index() == 0:
+      tqdm.write(f"estimator epoch={epoch} examples={len(kept)} "
+                 f"loss={float(sums['loss']) / steps_per_epoch:.4g} "
+                 f"agreement={float(sums['agreement']) / steps_per_epoch:.4g}")
+    checkpoints.save(manager, epoch + 1, state)
+  return base_state
+
+
+def load(workdir):
+  """(x -> logits over the grid bins, settings) of the trained estimator in `workdir`."""
+  directory = Path(workdir) / "estimator"
+  settings_path = directory / SETTINGS_FILE
+  manager = checkpoints.manager(directory, max_to_keep=1) if settings_path.exists() else None
+  if manager is None or manager.latest_step() is None:
+    raise FileNotFoundError(f"no σ-estimator in {directory}: train one with train.py (same "
+                            "--config and --workdir) and --config.estimator.epochs=N")
+  saved = json.loads(settings_path.read_text())
+  if manager.latest_step() != saved["epochs"]:
+    raise FileNotFoundError(f"the σ-estimator in {directory} stopped after epoch "
+                            f"{manager.latest_step()} of {saved['epochs']}: rerun train.py to finish it")
+  restored = manager.restore(manager.latest_step())
+  run = json.loads((Path(workdir) / checkpoints.RUN_FILE).read_text())
+  model = models.create_model(saved["model"], len(saved["grid"]), saved["dtype"], run["stats"])
+  variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
+  return functools.partial(model.apply, variables, train=False), saved
