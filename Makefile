@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_DIR ?= runs/demo
-DEMO_CONFIG ?= configs/fashion_mnist.py
+DEMO_CONFIG ?= configs/fashion_mnist_demo.py
 
 setup: $(STAMP)
 
@@ -24,8 +24,9 @@ demo: setup
 	$(PY) train.py --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR)
 	$(PY) certify.py --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR) --config.certify.sigma_mode=fixed
 	$(PY) certify.py --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR) --config.certify.sigma_mode=instance
-	$(PY) -m instars_jax.analyze $(DEMO_DIR)/certify/sigma_0.25.tsv $(DEMO_DIR)/certify/instance_0.1-1.tsv \
-	  --plot $(DEMO_DIR)/certified_accuracy.png --sigma-hist $(DEMO_DIR)/chosen_sigma.png
+	@echo "== fixed σ against the sound instance-wise certificate (locally_constant) =="
+	$(PY) -m instars_jax.analyze $(DEMO_DIR)/certify/sigma_0.25.tsv $(DEMO_DIR)/certify/locally_constant.tsv \
+	  --radii 0,0.25,0.5,0.75,1,1.5,2 --plot $(DEMO_DIR)/certified_accuracy.png --sigma-hist $(DEMO_DIR)/chosen_sigma.png
 	@echo "plots: $(DEMO_DIR)/certified_accuracy.png $(DEMO_DIR)/chosen_sigma.png"
 
 bench: setup
