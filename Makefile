@@ -34,6 +34,7 @@ bench: setup
 	cd bench && PYTHONPATH=.. ../$(PY) certify_throughput.py --models lenet,resnet20,resnet110
 	cd bench && PYTHONPATH=.. ../$(PY) train_throughput.py
 	cd bench && PYTHONPATH=.. ../$(PY) search_share.py
+	cd bench && PYTHONPATH=.. ../$(PY) table_update_cost.py
 	cd bench && PYTHONPATH=.. ../$(PY) cohen_loop.py
 	cd bench && PYTHONPATH=.. ../$(PY) bf16_agreement.py
 

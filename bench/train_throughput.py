@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from configs import default
-from instars_jax import training
+from instars_jax import model_state, training
 from common import INPUTS, device_info, emit, median_seconds
 
 

@@ -29,7 +29,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm import tqdm
 
 from instars_jax import checkpoints, data, model_state, models, sigma_table
