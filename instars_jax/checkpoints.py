@@ -44,3 +44,9 @@ def write_json_atomic(path: Path, content: dict) -> None:
   tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
   tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
   os.replace(tmp, path)
+
+
+def restore_as_saved(checkpoints: ocp.CheckpointManager, step: int) -> dict:
+  """The tree saved at `step`, as numpy arrays, without a template (for reading parameters
+  whose optimizer state the reader does not rebuild)."""
+  return checkpoints.restore(step, args=ocp.args.StandardRestore())

@@ -17,7 +17,8 @@ locally_constant). It learns from the trained base model:
    so that rare σ bins are learnt too.
 
 Works for Insta-RS and Cohen base models alike. Saved in WORKDIR/estimator/ (orbax, one
-checkpoint per epoch, resumable) with `estimator.json`, the settings certification reads.
+checkpoint per epoch, resumable) with `estimator.json`, the settings certification reads, and
+`labels.npz`, the labels of step 1.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from instars_jax import checkpoints, data, model_state, models, sigma_table
 PURPOSE_LABELS = 40
 PURPOSE_NOISE = 41
 SETTINGS_FILE = "estimator.json"
+LABELS_FILE = "labels.npz"
 
 
 def soft_labels(radii, temperature: float):
@@ -134,6 +136,27 @@ def labels_from_base(config, dataset, base_state, sharder):
   return base_state, weighted, kept
 
 
+def cached_labels(directory, config, dataset, base_state, sharder):
+  """labels_from_base, saved to DIR/labels.npz (atomically) and read back by a rerun with the
+  same label settings, so a resumed or re-tuned estimator stage skips the label pass."""
+  path = directory / LABELS_FILE
+  label_settings = json.dumps({k: settings(config)[k] for k in ("label_samples", "temperature",
+                                                                 "grid", "seed")} |
+                              {"n": config.certify.n, "alpha": config.certify.alpha},
+                              sort_keys=True)
+  if path.exists():
+    with np.load(path) as saved:
+      if str(saved["settings"]) == label_settings:
+        return base_state, saved["labels"], saved["kept"]
+  base_state, labels, kept = labels_from_base(config, dataset, base_state, sharder)
+  if jax.process_index() == 0:
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{LABELS_FILE}.tmp.npz"
+    np.savez(tmp, labels=labels, kept=kept, settings=label_settings)
+    tmp.replace(path)
+  return base_state, labels, kept
+
+
 def train_estimator(config, workdir, dataset, base_state, sharder):
   """The estimator stage: labels from `base_state`, then `estimator.epochs` epochs, saving
   after each; a rerun resumes. Returns the base state with the label pass's profile."""
@@ -146,7 +169,7 @@ def train_estimator(config, workdir, dataset, base_state, sharder):
                      "or rerun with the same estimator settings")
   if manager.latest_step() == wanted["epochs"]:
     return base_state
-  base_state, labels, kept = labels_from_base(config, dataset, base_state, sharder)
+  base_state, labels, kept = cached_labels(directory, config, dataset, base_state, sharder)
   batch_size = config.train.batch_size
   steps_per_epoch = len(kept) // batch_size
   if steps_per_epoch == 0:
@@ -190,7 +213,7 @@ def load(workdir):
   if manager.latest_step() != saved["epochs"]:
     raise FileNotFoundError(f"the σ-estimator in {directory} stopped after epoch "
                             f"{manager.latest_step()} of {saved['epochs']}: rerun train.py to finish it")
-  restored = manager.restore(manager.latest_step())
+  restored = checkpoints.restore_as_saved(manager, manager.latest_step())
   run = json.loads((Path(workdir) / checkpoints.RUN_FILE).read_text())
   model = models.create_model(saved["model"], len(saved["grid"]), saved["dtype"], run["stats"])
   variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}

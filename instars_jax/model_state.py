@@ -126,6 +126,9 @@ def load_train_state(workdir) -> TrainState:
   `state.apply_fn` is the model's apply; `model_state.logits_fn(state)` gives x -> logits.
   """
   config = read_config(workdir)
+  if "grid" not in config.train.get("table", {}):
+    raise ValueError(f"{workdir} was trained by an older instars_jax whose σ table had no grid "
+                     "profile: train it again with this version")
   run = json.loads((Path(workdir) / checkpoints.RUN_FILE).read_text())
   template = create_train_state(config, tuple(run["image_shape"]), run["num_classes"],
                                 run["stats"], run["num_train"], run["steps_per_epoch"])

@@ -191,3 +191,23 @@ def test_bad_knobs_are_rejected(insta_config, tmp_path, key, value, message):
   with pytest.raises(ValueError, match=message):
     training.train_and_evaluate(insta_config, tmp_path / "run")
   assert not (tmp_path / "run").exists()
+
+
+def test_estimator_stage_resumes_after_a_kill_to_the_same_estimator(insta_config, tmp_path,
+                                                                    monkeypatch):
+  insta_config.estimator.update(epochs=2, label_samples=4)
+  training.train_and_evaluate(insta_config, tmp_path / "straight")
+  with monkeypatch.context() as m:  # killed in the estimator's second epoch
+    stop_after(estimator, "train_step", 3 + 2, m)
+    with pytest.raises(Killed):
+      training.train_and_evaluate(insta_config, tmp_path / "resumed")
+  assert (tmp_path / "resumed" / "estimator" / "labels.npz").exists()
+  training.train_and_evaluate(insta_config, tmp_path / "resumed")
+  (f, straight), (g, resumed) = (estimator.load(tmp_path / d) for d in ("straight", "resumed"))
+  assert straight == resumed and straight["sigma"] == 1.0  # σ_e: the top of the grid
+  x = np.random.default_rng(0).uniform(size=(4, 28, 28)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(f(x)), np.asarray(g(x)))
+  # Other estimator settings on a finished run: refused, not silently mixed.
+  insta_config.estimator.temperature = 0.5
+  with pytest.raises(ValueError, match="estimator trained with other settings"):
+    training.train_and_evaluate(insta_config, tmp_path / "straight")

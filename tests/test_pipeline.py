@@ -256,3 +256,18 @@ def test_end_to_end_command_line(tmp_path):
   assert "Traceback" not in bad.stderr
   missing = run_cli(ROOT / "certify.py", *common[:1], f"--workdir={tmp_path / 'none'}", cwd=tmp_path)
   assert missing.returncode == 2 and "no training run" in missing.stderr
+
+  # The sound instance-wise certificate, with the estimator train.py trained (fashion_mnist.py
+  # has estimator.epochs = 2), headlines instance mode.
+  done = run_cli(ROOT / "certify.py", *common, "--config.certify.sigma_mode=instance", cwd=tmp_path)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "| locally_constant |" in done.stdout and "UNSOUND" not in done.stdout
+  # A run written before the σ table had a grid profile: one line, exit 2, nothing written.
+  old = tmp_path / "old"
+  (old / "checkpoints").mkdir(parents=True)
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  del saved["train"]["table"]["grid"]
+  (old / "config.json").write_text(json.dumps(saved))
+  stale = run_cli(ROOT / "certify.py", *common[:1], f"--workdir={old}", cwd=tmp_path)
+  assert stale.returncode == 2 and "older instars_jax" in stale.stderr
+  assert "Traceback" not in stale.stderr and not (old / "certify").exists()
