@@ -220,7 +220,8 @@ def train_epoch(state, split, sharder, config, epoch, steps_per_epoch):
   """One epoch of `train_step` over the shuffled split; returns the state and its metrics."""
   t = config.train
   stage = 2 if t.insta and epoch >= t.stage1_epochs else 1
-  grid = tuple(float(s) for s in t.table.grid) if stage == 1 and t.stage1_noise == "grid" else None
+  grid_noise = t.insta and stage == 1 and t.stage1_noise == "grid"  # Cohen: always train.sigma
+  grid = tuple(float(s) for s in t.table.grid) if grid_noise else None
   epoch_key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed),
                                                     PURPOSE_TRAIN_NOISE), epoch)
   sums = {"loss": 0.0, "noisy_accuracy": 0.0}

@@ -155,9 +155,20 @@ def test_killed_in_stage_2_resumes_to_the_same_table(insta_config, tmp_path, mon
 
 def test_cohen_training_keeps_the_table_constant(insta_config, tmp_path):
   insta_config.train.insta = False
+  insta_config.train.epochs = 2
   state = training.train_and_evaluate(insta_config, tmp_path / "run")
   np.testing.assert_array_equal(np.asarray(state.sigma_table), 0.25)
-  assert [r["stage"] for r in read_metrics(tmp_path / "run")] == [1, 1, 1]
+  assert [r["stage"] for r in read_metrics(tmp_path / "run")] == [1, 1]
+  # Grid noise belongs to Insta-RS's stage 1: Cohen training stays at train.sigma.
+  insta_config.train.stage1_noise = "grid"
+  grid = training.train_and_evaluate(insta_config, tmp_path / "grid")
+  for a, b in zip(jax.tree_util.tree_leaves(grid.params), jax.tree_util.tree_leaves(state.params)):
+    np.testing.assert_array_equal(a, b)
+  insta_config.train.insta = True
+  insta_config.train.stage1_epochs = 2
+  mixed = training.train_and_evaluate(insta_config, tmp_path / "insta_grid")
+  assert not np.array_equal(jax.tree_util.tree_leaves(mixed.params)[0],
+                            jax.tree_util.tree_leaves(state.params)[0])
 
 
 def test_a_fractional_update_visits_a_rotating_slice(insta_config, tmp_path):
