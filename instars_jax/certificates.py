@@ -27,6 +27,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
+from scipy import stats
 
 from instars_jax import search, smoothing
 
@@ -46,9 +47,9 @@ MEANING = {
             "order and keeps its memory (Alfarra et al., UAI 2022): certified balls of different "
             "classes never intersect",
     LOCALLY_CONSTANT: "sound for G(x) = g_sigma_e(x)(x) with a smoothed, certified sigma "
-                      "estimator e (Dual Randomized Smoothing): radius = min(estimator radius, "
-                      "class radius); failure probability alpha = beta (estimator) + the "
-                      "class test's alpha",
+                      "estimator e (Dual Randomized Smoothing; e = the bin above 1/2, else "
+                      "the smallest sigma): radius = min(estimator radius, class radius); "
+                      "failure probability alpha = beta (estimator) + the class test's alpha",
 }
 
 # Radii derived from distances are shrunk by one part in a million, so that floating-point
@@ -243,48 +244,75 @@ def intersecting_pairs(points, predictions, radii) -> int:
 class LocallyConstantCertificate(NamedTuple):
   prediction: np.ndarray  # int32[B], ABSTAIN where either test fails
   radius: np.ndarray  # float32[B]: min(estimator radius, class radius)
-  sigma: np.ndarray  # float32[B]: the grid σ the estimator certified
+  sigma: np.ndarray  # float32[B]: the grid σ the estimator certified (bin 0 on abstention)
   estimator_radius: np.ndarray
   class_radius: np.ndarray
+
+
+def certify_estimator(estimator_fn, x, key, *, sigma_estimator, n0, n, beta, batch_size,
+                      num_bins, ids=None):
+  """(bin int32[B], radius float32[B]) on which the smoothed estimator's choice ẽ is constant,
+  bin = ABSTAIN where neither route below certifies it.
+
+  ẽ(x) is the bin whose probability under N(0, σ_e²I) noise exceeds 1/2, or bin 0 (the
+  smallest σ) when no bin's does. Two routes on the same n samples, with the failure budget β
+  split by the union bound:
+    decided    CERTIFY at β/2: bin k with p_k ≥ p_lower ≥ 1/2 and, by Cohen et al.'s
+               Theorem 1, p_k(x') > 1/2 (so ẽ(x') = k) for ‖x' − x‖ < σ_e Φ⁻¹(p_lower);
+    undecided  one-sided Clopper–Pearson upper bounds u_k, each at β/(2K): if every u_k < 1/2,
+               the same theorem applied to each bin gives p_k(x') < 1/2 for all k, so
+               ẽ(x') = 0, for ‖x' − x‖ < σ_e Φ⁻¹(1 − max_k u_k).
+  The routes cannot both hold (a lower bound never exceeds an upper bound), and an input
+  whose estimator is unsure gets the smallest σ with a radius instead of an abstention."""
+  decided = smoothing.certify(estimator_fn, x, sigma_estimator, key, n0=n0, n=n, alpha=beta / 2,
+                              batch_size=batch_size, num_classes=num_bins, ids=ids)
+  counts = np.asarray(decided.counts)
+  upper = 1.0 - smoothing.clopper_pearson_lower(n - counts, n, beta / (2 * num_bins))
+  undecided = upper.max(axis=1) < 0.5
+  bin_ = np.where(decided.prediction != smoothing.ABSTAIN, decided.prediction,
+                  np.where(undecided, 0, smoothing.ABSTAIN)).astype(np.int32)
+  undecided_radius = sigma_estimator * stats.norm.ppf(1.0 - np.minimum(upper.max(axis=1), 0.5))
+  radius = np.where(decided.prediction != smoothing.ABSTAIN, decided.radius,
+                    np.where(undecided, undecided_radius, 0.0))
+  return bin_, radius.astype(np.float32)
 
 
 def certify_locally_constant(apply_fn, estimator_fn, x, key, *, sigma_grid, sigma_estimator,
                              n0, n, n_estimator, alpha, beta, batch_size, num_classes,
                              ids=None) -> LocallyConstantCertificate:
-  """A sound certificate for the input-dependent classifier G(x) = g_{σ_{ē(x)}}(x).
+  """A sound certificate for the input-dependent classifier G(x) = g_{σ_{ẽ(x)}}(x).
 
-  `estimator_fn` maps inputs to logits over the K bins of `sigma_grid`; ē is its smoothed
-  version at `sigma_estimator` (argmax of bin probabilities under that noise).
+  `estimator_fn` maps inputs to logits over the K bins of `sigma_grid`; ẽ is its smoothed
+  version at `sigma_estimator` (`certify_estimator`: the bin of probability above 1/2 under
+  that noise, else the smallest σ).
 
   Guarantee (Sun, Mao & Vechev, ICLR 2026, Theorem: min of the two radii, failure α + β).
-  `alpha` is the failure probability of the whole certificate; the estimator's test runs at
-  β = `beta` and the class's at α − β. CERTIFY of the estimator returns a bin k and R_e such
-  that, with probability ≥ 1 − β, ē(x') = k for all ‖x' − x‖ < R_e. CERTIFY of the base
-  classifier at σ_k returns c and R_c such that, with probability ≥ 1 − (α − β),
-  g_{σ_k}(x') = c for all ‖x' − x‖ < R_c. By the union bound both hold with probability
-  ≥ 1 − α, and then for every ‖x' − x‖ < min(R_e, R_c): G(x') = g_{σ_{ē(x')}}(x') =
-  g_{σ_k}(x') = c. If either test abstains, so does G's certificate. The tests use
-  independent noise.
+  `alpha` is the failure probability of the whole certificate; the estimator's tests run at
+  β = `beta` and the class's at α − β. `certify_estimator` returns a bin k and R_e such that,
+  with probability ≥ 1 − β, ẽ(x') = k for all ‖x' − x‖ < R_e. CERTIFY of the base classifier
+  at σ_k returns c and R_c such that, with probability ≥ 1 − (α − β), g_{σ_k}(x') = c for all
+  ‖x' − x‖ < R_c. By the union bound both hold with probability ≥ 1 − α, and then for every
+  ‖x' − x‖ < min(R_e, R_c): G(x') = g_{σ_{ẽ(x')}}(x') = g_{σ_k}(x') = c. If either test
+  abstains, so does G's certificate. The tests use independent noise.
   """
   sigma_grid = np.asarray(sigma_grid, np.float32)
   if sigma_grid.ndim != 1 or len(sigma_grid) < 2 or np.any(sigma_grid <= 0):
     raise ValueError(f"sigma_grid must list at least two positive σ; got {sigma_grid}")
   if not 0 < beta < alpha:
     raise ValueError(f"beta must lie in (0, alpha={alpha}); got {beta}")
-  estimate = smoothing.certify(estimator_fn, x, sigma_estimator,
-                               jax.random.fold_in(key, PURPOSE_ESTIMATOR), n0=n0, n=n_estimator,
-                               alpha=beta, batch_size=batch_size, num_classes=len(sigma_grid),
-                               ids=ids)
-  selected = estimate.prediction != smoothing.ABSTAIN
-  sigma = sigma_grid[np.where(selected, estimate.prediction, 0)]
+  bin_, estimator_radius = certify_estimator(
+      estimator_fn, x, jax.random.fold_in(key, PURPOSE_ESTIMATOR), sigma_estimator=sigma_estimator,
+      n0=n0, n=n_estimator, beta=beta, batch_size=batch_size, num_bins=len(sigma_grid), ids=ids)
+  selected = bin_ != smoothing.ABSTAIN
+  sigma = sigma_grid[np.where(selected, bin_, 0)]
   cls = smoothing.certify(apply_fn, x, sigma, jax.random.fold_in(key, PURPOSE_CLASS), n0=n0,
                           n=n, alpha=alpha - beta, batch_size=batch_size,
                           num_classes=num_classes, ids=ids)
   certified = selected & (cls.prediction != smoothing.ABSTAIN)
-  radius = np.where(certified, np.minimum(estimate.radius, cls.radius), 0.0)
+  radius = np.where(certified, np.minimum(estimator_radius, cls.radius), 0.0)
   prediction = np.where(certified, cls.prediction, smoothing.ABSTAIN).astype(np.int32)
   return LocallyConstantCertificate(prediction, radius.astype(np.float32), sigma,
-                                    estimate.radius, cls.radius)
+                                    estimator_radius, cls.radius)
 
 
 CERTIFIERS = {FIXED_SIGMA: fixed_sigma, LOCALLY_CONSTANT: locally_constant, MEMORY: memory,

@@ -180,3 +180,35 @@ def test_every_kind_answers_through_one_interface(linear):
     assert out.kind == kind
     assert out.prediction.shape == out.radius.shape == out.sigma.shape == (3,)
     assert np.all(out.radius <= linear.distance(x) + 1e-6)  # sound for a linear f, any kind
+
+
+class Bands:
+  """A 3-bin σ-estimator on z = x_0: bin 0 for z < −a, bin 1 for |z| ≤ a, bin 2 for z > a.
+
+  Under N(0, σ_e²I), p_0 = Φ((−a − z)/σ_e) and p_2 = Φ((z − a)/σ_e), so ẽ (the bin above 1/2,
+  else bin 0) is bin 2 exactly for z > a, bin 0 for z < −a (decided) and for |z| < a
+  (undecided: p_0, p_2 < 1/2 and p_1 < 1/2 as a < 0.67 σ_e). The exact radius on which ẽ is
+  constant is | |z| − a |."""
+  a = 0.5
+
+  def __call__(self, x):
+    z = x.reshape(x.shape[0], -1)[:, 0]
+    bins = jnp.where(z < -self.a, 0, jnp.where(z > self.a, 2, 1))
+    return jax.nn.one_hot(bins, 3) * 100.0
+
+
+def test_estimator_routes_never_exceed_the_exact_radius_of_its_choice():
+  z = np.linspace(-1.5, 1.5, 61)
+  x = np.zeros((len(z), 4), np.float32)
+  x[:, 0] = z
+  bins, radius = certificates.certify_estimator(
+      Bands(), x, jax.random.PRNGKey(0), sigma_estimator=1.0, n0=64, n=20_000, beta=0.001,
+      batch_size=65536, num_bins=3)
+  exact = np.abs(np.abs(z) - Bands.a)
+  certified = bins != ij.ABSTAIN
+  assert np.all(radius[certified] <= exact[certified] + 1e-6)
+  assert np.all(bins[z > 0.7] == 2) and np.all(bins[z < -0.7] == 0)
+  inside = np.abs(z) < 0.3  # undecided: the smallest σ, with a radius, not an abstention
+  assert np.all(bins[inside] == 0) and np.all(radius[inside] > 0)
+  # Near the edges of the undecided band nothing may be claimed across them.
+  assert np.all(radius[np.abs(np.abs(z) - Bands.a) < 0.02] < 0.05)
