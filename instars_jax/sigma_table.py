@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from instars_jax import data, model_state, parallel, smoothing
+from instars_jax import analyze, data, model_state, parallel, smoothing
 
 PURPOSE_TABLE_UPDATE = 12
 
@@ -165,8 +165,6 @@ def grid_shares(sigma_table, grid) -> dict:
 
 def plot(sigma_table, labels, workdir) -> None:
   """Histograms of the σ table, overall and by class, as PNGs in workdir."""
-  from instars_jax import analyze
-
   values = np.asarray(sigma_table)
   fig, ax = analyze.new_figure()
   ax.hist(values, bins=50)
