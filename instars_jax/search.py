@@ -38,8 +38,13 @@ def radius_factors(samples: int, n: int, alpha: float, estimate_alpha: float) ->
   favour whichever σ happened to be estimated too high (most at large σ, where R is most
   sensitive to p̂). estimate_alpha = 0.5 is close to the plain frequency."""
   estimates = smoothing.clopper_pearson_lower(np.arange(samples + 1), samples, estimate_alpha)
-  successes = estimates * n
-  factors = stats.norm.ppf(smoothing.clopper_pearson_lower(successes, n, alpha))
+  return certified_factors(estimates, n, alpha)
+
+
+def certified_factors(p_estimates, n: int, alpha: float) -> np.ndarray:
+  """float32: Φ⁻¹(CP_lower(p · n, n, α)) for each estimate p of p_A, floored at −10: R = σ ·
+  factor is the radius CERTIFY with n samples at level α would report if p̂_A came out at p."""
+  factors = stats.norm.ppf(smoothing.clopper_pearson_lower(np.asarray(p_estimates) * n, n, alpha))
   return np.maximum(factors, _FLOOR).astype(np.float32)
 
 

@@ -32,22 +32,17 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import stats
 
-from instars_jax import analyze, data, model_state, parallel, smoothing
+from instars_jax import analyze, data, model_state, parallel, search, smoothing
 
 PURPOSE_TABLE_UPDATE = 12
-
-
 CP_POINTS = 4097
 
 
 def radius_factor_table(n: int, alpha: float) -> np.ndarray:
   """float32[CP_POINTS]: Φ⁻¹(CP_lower(p · n, n, α)) at p = linspace(0, 1), floored at −10
   (interpolated by `grid_radii`)."""
-  p = np.linspace(0.0, 1.0, CP_POINTS)
-  factors = stats.norm.ppf(smoothing.clopper_pearson_lower(p * n, n, alpha))
-  return np.maximum(factors, -10.0).astype(np.float32)
+  return search.certified_factors(np.linspace(0.0, 1.0, CP_POINTS), n, alpha)
 
 
 def grid_radii(p, grid, factors):
