@@ -30,7 +30,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from instars_jax import checkpoints, data, model_state, models, sigma_table
 
@@ -184,19 +183,15 @@ def train_estimator(config, workdir, dataset, base_state, sharder):
   noise_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), PURPOSE_NOISE)
   for epoch in range(start, wanted["epochs"]):
     order = kept[np.random.default_rng([config.seed, PURPOSE_NOISE, epoch]).permutation(len(kept))]
-    sums = {"loss": 0.0, "agreement": 0.0}
     batches = data.batches(split, batch_size, drop_remainder=True, host_id=jax.process_index(),
                            host_count=jax.process_count(), order=order)
-    for batch in tqdm(batches, total=steps_per_epoch, leave=False, disable=None,
-                      desc=f"estimator epoch {epoch + 1}/{wanted['epochs']}"):
-      state, metrics = train_step(state, sharder.batch(batch), jax.random.fold_in(noise_key, epoch),
-                                  sigma=wanted["sigma"], consistency=config.estimator.consistency)
-      for k in sums:
-        sums[k] += metrics[k]
+    step = lambda s, b: train_step(s, b, jax.random.fold_in(noise_key, epoch),
+                                   sigma=wanted["sigma"], consistency=config.estimator.consistency)
+    state, means = model_state.run_epoch(state, step, batches, sharder, steps_per_epoch,
+                                         f"estimator epoch {epoch + 1}/{wanted['epochs']}")
     if jax.process_index() == 0:
-      tqdm.write(f"estimator epoch={epoch} examples={len(kept)} "
-                 f"loss={float(sums['loss']) / steps_per_epoch:.4g} "
-                 f"agreement={float(sums['agreement']) / steps_per_epoch:.4g}")
+      print(f"estimator epoch={epoch} examples={len(kept)} loss={means['loss']:.4g} "
+            f"agreement={means['agreement']:.4g}")
     checkpoints.save(manager, epoch + 1, state)
   return base_state
 

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
 
 from instars_jax import checkpoints, models, parallel
 
@@ -90,6 +91,18 @@ def gaussian_noise(keys, images, sigma):
   """x_i + σ_i ε_i with ε_i drawn from key_i."""
   eps = jax.vmap(lambda k: jax.random.normal(k, images.shape[1:]))(keys)
   return images + sigma.reshape((-1,) + (1,) * (images.ndim - 1)) * eps
+
+
+def run_epoch(state, step, batches, sharder, steps: int, desc: str):
+  """(state, mean of each metric): `step(state, batch) -> (state, metrics)` over `batches`,
+  each put on the mesh, with a progress bar on process 0."""
+  sums = {}
+  for batch in tqdm(batches, total=steps, desc=desc, leave=False,
+                    disable=None if jax.process_index() == 0 else True):
+    state, metrics = step(state, sharder.batch(batch))
+    for k, v in metrics.items():
+      sums[k] = sums.get(k, 0.0) + v
+  return state, {k: float(v) / steps for k, v in sums.items()}
 
 
 class Sharder:

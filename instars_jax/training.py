@@ -224,19 +224,14 @@ def train_epoch(state, split, sharder, config, epoch, steps_per_epoch):
   grid = tuple(float(s) for s in t.table.grid) if grid_noise else None
   epoch_key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed),
                                                     PURPOSE_TRAIN_NOISE), epoch)
-  sums = {"loss": 0.0, "noisy_accuracy": 0.0}
   batches = data.batches(split, t.batch_size, seed=config.seed, epoch=epoch, shuffle=True,
                          drop_remainder=True, host_id=jax.process_index(),
                          host_count=jax.process_count())
+  step = lambda s, b: train_step(s, b, epoch_key, t.augment == "crop_flip", grid)
   start = time.perf_counter()
-  for batch in tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}",
-                    leave=False, disable=None if jax.process_index() == 0 else True):
-    state, step_metrics = train_step(state, sharder.batch(batch), epoch_key,
-                                     t.augment == "crop_flip", grid)
-    for k in sums:
-      sums[k] += step_metrics[k]
+  state, means = model_state.run_epoch(state, step, batches, sharder, steps_per_epoch,
+                                       f"epoch {epoch + 1}/{t.epochs}")
   seconds = time.perf_counter() - start
   return state, {"epoch": epoch, "step": int(state.step), "stage": stage, "sigma": t.sigma,
-                 "train_loss": float(sums["loss"]) / steps_per_epoch,
-                 "train_noisy_accuracy": float(sums["noisy_accuracy"]) / steps_per_epoch,
+                 "train_loss": means["loss"], "train_noisy_accuracy": means["noisy_accuracy"],
                  "images_per_s": steps_per_epoch * t.batch_size / seconds}
