@@ -67,6 +67,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.certify.max = -1  # ... with index below max (-1: all)
   config.certify.batch = 400  # noisy images per forward pass on one device
   config.certify.instances = 8  # test images sharing each forward pass, per device
+  # fixed: n estimation samples per image | sequential: up to n, stopping early with an
+  # anytime-valid bound (instars_jax/sequential.py): with radii empty, once the radius is
+  # within a factor (1 - tolerance) of the best still reachable; else once "radius >= r" is
+  # decided for every r in radii (the radius written is the largest r proven).
+  config.certify.sampling = "fixed"
+  config.certify.tolerance = 0.05
+  config.certify.radii = ()
   config.certify.name = ""  # output DIR/certify/<name>.tsv; default sigma_<sigma> / instance_<range>
   config.certify.sigma_mode = "fixed"  # fixed: certify.sigma for all | instance: Insta-RS search
 

@@ -62,10 +62,11 @@ PURPOSE_CLASS = 31
 
 class Certified(NamedTuple):
   """One kind's answer for a batch: prediction (ABSTAIN = -1), radius (0 on abstention), the
-  σ the class was certified at, and the kind."""
+  σ the class was certified at, the class test's estimation samples, and the kind."""
   prediction: np.ndarray
   radius: np.ndarray
   sigma: np.ndarray
+  num_samples: np.ndarray
   kind: str
 
 
@@ -73,7 +74,9 @@ class Certified(NamedTuple):
 class Context:
   """What the certificate kinds read. `search` (per_sigma, memory) holds search.search_sigma's
   parameters; `estimator_fn`, `grid`, `estimator_sigma`, `n_estimator` and `beta`
-  (locally_constant) the σ-estimator; `memory` and `memory_dir` the memory's state."""
+  (locally_constant) the σ-estimator; `memory` and `memory_dir` the memory's state;
+  `sampling` the class test's sampling arguments of smoothing.certify (sampling, tolerance,
+  radii)."""
   apply_fn: Callable
   num_classes: int
   key: jax.Array
@@ -90,14 +93,15 @@ class Context:
   beta: float = 0.0
   memory: "Memory | None" = None
   memory_dir: Path | None = None
+  sampling: dict = dataclasses.field(default_factory=dict)
 
 
 def fixed_sigma(ctx: Context, x, ids) -> Certified:
   """Cohen et al.'s CERTIFY at ctx.sigma for every input."""
   cert = smoothing.certify(ctx.apply_fn, x, ctx.sigma, ctx.key, n0=ctx.n0, n=ctx.n,
                            alpha=ctx.alpha, batch_size=ctx.batch_size,
-                           num_classes=ctx.num_classes, ids=ids)
-  return Certified(cert.prediction, cert.radius, cert.sigma, FIXED_SIGMA)
+                           num_classes=ctx.num_classes, ids=ids, **ctx.sampling)
+  return Certified(cert.prediction, cert.radius, cert.sigma, cert.num_samples, FIXED_SIGMA)
 
 
 def per_sigma(ctx: Context, x, ids) -> Certified:
@@ -107,8 +111,9 @@ def per_sigma(ctx: Context, x, ids) -> Certified:
                               **ctx.search, n=ctx.n, alpha=ctx.alpha, batch_size=ctx.batch_size,
                               num_classes=ctx.num_classes, ids=ids)
   cert = smoothing.certify(ctx.apply_fn, x, sigma, ctx.key, n0=ctx.n0, n=ctx.n, alpha=ctx.alpha,
-                           batch_size=ctx.batch_size, num_classes=ctx.num_classes, ids=ids)
-  return Certified(cert.prediction, cert.radius, cert.sigma, PER_SIGMA)
+                           batch_size=ctx.batch_size, num_classes=ctx.num_classes, ids=ids,
+                           **ctx.sampling)
+  return Certified(cert.prediction, cert.radius, cert.sigma, cert.num_samples, PER_SIGMA)
 
 
 def memory(ctx: Context, x, ids) -> Certified:
@@ -121,7 +126,8 @@ def memory(ctx: Context, x, ids) -> Certified:
     answers.append((p, r))
   append_memory(ctx.memory_dir, ctx.memory, stored)
   prediction, radius = (np.asarray(column) for column in zip(*answers))
-  return Certified(prediction.astype(np.int32), radius.astype(np.float32), answer.sigma, MEMORY)
+  return Certified(prediction.astype(np.int32), radius.astype(np.float32), answer.sigma,
+                   answer.num_samples, MEMORY)
 
 
 def locally_constant(ctx: Context, x, ids) -> Certified:
@@ -130,8 +136,8 @@ def locally_constant(ctx: Context, x, ids) -> Certified:
       ctx.apply_fn, ctx.estimator_fn, x, ctx.key, sigma_grid=ctx.grid,
       sigma_estimator=ctx.estimator_sigma, n0=ctx.n0, n=ctx.n, n_estimator=ctx.n_estimator,
       alpha=ctx.alpha, beta=ctx.beta, batch_size=ctx.batch_size, num_classes=ctx.num_classes,
-      ids=ids)
-  return Certified(cert.prediction, cert.radius, cert.sigma, LOCALLY_CONSTANT)
+      ids=ids, sampling=ctx.sampling)
+  return Certified(cert.prediction, cert.radius, cert.sigma, cert.num_samples, LOCALLY_CONSTANT)
 
 
 # ---------------------------------------------------------------------------
@@ -247,6 +253,7 @@ class LocallyConstantCertificate(NamedTuple):
   sigma: np.ndarray  # float32[B]: the grid σ the estimator certified (bin 0 on abstention)
   estimator_radius: np.ndarray
   class_radius: np.ndarray
+  num_samples: np.ndarray  # int64[B]: the class test's estimation samples
 
 
 def certify_estimator(estimator_fn, x, key, *, sigma_estimator, n0, n, beta, batch_size,
@@ -267,7 +274,7 @@ def certify_estimator(estimator_fn, x, key, *, sigma_estimator, n0, n, beta, bat
   decided = smoothing.certify(estimator_fn, x, sigma_estimator, key, n0=n0, n=n, alpha=beta / 2,
                               batch_size=batch_size, num_classes=num_bins, ids=ids)
   counts = np.asarray(decided.counts)
-  upper = 1.0 - smoothing.clopper_pearson_lower(n - counts, n, beta / (2 * num_bins))
+  upper = smoothing.clopper_pearson_upper(counts, n, beta / (2 * num_bins))
   undecided = upper.max(axis=1) < 0.5
   bin_ = np.where(decided.prediction != smoothing.ABSTAIN, decided.prediction,
                   np.where(undecided, 0, smoothing.ABSTAIN)).astype(np.int32)
@@ -279,7 +286,7 @@ def certify_estimator(estimator_fn, x, key, *, sigma_estimator, n0, n, beta, bat
 
 def certify_locally_constant(apply_fn, estimator_fn, x, key, *, sigma_grid, sigma_estimator,
                              n0, n, n_estimator, alpha, beta, batch_size, num_classes,
-                             ids=None) -> LocallyConstantCertificate:
+                             ids=None, sampling=None) -> LocallyConstantCertificate:
   """A sound certificate for the input-dependent classifier G(x) = g_{σ_{ẽ(x)}}(x).
 
   `estimator_fn` maps inputs to logits over the K bins of `sigma_grid`; ẽ is its smoothed
@@ -293,7 +300,9 @@ def certify_locally_constant(apply_fn, estimator_fn, x, key, *, sigma_grid, sigm
   at σ_k returns c and R_c such that, with probability ≥ 1 − (α − β), g_{σ_k}(x') = c for all
   ‖x' − x‖ < R_c. By the union bound both hold with probability ≥ 1 − α, and then for every
   ‖x' − x‖ < min(R_e, R_c): G(x') = g_{σ_{ẽ(x')}}(x') = g_{σ_k}(x') = c. If either test
-  abstains, so does G's certificate. The tests use independent noise.
+  abstains, so does G's certificate. The tests use independent noise. `sampling` (a dict of
+  smoothing.certify's sampling arguments) applies to the class test; the estimator's test
+  draws its fixed n_estimator samples.
   """
   sigma_grid = np.asarray(sigma_grid, np.float32)
   if sigma_grid.ndim != 1 or len(sigma_grid) < 2 or np.any(sigma_grid <= 0):
@@ -307,12 +316,12 @@ def certify_locally_constant(apply_fn, estimator_fn, x, key, *, sigma_grid, sigm
   sigma = sigma_grid[np.where(selected, bin_, 0)]
   cls = smoothing.certify(apply_fn, x, sigma, jax.random.fold_in(key, PURPOSE_CLASS), n0=n0,
                           n=n, alpha=alpha - beta, batch_size=batch_size,
-                          num_classes=num_classes, ids=ids)
+                          num_classes=num_classes, ids=ids, **(sampling or {}))
   certified = selected & (cls.prediction != smoothing.ABSTAIN)
   radius = np.where(certified, np.minimum(estimator_radius, cls.radius), 0.0)
   prediction = np.where(certified, cls.prediction, smoothing.ABSTAIN).astype(np.int32)
   return LocallyConstantCertificate(prediction, radius.astype(np.float32), sigma,
-                                    estimator_radius, cls.radius)
+                                    estimator_radius, cls.radius, cls.num_samples)
 
 
 CERTIFIERS = {FIXED_SIGMA: fixed_sigma, LOCALLY_CONSTANT: locally_constant, MEMORY: memory,

@@ -22,10 +22,14 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 import instars_jax
-from instars_jax import (analyze, certificates, data, estimator, model_state, results, search)
+from instars_jax import (analyze, certificates, data, estimator, model_state, results, search,
+                         smoothing)
 
 PURPOSE_CERTIFY = 20
 SIGMA_MODES = ("fixed", "instance")
+# With sequential sampling each call holds this many images per in-flight slot, so that a slot
+# freed by an early stop is refilled from the queue (continuous batching).
+SEQUENTIAL_QUEUE_DEPTH = 8
 
 
 def validate_config(config) -> None:
@@ -44,6 +48,10 @@ def validate_config(config) -> None:
   for ok, message in checks:
     if not ok:
       raise ValueError(message)
+  try:
+    smoothing.check_sampling(c.sampling, c.tolerance, c.radii, n0=c.n0, n=c.n)
+  except ValueError as error:
+    raise ValueError(f"certify.{error}") from None
   if c.sigma_mode not in SIGMA_MODES:
     raise ValueError(f"certify.sigma_mode must be one of {SIGMA_MODES}; got {c.sigma_mode!r}")
   if c.sigma_mode == "instance":
@@ -97,13 +105,26 @@ def alpha_split(config) -> tuple[float, float]:
   return c.alpha - beta, beta
 
 
+def sampling_arguments(config) -> dict:
+  """smoothing.certify's sampling arguments from config.certify ({} for fixed sampling)."""
+  c = config.certify
+  if c.sampling == "fixed":
+    return {}
+  return {"sampling": c.sampling, "tolerance": c.tolerance, "radii": tuple(c.radii)}
+
+
 def run_metadata(config, estimator_settings=None) -> dict:
   """What the numbers in a results file depend on; a resumed run must match it exactly."""
   c, kind = config.certify, kind_of(config)
   metadata = {"certificate": kind, "certificate_meaning": certificates.MEANING[kind],
               "sound": kind != certificates.PER_SIGMA, "sigma_mode": c.sigma_mode, "n0": c.n0,
               "n": c.n, "alpha": c.alpha, "skip": c.skip, "max": c.max, "seed": config.seed,
-              "dataset": config.dataset, "package_version": instars_jax.__version__}
+              "dataset": config.dataset, "package_version": instars_jax.__version__,
+              "sampling": c.sampling}
+  if c.sampling == "sequential":
+    metadata["sequential"] = ({"mode": "decision", "radii": list(c.radii)} if c.radii else
+                              {"mode": "radius", "tolerance": c.tolerance})
+    metadata["sequential"]["n_max"] = c.n
   if kind == certificates.FIXED_SIGMA:
     metadata["sigma"] = c.sigma
   elif kind == certificates.LOCALLY_CONSTANT:
@@ -138,7 +159,8 @@ def certifier_context(config, state, num_classes, image_size, path, done, loaded
   ctx = certificates.Context(
       apply_fn=model_state.logits_fn(state), num_classes=num_classes,
       key=jax.random.fold_in(jax.random.PRNGKey(config.seed), PURPOSE_CERTIFY),
-      n0=c.n0, n=c.n, alpha=c.alpha, batch_size=c.batch, sigma=c.sigma)
+      n0=c.n0, n=c.n, alpha=c.alpha, batch_size=c.batch, sigma=c.sigma,
+      sampling=sampling_arguments(config))
   if kind in (certificates.PER_SIGMA, certificates.MEMORY):
     ctx.search = search_arguments(config)
   if kind == certificates.MEMORY:
@@ -182,16 +204,23 @@ def certify_test_set(config, workdir, host: int | None = None, hosts: int | None
                           path, writer.done, loaded)
   certify_batch = certificates.CERTIFIERS[kind]
   per_call = c.instances * jax.local_device_count()
-  for start in tqdm(range(0, len(todo), per_call), desc=f"certify {path.name}",
-                    unit_scale=per_call, disable=None):
-    batch = dataset.test.take(np.asarray(todo[start: start + per_call]))
-    began = time.perf_counter()
-    cert = certify_batch(ctx, batch["image"], batch["index"])
-    seconds = (time.perf_counter() - began) / len(batch["index"])
-    writer.write([{"idx": int(i), "label": int(y), "predict": int(p), "radius": float(r),
-                   "correct": int(p == y), "time": seconds, "sigma": float(s)}
-                  for i, y, p, r, s in zip(batch["index"], batch["label"], cert.prediction,
-                                           cert.radius, cert.sigma)])
+  if c.sampling == "sequential":
+    per_call *= SEQUENTIAL_QUEUE_DEPTH
+  began_run, samples = time.perf_counter(), 0
+  with tqdm(total=len(todo), desc=f"certify {path.name}", unit="img", disable=None) as bar:
+    for start in range(0, len(todo), per_call):
+      batch = dataset.test.take(np.asarray(todo[start: start + per_call]))
+      began = time.perf_counter()
+      cert = certify_batch(ctx, batch["image"], batch["index"])
+      seconds = (time.perf_counter() - began) / len(batch["index"])
+      writer.write([{"idx": int(i), "label": int(y), "predict": int(p), "radius": float(r),
+                     "correct": int(p == y), "time": seconds, "sigma": float(s),
+                     "samples": int(m)}
+                    for i, y, p, r, s, m in zip(batch["index"], batch["label"], cert.prediction,
+                                                cert.radius, cert.sigma, cert.num_samples)])
+      samples += int(np.sum(cert.num_samples))
+      bar.update(len(batch["index"]))
+      bar.set_postfix(samples_per_s=f"{samples / (time.perf_counter() - began_run):.4g}")
   if hosts > 1:
     multihost_utils.sync_global_devices(f"certified {path.name}")
     if host != 0:

@@ -1,6 +1,7 @@
 """Certification results in Cohen et al.'s TSV format, written with resume, and their metadata.
 
-Columns: `idx label predict radius correct time` (Cohen's), then any extra columns (`sigma`).
+Columns: `idx label predict radius correct time` (Cohen's), then extra columns: `sigma`, and
+`samples`, the class test's estimation samples (n, or fewer with sequential sampling).
 `predict` is -1 and `radius` 0 on abstention. A JSON sidecar next to each TSV records how the
 numbers were made (certificate kind, n0, n, α, seed, ...).
 """
@@ -66,7 +67,7 @@ class ResultsWriter:
   and `done` holds the idx values already written, so a rerun certifies only what is missing.
   """
 
-  def __init__(self, path, extra_columns=("sigma",)):
+  def __init__(self, path, extra_columns=("sigma", "samples")):
     self.path = Path(path)
     self.columns = COHEN_COLUMNS + tuple(extra_columns)
     self.done: set[int] = set()

@@ -18,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from instars_jax import parallel
+from instars_jax import parallel, sequential
+from instars_jax.monte_carlo import (certified_radius, clopper_pearson_lower,  # noqa: F401 (API)
+                                     clopper_pearson_upper, instance_noise)
 
 ABSTAIN = -1
 
@@ -35,40 +37,12 @@ class Certificate(NamedTuple):
   radius: np.ndarray  # float32[B], 0 on abstention
   p_lower: np.ndarray  # float64[B], lower confidence bound on p_A
   sigma: np.ndarray  # float32[B], the noise level certified at
-  counts: np.ndarray  # int32[B, C], counts of the n estimation samples
-
-
-# ---------------------------------------------------------------------------
-# Statistics
-
-
-def clopper_pearson_lower(successes, trials, alpha):
-  """One-sided (1 − α) Clopper–Pearson lower bound on a binomial proportion.
-
-  Equals statsmodels' proportion_confint(successes, trials, alpha=2α, method="beta")[0];
-  it is 0 when there are no successes.
-  """
-  successes = np.asarray(successes, np.float64)
-  trials = np.broadcast_to(np.asarray(trials, np.float64), successes.shape)
-  with np.errstate(invalid="ignore"):
-    bound = stats.beta.ppf(alpha, successes, trials - successes + 1)
-  return np.where(successes > 0, bound, 0.0)
-
-
-def certified_radius(p_lower, sigma):
-  """The L2 radius σ·Φ⁻¹(p_lower) of Cohen et al. Theorem 1 (meaningful for p_lower ≥ 1/2)."""
-  return np.asarray(sigma) * stats.norm.ppf(p_lower)
+  counts: np.ndarray  # int32[B, C], counts of the estimation samples
+  num_samples: np.ndarray  # int64[B], estimation samples drawn (n with sampling="fixed")
 
 
 # ---------------------------------------------------------------------------
 # Monte Carlo sampling
-
-
-def instance_noise(key, instance_id, sample_ids, shape):
-  """Standard normal ε[j] for one instance: a pure function of (key, instance_id, j)."""
-  instance_key = jax.random.fold_in(key, instance_id)
-  draw = lambda j: jax.random.normal(jax.random.fold_in(instance_key, j), shape, jnp.float32)
-  return jax.vmap(draw)(sample_ids)
 
 
 def local_counts(x, sigma, ids, key, *, apply_fn, num, chunk, num_classes):
@@ -137,30 +111,51 @@ def sample_counts(apply_fn: Callable, x, sigma, key, *, num: int, batch_size: in
 
 
 def certify(apply_fn: Callable, x, sigma, key, *, n0: int = 100, n: int = 100_000,
-            alpha: float = 0.001, batch_size: int, num_classes: int, ids=None) -> Certificate:
+            alpha: float = 0.001, batch_size: int, num_classes: int, ids=None,
+            sampling: str = "fixed", tolerance: float = 0.05, radii=()) -> Certificate:
   """CERTIFY of Cohen et al. (2019), for a batch of instances.
 
   Guarantee: for each instance, with probability at least 1 − α over the sampling, if the
   prediction is not ABSTAIN then the smoothed classifier g at that σ returns `prediction`
   at every x' with ‖x' − x‖₂ < radius.
+
+  sampling="fixed" draws n estimation samples per instance. sampling="sequential" draws up
+  to n (n_max) and stops early (sequential.py): with `radii` empty when the radius is within
+  a factor (1 − tolerance) of the best still reachable, else once "radius ≥ r_k" is decided
+  for every r_k in `radii`, reporting the largest r_k proven. Its lower bound holds at every
+  look simultaneously (union bound over the looks), so the guarantee above is unchanged.
+  In both, the class comes from n0 separate selection samples; `num_samples` counts the
+  estimation samples drawn, and `counts` is over those samples.
   """
   x, sigma, ids = validate_instances(x, sigma, ids)
   check_positive_ints(n0=n0, n=n, batch_size=batch_size)
   check_alpha(alpha)
+  rule = check_sampling(sampling, tolerance, radii, n0=n0, n=n)
   check_model(apply_fn, x, num_classes)
   count = functools.partial(_counts, apply_fn, x, sigma, ids, batch_size=batch_size,
                             num_classes=num_classes)
 
   selection = count(jax.random.fold_in(key, PURPOSE_SELECT), num=n0)
-  guess = np.asarray(jnp.argmax(selection, axis=1))
-  estimation = np.asarray(count(jax.random.fold_in(key, PURPOSE_ESTIMATE), num=n))
-  n_a = estimation[np.arange(len(x)), guess]
-  p_lower = clopper_pearson_lower(n_a, n, alpha)
+  guess = np.asarray(jnp.argmax(selection, axis=1)).astype(np.int32)
+  estimation_key = jax.random.fold_in(key, PURPOSE_ESTIMATE)
+  rows = np.arange(len(x))
+  if rule is None:
+    estimation = np.asarray(count(estimation_key, num=n))
+    num_samples = np.full(len(x), n, np.int64)
+    p_lower = clopper_pearson_lower(estimation[rows, guess], n, alpha)
+    radius = certified_radius(np.maximum(p_lower, 0.5), sigma)
+  else:
+    estimation, num_samples, look = sequential.run(
+        apply_fn, x, sigma, ids, guess, estimation_key, n_max=n, alpha=alpha,
+        batch_size=batch_size, num_classes=num_classes, rule=rule)
+    p_lower, _ = sequential.anytime_bounds(estimation[rows, guess], num_samples, look, n, alpha)
+    radius = rule.radius(p_lower, sigma)
 
   certified = p_lower >= 0.5
   prediction = np.where(certified, guess, ABSTAIN).astype(np.int32)
-  radius = np.where(certified, certified_radius(np.maximum(p_lower, 0.5), sigma), 0.0)
-  return Certificate(prediction, radius.astype(np.float32), p_lower, sigma, estimation)
+  radius = np.where(certified, radius, 0.0)
+  return Certificate(prediction, radius.astype(np.float32), p_lower, sigma, estimation,
+                     num_samples.astype(np.int64))
 
 
 def predict(apply_fn: Callable, x, sigma, key, *, n: int, alpha: float, batch_size: int,
@@ -208,6 +203,20 @@ def validate_instances(x, sigma, ids=None):
     raise ValueError(f"ids must be integers of shape ({batch},) to match x; "
                      f"got {ids.dtype} of shape {ids.shape}")
   return x, sigma, ids.astype(np.int32)
+
+
+SAMPLINGS = ("fixed", "sequential")
+
+
+def check_sampling(sampling, tolerance, radii, *, n0, n):
+  """None for fixed sampling, else the sequential stopping rule; ValueError on bad values."""
+  if sampling not in SAMPLINGS:
+    raise ValueError(f"sampling must be one of {SAMPLINGS}; got {sampling!r}")
+  if sampling == "fixed":
+    return None
+  if n < n0:
+    raise ValueError(f"n must be >= n0 with sequential sampling (n is n_max); got n={n} < n0={n0}")
+  return sequential.make_rule(tolerance, radii)
 
 
 def check_alpha(alpha):

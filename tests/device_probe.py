@@ -21,6 +21,8 @@ def main():
   counts = ij.sample_counts(model, x, sigma, key, num=500, batch_size=96, num_classes=4)
   cert = ij.certify(model, x, sigma, key, n0=64, n=2000, alpha=0.001, batch_size=256,
                     num_classes=4)
+  sequential = ij.certify(model, x, sigma, key, n0=64, n=3000, alpha=0.001, batch_size=100,
+                          num_classes=4, sampling="sequential", tolerance=0.05)
   sigma_chosen = ij.search_sigma(model, x, key, sigma_min=0.1, sigma_max=2.0, starts=3, steps=4,
                                  samples_per_step=32, n=2000, alpha=0.001, batch_size=128,
                                  num_classes=4)
@@ -30,6 +32,8 @@ def main():
       "counts": np.asarray(counts).tolist(),
       "prediction": cert.prediction.tolist(),
       "radius": cert.radius.tolist(),
+      "sequential": [sequential.prediction.tolist(), sequential.radius.tolist(),
+                     sequential.num_samples.tolist(), np.asarray(sequential.counts).tolist()],
   }))
 
 

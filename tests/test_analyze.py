@@ -38,7 +38,8 @@ def small_results(tmp_path):
   path = tmp_path / "run.tsv"
   writer = results.ResultsWriter(path)
   rows = [(0, 1, 1, 0.8, 0.5), (1, 2, 2, 0.3, 0.5), (2, 0, -1, 0.0, 0.5), (3, 4, 1, 0.9, 0.5)]
-  writer.write([dict(idx=i, label=l, predict=p, radius=r, correct=int(l == p), time=0.1, sigma=s)
+  writer.write([dict(idx=i, label=l, predict=p, radius=r, correct=int(l == p), time=0.1, sigma=s,
+                       samples=100)
                 for i, l, p, r, s in rows])
   return path
 
@@ -78,7 +79,7 @@ def test_printed_radii_are_rounded_down(tmp_path):
   writer = results.ResultsWriter(path)
   computed = [0.7071067811865476, 2.9999999, 1.23456789e-7, 0.0, 1.0]
   writer.write([{"idx": i, "label": 0, "predict": 0, "radius": r, "correct": 1, "time": 0.1,
-                 "sigma": 0.25} for i, r in enumerate(computed)])
+                 "sigma": 0.25, "samples": 100} for i, r in enumerate(computed)])
   printed = results.read_results(path)["radius"]
   assert np.all(printed <= np.asarray(computed))
   np.testing.assert_allclose(printed, computed, rtol=1e-5)
@@ -98,7 +99,7 @@ def test_writer_resumes_and_drops_a_torn_line(small_results):
     f.write("4\t1\t1\t0.")  # killed mid-write
   writer = results.ResultsWriter(small_results)
   assert writer.done == {0, 1, 2, 3}
-  writer.write([dict(idx=4, label=1, predict=1, radius=0.5, correct=1, time=0.1, sigma=0.5)])
+  writer.write([dict(idx=4, label=1, predict=1, radius=0.5, correct=1, time=0.1, sigma=0.5, samples=100)])
   table = results.read_results(small_results)
   np.testing.assert_array_equal(table["idx"], [0, 1, 2, 3, 4])
   np.testing.assert_allclose(table["radius"], [0.8, 0.3, 0.0, 0.9, 0.5])

@@ -1,0 +1,178 @@
+"""Sequential certification: the anytime-valid bound, the stopping rules, continuous batching."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+import instars_jax as ij
+from instars_jax import sequential, smoothing
+
+
+def look_bounds(n_max, alpha, family=None):
+  """float64 (lower, upper) rows per look; `family`: per-look levels (default: the union bound)."""
+  looks = sequential.look_schedule(n_max)
+  levels = sequential.look_alphas(alpha, len(looks)) if family is None else family(len(looks))
+  return looks, [(ij.clopper_pearson_lower(np.arange(t + 1), t, a),
+                  smoothing.clopper_pearson_upper(np.arange(t + 1), t, a))
+                 for t, a in zip(looks, levels)]
+
+
+def crossing_rates(p, n_max, alpha, streams, family=None, seed=0):
+  """Shares of Bernoulli(p) streams whose lower bound exceeds p, and whose upper bound falls
+  below p, at some look."""
+  looks, rows = look_bounds(n_max, alpha, family)
+  increments = np.diff(np.concatenate([[0], looks]))
+  counts = np.cumsum(np.random.default_rng(seed).binomial(increments, p, (streams, len(looks))),
+                     axis=1)
+  low = np.zeros(streams, bool)
+  high = np.zeros(streams, bool)
+  for l, (lower, upper) in enumerate(rows):
+    low |= lower[counts[:, l]] > p
+    high |= upper[counts[:, l]] < p
+  return low.mean(), high.mean()
+
+
+def test_schedule_and_levels():
+  looks = sequential.look_schedule(100_000)
+  assert looks[0] == 100 and looks[-1] == 100_000 and np.all(np.diff(looks) > 0)
+  assert np.all(looks[1:-1] / looks[:-2] >= 1.5 - 1e-9)
+  levels = sequential.look_alphas(0.001, len(looks))
+  assert levels.sum() == pytest.approx(0.001) and levels[-1] == pytest.approx(0.0005)
+  np.testing.assert_array_equal(sequential.look_schedule(60), [60])
+  assert sequential.look_alphas(0.01, 1) == pytest.approx([0.01])
+
+
+@pytest.mark.parametrize("p", [0.5, 0.7, 0.9, 0.99])
+def test_bound_holds_at_every_look_with_probability_alpha(p):
+  # 10^5 streams: violated at some look in at most α of them, within 3 Monte Carlo errors.
+  alpha, streams = 0.05, 100_000
+  low, high = crossing_rates(p, 20_000, alpha, streams)
+  slack = 3 * np.sqrt(alpha * (1 - alpha) / streams)
+  assert low <= alpha + slack and high <= alpha + slack
+
+
+def test_per_look_bounds_without_the_union_bound_fail_the_same_check():
+  # The check can fail: Clopper–Pearson at the full α at every look crosses far more often.
+  alpha, streams = 0.05, 100_000
+  low, high = crossing_rates(0.7, 20_000, alpha, streams, family=lambda k: np.full(k, alpha))
+  assert min(low, high) > alpha + 3 * np.sqrt(alpha * (1 - alpha) / streams)
+
+
+def test_device_tables_match_the_float64_bounds():
+  looks, offsets, lower, upper = sequential.bound_tables(5000, 0.01)
+  _, rows = look_bounds(5000, 0.01)
+  for l, (lo, up) in enumerate(rows):
+    np.testing.assert_allclose(lower[offsets[l]: offsets[l] + looks[l] + 1], lo, atol=1e-6)
+    np.testing.assert_allclose(upper[offsets[l]: offsets[l] + looks[l] + 1], up, atol=1e-6)
+
+
+DISTANCES = np.array([-0.3, 0.0, 0.03, 0.1, 0.2, 0.4, 0.6, 0.9, 1.2, 2.5])
+
+
+def certify_linear(linear, sampling, key=0, n=20_000, alpha=0.001, batch_size=1000, **rule):
+  x = linear.points_at_distance(DISTANCES)
+  return ij.certify(linear, x, 0.5, jax.random.PRNGKey(key), n0=100, n=n, alpha=alpha,
+                    batch_size=batch_size, num_classes=2, sampling=sampling, **rule)
+
+
+def test_radius_mode_is_sound_close_to_fixed_and_cheaper(linear):
+  fixed = certify_linear(linear, "fixed", n=100_000)
+  seq = certify_linear(linear, "sequential", n=100_000, tolerance=0.05)
+  # Sound: no radius above the true distance to the boundary.
+  assert np.all(seq.radius <= np.abs(DISTANCES) + 1e-6)
+  np.testing.assert_array_equal(seq.prediction, fixed.prediction)
+  certified = fixed.prediction != ij.ABSTAIN
+  assert np.all(seq.radius[certified] >= 0.9 * fixed.radius[certified])
+  # Saturated and boundary inputs need most of n_max; p_A = Φ(1.2), Φ(1.8) stop by 30%.
+  assert np.all(seq.num_samples[6:8] <= 30_000)
+  assert seq.num_samples.sum() < 0.75 * fixed.num_samples.sum()
+  np.testing.assert_array_equal(fixed.num_samples, 100_000)
+  # The stops are looks, and a look's counts are those of the first samples of fixed CERTIFY.
+  assert set(seq.num_samples) <= set(sequential.look_schedule(100_000))
+  np.testing.assert_array_equal(seq.counts.sum(1), seq.num_samples)
+  x = linear.points_at_distance(DISTANCES)
+  key = jax.random.fold_in(jax.random.PRNGKey(0), smoothing.PURPOSE_ESTIMATE)
+  for i in (2, 5, 9):
+    first = ij.sample_counts(linear, x[i:i + 1], 0.5, key, num=int(seq.num_samples[i]),
+                             batch_size=500, num_classes=2, ids=[i])
+    np.testing.assert_array_equal(np.asarray(first)[0], seq.counts[i])
+
+
+def test_far_below_half_abstains_early(linear):
+  x = linear.points_at_distance(np.array([-0.01, 0.005]))
+  # A classifier that is right only 30% of the time under noise: p_A <= 0.3 for the guess.
+  third = lambda z: jnp.where((jnp.sum(z, axis=1) % 1.0 < 0.3)[:, None],
+                              jnp.array([[1.0, 0.0, 0.0]]), jnp.array([[0.0, 1.0, 0.5]]) *
+                              (jnp.sum(z * 7, axis=1) % 1.0 < 0.5)[:, None]
+                              + jnp.array([[0.0, 0.0, 1.0]]) *
+                              (jnp.sum(z * 7, axis=1) % 1.0 >= 0.5)[:, None])
+  cert = ij.certify(third, x, 1.0, jax.random.PRNGKey(0), n0=50, n=100_000, alpha=0.001,
+                    batch_size=500, num_classes=3, sampling="sequential")
+  np.testing.assert_array_equal(cert.prediction, ij.ABSTAIN)
+  assert np.all(cert.num_samples <= 1000)
+
+
+def test_decision_mode_reports_the_largest_proven_radius(linear):
+  radii = (0.25, 0.5, 0.75, 1.0)
+  fixed = certify_linear(linear, "fixed", alpha=0.001)
+  seq = certify_linear(linear, "sequential", radii=radii)
+  assert set(np.round(seq.radius, 6)) <= {0.0, *radii}
+  assert np.all(seq.radius <= np.abs(DISTANCES) + 1e-6)
+  # It proves the same thresholds as fixed CERTIFY here (none sits near its threshold).
+  expected = np.array([max([0.0] + [r for r in radii if r <= f]) for f in fixed.radius])
+  np.testing.assert_allclose(seq.radius, expected)
+  assert seq.num_samples.sum() < 0.3 * fixed.num_samples.sum()
+
+
+def test_sound_on_many_instances_with_a_loose_alpha(linear):
+  # α = 0.05 over 300 instances at distance 0.3: the radius exceeds the truth in at most ~5%.
+  x = linear.points_at_distance(np.full(300, 0.3))
+  for rule in ({"tolerance": 0.05}, {"radii": (0.1, 0.2, 0.3)}):
+    cert = ij.certify(linear, x, 0.5, jax.random.PRNGKey(3), n0=50, n=3000, alpha=0.05,
+                      batch_size=2000, num_classes=2, sampling="sequential", **rule)
+    assert np.mean(cert.radius > 0.3) <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / 300)
+    assert np.mean(cert.radius > 0) > 0.5
+
+
+def test_results_do_not_depend_on_batch_size_or_grouping():
+  rng = np.random.default_rng(2)
+  w1, w2 = rng.normal(size=(12, 16)).astype(np.float32), rng.normal(size=(16, 3)).astype(np.float32)
+  model = lambda z: jnp.tanh(z.reshape(z.shape[0], -1) @ w1) @ w2
+  x = rng.uniform(size=(9, 12)).astype(np.float32)
+  sigma = np.linspace(0.2, 1.0, 9).astype(np.float32)
+  run = lambda batch_size, s=slice(None), **rule: ij.certify(
+      model, x[s], sigma[s], jax.random.PRNGKey(5), n0=40, n=4000, alpha=0.01,
+      batch_size=batch_size, num_classes=3, ids=np.arange(9)[s], sampling="sequential", **rule)
+  for rule in ({"tolerance": 0.1}, {"radii": (0.2, 0.5)}):
+    reference = run(200, **rule)
+    assert len(set(reference.num_samples)) > 1
+    for batch_size in (1, 5000):
+      other = run(batch_size, **rule)
+      for a, b in zip(reference, other):
+        np.testing.assert_array_equal(a, b)
+    parts = [run(120, s, **rule) for s in (slice(0, 4), slice(4, 9))]
+    for field in ("prediction", "radius", "num_samples", "counts"):
+      np.testing.assert_array_equal(np.concatenate([getattr(p, field) for p in parts]),
+                                    getattr(reference, field))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(tolerance=0.0), "tolerance must lie in"),
+    (dict(tolerance=1.0), "tolerance must lie in"),
+    (dict(radii=(0.5, 0.25)), "radii must be sorted"),
+    (dict(radii=(-0.1, 0.25)), "radii must be finite and >= 0"),
+    (dict(radii=(0.1, float("nan"))), "radii must be finite"),
+    (dict(n=50), "n must be >= n0 with sequential"),
+    (dict(sampling="adaptive"), "sampling must be one of"),
+])
+def test_bad_sequential_input_is_rejected_before_compiling(linear, change, message, monkeypatch):
+  compiled = []
+  monkeypatch.setattr(smoothing, "_sharded_counts", lambda *a, **k: compiled.append(1))
+  monkeypatch.setattr(sequential, "_sharded_run", lambda *a, **k: compiled.append(1))
+  args = dict(n0=100, n=1000, alpha=0.01, batch_size=32, num_classes=2, sampling="sequential")
+  args.update(change)
+  with pytest.raises(ValueError, match=message):
+    ij.certify(linear, np.zeros((2, 8), np.float32), 0.5, jax.random.PRNGKey(0), **args)
+  assert not compiled
