@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from scipy import stats
 
-from instars_jax import search, smoothing
+from instars_jax import monte_carlo, search, smoothing
 
 FIXED_SIGMA = "fixed_sigma"
 PER_SIGMA = "per_sigma"
@@ -274,7 +274,7 @@ def certify_estimator(estimator_fn, x, key, *, sigma_estimator, n0, n, beta, bat
   decided = smoothing.certify(estimator_fn, x, sigma_estimator, key, n0=n0, n=n, alpha=beta / 2,
                               batch_size=batch_size, num_classes=num_bins, ids=ids)
   counts = np.asarray(decided.counts)
-  upper = smoothing.clopper_pearson_upper(counts, n, beta / (2 * num_bins))
+  upper = monte_carlo.clopper_pearson_upper(counts, n, beta / (2 * num_bins))
   undecided = upper.max(axis=1) < 0.5
   bin_ = np.where(decided.prediction != smoothing.ABSTAIN, decided.prediction,
                   np.where(undecided, 0, smoothing.ABSTAIN)).astype(np.int32)

@@ -19,8 +19,7 @@ import numpy as np
 from scipy import stats
 
 from instars_jax import parallel, sequential
-from instars_jax.monte_carlo import (certified_radius, clopper_pearson_lower,  # noqa: F401 (API)
-                                     clopper_pearson_upper, instance_noise)
+from instars_jax.monte_carlo import certified_radius, clopper_pearson_lower, instance_noise
 
 ABSTAIN = -1
 

@@ -136,6 +136,37 @@ def test_instance_sigma_mode(toy_config, tmp_path):
     certification.certify_test_set(toy_config, tmp_path / "run")
 
 
+def test_sequential_sampling_through_certify_py(toy_config, tmp_path, monkeypatch):
+  toy_config.train.epochs = 1
+  training.train_and_evaluate(toy_config, tmp_path / "run")
+  toy_config.certify.update(n=2000, skip=1, name="fixed")
+  fixed = results.read_results(certification.certify_test_set(toy_config, tmp_path / "run"))
+  assert np.all(fixed["samples"] == 2000)
+  toy_config.certify.update(sampling="sequential", radii=(0.1, 0.2), name="decision", instances=1)
+  with monkeypatch.context() as m:  # killed after the first block of rows was written
+    stop_after(results.ResultsWriter, "write", 2, m)
+    with pytest.raises(Killed):
+      certification.certify_test_set(toy_config, tmp_path / "run")
+  path = certification.certify_test_set(toy_config, tmp_path / "run")
+  decision = results.read_results(path)
+  np.testing.assert_array_equal(decision["idx"], fixed["idx"])
+  assert set(decision["radius"]) <= {0.0, 0.1, 0.2}
+  assert np.all(decision["samples"] <= 2000) and decision["samples"].sum() < 0.5 * 24 * 2000
+  meta = results.read_metadata(path)
+  assert meta["sampling"] == "sequential"
+  assert meta["sequential"] == {"mode": "decision", "radii": [0.1, 0.2], "n_max": 2000}
+  # Resumed rows equal a straight run's.
+  toy_config.certify.name = "decision_straight"
+  straight = certification.certify_test_set(toy_config, tmp_path / "run")
+  assert rows_without_time(straight) == rows_without_time(path)
+  # Instance σ: search, then sequential CERTIFY at the searched σ (radius mode).
+  toy_config.certify.update(radii=(), sigma_mode="instance", certificate="per_sigma", name="")
+  toy_config.certify.search.update(sigma_min=0.1, sigma_max=1.0, starts=2, steps=3,
+                                   samples_per_step=16)
+  table = results.read_results(certification.certify_test_set(toy_config, tmp_path / "run"))
+  assert len(table["idx"]) == 24 and np.all(table["samples"] <= 2000)
+
+
 def test_sound_instance_certificates_through_certify_py(toy_config, tmp_path, monkeypatch):
   toy_config.train.epochs = 1
   toy_config.estimator.update(epochs=1, label_samples=4)
@@ -221,9 +252,21 @@ def test_bad_training_config(toy_config, tmp_path, section, key, value, message)
 @pytest.mark.parametrize("key, value, message", [
     ("sigma", -0.5, "certify.sigma"), ("n", 0, "certify.n must"), ("n0", 0, "certify.n0"),
     ("alpha", 1.5, "certify.alpha"), ("skip", 0, "certify.skip"),
+    ("sampling", "adaptive", "certify.sampling must be one of"),
 ])
 def test_bad_certify_config(toy_config, tmp_path, key, value, message):
   toy_config.certify[key] = value
+  with pytest.raises(ValueError, match=message):
+    certification.certify_test_set(toy_config, tmp_path)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(tolerance=1.5), "certify.tolerance must lie in"),
+    (dict(radii=(0.5, 0.25)), "certify.radii must be sorted"),
+    (dict(n=10, n0=100), "certify.n must be >= n0 with sequential"),
+])
+def test_bad_sequential_config(toy_config, tmp_path, changes, message):
+  toy_config.certify.update(sampling="sequential", **changes)
   with pytest.raises(ValueError, match=message):
     certification.certify_test_set(toy_config, tmp_path)
 

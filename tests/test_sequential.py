@@ -4,10 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import stats
 
 import instars_jax as ij
-from instars_jax import sequential, smoothing
+from instars_jax import monte_carlo, sequential, smoothing
 
 
 def look_bounds(n_max, alpha, family=None):
@@ -15,7 +14,7 @@ def look_bounds(n_max, alpha, family=None):
   looks = sequential.look_schedule(n_max)
   levels = sequential.look_alphas(alpha, len(looks)) if family is None else family(len(looks))
   return looks, [(ij.clopper_pearson_lower(np.arange(t + 1), t, a),
-                  smoothing.clopper_pearson_upper(np.arange(t + 1), t, a))
+                  monte_carlo.clopper_pearson_upper(np.arange(t + 1), t, a))
                  for t, a in zip(looks, levels)]
 
 
