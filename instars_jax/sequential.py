@@ -50,9 +50,9 @@ from instars_jax.monte_carlo import (certified_radius, clopper_pearson_lower,
 
 FIRST_LOOK = 100
 LOOK_RATIO = 1.5
-# Samples of one instance per forward pass: small against the gaps between looks (≥ 50), so
-# that little is wasted when a chunk is cut at a look.
-CHUNK = 50
+# Instances in flight per device: one per SAMPLES_PER_SLOT images of the batch, so that the
+# instances just started (FIRST_LOOK samples to their first look) can fill it.
+SAMPLES_PER_SLOT = 50
 
 
 def look_schedule(n_max: int) -> np.ndarray:
@@ -155,31 +155,39 @@ def make_rule(tolerance: float, radii) -> RadiusRule | DecisionRule:
 
 
 def local_run(x, sigma, ids, guess, key, looks, offsets, lower_tab, upper_tab, *, apply_fn,
-              slots, chunk, num_classes, rule):
+              slots, batch_size, num_classes, rule):
   """Counts for the queue of instances on one device: (counts int32[Q, C], trials int32[Q],
   look int32[Q]) at each instance's stop.
 
-  `slots` instances are in flight; each step draws `chunk` samples of each (cut at its next
-  look), and a slot whose instance stops takes the next instance of the queue."""
+  `slots` instances are in flight. Each step's batch of `batch_size` noisy images is filled
+  slot by slot with the samples each in-flight instance still needs to reach its next look
+  (so nothing is drawn past a look, and in the tail the last instances get the whole batch);
+  an instance that stops at a look hands its slot to the next instance of the queue."""
   queue, shape = x.shape[0], x.shape[1:]
   n_max = looks[-1]
   final = offsets[-1]
   slots = min(slots, queue)
+  positions = jnp.arange(batch_size)
 
   def step(state):
     slot, next_in_queue, counts, trials, look = state
     active = slot < queue
     q = jnp.minimum(slot, queue - 1)
     start, boundary = trials[q], looks[look[q]]
-    sample_ids = start[:, None] + jnp.arange(chunk)[None, :]
-    valid = active[:, None] & (sample_ids < boundary[:, None])
-    eps = jax.vmap(instance_noise, in_axes=(None, 0, 0, None))(key, ids[q], sample_ids, shape)
-    noisy = x[q][:, None] + sigma[q].reshape((-1, 1) + (1,) * len(shape)) * eps
-    predictions = jnp.argmax(apply_fn(noisy.reshape((-1,) + shape)), -1).reshape(slots, chunk)
-    hits = jnp.sum(jax.nn.one_hot(predictions, num_classes, dtype=jnp.int32)
-                   * valid[..., None], axis=1)
+    need = jnp.where(active, boundary - start, 0)
+    ends = jnp.cumsum(need)
+    begins = ends - need
+    owner = jnp.minimum(jnp.searchsorted(ends, positions, side="right"), slots - 1)
+    valid = positions < ends[-1]
+    instance = q[owner]
+    sample = start[owner] + positions - begins[owner]
+    eps = jax.vmap(lambda i, j: instance_noise(key, i, j[None], shape)[0])(ids[instance], sample)
+    noisy = x[instance] + sigma[instance].reshape((-1,) + (1,) * len(shape)) * eps
+    predictions = jnp.argmax(apply_fn(noisy), -1)
+    hits = jax.ops.segment_sum(jax.nn.one_hot(predictions, num_classes, dtype=jnp.int32)
+                               * valid[:, None], owner, num_segments=slots)
     new_counts = counts[q] + hits
-    new_trials = start + jnp.sum(valid, axis=1)
+    new_trials = start + jnp.clip(batch_size - begins, 0, need)
     successes = jnp.take_along_axis(new_counts, guess[q][:, None], axis=1)[:, 0]
     at_look = active & (new_trials == boundary)
     lower = lower_tab[offsets[look[q]] + successes]
@@ -204,11 +212,11 @@ def local_run(x, sigma, ids, guess, key, looks, offsets, lower_tab, upper_tab, *
   return counts, trials, look
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "slots", "chunk", "num_classes", "rule",
-                                             "mesh"))
+@functools.partial(jax.jit, static_argnames=("apply_fn", "slots", "batch_size", "num_classes",
+                                             "rule", "mesh"))
 def _sharded_run(x, sigma, ids, guess, key, looks, offsets, lower_tab, upper_tab, *, apply_fn,
-                 slots, chunk, num_classes, rule, mesh):
-  local = functools.partial(local_run, apply_fn=apply_fn, slots=slots, chunk=chunk,
+                 slots, batch_size, num_classes, rule, mesh):
+  local = functools.partial(local_run, apply_fn=apply_fn, slots=slots, batch_size=batch_size,
                             num_classes=num_classes, rule=rule)
   return parallel.shard_instances(local, mesh, num_sharded=4, num_replicated=5)(
       x, sigma, ids, guess, key, looks, offsets, lower_tab, upper_tab)
@@ -217,13 +225,13 @@ def _sharded_run(x, sigma, ids, guess, key, looks, offsets, lower_tab, upper_tab
 def run(apply_fn, x, sigma, ids, guess, key, *, n_max, alpha, batch_size, num_classes, rule):
   """(counts int[B, C], trials int[B], look int[B]) of sequential sampling on validated host
   arrays: each device takes a contiguous share of the instances as its queue and keeps
-  batch_size // CHUNK of them in flight."""
+  batch_size // SAMPLES_PER_SLOT of them in flight."""
   mesh = parallel.local_data_mesh()
   devices = mesh.devices.size
   padded = [parallel.pad_rows(a, devices) for a in (x, sigma, ids, guess)]
-  chunk = min(CHUNK, batch_size)
-  slots = max(1, batch_size // chunk)
+  slots = max(1, batch_size // SAMPLES_PER_SLOT)
   tables = bound_tables(int(n_max), float(alpha))
   counts, trials, look = _sharded_run(*padded, key, *tables, apply_fn=apply_fn, slots=slots,
-                                      chunk=chunk, num_classes=num_classes, rule=rule, mesh=mesh)
+                                      batch_size=batch_size, num_classes=num_classes, rule=rule,
+                                      mesh=mesh)
   return tuple(np.asarray(a)[: len(x)] for a in (counts, trials, look))

@@ -1,0 +1,105 @@
+"""Sequential against fixed-n certification of one trained model, in one run.
+
+    python bench/sequential.py --workdir runs/demo [--images 500] [--n-max 100000]
+                               [--sigmas 0.25,0.5] [--tolerance 0.05]
+                               [--radii 0.25,0.5,0.75,1.0] [--batch 1000]
+
+For each σ, certifies the same test images (every k-th, k = test size // images) three ways
+with the same key, n0 and α: fixed n = n_max (Cohen et al.'s CERTIFY), sequential radius
+mode (tolerance ε) and sequential decision mode (the radii). Prints JSON with, for each
+sequential mode, the total samples ratio fixed ÷ sequential (n0 selection samples included
+on both sides), the wall-time ratio, the ACR ratio and the largest absolute difference in
+certified accuracy over r ∈ {0, 0.25, …, 2} (decision mode: over its radii, where its
+reported radius is meaningful). Wall times include compilation (a few seconds).
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import instars_jax as ij
+from instars_jax import checkpoints, data
+from common import device_info, emit
+
+RADII = np.arange(0, 2.0001, 0.25)
+
+
+def certified_accuracy(cert, labels, radii):
+  correct = cert.prediction == labels
+  return np.array([np.mean(correct & (cert.radius >= r)) for r in radii])
+
+
+def average_certified_radius(cert, labels):
+  return float(np.mean(np.where(cert.prediction == labels, cert.radius, 0.0)))
+
+
+def timed(fn):
+  start = time.perf_counter()
+  out = fn()
+  return out, time.perf_counter() - start
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--workdir", default="runs/demo")
+  parser.add_argument("--images", type=int, default=500)
+  parser.add_argument("--n-max", type=int, default=100_000)
+  parser.add_argument("--n0", type=int, default=100)
+  parser.add_argument("--alpha", type=float, default=0.001)
+  parser.add_argument("--sigmas", default="0.25,0.5")
+  parser.add_argument("--tolerance", type=float, default=0.05)
+  parser.add_argument("--radii", default="0.25,0.5,0.75,1.0")
+  parser.add_argument("--batch", type=int, default=1000)
+  args = parser.parse_args()
+
+  state = ij.load_train_state(args.workdir)
+  config = json.loads((Path(args.workdir) / "config.json").read_text())
+  test = data.load_dataset(config["dataset"], data_dir=config["data_dir"],
+                           cache_dir=config["cache_dir"], num_classes=config["num_classes"]).test
+  indices = np.arange(0, len(test), max(1, len(test) // args.images))[: args.images]
+  batch = test.take(indices)
+  apply_fn = ij.logits_fn(state)
+  num_classes = json.loads((Path(args.workdir) / checkpoints.RUN_FILE).read_text())["num_classes"]
+  decision_radii = tuple(float(r) for r in args.radii.split(","))
+  common = dict(n0=args.n0, n=args.n_max, alpha=args.alpha, batch_size=args.batch,
+                num_classes=num_classes, ids=batch["index"])
+  labels = batch["label"]
+
+  rows = []
+  for sigma in (float(s) for s in args.sigmas.split(",")):
+    key = jax.random.PRNGKey(0)
+    run = lambda **kw: timed(lambda: ij.certify(apply_fn, batch["image"], sigma, key, **common, **kw))
+    fixed, fixed_seconds = run()
+    fixed_total = fixed.num_samples.sum() + args.n0 * len(indices)
+    row = {"sigma": sigma, "images": len(indices), "n_max": args.n_max, "alpha": args.alpha,
+           "fixed": {"seconds": fixed_seconds, "samples": int(fixed_total),
+                     "acr": average_certified_radius(fixed, labels),
+                     "certified_accuracy": dict(zip(map(float, RADII),
+                                                    certified_accuracy(fixed, labels, RADII).tolist()))}}
+    for mode, kw, radii in (("radius", {"tolerance": args.tolerance}, RADII),
+                            ("decision", {"radii": decision_radii}, np.array(decision_radii))):
+      seq, seconds = run(sampling="sequential", **kw)
+      total = seq.num_samples.sum() + args.n0 * len(indices)
+      difference = np.abs(certified_accuracy(seq, labels, radii)
+                          - certified_accuracy(fixed, labels, radii))
+      row[mode] = {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()},
+                   "seconds": seconds, "samples": int(total),
+                   "samples_ratio": float(fixed_total / total),
+                   "wall_time_ratio": fixed_seconds / seconds,
+                   "acr": average_certified_radius(seq, labels),
+                   "acr_ratio": average_certified_radius(seq, labels)
+                   / max(average_certified_radius(fixed, labels), 1e-12),
+                   "max_abs_certified_accuracy_difference": float(difference.max()),
+                   "median_samples": float(np.median(seq.num_samples))}
+    rows.append(row)
+    emit(row)
+  emit({"benchmark": "sequential", "workdir": args.workdir, "device": device_info(),
+        "results": rows})
+
+
+if __name__ == "__main__":
+  main()
