@@ -3,24 +3,27 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench clean fashion-mnist
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_DIR ?= runs/demo
 DEMO_CONFIG ?= configs/fashion_mnist_demo.py
+SEQ_IMAGES ?= 500
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,torch]'
 	touch $(STAMP)
 
 test: setup
 	$(PY) -m pytest -q
 
-demo: setup
+fashion-mnist:
 	@test -f $(FASHION_MNIST) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
+
+demo: setup fashion-mnist
 	$(PY) train.py --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR)
 	$(PY) certify.py --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR) --config.certify.sigma_mode=fixed
 	$(PY) certify.py --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR) --config.certify.sigma_mode=instance
@@ -29,7 +32,7 @@ demo: setup
 	  --radii 0,0.25,0.5,0.75,1,1.5,2 --plot $(DEMO_DIR)/certified_accuracy.png --sigma-hist $(DEMO_DIR)/chosen_sigma.png
 	@echo "plots: $(DEMO_DIR)/certified_accuracy.png $(DEMO_DIR)/chosen_sigma.png"
 
-bench: setup
+bench: setup fashion-mnist
 	$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
 	cd bench && PYTHONPATH=.. ../$(PY) certify_throughput.py --models lenet,resnet20,resnet110
 	cd bench && PYTHONPATH=.. ../$(PY) train_throughput.py
@@ -37,6 +40,8 @@ bench: setup
 	cd bench && PYTHONPATH=.. ../$(PY) table_update_cost.py
 	cd bench && PYTHONPATH=.. ../$(PY) cohen_loop.py
 	cd bench && PYTHONPATH=.. ../$(PY) bf16_agreement.py
+	$(PY) train.py --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR)  # the demo model (resumes if done)
+	cd bench && PYTHONPATH=.. ../$(PY) sequential.py --workdir ../$(DEMO_DIR) --images $(SEQ_IMAGES)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

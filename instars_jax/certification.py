@@ -7,7 +7,8 @@ as published, not a certificate of the input-dependent classifier). Each kind is
 function of `certificates.CERTIFIERS`, called with the same context for every batch.
 
 Rows are appended and synced after every batch of instances; a rerun with the same settings
-resumes after what is written. The noise of test image i depends only on (seed, i), so a
+resumes after what is written. One process at a time writes a results file (`locks.py`: a
+second one exits with an error naming the first). The noise of test image i depends only on (seed, i), so a
 resumed run writes exactly the rows an uninterrupted one would.
 """
 
@@ -22,8 +23,8 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 import instars_jax
-from instars_jax import (analyze, certificates, data, estimator, model_state, results, search,
-                         smoothing)
+from instars_jax import (analyze, certificates, data, estimator, locks, model_state, results,
+                         search, smoothing)
 
 PURPOSE_CERTIFY = 20
 SIGMA_MODES = ("fixed", "instance")
@@ -174,6 +175,30 @@ def certifier_context(config, state, num_classes, image_size, path, done, loaded
   return ctx
 
 
+def _certify_rows(config, ctx, test, todo, writer, name) -> None:
+  """Certifies the test images `todo` in blocks, writing each block's rows as it finishes."""
+  c = config.certify
+  certify_batch = certificates.CERTIFIERS[kind_of(config)]
+  per_call = c.instances * jax.local_device_count()
+  if c.sampling == "sequential":
+    per_call *= SEQUENTIAL_QUEUE_DEPTH
+  began_run, samples = time.perf_counter(), 0
+  with tqdm(total=len(todo), desc=f"certify {name}", unit="img", disable=None) as bar:
+    for start in range(0, len(todo), per_call):
+      batch = test.take(np.asarray(todo[start: start + per_call]))
+      began = time.perf_counter()
+      cert = certify_batch(ctx, batch["image"], batch["index"])
+      seconds = (time.perf_counter() - began) / len(batch["index"])
+      writer.write([{"idx": int(i), "label": int(y), "predict": int(p), "radius": float(r),
+                     "correct": int(p == y), "time": seconds, "sigma": float(s),
+                     "samples": int(m)}
+                    for i, y, p, r, s, m in zip(batch["index"], batch["label"], cert.prediction,
+                                                cert.radius, cert.sigma, cert.num_samples)])
+      samples += int(np.sum(cert.num_samples))
+      bar.update(len(batch["index"]))
+      bar.set_postfix(samples_per_s=f"{samples / (time.perf_counter() - began_run):.4g}")
+
+
 def certify_test_set(config, workdir, host: int | None = None, hosts: int | None = None) -> Path:
   """Certifies the selected test images with the latest checkpoint in `workdir`, appending to
   DIR/certify/<name>.tsv; prints the analysis table and returns the file's path.
@@ -195,32 +220,13 @@ def certify_test_set(config, workdir, host: int | None = None, hosts: int | None
   path = output_path(config, workdir)
   metadata = run_metadata(config, loaded and loaded[1])
   part = path if hosts == 1 else path.with_name(f"{path.stem}.host{host}of{hosts}.tsv")
-  writer = _open_results(part, metadata)
-
-  c = config.certify
-  mine = selected_indices(len(dataset.test), c.skip, c.max)[host::hosts]
-  todo = [i for i in mine if i not in writer.done]
-  ctx = certifier_context(config, state, dataset.num_classes, int(np.prod(dataset.image_shape)),
-                          path, writer.done, loaded)
-  certify_batch = certificates.CERTIFIERS[kind]
-  per_call = c.instances * jax.local_device_count()
-  if c.sampling == "sequential":
-    per_call *= SEQUENTIAL_QUEUE_DEPTH
-  began_run, samples = time.perf_counter(), 0
-  with tqdm(total=len(todo), desc=f"certify {path.name}", unit="img", disable=None) as bar:
-    for start in range(0, len(todo), per_call):
-      batch = dataset.test.take(np.asarray(todo[start: start + per_call]))
-      began = time.perf_counter()
-      cert = certify_batch(ctx, batch["image"], batch["index"])
-      seconds = (time.perf_counter() - began) / len(batch["index"])
-      writer.write([{"idx": int(i), "label": int(y), "predict": int(p), "radius": float(r),
-                     "correct": int(p == y), "time": seconds, "sigma": float(s),
-                     "samples": int(m)}
-                    for i, y, p, r, s, m in zip(batch["index"], batch["label"], cert.prediction,
-                                                cert.radius, cert.sigma, cert.num_samples)])
-      samples += int(np.sum(cert.num_samples))
-      bar.update(len(batch["index"]))
-      bar.set_postfix(samples_per_s=f"{samples / (time.perf_counter() - began_run):.4g}")
+  with locks.exclusive(part.with_name(part.name + ".lock"), f"the results file {part}"):
+    writer = _open_results(part, metadata)
+    mine = selected_indices(len(dataset.test), config.certify.skip, config.certify.max)
+    todo = [i for i in mine[host::hosts] if i not in writer.done]
+    ctx = certifier_context(config, state, dataset.num_classes,
+                            int(np.prod(dataset.image_shape)), path, writer.done, loaded)
+    _certify_rows(config, ctx, dataset.test, todo, writer, path.name)
   if hosts > 1:
     multihost_utils.sync_global_devices(f"certified {path.name}")
     if host != 0:

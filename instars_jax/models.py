@@ -60,14 +60,21 @@ def _residual(x, y, strides, norm, conv):
   return nn.relu(x + y)
 
 
+# PyTorch's padding: k // 2 on every side. (Flax's "SAME" pads a stride-2 convolution of an
+# even-sized input only at the end, which would shift every feature map of an imported model.)
+def _torch_padding(kernel_size):
+  return [(k // 2, k // 2) for k in kernel_size]
+
+
 class _Block(nn.Module):
   features: int
   strides: int
   norm: Any
   dtype: Any
 
-  def conv(self, *args):
-    return nn.Conv(*args, use_bias=False, dtype=self.dtype)
+  def conv(self, features, kernel_size, strides=1):
+    return nn.Conv(features, kernel_size, strides, padding=_torch_padding(kernel_size),
+                   use_bias=False, dtype=self.dtype)
 
 
 class BasicBlock(_Block):
@@ -91,7 +98,9 @@ class Bottleneck(_Block):
 
 class ResNet(nn.Module):
   """ResNet with projection shortcuts. CIFAR variants (stem 3×3, widths 16/32/64) follow
-  Cohen et al.'s `cifar_resnet`; the ImageNet variant is the standard ResNet-50."""
+  Cohen et al.'s `cifar_resnet`; the ImageNet variant is torchvision's ResNet-50 (stride in the
+  3×3 convolution). Layer for layer and padding for padding as in PyTorch, so published
+  checkpoints import exactly (`import_torch.py`)."""
   stage_sizes: Sequence[int]
   block: Any
   num_classes: int
@@ -110,9 +119,10 @@ class ResNet(nn.Module):
       x = nn.Conv(self.widths[0], (7, 7), 2, padding=[(3, 3), (3, 3)], use_bias=False,
                   dtype=self.dtype)(x)
       x = nn.relu(norm()(x))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_torch_padding((3, 3)))
     else:
-      x = nn.relu(norm()(nn.Conv(self.widths[0], (3, 3), use_bias=False, dtype=self.dtype)(x)))
+      x = nn.relu(norm()(nn.Conv(self.widths[0], (3, 3), padding=_torch_padding((3, 3)),
+                                 use_bias=False, dtype=self.dtype)(x)))
     for stage, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for i in range(size):
         strides = 2 if stage > 0 and i == 0 else 1

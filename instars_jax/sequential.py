@@ -7,17 +7,18 @@ stopping rule fires at one of a fixed schedule of *looks* (sample counts t_1 < �
 and the device never waits for the slowest instance: a finished instance's slot in the batch
 takes the next instance of the queue (continuous batching, inside one compiled loop).
 
-The bound (`look_schedule`, `look_alphas`, `bound_tables`): a union bound over the looks, with
-a one-sided Clopper–Pearson bound at each (the union-bound confidence sequence of Voráček,
-Hein et al., NeurIPS 2024, §4). Look l gets level α_l, Σ_l α_l = α: half of α at the last
-look (n_max, where radii need precision) and the other half split evenly over the earlier
-ones. Then P[∃ l: p_A < L_l] ≤ Σ_l α_l = α for every p_A, so the lower bound at *any*
+The bound (`look_schedule`, `look_alphas`, `bound_tables`): a union bound over the looks,
+with a one-sided Clopper–Pearson bound at each (the union-bound confidence sequence that
+Voráček, Hein et al., NeurIPS 2024, compare with betting sequences). Look l gets level α_l,
+Σ_l α_l = α: half of α at the last look (n_max, where radii need precision) and the other
+half split evenly over the earlier ones. Then P[∃ l: p_A < L_l] ≤ Σ_l α_l = α for every p_A, so the lower bound at *any*
 stopping time that is a look, however chosen from the data, is below p_A with probability
 ≥ 1 − α, and Cohen et al.'s Theorem 1 gives the radius σ Φ⁻¹(L) at that level. The upper
 bounds U_l hold simultaneously in the same way; they only decide when to stop and abstain,
 never what is certified, so the certificate's guarantee rests on the lower family alone.
 
-Stopping rules (each a `Rule`, evaluated at looks only):
+Stopping rules (one interface: a device-side `stop` evaluated at looks only, and a host-side
+`radius` computed from the float64 bound):
   RadiusRule(tolerance ε)  stop when σΦ⁻¹(L_t) ≥ (1 − ε)·R̄_t, where R̄_t is the best radius a
                            continuation to n_max could still certify if p_A ≤ U_t: the
                            last look's bound at count ⌈U_t·n_max⌉, and never more than with

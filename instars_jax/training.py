@@ -20,6 +20,7 @@ devices and jit inserts the gradient and BatchNorm-statistics reductions.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
@@ -31,7 +32,8 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from instars_jax import checkpoints, data, estimator, model_state, models, parallel, sigma_table
+from instars_jax import (checkpoints, data, estimator, locks, model_state, models, parallel,
+                         sigma_table)
 from instars_jax.model_state import TrainState, example_keys, gaussian_noise, logits_fn
 
 PURPOSE_TRAIN_NOISE = 10
@@ -162,7 +164,15 @@ def train_and_evaluate(config, workdir) -> TrainState:
                               cache_dir=config.cache_dir, num_classes=config.num_classes)
   _check_workdir(workdir, config)
   workdir.mkdir(parents=True, exist_ok=True)
+  # One writer per workdir: process 0 of a run holds the lock (the other hosts write nothing).
+  lock = (locks.exclusive(workdir / "train.lock", f"the training run in {workdir}")
+          if jax.process_index() == 0 else contextlib.nullcontext())
+  with lock:
+    return _train(config, workdir, dataset, sharder)
 
+
+def _train(config, workdir: Path, dataset, sharder) -> TrainState:
+  """The body of train_and_evaluate, run while holding the workdir's lock."""
   steps_per_epoch = data.num_batches(len(dataset.train), config.train.batch_size, True)
   if steps_per_epoch == 0:
     raise ValueError(f"train.batch_size={config.train.batch_size} exceeds the "

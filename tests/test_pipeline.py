@@ -288,11 +288,20 @@ def test_end_to_end_command_line(tmp_path):
   assert done.returncode == 0, done.stderr[-2000:]
   assert (tmp_path / "run" / "config.json").exists()
   assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["epoch"] == 0
-  done = run_cli(ROOT / "certify.py", *common, cwd=tmp_path)
-  assert done.returncode == 0, done.stderr[-2000:]
-  assert "| r = 0.25 |" in done.stdout and "| fixed_sigma |" in done.stdout
+  # Two certify.py on one results file at once: one writes it, the other stops at the lock.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  pair = [subprocess.Popen([sys.executable, str(ROOT / "certify.py"), *common,
+                            "--config.certify.n=4000"], cwd=tmp_path, env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+  outputs = [p.communicate(timeout=300) for p in pair]
+  codes = sorted(p.returncode for p in pair)
+  assert codes == [0, 2], [o[1][-2000:] for o in outputs]
+  done_out, _ = outputs[[p.returncode for p in pair].index(0)]
+  _, refused = outputs[[p.returncode for p in pair].index(2)]
+  assert "| r = 0.25 |" in done_out and "| fixed_sigma |" in done_out
+  assert refused.count("\n") == 1 and "is in use by pid" in refused
   table = results.read_results(tmp_path / "run" / "certify" / "sigma_0.25.tsv")
-  assert len(table["idx"]) == 16 and set(table["sigma"]) == {0.25}
+  assert sorted(table["idx"]) == list(range(16)) and set(table["sigma"]) == {0.25}
 
   bad = run_cli(ROOT / "train.py", *common, "--config.train.epoch=2", cwd=tmp_path)
   assert bad.returncode == 2 and "unknown config key 'epoch'" in bad.stderr

@@ -1,0 +1,163 @@
+"""Import of Cohen et al.-format PyTorch checkpoints: the same logits as torch, end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import instars_jax as ij
+from instars_jax import import_torch
+
+torch = pytest.importorskip("torch", reason="torch is the optional extra: pip install -e '.[torch]'")
+nn = torch.nn
+
+ROOT = Path(__file__).resolve().parents[1]
+MEANS = {"cifar10": ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]),
+         "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}
+
+
+class Normalize(nn.Module):
+  """Cohen et al.'s NormalizeLayer: constants, not weights (nothing in the state_dict)."""
+
+  def __init__(self, stats):
+    super().__init__()
+    self.mean, self.std = (torch.tensor(v).view(1, 3, 1, 1) for v in MEANS[stats])
+
+  def forward(self, x):
+    return (x - self.mean) / self.std
+
+
+class Block(nn.Module):
+  """A residual block with torch's layer names: conv1/bn1 ... convK/bnK, downsample.{0,1}."""
+
+  def __init__(self, inplanes, planes, stride, bottleneck):
+    super().__init__()
+    out = planes * (4 if bottleneck else 1)
+    shapes = ([(inplanes, planes, 1, 1), (planes, planes, 3, stride), (planes, out, 1, 1)]
+              if bottleneck else [(inplanes, planes, 3, stride), (planes, planes, 3, 1)])
+    self.depth = len(shapes)
+    for j, (cin, cout, k, s) in enumerate(shapes, 1):
+      setattr(self, f"conv{j}", nn.Conv2d(cin, cout, k, s, padding=k // 2, bias=False))
+      setattr(self, f"bn{j}", nn.BatchNorm2d(cout))
+    self.downsample = (nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False),
+                                     nn.BatchNorm2d(out))
+                       if stride != 1 or inplanes != out else None)
+
+  def forward(self, x):
+    y = x
+    for j in range(1, self.depth + 1):
+      y = getattr(self, f"bn{j}")(getattr(self, f"conv{j}")(y))
+      y = torch.relu(y) if j < self.depth else y
+    return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet(nn.Module):
+  def __init__(self, stages, widths, bottleneck, num_classes, imagenet):
+    super().__init__()
+    self.conv1 = (nn.Conv2d(3, widths[0], 7, 2, padding=3, bias=False) if imagenet
+                  else nn.Conv2d(3, widths[0], 3, padding=1, bias=False))
+    self.bn1 = nn.BatchNorm2d(widths[0])
+    self.maxpool = nn.MaxPool2d(3, 2, padding=1) if imagenet else nn.Identity()
+    inplanes = widths[0]
+    for s, (size, width) in enumerate(zip(stages, widths)):
+      blocks = []
+      for i in range(size):
+        blocks.append(Block(inplanes, width, 2 if s > 0 and i == 0 else 1, bottleneck))
+        inplanes = width * (4 if bottleneck else 1)
+      setattr(self, f"layer{s + 1}", nn.Sequential(*blocks))
+    self.num_stages = len(stages)
+    self.fc = nn.Linear(inplanes, num_classes)
+
+  def forward(self, x):
+    x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
+    for s in range(self.num_stages):
+      x = getattr(self, f"layer{s + 1}")(x)
+    return self.fc(x.mean(dim=(2, 3)))
+
+
+ARCHES = {
+    "cifar_resnet20": (lambda: ResNet((3, 3, 3), (16, 32, 64), False, 10, False), "cifar10", 32),
+    "cifar_resnet110": (lambda: ResNet((18, 18, 18), (16, 32, 64), False, 10, False), "cifar10", 32),
+    "resnet50": (lambda: ResNet((3, 4, 6, 3), (64, 128, 256, 512), True, 1000, True), "imagenet", 64),
+}
+
+
+def published(arch, path, seed=0):
+  """A randomly initialised model with non-trivial BatchNorm statistics, saved like Cohen et
+  al.'s checkpoints; returns the torch model (eval mode) with its Normalize layer."""
+  torch.manual_seed(seed)
+  build, stats, _ = ARCHES[arch]
+  net = build()
+  for m in net.modules():
+    if isinstance(m, nn.BatchNorm2d):
+      m.running_mean.uniform_(-0.3, 0.3)
+      m.running_var.uniform_(0.5, 2.0)
+      m.weight.data.uniform_(0.5, 1.5)
+      m.bias.data.uniform_(-0.2, 0.2)
+  inner = nn.DataParallel(net) if arch == "resnet50" else net
+  model = nn.Sequential(Normalize(stats), inner).eval()
+  torch.save({"epoch": 90, "arch": arch, "state_dict": model.state_dict()}, path)
+  return model
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHES))
+def test_imported_logits_match_torch(arch, tmp_path):
+  model = published(arch, tmp_path / "checkpoint.pth.tar")
+  workdir = import_torch.import_checkpoint(tmp_path / "checkpoint.pth.tar", tmp_path / "run")
+  state = ij.load_train_state(workdir)
+  size = ARCHES[arch][2]
+  x = np.random.default_rng(1).uniform(size=(2, size, size, 3)).astype(np.float32)
+  with torch.no_grad():
+    expected = model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+  got = np.asarray(jax.jit(ij.logits_fn(state))(x))
+  assert np.max(np.abs(got - expected)) <= 1e-4
+  run = json.loads((workdir / "run.json").read_text())
+  assert run["torch_arch"] == arch and run["stats"] == ARCHES[arch][1]
+
+
+def test_import_then_certify_end_to_end(tmp_path):
+  published("cifar_resnet20", tmp_path / "checkpoint.pth.tar")
+  rng = np.random.default_rng(0)
+  npz = tmp_path / "tiny.npz"
+  np.savez(npz, x_train=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+           y_train=np.arange(8) % 10, x_test=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+           y_test=np.arange(4))
+  run = lambda *args: subprocess.run([sys.executable, *map(str, args)], cwd=ROOT,
+                                     capture_output=True, text=True, timeout=300)
+  done = run("-m", "instars_jax.import_torch", tmp_path / "checkpoint.pth.tar",
+             f"--workdir={tmp_path / 'run'}", f"--dataset=npz:{npz}")
+  assert done.returncode == 0, done.stderr[-2000:]
+  done = run("certify.py", "--config=configs/cifar10_small.py", f"--workdir={tmp_path / 'run'}",
+             f"--config.dataset=npz:{npz}", "--config.num_classes=10", "--config.certify.n0=8",
+             "--config.certify.n=64", "--config.certify.batch=64", "--config.certify.sigma=0.25")
+  assert done.returncode == 0, done.stderr[-2000:]
+  lines = (tmp_path / "run" / "certify" / "sigma_0.25.tsv").read_text().splitlines()
+  assert len(lines) == 1 + 4
+
+
+def test_bad_checkpoints_fail_with_one_line(tmp_path):
+  model = published("cifar_resnet20", tmp_path / "good.pth.tar")
+  state = model.state_dict()
+  cases = {
+      "unknown.pth": ({"arch": "vgg16", "state_dict": state}, "unknown arch 'vgg16'"),
+      "missing.pth": ({"arch": "cifar_resnet20",
+                       "state_dict": {k: v for k, v in state.items() if "fc." not in k}},
+                      "2 missing keys"),
+      "extra.pth": ({"arch": "cifar_resnet20", "state_dict": {**state, "1.head.weight": state["1.fc.weight"]}},
+                    "1 extra keys"),
+      "other.pth": ({"arch": "cifar_resnet110", "state_dict": state}, "does not match resnet110"),
+  }
+  for name, (content, message) in cases.items():
+    torch.save(content, tmp_path / name)
+    with pytest.raises(ValueError, match=message):
+      import_torch.import_checkpoint(tmp_path / name, tmp_path / name.replace(".pth", ""))
+  (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
+  done = subprocess.run([sys.executable, "-m", "instars_jax.import_torch", tmp_path / "corrupt.pth",
+                         f"--workdir={tmp_path / 'c'}"], cwd=ROOT, capture_output=True, text=True)
+  assert done.returncode == 2
+  assert done.stderr.count("\n") == 1 and "cannot read" in done.stderr and "Traceback" not in done.stderr
+  assert not (tmp_path / "c").exists()

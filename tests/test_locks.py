@@ -1,0 +1,40 @@
+"""One writer per workdir: the lock names its holder and dies with it."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from instars_jax import locks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_second_writer_is_refused_with_the_holder_named(tmp_path):
+  with locks.exclusive(tmp_path / "a.lock", "the thing"):
+    with pytest.raises(ValueError, match=rf"the thing is in use by pid {os.getpid()} on "):
+      with locks.exclusive(tmp_path / "a.lock", "the thing"):
+        pass
+  with locks.exclusive(tmp_path / "a.lock", "the thing"):  # released on exit
+    pass
+
+
+def test_kill_9_leaves_no_stale_lock(tmp_path):
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from instars_jax import locks\n"
+       f"with locks.exclusive({str(tmp_path / 'b.lock')!r}, 'x'):\n"
+       "  print('held', flush=True); time.sleep(60)"],
+      cwd=ROOT, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+  assert holder.stdout.readline().strip() == "held"
+  with pytest.raises(ValueError, match=f"pid {holder.pid}"):
+    with locks.exclusive(tmp_path / "b.lock", "x"):
+      pass
+  holder.send_signal(signal.SIGKILL)
+  holder.wait()
+  began = time.monotonic()
+  with locks.exclusive(tmp_path / "b.lock", "x"):
+    assert time.monotonic() - began < 1
