@@ -50,7 +50,9 @@ def layer_map(model_name: str) -> dict[str, tuple[str, ...]]:
       for j in range(convs):
         names[f"{torch_block}.conv{j + 1}"] = (flax_block, f"Conv_{j}")
         names[f"{torch_block}.bn{j + 1}"] = (flax_block, f"BatchNorm_{j}")
-      if i == 0:  # the projection shortcut: the block's last convolution and norm in flax
+      # A projection shortcut where the shape changes (stride 2, or a bottleneck's 4× width):
+      # the block's last convolution and norm in flax.
+      if i == 0 and (stage > 0 or convs == 3):
         names[f"{torch_block}.downsample.0"] = (flax_block, f"Conv_{convs}")
         names[f"{torch_block}.downsample.1"] = (flax_block, f"BatchNorm_{convs}")
       index += 1
@@ -67,12 +69,8 @@ def strip_prefixes(state_dict: dict) -> dict:
   return stripped
 
 
-def convert(state_dict: dict, model_name: str, template: dict) -> dict:
-  """{"params", "batch_stats"} for the flax model `model_name` from a torch state_dict (numpy
-  arrays, prefixes stripped); `template` gives the flax shapes. ValueError on any key that is
-  missing, extra or of the wrong shape."""
-  flat = {}
-  expected = set()
+def _fields(model_name: str):
+  """(torch key, flax path, transpose) of every tensor the model `model_name` needs."""
   for torch_name, path in layer_map(model_name).items():
     kind = path[-1].split("_")[0]
     if kind == "Conv":
@@ -84,22 +82,35 @@ def convert(state_dict: dict, model_name: str, template: dict) -> dict:
                 "running_mean": ("batch_stats", "mean", None),
                 "running_var": ("batch_stats", "var", None)}
     for field, (collection, leaf, transpose) in fields.items():
-      key = f"{torch_name}.{field}"
-      expected.add(key)
-      if key in state_dict:
-        value = np.asarray(state_dict[key], np.float32)
-        flat[(collection,) + path + (leaf,)] = value if transpose is None else value.transpose(transpose)
+      yield f"{torch_name}.{field}", (collection,) + path + (leaf,), transpose
+
+
+def check_keys(state_dict: dict, model_name: str) -> None:
+  """ValueError unless the state_dict has exactly the tensors of `model_name` (BatchNorm's
+  num_batches_tracked aside)."""
+  expected = {key for key, _, _ in _fields(model_name)}
   optional = {k for k in state_dict if k.endswith(".num_batches_tracked")}
   missing = sorted(expected - set(state_dict))
   extra = sorted(set(state_dict) - expected - optional)
   if missing or extra:
     raise ValueError(f"the state_dict does not match {model_name}: "
                      f"{len(missing)} missing keys {missing[:3]}, {len(extra)} extra keys {extra[:3]}")
+
+
+def convert(state_dict: dict, model_name: str, template: dict) -> dict:
+  """{"params", "batch_stats"} for the flax model `model_name` from a torch state_dict (numpy
+  arrays, prefixes stripped); `template` gives the flax shapes. ValueError on any key that is
+  missing, extra or of the wrong shape."""
+  check_keys(state_dict, model_name)
   wanted = traverse_util.flatten_dict(template)
-  for path, value in flat.items():
+  flat = {}
+  for key, path, transpose in _fields(model_name):
+    value = np.asarray(state_dict[key], np.float32)
+    value = value if transpose is None else value.transpose(transpose)
     if wanted[path].shape != value.shape:
-      raise ValueError(f"{'.'.join(path)} has shape {value.shape} in the checkpoint; the "
-                       f"{model_name} here needs {wanted[path].shape}")
+      raise ValueError(f"{key} has shape {value.shape} in the checkpoint (as {'/'.join(path)}); "
+                       f"the {model_name} here needs {wanted[path].shape}")
+    flat[path] = value
   return traverse_util.unflatten_dict(flat)
 
 
@@ -131,7 +142,8 @@ def import_checkpoint(path, workdir, dataset: str = "") -> Path:
   `path`; `dataset` overrides the config's dataset (default: the arch's)."""
   arch, state_dict = read_checkpoint(path)
   model_name, stats, image_shape, default_dataset = ARCHES[arch]
-  num_classes = int(state_dict.get("fc.bias", np.zeros(0)).shape[0])
+  check_keys(state_dict, model_name)
+  num_classes = int(state_dict["fc.bias"].shape[0])
   config = default.get_config()
   config.dataset = dataset or default_dataset
   config.model.name = model_name

@@ -1,4 +1,4 @@
-"""Results are bit-identical on 1, 2, 3 and 8 (fake CPU) devices."""
+"""Results are bit-identical on 1, 3 and 8 (fake CPU) devices."""
 
 import json
 import os
@@ -24,12 +24,12 @@ def run_on_devices(script: Path, devices: int, *args) -> dict:
 
 @pytest.mark.parametrize("script", ["device_probe.py"])
 def test_results_identical_across_device_counts(script):
-  outputs = {n: run_on_devices(Path(__file__).parent / script, n) for n in (1, 2, 3, 8)}
+  outputs = {n: run_on_devices(Path(__file__).parent / script, n) for n in (1, 3, 8)}
   for n, out in outputs.items():
     assert out.pop("devices") == n
   reference = outputs[1]
   assert sum(map(sum, reference["counts"])) == 11 * 500
-  for n in (2, 3, 8):
+  for n in (3, 8):
     assert outputs[n] == reference, f"results on {n} devices differ from 1 device"
 
 

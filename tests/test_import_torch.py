@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import instars_jax as ij
-from instars_jax import import_torch
+from configs import cifar10_small
+from instars_jax import certification, import_torch, results
 
 torch = pytest.importorskip("torch", reason="torch is the optional extra: pip install -e '.[torch]'")
 nn = torch.nn
@@ -82,7 +83,7 @@ class ResNet(nn.Module):
 ARCHES = {
     "cifar_resnet20": (lambda: ResNet((3, 3, 3), (16, 32, 64), False, 10, False), "cifar10", 32),
     "cifar_resnet110": (lambda: ResNet((18, 18, 18), (16, 32, 64), False, 10, False), "cifar10", 32),
-    "resnet50": (lambda: ResNet((3, 4, 6, 3), (64, 128, 256, 512), True, 1000, True), "imagenet", 64),
+    "resnet50": (lambda: ResNet((3, 4, 6, 3), (64, 128, 256, 512), True, 1000, True), "imagenet", 32),
 }
 
 
@@ -126,17 +127,13 @@ def test_import_then_certify_end_to_end(tmp_path):
   np.savez(npz, x_train=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
            y_train=np.arange(8) % 10, x_test=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
            y_test=np.arange(4))
-  run = lambda *args: subprocess.run([sys.executable, *map(str, args)], cwd=ROOT,
-                                     capture_output=True, text=True, timeout=300)
-  done = run("-m", "instars_jax.import_torch", tmp_path / "checkpoint.pth.tar",
-             f"--workdir={tmp_path / 'run'}", f"--dataset=npz:{npz}")
-  assert done.returncode == 0, done.stderr[-2000:]
-  done = run("certify.py", "--config=configs/cifar10_small.py", f"--workdir={tmp_path / 'run'}",
-             f"--config.dataset=npz:{npz}", "--config.num_classes=10", "--config.certify.n0=8",
-             "--config.certify.n=64", "--config.certify.batch=64", "--config.certify.sigma=0.25")
-  assert done.returncode == 0, done.stderr[-2000:]
-  lines = (tmp_path / "run" / "certify" / "sigma_0.25.tsv").read_text().splitlines()
-  assert len(lines) == 1 + 4
+  import_torch.import_checkpoint(tmp_path / "checkpoint.pth.tar", tmp_path / "run",
+                                 dataset=f"npz:{npz}")
+  config = cifar10_small.get_config()
+  config.dataset, config.num_classes = f"npz:{npz}", 10
+  config.certify.update(n0=8, n=64, batch=64, sigma=0.25, skip=1)
+  path = certification.certify_test_set(config, tmp_path / "run")
+  assert len(results.read_results(path)["idx"]) == 4
 
 
 def test_bad_checkpoints_fail_with_one_line(tmp_path):

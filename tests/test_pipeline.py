@@ -291,7 +291,7 @@ def test_end_to_end_command_line(tmp_path):
   # Two certify.py on one results file at once: one writes it, the other stops at the lock.
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
   pair = [subprocess.Popen([sys.executable, str(ROOT / "certify.py"), *common,
-                            "--config.certify.n=4000"], cwd=tmp_path, env=env, text=True,
+                            "--config.certify.n=2000"], cwd=tmp_path, env=env, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
   outputs = [p.communicate(timeout=300) for p in pair]
   codes = sorted(p.returncode for p in pair)
