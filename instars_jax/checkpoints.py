@@ -37,7 +37,7 @@ def restore_latest(checkpoints: ocp.CheckpointManager, template):
   if step is None:
     return template, 0
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
-  return checkpoints.restore(step, args=ocp.args.StandardRestore(abstract)), step
+  return _restore(checkpoints, step, ocp.args.StandardRestore(abstract)), step
 
 
 def write_json_atomic(path: Path, content: dict) -> None:
@@ -49,4 +49,18 @@ def write_json_atomic(path: Path, content: dict) -> None:
 def restore_as_saved(checkpoints: ocp.CheckpointManager, step: int) -> dict:
   """The tree saved at `step`, as numpy arrays, without a template (for reading parameters
   whose optimizer state the reader does not rebuild)."""
-  return checkpoints.restore(step, args=ocp.args.StandardRestore())
+  return _restore(checkpoints, step, ocp.args.StandardRestore())
+
+
+def _restore(checkpoints: ocp.CheckpointManager, step: int, args):
+  """checkpoints.restore, with any failure of a damaged step turned into one ValueError line
+  (orbax and tensorstore report them in many types, some kilobytes long)."""
+  try:
+    return checkpoints.restore(step, args=args)
+  except Exception as error:  # noqa: BLE001 (re-raised as one line)
+    while error.__cause__ is not None or error.__context__ is not None:  # the root cause
+      error = error.__cause__ or error.__context__
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    raise ValueError(f"checkpoint {step} in {checkpoints.directory} is corrupt or incomplete "
+                     f"({lines[0][:160]}): remove {checkpoints.directory / str(step)} to fall back "
+                     "to the one before it") from None

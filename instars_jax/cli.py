@@ -1,5 +1,6 @@
 """What train.py and certify.py share: the --config / --workdir flags and clean failure."""
 
+import os
 import sys
 
 import jax
@@ -17,8 +18,14 @@ EXPECTED_ERRORS = (ValueError, FileNotFoundError)
 
 
 def _fail(message) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.write(2, f"error: {message}\n".encode())
+  # Not sys.exit: after a failed restore, orbax's background event-loop threads print
+  # tracebacks of their own while the interpreter shuts down. Silence them and skip the
+  # shutdown (results files are synced as they are written, so nothing is lost).
+  os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+  os._exit(2)
 
 
 def _parse_flags(argv):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -323,3 +324,11 @@ def test_end_to_end_command_line(tmp_path):
   stale = run_cli(ROOT / "certify.py", *common[:1], f"--workdir={old}", cwd=tmp_path)
   assert stale.returncode == 2 and "older instars_jax" in stale.stderr
   assert "Traceback" not in stale.stderr and not (old / "certify").exists()
+  # A damaged checkpoint: one line naming it, exit 2, not tensorstore's kilobytes.
+  damaged = tmp_path / "damaged"
+  shutil.copytree(tmp_path / "run", damaged, ignore=shutil.ignore_patterns("certify"))
+  for chunk in (damaged / "checkpoints").glob("*/default/ocdbt.process_0/d/*"):
+    chunk.write_bytes(b"\0" * 100)
+  broken = run_cli(ROOT / "certify.py", *common[:1], f"--workdir={damaged}", cwd=tmp_path)
+  assert broken.returncode == 2 and broken.stderr.count("\n") == 1
+  assert "is corrupt or incomplete" in broken.stderr and not (damaged / "certify").exists()
