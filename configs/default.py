@@ -30,6 +30,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.sigma = 0.25  # Gaussian augmentation noise level
   config.train.augment = "none"  # none | crop_flip
   config.train.eval_examples = 0  # test examples evaluated after each epoch; 0: all
+  # Divergence stops (training.DivergenceWatch): a non-finite loss, or (after the first
+  # epoch) a mean loss over `chance_steps` steps at or above chance_fraction x ln(classes),
+  # ends the run with an error; the last checkpoint stays the last good one.
+  config.train.divergence = ml_collections.ConfigDict()
+  config.train.divergence.nonfinite = True
+  config.train.divergence.chance_steps = 200  # 0: no check for a loss stuck at chance
+  config.train.divergence.chance_fraction = 0.98
   # Insta-RS Train: stage 1 is Gaussian augmentation; in stage 2 every training example
   # trains at its own σ, the grid σ where the table's radius profile of it is best
   # (instars_jax/sigma_table.py), re-estimated between epochs.

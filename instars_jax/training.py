@@ -106,6 +106,42 @@ def evaluate(state, split, sharder, config, sigma) -> dict:
           "test_noisy_accuracy": totals["noisy"] / totals["count"]}
 
 
+class DivergenceWatch:
+  """Stops training that has diverged: a non-finite loss at any step, or, from
+  `start_step` on, a mean loss over a window of `chance_steps` steps at or above
+  `chance_fraction` × ln(num_classes), the loss of a guess (the net has collapsed to chance).
+
+  Losses stay on the device and are summed there; the host looks once per window (and at a
+  non-finite check every window too), so the watch costs no per-step synchronisation."""
+
+  def __init__(self, settings, num_classes: int, first_step: int, start_step: int):
+    self.settings, self.start_step = settings, start_step
+    self.window = settings.chance_steps or 100
+    self.chance = float(np.log(num_classes))
+    self.step, self.sum, self.nonfinite = first_step, 0.0, None
+
+  def __call__(self, metrics) -> None:
+    loss = metrics["loss"]
+    self.step += 1
+    self.sum = self.sum + loss
+    if self.settings.nonfinite:
+      bad = jnp.logical_not(jnp.isfinite(loss))
+      self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
+    if self.step % self.window:
+      return
+    if self.nonfinite is not None and bool(self.nonfinite):
+      raise ValueError(f"training diverged by step {self.step}: train_loss is not finite "
+                       "(NaN or inf); lower train.learning_rate or set train.grad_clip")
+    mean, self.sum, self.nonfinite = float(self.sum) / self.window, 0.0, None
+    threshold = self.settings.chance_fraction * self.chance
+    if self.settings.chance_steps and self.step - self.window >= self.start_step \
+        and mean >= threshold:
+      raise ValueError(f"training diverged by step {self.step}: mean train_loss {mean:.4g} over "
+                       f"{self.window} steps is at chance level (>= {threshold:.4g} = "
+                       f"{self.settings.chance_fraction:g} x ln {round(np.exp(self.chance))}); "
+                       "see train.divergence")
+
+
 def validate_config(config, devices: int) -> None:
   """Rejects bad training knobs with one clear error, before anything compiles."""
   t = config.train
@@ -124,6 +160,10 @@ def validate_config(config, devices: int) -> None:
       (config.model.dtype in models.DTYPES,
        f"model.dtype must be one of {sorted(models.DTYPES)}; got {config.model.dtype!r}"),
   ]
+  d = t.divergence
+  checks += [(d.chance_steps >= 0, f"train.divergence.chance_steps must be >= 0; got {d.chance_steps}"),
+             (0 < d.chance_fraction, f"train.divergence.chance_fraction must be > 0; "
+                                     f"got {d.chance_fraction}")]
   if t.stage1_noise not in ("sigma", "grid"):
     checks.append((False, f"train.stage1_noise must be 'sigma' or 'grid'; got {t.stage1_noise!r}"))
   if t.insta or t.stage1_noise == "grid" or config.estimator.epochs:
@@ -204,7 +244,8 @@ def _train(config, workdir: Path, dataset, sharder) -> TrainState:
       jax.block_until_ready(state.sigma_table)
       update_seconds = time.perf_counter() - began
     start = time.perf_counter()
-    state, row = train_epoch(state, dataset.train, sharder, config, epoch, steps_per_epoch)
+    state, row = train_epoch(state, dataset.train, sharder, config, epoch, steps_per_epoch,
+                             dataset.num_classes)
     train_seconds = time.perf_counter() - start
     row.update({"table_update_seconds": update_seconds,
                 "table_update_share_of_epoch": update_seconds / train_seconds})
@@ -226,7 +267,7 @@ def _train(config, workdir: Path, dataset, sharder) -> TrainState:
   return state
 
 
-def train_epoch(state, split, sharder, config, epoch, steps_per_epoch):
+def train_epoch(state, split, sharder, config, epoch, steps_per_epoch, num_classes):
   """One epoch of `train_step` over the shuffled split; returns the state and its metrics."""
   t = config.train
   stage = 2 if t.insta and epoch >= t.stage1_epochs else 1
@@ -238,9 +279,13 @@ def train_epoch(state, split, sharder, config, epoch, steps_per_epoch):
                          drop_remainder=True, host_id=jax.process_index(),
                          host_count=jax.process_count())
   step = lambda s, b: train_step(s, b, epoch_key, t.augment == "crop_flip", grid)
+  watch = DivergenceWatch(t.divergence, num_classes, int(state.step), steps_per_epoch)
   start = time.perf_counter()
   state, means = model_state.run_epoch(state, step, batches, sharder, steps_per_epoch,
-                                       f"epoch {epoch + 1}/{t.epochs}")
+                                       f"epoch {epoch + 1}/{t.epochs}", watch)
+  if t.divergence.nonfinite and not np.isfinite(means["loss"]):
+    raise ValueError(f"training diverged in epoch {epoch + 1}: train_loss is not finite (NaN "
+                     "or inf); lower train.learning_rate or set train.grad_clip")
   seconds = time.perf_counter() - start
   return state, {"epoch": epoch, "step": int(state.step), "stage": stage, "sigma": t.sigma,
                  "train_loss": means["loss"], "train_noisy_accuracy": means["noisy_accuracy"],

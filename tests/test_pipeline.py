@@ -228,6 +228,22 @@ def test_hosts_split_the_test_set_and_merge_one_tsv(toy_config, tmp_path):
   assert results.read_metadata(merged)["certificate"] == "fixed_sigma"
 
 
+def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(toy_config, tmp_path):
+  toy_config.train.learning_rate = 1e4  # NaN within the first epoch
+  with pytest.raises(ValueError, match="diverged in epoch 1: train_loss is not finite"):
+    training.train_and_evaluate(toy_config, tmp_path / "nan")
+  assert checkpoints.manager(tmp_path / "nan").latest_step() is None
+  # Barely learning: the loss stays at ln 3 (chance for 3 classes) after the first epoch.
+  toy_config.train.update(learning_rate=1e-7, epochs=3)
+  toy_config.train.divergence.update(chance_steps=2, chance_fraction=0.9)
+  with pytest.raises(ValueError, match=r"by step 6: mean train_loss .* is at chance level"):
+    training.train_and_evaluate(toy_config, tmp_path / "chance")
+  assert checkpoints.manager(tmp_path / "chance").latest_step() == 1
+  toy_config.train.divergence.chance_steps = 0  # switched off: the same run trains to the end
+  training.train_and_evaluate(toy_config, tmp_path / "off")
+  assert checkpoints.manager(tmp_path / "off").latest_step() == 3
+
+
 def test_training_refuses_a_workdir_with_another_config(toy_config, tmp_path):
   toy_config.train.epochs = 1
   training.train_and_evaluate(toy_config, tmp_path / "run")
