@@ -30,6 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.sigma = 0.25  # Gaussian augmentation noise level
   config.train.augment = "none"  # none | crop_flip
   config.train.eval_examples = 0  # test examples evaluated after each epoch; 0: all
+  # Besides every epoch end, an interim checkpoint every this many steps (0: none), so a hard
+  # kill loses at most that many; SIGTERM/SIGINT always checkpoint the step they stop at.
+  config.train.checkpoint_every_steps = 0
   # Divergence stops (training.DivergenceWatch): a non-finite loss, or (after the first
   # epoch) a mean loss over `chance_steps` steps at or above chance_fraction x ln(classes),
   # ends the run with an error; the last checkpoint stays the last good one.

@@ -23,8 +23,8 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 import instars_jax
-from instars_jax import (analyze, certificates, data, estimator, locks, model_state, results,
-                         search, smoothing)
+from instars_jax import (analyze, certificates, checkpoints, data, estimator, locks,
+                         model_state, results, search, smoothing)
 
 PURPOSE_CERTIFY = 20
 SIGMA_MODES = ("fixed", "instance")
@@ -183,8 +183,12 @@ def _certify_rows(config, ctx, test, todo, writer, name) -> None:
   if c.sampling == "sequential":
     per_call *= SEQUENTIAL_QUEUE_DEPTH
   began_run, samples = time.perf_counter(), 0
-  with tqdm(total=len(todo), desc=f"certify {name}", unit="img", disable=None) as bar:
+  with tqdm(total=len(todo), desc=f"certify {name}", unit="img", disable=None) as bar, \
+      checkpoints.StopRequest() as stop:
     for start in range(0, len(todo), per_call):
+      if stop.due(start):
+        raise checkpoints.Interrupted(f"stopped after {start} of {len(todo)} images: their rows "
+                                      f"are in {writer.path}; rerun the same command to resume")
       batch = test.take(np.asarray(todo[start: start + per_call]))
       began = time.perf_counter()
       cert = certify_batch(ctx, batch["image"], batch["index"])

@@ -10,13 +10,45 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
+INTERIM_DIR = "interim"  # mid-epoch checkpoints of train.py, numbered by global step
+
+
+class Interrupted(Exception):
+  """Raised after a checkpoint was written because the process was asked to stop (SIGTERM,
+  SIGINT): rerunning the same command resumes from it. Entry points exit with status 143."""
+
+
+class StopRequest:
+  """Turns SIGTERM (what a preemption sends) and SIGINT into a request to stop at the next
+  safe point, for the duration of a `with` block. With `sync_hosts` and several hosts,
+  `due(step)` is JAX's preemption sync point, so that every host stops at the same step."""
+
+  def __init__(self, sync_hosts: bool = False):
+    self.sync_hosts = sync_hosts
+    self.requested = False
+
+  def __enter__(self):
+    handler = lambda signum, frame: setattr(self, "requested", True)
+    self.previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    return self
+
+  def __exit__(self, *exc):
+    for sig, previous in self.previous.items():
+      signal.signal(sig, previous)
+
+  def due(self, step: int) -> bool:
+    if self.sync_hosts and jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
 
 def manager(workdir, max_to_keep: int = 2) -> ocp.CheckpointManager:

@@ -7,7 +7,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from instars_jax import parallel
+from instars_jax import checkpoints, parallel
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                          lock_config=True)
@@ -17,15 +17,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 EXPECTED_ERRORS = (ValueError, FileNotFoundError)
 
 
-def _fail(message) -> None:
+def _fail(message, status: int = 2, prefix: str = "error: ") -> None:
   sys.stdout.flush()
   sys.stderr.flush()
-  os.write(2, f"error: {message}\n".encode())
+  os.write(2, f"{prefix}{message}\n".encode())
   # Not sys.exit: after a failed restore, orbax's background event-loop threads print
   # tracebacks of their own while the interpreter shuts down. Silence them and skip the
   # shutdown (results files are synced as they are written, so nothing is lost).
   os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-  os._exit(2)
+  os._exit(status)
 
 
 def _parse_flags(argv):
@@ -57,6 +57,8 @@ def main(main_fn) -> None:
       main_fn(config, WORKDIR.value)
     except EXPECTED_ERRORS as error:
       _fail(error)
+    except checkpoints.Interrupted as stopped:  # SIGTERM/SIGINT, after a checkpoint
+      _fail(stopped, status=128 + 15, prefix="")
     finally:
       if distributed:
         jax.distributed.shutdown()

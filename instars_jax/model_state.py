@@ -93,19 +93,20 @@ def gaussian_noise(keys, images, sigma):
   return images + sigma.reshape((-1,) + (1,) * (images.ndim - 1)) * eps
 
 
-def run_epoch(state, step, batches, sharder, steps: int, desc: str, watch=None):
+def run_epoch(state, step, batches, sharder, steps: int, desc: str, after_step=None):
   """(state, mean of each metric): `step(state, batch) -> (state, metrics)` over `batches`,
-  each put on the mesh, with a progress bar on process 0. `watch(metrics)`, if given, sees
-  every step's metrics (and may raise to stop the epoch)."""
-  sums = {}
-  for batch in tqdm(batches, total=steps, desc=desc, leave=False,
-                    disable=None if jax.process_index() == 0 else True):
+  each put on the mesh, with a progress bar on process 0. `after_step(state, metrics, i)`, if
+  given, runs after the i-th step (0-based; it may raise to stop the epoch)."""
+  sums, done = {}, 0
+  for i, batch in enumerate(tqdm(batches, total=steps, desc=desc, leave=False,
+                                 disable=None if jax.process_index() == 0 else True)):
     state, metrics = step(state, sharder.batch(batch))
-    if watch is not None:
-      watch(metrics)
+    if after_step is not None:
+      after_step(state, metrics, i)
     for k, v in metrics.items():
       sums[k] = sums.get(k, 0.0) + v
-  return state, {k: float(v) / steps for k, v in sums.items()}
+    done += 1
+  return state, {k: float(v) / done for k, v in sums.items()}
 
 
 class Sharder:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import time
 from pathlib import Path
@@ -229,6 +230,11 @@ def _train(config, workdir: Path, dataset, sharder) -> TrainState:
       steps_per_epoch))
   manager = checkpoints.manager(workdir)
   state, start_epoch = checkpoints.restore_latest(manager, state)
+  interim = checkpoints.manager(workdir / checkpoints.INTERIM_DIR, max_to_keep=1)
+  resume_at = 0  # batches of epoch start_epoch already trained (an interim checkpoint)
+  if (interim.latest_step() or 0) > start_epoch * steps_per_epoch:
+    state, step = checkpoints.restore_latest(interim, state)
+    resume_at = step - start_epoch * steps_per_epoch
   metrics_path = workdir / "metrics.jsonl"
   history = [json.loads(line) for line in metrics_path.read_text().splitlines()] \
       if metrics_path.exists() else []
@@ -236,30 +242,12 @@ def _train(config, workdir: Path, dataset, sharder) -> TrainState:
   if jax.process_index() == 0:
     _write_metrics(metrics_path, history)
 
-  for epoch in range(start_epoch, config.train.epochs):
-    update_seconds = 0.0
-    if sigma_table.update_due(config, epoch):
-      began = time.perf_counter()
-      state = sigma_table.update_before_epoch(state, dataset.train, sharder, config, epoch)
-      jax.block_until_ready(state.sigma_table)
-      update_seconds = time.perf_counter() - began
-    start = time.perf_counter()
-    state, row = train_epoch(state, dataset.train, sharder, config, epoch, steps_per_epoch,
-                             dataset.num_classes)
-    train_seconds = time.perf_counter() - start
-    row.update({"table_update_seconds": update_seconds,
-                "table_update_share_of_epoch": update_seconds / train_seconds})
-    row.update(sigma_table.quantiles(state.sigma_table))
-    if config.train.insta:
-      row.update(sigma_table.grid_shares(state.sigma_table, config.train.table.grid))
-    row.update(evaluate(state, dataset.test, sharder, config, config.train.sigma))
-    row["seconds"] = time.perf_counter() - start
-    history.append(row)
-    if jax.process_index() == 0:
-      _write_metrics(metrics_path, history)
-      tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in row.items()))
-    checkpoints.save(manager, epoch + 1, state)
+  with checkpoints.StopRequest(sync_hosts=True) as stop:
+    for epoch in range(start_epoch, config.train.epochs):
+      state = _train_one_epoch(config, state, dataset, sharder, epoch, steps_per_epoch,
+                               resume_at, history, metrics_path, stop, interim)
+      resume_at = 0
+      checkpoints.save(manager, epoch + 1, state)
   if config.train.insta and jax.process_index() == 0:
     sigma_table.plot(state.sigma_table, dataset.train.labels, workdir)
   if config.estimator.epochs:
@@ -267,8 +255,43 @@ def _train(config, workdir: Path, dataset, sharder) -> TrainState:
   return state
 
 
-def train_epoch(state, split, sharder, config, epoch, steps_per_epoch, num_classes):
-  """One epoch of `train_step` over the shuffled split; returns the state and its metrics."""
+def _train_one_epoch(config, state, dataset, sharder, epoch, steps_per_epoch, resume_at,
+                     history, metrics_path, stop, interim):
+  """The table update due before `epoch` (unless resuming inside it), the epoch, its
+  evaluation and its metrics row."""
+  update_seconds = 0.0
+  if sigma_table.update_due(config, epoch) and not resume_at:
+    began = time.perf_counter()
+    state = sigma_table.update_before_epoch(state, dataset.train, sharder, config, epoch)
+    jax.block_until_ready(state.sigma_table)
+    update_seconds = time.perf_counter() - began
+  start = time.perf_counter()
+  state, row = train_epoch(state, dataset.train, sharder, config, epoch, steps_per_epoch,
+                           dataset.num_classes, resume_at, stop, interim)
+  train_seconds = time.perf_counter() - start
+  row.update({"table_update_seconds": update_seconds,
+              "table_update_share_of_epoch": update_seconds / train_seconds})
+  row.update(sigma_table.quantiles(state.sigma_table))
+  if config.train.insta:
+    row.update(sigma_table.grid_shares(state.sigma_table, config.train.table.grid))
+  row.update(evaluate(state, dataset.test, sharder, config, config.train.sigma))
+  row["seconds"] = time.perf_counter() - start
+  history.append(row)
+  if jax.process_index() == 0:
+    _write_metrics(metrics_path, history)
+    tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in row.items()))
+  return state
+
+
+def train_epoch(state, split, sharder, config, epoch, steps_per_epoch, num_classes,
+                resume_at=0, stop=None, interim=None):
+  """One epoch of `train_step` over the shuffled split, from batch `resume_at` on; returns the
+  state and its metrics (over the batches run here).
+
+  After every step: the divergence watch; an interim checkpoint every
+  `train.checkpoint_every_steps` steps; and, when `stop` says so (SIGTERM, SIGINT), an
+  interim checkpoint of the state after this step and `checkpoints.Interrupted`."""
   t = config.train
   stage = 2 if t.insta and epoch >= t.stage1_epochs else 1
   grid_noise = t.insta and stage == 1 and t.stage1_noise == "grid"  # Cohen: always train.sigma
@@ -279,14 +302,32 @@ def train_epoch(state, split, sharder, config, epoch, steps_per_epoch, num_class
                          drop_remainder=True, host_id=jax.process_index(),
                          host_count=jax.process_count())
   step = lambda s, b: train_step(s, b, epoch_key, t.augment == "crop_flip", grid)
-  watch = DivergenceWatch(t.divergence, num_classes, int(state.step), steps_per_epoch)
+  first_step = epoch * steps_per_epoch + resume_at
+  watch = DivergenceWatch(t.divergence, num_classes, first_step, steps_per_epoch)
+
+  def after_step(state, metrics, i):
+    watch(metrics)
+    done = first_step + i + 1
+    stopping = stop is not None and stop.due(done)
+    if stopping or (t.checkpoint_every_steps and done % t.checkpoint_every_steps == 0):
+      checkpoints.save(interim, done, state)
+    if stopping:
+      raise checkpoints.Interrupted(
+          f"stopped at step {done} (epoch {epoch + 1}, batch {resume_at + i + 1} of "
+          f"{steps_per_epoch}): saved in {interim.directory}; rerun the same command to resume")
+
   start = time.perf_counter()
-  state, means = model_state.run_epoch(state, step, batches, sharder, steps_per_epoch,
-                                       f"epoch {epoch + 1}/{t.epochs}", watch)
-  if t.divergence.nonfinite and not np.isfinite(means["loss"]):
+  state, means = model_state.run_epoch(state, step, itertools.islice(batches, resume_at, None),
+                                       sharder, steps_per_epoch - resume_at,
+                                       f"epoch {epoch + 1}/{t.epochs}", after_step)
+  if t.divergence.nonfinite and not np.isfinite(means.get("loss", 0.0)):
     raise ValueError(f"training diverged in epoch {epoch + 1}: train_loss is not finite (NaN "
                      "or inf); lower train.learning_rate or set train.grad_clip")
   seconds = time.perf_counter() - start
-  return state, {"epoch": epoch, "step": int(state.step), "stage": stage, "sigma": t.sigma,
-                 "train_loss": means["loss"], "train_noisy_accuracy": means["noisy_accuracy"],
-                 "images_per_s": steps_per_epoch * t.batch_size / seconds}
+  row = {"epoch": epoch, "step": int(state.step), "stage": stage, "sigma": t.sigma,
+         "train_loss": means.get("loss", float("nan")),
+         "train_noisy_accuracy": means.get("noisy_accuracy", float("nan")),
+         "images_per_s": (steps_per_epoch - resume_at) * t.batch_size / seconds}
+  if resume_at:
+    row["resumed_at_batch"] = resume_at  # the means above cover the batches after it
+  return state, row

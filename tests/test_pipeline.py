@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -160,6 +161,18 @@ def test_sequential_sampling_through_certify_py(toy_config, tmp_path, monkeypatc
   toy_config.certify.name = "decision_straight"
   straight = certification.certify_test_set(toy_config, tmp_path / "run")
   assert rows_without_time(straight) == rows_without_time(path)
+  # SIGTERM while a block is certified: its rows are written, then the run stops cleanly.
+  toy_config.certify.name = "sigterm"
+  original = results.ResultsWriter.write
+  def write_then_sigterm(self, rows):
+    os.kill(os.getpid(), signal.SIGTERM)
+    original(self, rows)
+  with monkeypatch.context() as m:
+    m.setattr(results.ResultsWriter, "write", write_then_sigterm)
+    with pytest.raises(checkpoints.Interrupted, match="stopped after 8 of 24 images"):
+      certification.certify_test_set(toy_config, tmp_path / "run")
+  certification.certify_test_set(toy_config, tmp_path / "run")
+  assert rows_without_time(tmp_path / "run" / "certify" / "sigterm.tsv") == rows_without_time(path)
   # Instance σ: search, then sequential CERTIFY at the searched σ (radius mode).
   toy_config.certify.update(radii=(), sigma_mode="instance", certificate="per_sigma", name="")
   toy_config.certify.search.update(sigma_min=0.1, sigma_max=1.0, starts=2, steps=3,
@@ -226,6 +239,34 @@ def test_hosts_split_the_test_set_and_merge_one_tsv(toy_config, tmp_path):
   assert [len(results.read_results(p)["idx"]) for p in parts] == [6, 6]
   assert rows_without_time(merged) == expected
   assert results.read_metadata(merged)["certificate"] == "fixed_sigma"
+
+
+def test_sigterm_in_stage_2_checkpoints_the_step_and_resumes_bit_identically(toy_config, tmp_path,
+                                                                           monkeypatch):
+  toy_config.train.update(insta=True, stage1_epochs=1, epochs=3, checkpoint_every_steps=2)
+  straight = training.train_and_evaluate(toy_config, tmp_path / "straight")
+  original, calls = training.train_step, [0]
+
+  def step_then_sigterm(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 5:  # epoch 2 (stage 2), batch 2: the signal arrives during the step
+      os.kill(os.getpid(), signal.SIGTERM)
+    return original(*args, **kwargs)
+
+  with monkeypatch.context() as m:
+    m.setattr(training, "train_step", step_then_sigterm)
+    with pytest.raises(checkpoints.Interrupted, match=r"stopped at step 5 \(epoch 2, batch 2 of 3\)"):
+      training.train_and_evaluate(toy_config, tmp_path / "resumed")
+  interim = checkpoints.manager(tmp_path / "resumed" / checkpoints.INTERIM_DIR)
+  assert interim.latest_step() == 5  # nothing lost: the step the signal interrupted is saved
+  assert checkpoints.manager(tmp_path / "resumed").latest_step() == 1
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone again
+  resumed = training.train_and_evaluate(toy_config, tmp_path / "resumed")
+  for a, b in zip(jax.tree_util.tree_leaves(straight.params), jax.tree_util.tree_leaves(resumed.params)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(straight.sigma_table, resumed.sigma_table)
+  np.testing.assert_array_equal(straight.sigma_profile, resumed.sigma_profile)
+  assert int(resumed.step) == 9
 
 
 def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(toy_config, tmp_path):
