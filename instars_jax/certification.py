@@ -25,6 +25,7 @@ from tqdm import tqdm
 import instars_jax
 from instars_jax import (analyze, certificates, checkpoints, data, estimator, locks,
                          model_state, results, search, smoothing)
+from instars_jax import events as events_lib
 
 PURPOSE_CERTIFY = 20
 SIGMA_MODES = ("fixed", "instance")
@@ -238,5 +239,10 @@ def certify_test_set(config, workdir, host: int | None = None, hosts: int | None
     parts = [path.with_name(f"{path.stem}.host{k}of{hosts}.tsv") for k in range(hosts)]
     results.merge_results(parts, path)
     results.write_metadata(path, metadata)
-  print(analyze.markdown_table([analyze.summarize(path)]))
+  summary = analyze.summarize(path)
+  events = events_lib.EventWriter(workdir, f"certify/{path.stem}")
+  events.scalars(0, {f"certified_accuracy/r_{r}": a
+                     for r, a in summary["certified_accuracy"].items()} | {"acr": summary["acr"]})
+  events.close()
+  print(analyze.markdown_table([summary]))
   return path

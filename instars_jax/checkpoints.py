@@ -58,8 +58,24 @@ def manager(workdir, max_to_keep: int = 2) -> ocp.CheckpointManager:
 
 
 def save(checkpoints: ocp.CheckpointManager, step: int, state) -> None:
-  checkpoints.save(step, args=ocp.args.StandardSave(state))
-  checkpoints.wait_until_finished()
+  """Saves `state` as `step`; a disk that is full or unwritable gives one ValueError line, and
+  the checkpoints before stay intact (orbax writes to a temporary directory first)."""
+  try:
+    checkpoints.save(step, args=ocp.args.StandardSave(state))
+    checkpoints.wait_until_finished()
+  except Exception as error:  # noqa: BLE001 (re-raised: as one line when the disk failed)
+    raise_write_error(error, f"checkpoint {step} to {checkpoints.directory}")
+    raise
+
+
+def raise_write_error(error: BaseException, what: str) -> None:
+  """ValueError("cannot write {what}: ...") when an OSError (disk full, read-only, no
+  permission) is among the causes of `error`; returns otherwise."""
+  while error is not None and not isinstance(error, OSError):
+    error = error.__cause__ or error.__context__
+  if error is not None:
+    raise ValueError(f"cannot write {what}: {error.strerror or error} (errno {error.errno}); "
+                     "what was written before is intact") from None
 
 
 def restore_latest(checkpoints: ocp.CheckpointManager, template):
@@ -74,8 +90,11 @@ def restore_latest(checkpoints: ocp.CheckpointManager, template):
 
 def write_json_atomic(path: Path, content: dict) -> None:
   tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-  tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
-  os.replace(tmp, path)
+  try:
+    tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+  except OSError as error:
+    raise_write_error(error, str(path))
 
 
 def restore_as_saved(checkpoints: ocp.CheckpointManager, step: int) -> dict:

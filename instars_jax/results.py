@@ -89,7 +89,16 @@ class ResultsWriter:
     self.done = {int(line.split("\t", 1)[0]) for line in lines[1:] if line}
 
   def write(self, rows) -> None:
-    """Writes rows, each a dict with every column, then flushes and syncs the file."""
+    """Writes rows, each a dict with every column, then flushes and syncs the file. A disk
+    that is full or unwritable gives one ValueError line; the rows before stay (a torn last
+    line is dropped on resume)."""
+    try:
+      self._append(rows)
+    except OSError as error:
+      raise ValueError(f"cannot write {self.path}: {error.strerror or error} (errno "
+                       f"{error.errno}); the rows written before are intact") from None
+
+  def _append(self, rows) -> None:
     with self.path.open("a") as f:
       for row in rows:
         f.write("\t".join(format_radius(row[c]) if c == "radius" else _format(row[c])

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from instars_jax import (checkpoints, data, estimator, locks, model_state, models, parallel,
                          sigma_table)
+from instars_jax import events as events_lib
 from instars_jax.model_state import TrainState, example_keys, gaussian_noise, logits_fn
 
 PURPOSE_TRAIN_NOISE = 10
@@ -242,12 +243,17 @@ def _train(config, workdir: Path, dataset, sharder) -> TrainState:
   if jax.process_index() == 0:
     _write_metrics(metrics_path, history)
 
+  events = events_lib.EventWriter(workdir, "train")
   with checkpoints.StopRequest(sync_hosts=True) as stop:
     for epoch in range(start_epoch, config.train.epochs):
       state = _train_one_epoch(config, state, dataset, sharder, epoch, steps_per_epoch,
                                resume_at, history, metrics_path, stop, interim)
       resume_at = 0
       checkpoints.save(manager, epoch + 1, state)
+      events.scalars(epoch + 1, history[-1])
+      if config.train.insta:
+        events.histogram(epoch + 1, "sigma_table", state.sigma_table)
+  events.close()
   if config.train.insta and jax.process_index() == 0:
     sigma_table.plot(state.sigma_table, dataset.train.labels, workdir)
   if config.estimator.epochs:

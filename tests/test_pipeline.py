@@ -1,5 +1,6 @@
 """train.py / certify.py end to end, resumption after a kill, and clear errors."""
 
+import errno
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import default
@@ -104,6 +106,8 @@ def test_certification_refuses_other_settings_and_missing_checkpoints(toy_config
   assert path.read_text() == before
   meta = results.read_metadata(path)
   assert meta["certificate"] == "fixed_sigma" and meta["n"] == 200
+  events = event_tags(tmp_path / "run" / "tensorboard" / "certify" / "sigma_0.25")
+  assert events["acr"] == [0] and "certified_accuracy/r_0.5" in events
 
 
 def test_instance_sigma_mode(toy_config, tmp_path):
@@ -241,10 +245,29 @@ def test_hosts_split_the_test_set_and_merge_one_tsv(toy_config, tmp_path):
   assert results.read_metadata(merged)["certificate"] == "fixed_sigma"
 
 
+def event_tags(directory) -> dict:
+  """{tag: [steps]} of the TensorBoard event files in `directory` (TFRecord framing, Event
+  protos from tensorboardX)."""
+  from tensorboardX.proto import event_pb2
+  tags = {}
+  for path in sorted(Path(directory).glob("events.out.tfevents.*")):
+    data, offset = path.read_bytes(), 0
+    while offset < len(data):
+      length = int.from_bytes(data[offset: offset + 8], "little")
+      event = event_pb2.Event.FromString(data[offset + 12: offset + 12 + length])
+      offset += 16 + length
+      for value in event.summary.value:
+        tags.setdefault(value.tag, []).append(event.step)
+  return tags
+
+
 def test_sigterm_in_stage_2_checkpoints_the_step_and_resumes_bit_identically(toy_config, tmp_path,
                                                                            monkeypatch):
   toy_config.train.update(insta=True, stage1_epochs=1, epochs=3, checkpoint_every_steps=2)
   straight = training.train_and_evaluate(toy_config, tmp_path / "straight")
+  # TensorBoard events: every epoch's metrics and the σ-table histogram.
+  events = event_tags(tmp_path / "straight" / "tensorboard" / "train")
+  assert events["train_loss"] == events["sigma_table"] == [1, 2, 3]
   original, calls = training.train_step, [0]
 
   def step_then_sigterm(*args, **kwargs):
@@ -267,6 +290,40 @@ def test_sigterm_in_stage_2_checkpoints_the_step_and_resumes_bit_identically(toy
   np.testing.assert_array_equal(straight.sigma_table, resumed.sigma_table)
   np.testing.assert_array_equal(straight.sigma_profile, resumed.sigma_profile)
   assert int(resumed.step) == 9
+
+
+def test_a_full_disk_gives_one_error_and_keeps_what_was_written(toy_config, tmp_path,
+                                                                 monkeypatch):
+  full = OSError(errno.ENOSPC, "No space left on device")
+  original_save = ocp.CheckpointManager.save
+
+  def save_until_full(self, step, *args, **kwargs):
+    if step == 2:
+      raise full
+    return original_save(self, step, *args, **kwargs)
+
+  with monkeypatch.context() as m:
+    m.setattr(ocp.CheckpointManager, "save", save_until_full)
+    with pytest.raises(ValueError, match=r"cannot write checkpoint 2 to .*: No space left on "
+                                         r"device \(errno 28\); what was written before is intact"):
+      training.train_and_evaluate(toy_config, tmp_path / "run")
+  assert checkpoints.manager(tmp_path / "run").latest_step() == 1
+  model_state.load_train_state(tmp_path / "run")  # the checkpoint before restores
+  training.train_and_evaluate(toy_config, tmp_path / "run")  # and the rerun finishes
+
+  fsyncs, original_fsync = [0], os.fsync
+  def fsync_until_full(fd):
+    fsyncs[0] += 1
+    if fsyncs[0] == 2:
+      raise full
+    return original_fsync(fd)
+  with monkeypatch.context() as m:
+    m.setattr(results.os, "fsync", fsync_until_full)
+    with pytest.raises(ValueError, match=r"cannot write .*sigma_0.25.tsv: No space left"):
+      certification.certify_test_set(toy_config, tmp_path / "run")
+  assert len(results.read_results(certification.output_path(toy_config, tmp_path / "run"))["idx"]) >= 4
+  path = certification.certify_test_set(toy_config, tmp_path / "run")
+  assert sorted(results.read_results(path)["idx"]) == list(range(0, 24, 2))
 
 
 def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(toy_config, tmp_path):
