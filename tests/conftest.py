@@ -1,6 +1,13 @@
 """Shared fixtures: analytic base classifiers and the path to ../shared."""
 
+import os
 from pathlib import Path
+
+# Many tests (and their subprocesses, which inherit the environment) compile the same
+# programs: JAX's persistent compilation cache lets them compile each once per suite run.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax.numpy as jnp
 import numpy as np
