@@ -29,9 +29,11 @@ from instars_jax import events as events_lib
 
 PURPOSE_CERTIFY = 20
 SIGMA_MODES = ("fixed", "instance")
-# With sequential sampling each call holds this many images per in-flight slot, so that a slot
-# freed by an early stop is refilled from the queue (continuous batching).
-SEQUENTIAL_QUEUE_DEPTH = 8
+# With sequential sampling each call queues this many times certify.instances images per device:
+# slots freed by early stops are refilled from the queue (continuous batching; the batch stays
+# full to the end either way, as the instances still running take over freed samples), and
+# a kill loses at most one call's finished rows.
+SEQUENTIAL_QUEUE_DEPTH = 2
 
 
 def validate_config(config) -> None:
