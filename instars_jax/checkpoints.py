@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 from pathlib import Path
 
 import jax
@@ -38,7 +39,9 @@ class StopRequest:
 
   def __enter__(self):
     handler = lambda signum, frame: setattr(self, "requested", True)
-    self.previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    self.previous = {}
+    if threading.current_thread() is threading.main_thread():  # elsewhere signals can't be set
+      self.previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     return self
 
   def __exit__(self, *exc):

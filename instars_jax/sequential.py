@@ -101,6 +101,11 @@ def bound_tables(n_max: int, alpha: float):
 # Stopping rules: device-side `stop` on float32 bounds, host-side `radius` in float64.
 
 
+def _radius(p_lower, sigma):
+  """σ Φ⁻¹(L) where L ≥ 1/2, else 0 (Cohen et al.'s Theorem 1)."""
+  return np.where(p_lower >= 0.5, certified_radius(np.maximum(p_lower, 0.5), sigma), 0.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class RadiusRule:
   """Stop once the radius is within a factor (1 − tolerance) of the best still reachable."""
@@ -114,7 +119,7 @@ class RadiusRule:
 
   def radius(self, p_lower, sigma):
     """σ Φ⁻¹(L) where L ≥ 1/2, else 0."""
-    return np.where(p_lower >= 0.5, certified_radius(np.maximum(p_lower, 0.5), sigma), 0.0)
+    return _radius(p_lower, sigma)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +136,7 @@ class DecisionRule:
 
   def radius(self, p_lower, sigma):
     """The largest r_k with L ≥ Φ(r_k/σ), i.e. r_k ≤ σΦ⁻¹(L); 0 where none is."""
-    exact = RadiusRule(0.0).radius(p_lower, sigma)
+    exact = _radius(p_lower, sigma)
     radii = np.asarray(self.radii, np.float64)
     proven = radii[None, :] <= exact[:, None]
     return np.where(proven, radii[None, :], 0.0).max(axis=1, initial=0.0)
