@@ -327,8 +327,9 @@ def train_epoch(state, split, sharder, config, epoch, steps_per_epoch, num_class
                                        sharder, steps_per_epoch - resume_at,
                                        f"epoch {epoch + 1}/{t.epochs}", after_step)
   if t.divergence.nonfinite and not np.isfinite(means.get("loss", 0.0)):
-    raise ValueError(f"training diverged in epoch {epoch + 1}: train_loss is not finite (NaN "
-                     "or inf); lower train.learning_rate or set train.grad_clip")
+    raise ValueError(f"training diverged by step {(epoch + 1) * steps_per_epoch} (epoch "
+                     f"{epoch + 1}): train_loss is not finite (NaN or inf); lower "
+                     "train.learning_rate or set train.grad_clip")
   seconds = time.perf_counter() - start
   row = {"epoch": epoch, "step": int(state.step), "stage": stage, "sigma": t.sigma,
          "train_loss": means.get("loss", float("nan")),
