@@ -40,17 +40,22 @@ class StopRequest:
   def __enter__(self):
     handler = lambda signum, frame: setattr(self, "requested", True)
     self.previous = {}
+    # Several hosts: JAX's preemption notifier owns SIGTERM (a Python handler would hide it).
+    signals = (signal.SIGINT,) if self._synced() else (signal.SIGTERM, signal.SIGINT)
     if threading.current_thread() is threading.main_thread():  # elsewhere signals can't be set
-      self.previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+      self.previous = {sig: signal.signal(sig, handler) for sig in signals}
     return self
+
+  def _synced(self) -> bool:
+    return self.sync_hosts and jax.process_count() > 1
 
   def __exit__(self, *exc):
     for sig, previous in self.previous.items():
       signal.signal(sig, previous)
 
   def due(self, step: int) -> bool:
-    if self.sync_hosts and jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(step)
+    if self._synced():
+      return multihost_utils.reached_preemption_sync_point(step) or self.requested
     return self.requested
 
 

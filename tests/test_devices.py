@@ -2,13 +2,18 @@
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from instars_jax import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,3 +81,30 @@ def test_two_processes_joined_by_jax_distributed_match_one(tmp_path):
   assert_same_run(one, two)
   assert sorted(p.name for p in (tmp_path / "two" / "run" / "certify").glob("*.tsv")) == [
       "sigma_0.25.host0of2.tsv", "sigma_0.25.host1of2.tsv", "sigma_0.25.tsv"]
+
+
+def test_sigterm_to_one_host_stops_both_at_the_same_step(tmp_path):
+  """JAX's preemption sync point: SIGTERM to process 1 only; both processes save the same
+  step and stop."""
+  from test_data_models import write_npz
+  write_npz(tmp_path / "toy.npz", n_train=64, n_test=16)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), JAX_NUM_PROCESSES="2",
+             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+  env.pop("XLA_FLAGS", None)
+  script = [sys.executable, str(Path(__file__).parent / "preempt_probe.py"), str(tmp_path)]
+  processes = [subprocess.Popen(script, env=dict(env, JAX_PROCESS_ID=str(k)), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k in (0, 1)]
+  metrics = tmp_path / "run" / "metrics.jsonl"
+  deadline = time.monotonic() + 240
+  while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
+    time.sleep(0.5)
+  processes[1].send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=120)[0] for p in processes]
+  stops = [re.search(r"stopped at step (\d+)", out) for out in outputs]
+  assert all(stops), outputs
+  step = int(stops[0].group(1))
+  assert int(stops[1].group(1)) == step
+  assert checkpoints.manager(tmp_path / "run" / checkpoints.INTERIM_DIR).latest_step() == step
