@@ -59,10 +59,19 @@ class StopRequest:
     return self.requested
 
 
+class _Manager(ocp.CheckpointManager):
+  """orbax's manager, but it never queries JAX's preemption sync point itself: the training
+  loop does, once per step with the global step (`StopRequest.due`). The sync protocol needs
+  one increasing step id per call; orbax asking with checkpoint numbers would break it."""
+
+  def reached_preemption(self, step: int) -> bool:
+    return False
+
+
 def manager(workdir, max_to_keep: int = 2) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          enable_async_checkpointing=False)
-  return ocp.CheckpointManager(Path(workdir).resolve() / "checkpoints", options=options)
+  return _Manager(Path(workdir).resolve() / "checkpoints", options=options)
 
 
 def save(checkpoints: ocp.CheckpointManager, step: int, state) -> None:

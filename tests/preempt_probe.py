@@ -17,7 +17,7 @@ if __name__ == "__main__":
   workdir = Path(sys.argv[1])
   config = default.get_config()
   config.dataset = f"npz:{workdir / 'toy.npz'}"
-  config.train.update(epochs=500, batch_size=32, learning_rate=0.05)
+  config.train.update(epochs=500, batch_size=32, learning_rate=0.01)
   try:
     training.train_and_evaluate(config, workdir / "run")
     print("finished", flush=True)

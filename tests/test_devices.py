@@ -102,9 +102,9 @@ def test_sigterm_to_one_host_stops_both_at_the_same_step(tmp_path):
   while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
     time.sleep(0.5)
   processes[1].send_signal(signal.SIGTERM)
-  outputs = [p.communicate(timeout=120)[0] for p in processes]
-  stops = [re.search(r"stopped at step (\d+)", out) for out in outputs]
-  assert all(stops), outputs
+  outputs = [p.communicate(timeout=120) for p in processes]
+  stops = [re.search(r"stopped at step (\d+)", out) for out, _ in outputs]
+  assert all(stops), ([p.returncode for p in processes], [err[-1500:] for _, err in outputs])
   step = int(stops[0].group(1))
   assert int(stops[1].group(1)) == step
   assert checkpoints.manager(tmp_path / "run" / checkpoints.INTERIM_DIR).latest_step() == step
