@@ -122,13 +122,46 @@ def restore_as_saved(checkpoints: ocp.CheckpointManager, step: int) -> dict:
 
 def _restore(checkpoints: ocp.CheckpointManager, step: int, args):
   """checkpoints.restore, with any failure of a damaged step turned into one ValueError line
-  (orbax and tensorstore report them in many types, some kilobytes long)."""
+  (orbax and tensorstore report them in many types, some kilobytes long).
+
+  While a restore runs, file descriptor 2 points at /dev/null: on a damaged step orbax's
+  event-loop threads print tracebacks of their own, during and shortly after the failure. On
+  success it is put back at once; on failure a few seconds later (`error_stream()` is the real
+  one meanwhile, for the command line's one-line error)."""
+  global _saved_stderr
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  os.close(devnull)
   try:
-    return checkpoints.restore(step, args=args)
+    restored = checkpoints.restore(step, args=args)
   except Exception as error:  # noqa: BLE001 (re-raised as one line)
+    _saved_stderr = saved
+    timer = threading.Timer(5.0, _put_back_stderr)
+    timer.daemon = True
+    timer.start()
     while error.__cause__ is not None or error.__context__ is not None:  # the root cause
       error = error.__cause__ or error.__context__
     lines = str(error).strip().splitlines() or [type(error).__name__]
     raise ValueError(f"checkpoint {step} in {checkpoints.directory} is corrupt or incomplete "
                      f"({lines[0][:160]}): remove {checkpoints.directory / str(step)} to fall back "
                      "to the one before it") from None
+  os.dup2(saved, 2)
+  os.close(saved)
+  return restored
+
+
+_saved_stderr = None
+
+
+def _put_back_stderr() -> None:
+  global _saved_stderr
+  if _saved_stderr is not None:
+    os.dup2(_saved_stderr, 2)
+    os.close(_saved_stderr)
+    _saved_stderr = None
+
+
+def error_stream() -> int:
+  """The file descriptor of the real standard error (see `_restore`)."""
+  return _saved_stderr if _saved_stderr is not None else 2

@@ -20,7 +20,7 @@ EXPECTED_ERRORS = (ValueError, FileNotFoundError)
 def _fail(message, status: int = 2, prefix: str = "error: ") -> None:
   sys.stdout.flush()
   sys.stderr.flush()
-  os.write(2, f"{prefix}{message}\n".encode())
+  os.write(checkpoints.error_stream(), f"{prefix}{message}\n".encode())
   # Not sys.exit: after a failed restore, orbax's background event-loop threads print
   # tracebacks of their own while the interpreter shuts down. Silence them and skip the
   # shutdown (results files are synced as they are written, so nothing is lost).
