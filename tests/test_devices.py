@@ -57,6 +57,19 @@ def test_training_and_certification_agree_on_1_and_8_devices(tmp_path):
   assert_same_run(one, eight)
 
 
+def start_two_processes(script: str, *args) -> list:
+  """Two processes of tests/<script> joined by jax.distributed on this machine (gloo)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), JAX_NUM_PROCESSES="2",
+             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+  env.pop("XLA_FLAGS", None)
+  command = [sys.executable, str(Path(__file__).parent / script), *map(str, args)]
+  return [subprocess.Popen(command, env=dict(env, JAX_PROCESS_ID=str(k)), text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k in (0, 1)]
+
+
 def test_two_processes_joined_by_jax_distributed_match_one(tmp_path):
   """A real multi-controller run: two processes on this machine (gloo collectives), each with
   its own data shard, one orbax checkpoint directory and one merged certification TSV."""
@@ -64,15 +77,7 @@ def test_two_processes_joined_by_jax_distributed_match_one(tmp_path):
   one = run_on_devices(Path(__file__).parent / "train_probe.py", 1, tmp_path / "one")
   (tmp_path / "two").mkdir()
   write_npz(tmp_path / "two" / "toy.npz", n_train=64, n_test=16)
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), JAX_NUM_PROCESSES="2",
-             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-  env.pop("XLA_FLAGS", None)
-  script = [sys.executable, str(Path(__file__).parent / "multihost_probe.py"), str(tmp_path / "two")]
-  processes = [subprocess.Popen(script, env=dict(env, JAX_PROCESS_ID=str(k)), text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k in (0, 1)]
+  processes = start_two_processes("multihost_probe.py", tmp_path / "two")
   outputs = [p.communicate(timeout=300) for p in processes]
   for p, (_, err) in zip(processes, outputs):
     assert p.returncode == 0, err[-3000:]
@@ -88,15 +93,7 @@ def test_sigterm_to_one_host_stops_both_at_the_same_step(tmp_path):
   step and stop."""
   from test_data_models import write_npz
   write_npz(tmp_path / "toy.npz", n_train=64, n_test=16)
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), JAX_NUM_PROCESSES="2",
-             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-  env.pop("XLA_FLAGS", None)
-  script = [sys.executable, str(Path(__file__).parent / "preempt_probe.py"), str(tmp_path)]
-  processes = [subprocess.Popen(script, env=dict(env, JAX_PROCESS_ID=str(k)), text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k in (0, 1)]
+  processes = start_two_processes("preempt_probe.py", tmp_path)
   metrics = tmp_path / "run" / "metrics.jsonl"
   deadline = time.monotonic() + 240
   while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
