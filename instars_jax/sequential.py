@@ -73,12 +73,11 @@ def look_alphas(alpha: float, num_looks: int) -> np.ndarray:
   return np.append(np.full(num_looks - 1, alpha / (2 * (num_looks - 1))), alpha / 2)
 
 
-def anytime_bounds(successes, trials, look, n_max: int, alpha: float):
-  """(lower, upper) float64 at each instance's stopping look `look` (an index into
+def anytime_lower_bound(successes, trials, look, n_max: int, alpha: float):
+  """float64 lower bound on p_A at each instance's stopping look `look` (an index into
   look_schedule(n_max)), at that look's level: valid simultaneously over looks (module doc)."""
   level = look_alphas(alpha, len(look_schedule(n_max)))[np.asarray(look)]
-  return (clopper_pearson_lower(successes, trials, level),
-          clopper_pearson_upper(successes, trials, level))
+  return clopper_pearson_lower(successes, trials, level)
 
 
 @functools.lru_cache(maxsize=8)

@@ -147,7 +147,7 @@ def certify(apply_fn: Callable, x, sigma, key, *, n0: int = 100, n: int = 100_00
     estimation, num_samples, look = sequential.run(
         apply_fn, x, sigma, ids, guess, estimation_key, n_max=n, alpha=alpha,
         batch_size=batch_size, num_classes=num_classes, rule=rule)
-    p_lower, _ = sequential.anytime_bounds(estimation[rows, guess], num_samples, look, n, alpha)
+    p_lower = sequential.anytime_lower_bound(estimation[rows, guess], num_samples, look, n, alpha)
     radius = rule.radius(p_lower, sigma)
 
   certified = p_lower >= 0.5

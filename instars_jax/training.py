@@ -131,9 +131,7 @@ class DivergenceWatch:
       self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
     if self.step % self.window:
       return
-    if self.nonfinite is not None and bool(self.nonfinite):
-      raise ValueError(f"training diverged by step {self.step}: train_loss is not finite "
-                       "(NaN or inf); lower train.learning_rate or set train.grad_clip")
+    self.check_nonfinite()
     mean, self.sum, self.nonfinite = float(self.sum) / self.window, 0.0, None
     threshold = self.settings.chance_fraction * self.chance
     if self.settings.chance_steps and self.step - self.window >= self.start_step \
@@ -142,6 +140,12 @@ class DivergenceWatch:
                        f"{self.window} steps is at chance level (>= {threshold:.4g} = "
                        f"{self.settings.chance_fraction:g} x ln {round(np.exp(self.chance))}); "
                        "see train.divergence")
+
+  def check_nonfinite(self, where: str = "") -> None:
+    """Raises if a loss since the last window was NaN or inf (also called at an epoch end)."""
+    if self.nonfinite is not None and bool(self.nonfinite):
+      raise ValueError(f"training diverged by step {self.step}{where}: train_loss is not finite "
+                       "(NaN or inf); lower train.learning_rate or set train.grad_clip")
 
 
 def validate_config(config, devices: int) -> None:
@@ -326,10 +330,7 @@ def train_epoch(state, split, sharder, config, epoch, steps_per_epoch, num_class
   state, means = model_state.run_epoch(state, step, itertools.islice(batches, resume_at, None),
                                        sharder, steps_per_epoch - resume_at,
                                        f"epoch {epoch + 1}/{t.epochs}", after_step)
-  if t.divergence.nonfinite and not np.isfinite(means.get("loss", 0.0)):
-    raise ValueError(f"training diverged by step {(epoch + 1) * steps_per_epoch} (epoch "
-                     f"{epoch + 1}): train_loss is not finite (NaN or inf); lower "
-                     "train.learning_rate or set train.grad_clip")
+  watch.check_nonfinite(f" (epoch {epoch + 1})")
   seconds = time.perf_counter() - start
   row = {"epoch": epoch, "step": int(state.step), "stage": stage, "sigma": t.sigma,
          "train_loss": means.get("loss", float("nan")),
