@@ -44,7 +44,7 @@ def main():
   states = [state]
 
   def train():
-    states[0], metrics = training.train_step(states[0], train_batch, jax.random.PRNGKey(0), False)
+    states[0], metrics = training.train_step(states[0], train_batch, jax.random.PRNGKey(0))
     return metrics["loss"]
 
   def profile():

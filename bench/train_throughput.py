@@ -36,7 +36,7 @@ def measure(name: str, batch_size: int) -> dict:
   states = [state]
 
   def step():
-    states[0], metrics = training.train_step(states[0], batch, jax.random.PRNGKey(0), False)
+    states[0], metrics = training.train_step(states[0], batch, jax.random.PRNGKey(0))
     return metrics["loss"]
   step_s = median_seconds(step)
   return {"model": name, "batch": batch_size,

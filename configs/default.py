@@ -9,6 +9,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_dir = ""  # overrides where the dataset is read from
   config.cache_dir = ""  # where decoded datasets are cached (default ~/.cache/instars_jax)
   config.num_classes = 0  # 0: inferred from the labels
+  # Images of folder:, array_record: and TFDS sources are resized (shorter side to
+  # image_size·256/224) and centre-cropped to image_size; 0: as stored (all one size).
+  config.image_size = 0
+  config.corrupt_images = "fail"  # fail | skip: an unreadable image is replaced by the next one
+  # The training input pipeline (instars_jax/pipeline.py); none of these changes the batches.
+  config.input = ml_collections.ConfigDict()
+  config.input.workers = 0  # processes that decode and augment batches (0: in the trainer)
+  config.input.threads = 2  # threads per process reading ahead
+  config.input.prefetch = 4  # batches read ahead
   config.seed = 0
   config.distributed = False  # True: jax.distributed.initialize() (multi-host TPU/GPU)
 
@@ -28,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.warmup_epochs = 0.0  # linear learning-rate warm-up before the schedule
   config.train.grad_clip = 0.0  # global gradient-norm clip; 0: none
   config.train.sigma = 0.25  # Gaussian augmentation noise level
-  config.train.augment = "none"  # none | crop_flip
+  config.train.augment = "none"  # none | crop_flip | random_resized_crop (instars_jax/augment.py)
   config.train.eval_examples = 0  # test examples evaluated after each epoch; 0: all
   # Besides every epoch end, an interim checkpoint every this many steps (0: none), so a hard
   # kill loses at most that many; SIGTERM/SIGINT always checkpoint the step they stop at.

@@ -222,8 +222,7 @@ def certify_test_set(config, workdir, host: int | None = None, hosts: int | None
                      "on a single host")
   state = model_state.load_train_state(workdir)  # before the data: a wrong workdir fails fast
   loaded = estimator.load(workdir) if kind == certificates.LOCALLY_CONSTANT else None
-  dataset = data.load_dataset(config.dataset, data_dir=config.data_dir,
-                              cache_dir=config.cache_dir, num_classes=config.num_classes)
+  dataset = data.from_config(config)
   path = output_path(config, workdir)
   metadata = run_metadata(config, loaded and loaded[1])
   part = path if hosts == 1 else path.with_name(f"{path.stem}.host{host}of{hosts}.tsv")

@@ -4,10 +4,17 @@ Sources (`config.dataset`):
   fashion_mnist   IDX files of Debian's `dataset-fashion-mnist` (or `data_dir`); TFDS otherwise
   cifar10_jpeg    ../shared/data/cifar10-jpeg-q75.tar.xz (or `data_dir`), decoded once and cached
   npz:/path.npz   arrays x_train, y_train, x_test, y_test (uint8 images, HWC or HW)
+  folder:PATH, array_record:PATH
+                  encoded images decoded on demand (instars_jax/sources.py)
   cifar10, imagenet2012, tfds:<name>
                   TFDS, read through `tfds.data_source` (random access, no TensorFlow needed
-                  to read); preparing a TFDS dataset (download_and_prepare) needs TensorFlow
-                  and network access, and ImageNet needs its manual download.
+                  to read), images decoded on demand; the labels are read once without
+                  decoding any image and cached. Preparing a TFDS dataset (download_and_prepare)
+                  needs TensorFlow and network access, and ImageNet needs its manual download.
+The small sources (fashion_mnist, cifar10_jpeg, npz) are held in memory as arrays; the others
+never hold a decoded split. `image_size` > 0 resizes and centre-crops every image of an
+on-demand source to that side (ImageNet: 224); `skip_corrupt` replaces an unreadable image
+by the next readable one, with a warning naming it, instead of stopping.
 
 Every example carries its index in its split; shuffling is a pure function of (seed, epoch);
 each host reads only its own slice of every global batch.
@@ -26,23 +33,25 @@ from typing import Iterator
 
 import numpy as np
 
+from instars_jax import sources
+from instars_jax.sources import DatasetError
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 CIFAR10_JPEG_ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / \
     "cifar10-jpeg-q75.tar.xz"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                    "truck")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot")
 IMAGENET_SIZE = 224
-
-
-class DatasetError(ValueError):
-  """A dataset that cannot be found or read; the message says what to install or set."""
+LABEL_READ_CHUNK = 1024
 
 
 @dataclass
 class Split:
-  """Images (uint8, [N, H, W] or [N, H, W, C]) and int32 labels, addressable by index.
+  """Images (uint8, [N, H, W] or [N, H, W, C]) and labels, addressable by index.
 
-  `images` is an array, or for TFDS a random-access source read example by example.
+  `images` is an array, or a sources.EncodedImages decoded example by example.
   """
   images: object
   labels: np.ndarray
@@ -50,13 +59,21 @@ class Split:
   def __len__(self) -> int:
     return len(self.labels)
 
+  def read(self, index: int, raw: bool = False) -> tuple[np.ndarray, int]:
+    """(uint8 pixels, j): example `index`'s image (with skip_corrupt, that of the example j
+    standing in for an unreadable one); as stored if `raw`, else its fixed-size view."""
+    if isinstance(self.images, np.ndarray):
+      return self.images[index], int(index)
+    return self.images.read(index, raw)
+
   def take(self, indices: np.ndarray) -> dict:
     """The examples at `indices`: float32 pixels in [0, 1], labels and their split indices."""
     if isinstance(self.images, np.ndarray):
-      images = self.images[indices]
+      images, sources_ = self.images[indices], indices
     else:
-      images = np.stack([self.images[int(i)] for i in indices])
-    return {"image": images.astype(np.float32) / 255.0, "label": self.labels[indices],
+      read = [self.read(int(i)) for i in indices]
+      images, sources_ = np.stack([r[0] for r in read]), np.array([r[1] for r in read])
+    return {"image": images.astype(np.float32) / 255.0, "label": self.labels[sources_],
             "index": np.asarray(indices, np.int32)}
 
 
@@ -67,10 +84,11 @@ class Dataset:
   test: Split
   num_classes: int
   stats: str  # the models.DATASET_STATS entry its normalization uses
+  classes: tuple = ()  # class names, when the source has them
 
   @property
   def image_shape(self) -> tuple:
-    return self.train.take(np.array([0]))["image"].shape[1:]
+    return self.train.read(0)[0].shape
 
 
 # ---------------------------------------------------------------------------
@@ -111,20 +129,35 @@ def num_batches(num_examples: int, batch_size: int, drop_remainder: bool) -> int
 # Sources
 
 
-def load_dataset(name: str, *, data_dir: str = "", cache_dir: str = "",
-                 num_classes: int = 0) -> Dataset:
+def from_config(config) -> Dataset:
+  """The dataset that `config` (dataset, data_dir, cache_dir, ...) names."""
+  return load_dataset(config.dataset, data_dir=config.data_dir, cache_dir=config.cache_dir,
+                      num_classes=config.num_classes, image_size=config.image_size,
+                      skip_corrupt=config.corrupt_images == "skip")
+
+
+def load_dataset(name: str, *, data_dir: str = "", cache_dir: str = "", num_classes: int = 0,
+                 image_size: int = 0, skip_corrupt: bool = False) -> Dataset:
   """The dataset `name` (see the module docstring); num_classes 0 means infer it."""
+  on_demand = dict(image_size=image_size, skip_corrupt=skip_corrupt)
   if name == "fashion_mnist":
     dataset = _fashion_mnist(data_dir)
   elif name == "cifar10_jpeg":
     dataset = _cifar10_jpeg(data_dir, cache_dir)
   elif name.startswith("npz:"):
     dataset = _npz(name[4:])
+  elif name.startswith("folder:"):
+    dataset = _encoded(name, *sources.folder_splits(name[7:], **on_demand))
+  elif name.startswith("array_record:"):
+    dataset = _encoded(name, *sources.record_splits(name[13:], **on_demand))
   elif name in ("cifar10", "imagenet2012") or name.startswith("tfds:"):
-    dataset = _tfds(name.removeprefix("tfds:"), data_dir)
+    if name == "imagenet2012":
+      on_demand["image_size"] = image_size or IMAGENET_SIZE
+    dataset = _tfds(name.removeprefix("tfds:"), data_dir, cache_dir, **on_demand)
   else:
     raise DatasetError(f"unknown dataset {name!r}: use fashion_mnist, cifar10_jpeg, cifar10, "
-                       "imagenet2012, npz:/path/file.npz or tfds:<name>")
+                       "imagenet2012, npz:/path/file.npz, folder:DIR, array_record:DIR or "
+                       "tfds:<name>")
   if num_classes:
     seen = int(max(dataset.train.labels.max(), dataset.test.labels.max())) + 1
     if num_classes < seen:
@@ -155,16 +188,17 @@ def _fashion_mnist(data_dir: str) -> Dataset:
   if all(files.values()):
     x_train, y_train, x_test, y_test = (_read_idx(p) for p in files.values())
     return Dataset("fashion_mnist", Split(x_train, y_train.astype(np.int32)),
-                   Split(x_test, y_test.astype(np.int32)), 10, "fashion_mnist")
+                   Split(x_test, y_test.astype(np.int32)), 10, "fashion_mnist",
+                   FASHION_MNIST_CLASSES)
   if data_dir:
     raise DatasetError(f"Fashion-MNIST IDX files not found in data_dir={data_dir}")
   try:
-    dataset = _tfds("fashion_mnist", "")
+    dataset = _tfds("fashion_mnist", "", "")
   except DatasetError as error:
     raise DatasetError(f"Fashion-MNIST not found in {FASHION_MNIST_DIR}: install it with "
                        f"`apt-get install -y dataset-fashion-mnist` (or set data_dir); "
                        f"TFDS fallback failed too: {error}") from None
-  dataset.stats = "fashion_mnist"
+  dataset.stats, dataset.classes = "fashion_mnist", FASHION_MNIST_CLASSES
   return dataset
 
 
@@ -190,7 +224,7 @@ def _cifar10_jpeg(data_dir: str, cache_dir: str) -> Dataset:
     os.replace(tmp, cached)
   with np.load(cached) as arrays:
     return Dataset("cifar10_jpeg", Split(arrays["x_train"], arrays["y_train"]),
-                   Split(arrays["x_test"], arrays["y_test"]), 10, "cifar10")
+                   Split(arrays["x_test"], arrays["y_test"]), 10, "cifar10", CIFAR10_CLASSES)
 
 
 def _decode_cifar10_jpeg(archive: Path) -> dict:
@@ -232,23 +266,15 @@ def _npz(path: str) -> Dataset:
                  Split(arrays["x_test"], arrays["y_test"].astype(np.int32)), num_classes, stats)
 
 
-class _ImageNetSource:
-  """Random access to TFDS ImageNet with Cohen's evaluation transform (resize 256, crop 224)."""
-
-  def __init__(self, source):
-    self.source = source
-
-  def __getitem__(self, index):
-    from PIL import Image
-    image = Image.fromarray(self.source[index]["image"])
-    scale = 256 / min(image.size)
-    image = image.resize((round(image.size[0] * scale), round(image.size[1] * scale)),
-                         Image.BILINEAR)
-    left, top = (image.size[0] - IMAGENET_SIZE) // 2, (image.size[1] - IMAGENET_SIZE) // 2
-    return np.asarray(image.crop((left, top, left + IMAGENET_SIZE, top + IMAGENET_SIZE)))
+def _encoded(name: str, train, test, classes) -> Dataset:
+  """A Dataset of two (EncodedImages, labels) splits."""
+  images = train[0]
+  return Dataset(name, Split(*train), Split(*test), len(classes),
+                 sources.stats_for(images.mode, images.shape), tuple(classes))
 
 
-def _tfds(name: str, data_dir: str) -> Dataset:
+def _tfds(name: str, data_dir: str, cache_dir: str, image_size: int = 0,
+          skip_corrupt: bool = False) -> Dataset:
   try:
     import tensorflow_datasets as tfds
   except ImportError as error:
@@ -258,24 +284,42 @@ def _tfds(name: str, data_dir: str) -> Dataset:
                                                    else "test")):
     try:
       source = tfds.data_source(name, split=tfds_split, data_dir=data_dir or None,
-                                download=False)
+                                download=False, decoders={"image": tfds.decode.SkipDecoding()})
     except Exception as error:
       raise DatasetError(f"TFDS dataset {name!r} is not prepared in "
                          f"{data_dir or 'the default TFDS data_dir'}: prepare it with TensorFlow "
                          f"installed (`tfds build {name}`; ImageNet needs its manual download), "
                          f"or set data_dir. ({type(error).__name__}: {error})") from None
-    labels = np.array([source[i]["label"] for i in range(len(source))], np.int32)
-    images = _ImageNetSource(source) if name == "imagenet2012" else _TfdsImages(source)
-    splits[split] = Split(images, labels)
-  num_classes = int(max(splits["train"].labels.max(), splits["test"].labels.max())) + 1
+    labels = _tfds_labels(source, f"{name}_{split}", cache_dir)
+    where = f"TFDS {name} {tfds_split}"
+    mode, shape = sources.image_mode(source[0]["image"], f"{where} record 0")
+    splits[split] = (sources.RecordImages(source, where, "image", mode=mode, shape=shape,
+                                          image_size=image_size, skip_corrupt=skip_corrupt),
+                     labels)
+  num_classes = int(max(splits["train"][1].max(), splits["test"][1].max())) + 1
   stats = {"imagenet2012": "imagenet", "fashion_mnist": "fashion_mnist", "mnist": "fashion_mnist"}
-  return Dataset(name, splits["train"], splits["test"], num_classes, stats.get(name, "cifar10"))
+  return Dataset(name, Split(*splits["train"]), Split(*splits["test"]), num_classes,
+                 stats.get(name, "cifar10"))
 
 
-class _TfdsImages:
-  def __init__(self, source):
-    self.source = source
-
-  def __getitem__(self, index):
-    image = self.source[index]["image"]
-    return image[..., 0] if image.shape[-1] == 1 else image
+def _tfds_labels(source, name: str, cache_dir: str) -> np.ndarray:
+  """The labels of a TFDS data source opened with SkipDecoding: read once in chunks (the images
+  stay encoded bytes) and cached as .npy in the cache directory."""
+  cache = (Path(cache_dir) if cache_dir else default_cache_dir()) / \
+      f"tfds_{name}_{len(source)}_labels.npy"
+  if cache.exists():
+    return np.load(cache)
+  labels = np.empty(len(source), np.int32)
+  for start in range(0, len(source), LABEL_READ_CHUNK):
+    keys = range(start, min(start + LABEL_READ_CHUNK, len(source)))
+    records = source.__getitems__(keys) if hasattr(source, "__getitems__") \
+        else [source[k] for k in keys]
+    labels[start: start + len(records)] = [int(r["label"]) for r in records]
+  try:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(cache.stem + f".{os.getpid()}.tmp.npy")
+    np.save(tmp, labels)
+    os.replace(tmp, cache)
+  except OSError:
+    pass  # an unwritable cache costs the next run one more pass over the labels
+  return labels

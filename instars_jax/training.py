@@ -34,7 +34,7 @@ import optax
 from tqdm import tqdm
 
 from instars_jax import (checkpoints, data, estimator, locks, model_state, models, parallel,
-                         sigma_table)
+                         pipeline, sigma_table)
 from instars_jax import events as events_lib
 from instars_jax.model_state import TrainState, example_keys, gaussian_noise, logits_fn
 
@@ -42,23 +42,13 @@ PURPOSE_TRAIN_NOISE = 10
 PURPOSE_EVAL_NOISE = 11
 
 
-def crop_flip(key, image):
-  """Random 4-pixel-padded crop and horizontal flip (Cohen et al.'s CIFAR augmentation)."""
-  crop_key, flip_key = jax.random.split(key)
-  padded = jnp.pad(image, ((4, 4), (4, 4), (0, 0)))
-  offset = jax.random.randint(crop_key, (2,), 0, 9)
-  image = jax.lax.dynamic_slice(padded, (offset[0], offset[1], 0), image.shape)
-  return jnp.where(jax.random.bernoulli(flip_key), image[:, ::-1], image)
-
-
-@functools.partial(jax.jit, static_argnames=("augment", "grid"), donate_argnames="state")
-def train_step(state: TrainState, batch, epoch_key, augment: bool, grid: tuple | None = None):
-  """One SGD step on cross-entropy of the noisy batch, each example at its table σ (or, with
-  `grid`, at a grid σ drawn from its own key)."""
+@functools.partial(jax.jit, static_argnames="grid", donate_argnames="state")
+def train_step(state: TrainState, batch, epoch_key, grid: tuple | None = None):
+  """One SGD step on cross-entropy of the noisy batch (uint8 or [0, 1] images, augmented by
+  the input pipeline), each example at its table σ (or, with `grid`, at a grid σ drawn from
+  its own key)."""
   keys = example_keys(epoch_key, batch["index"])
-  images = batch["image"]
-  if augment:
-    images = jax.vmap(crop_flip)(jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys), images)
+  images = unit_range(batch["image"])
   if grid is None:
     sigma = state.sigma_table[batch["index"]]
   else:
@@ -76,6 +66,11 @@ def train_step(state: TrainState, batch, epoch_key, augment: bool, grid: tuple |
   state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
   accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
   return state, {"loss": loss, "noisy_accuracy": accuracy}
+
+
+def unit_range(images):
+  """Pixels in [0, 1] as float32: uint8 batches (the input pipeline's) are scaled on device."""
+  return images.astype(jnp.float32) / 255.0 if images.dtype == jnp.uint8 else images
 
 
 @jax.jit
@@ -172,6 +167,7 @@ def validate_config(config, devices: int) -> None:
                                      f"got {d.chance_fraction}")]
   if t.stage1_noise not in ("sigma", "grid"):
     checks.append((False, f"train.stage1_noise must be 'sigma' or 'grid'; got {t.stage1_noise!r}"))
+  checks += pipeline.validate(config)
   if t.insta or t.stage1_noise == "grid" or config.estimator.epochs:
     checks += sigma_table.validate(config, devices)
   if config.estimator.epochs:
@@ -182,15 +178,16 @@ def validate_config(config, devices: int) -> None:
 
 
 def _check_workdir(workdir: Path, config) -> None:
-  """Refuses to resume a run whose saved config differs in anything but the certify and
-  estimator sections (the estimator checks its own settings, so a finished run can get one)."""
+  """Refuses to resume a run whose saved config differs in anything but the certify,
+  estimator and input sections (the estimator checks its own settings, so a finished run can
+  get one; the input settings never change the batches)."""
   saved_path = workdir / checkpoints.CONFIG_FILE
   if not saved_path.exists():
     return
   saved = json.loads(saved_path.read_text())
   current = json.loads(config.to_json())
   differing = sorted(k for k in set(saved) | set(current)
-                     if k not in ("certify", "estimator") and saved.get(k) != current.get(k))
+                     if k not in ("certify", "estimator", "input") and saved.get(k) != current.get(k))
   if differing:
     raise ValueError(f"{workdir} holds a run with a different config ({', '.join(differing)}): "
                      "rerun with the same config to resume, or choose a new --workdir")
@@ -206,8 +203,7 @@ def train_and_evaluate(config, workdir) -> TrainState:
   workdir = Path(workdir)
   sharder = model_state.Sharder()
   validate_config(config, jax.device_count())
-  dataset = data.load_dataset(config.dataset, data_dir=config.data_dir,
-                              cache_dir=config.cache_dir, num_classes=config.num_classes)
+  dataset = data.from_config(config)
   _check_workdir(workdir, config)
   workdir.mkdir(parents=True, exist_ok=True)
   # One writer per workdir: process 0 of a run holds the lock (the other hosts write nothing).
@@ -248,9 +244,14 @@ def _train(config, workdir: Path, dataset, sharder) -> TrainState:
     _write_metrics(metrics_path, history)
 
   events = events_lib.EventWriter(workdir, "train")
-  with checkpoints.StopRequest(sync_hosts=True) as stop:
+  batches = pipeline.StepBatches(dataset.train, config.train.batch_size, steps_per_epoch,
+                                 config.seed, config.train.augment, config.image_size,
+                                 jax.process_index(), jax.process_count())
+  first_step = start_epoch * steps_per_epoch + resume_at
+  with checkpoints.StopRequest(sync_hosts=True) as stop, pipeline.train_stream(
+      batches, first_step, config.train.epochs * steps_per_epoch, config.input) as stream:
     for epoch in range(start_epoch, config.train.epochs):
-      state = _train_one_epoch(config, state, dataset, sharder, epoch, steps_per_epoch,
+      state = _train_one_epoch(config, state, dataset, stream, sharder, epoch, steps_per_epoch,
                                resume_at, history, metrics_path, stop, interim)
       resume_at = 0
       checkpoints.save(manager, epoch + 1, state)
@@ -265,7 +266,7 @@ def _train(config, workdir: Path, dataset, sharder) -> TrainState:
   return state
 
 
-def _train_one_epoch(config, state, dataset, sharder, epoch, steps_per_epoch, resume_at,
+def _train_one_epoch(config, state, dataset, stream, sharder, epoch, steps_per_epoch, resume_at,
                      history, metrics_path, stop, interim):
   """The table update due before `epoch` (unless resuming inside it), the epoch, its
   evaluation and its metrics row."""
@@ -276,7 +277,7 @@ def _train_one_epoch(config, state, dataset, sharder, epoch, steps_per_epoch, re
     jax.block_until_ready(state.sigma_table)
     update_seconds = time.perf_counter() - began
   start = time.perf_counter()
-  state, row = train_epoch(state, dataset.train, sharder, config, epoch, steps_per_epoch,
+  state, row = train_epoch(state, stream, sharder, config, epoch, steps_per_epoch,
                            dataset.num_classes, resume_at, stop, interim)
   train_seconds = time.perf_counter() - start
   row.update({"table_update_seconds": update_seconds,
@@ -294,10 +295,11 @@ def _train_one_epoch(config, state, dataset, sharder, epoch, steps_per_epoch, re
   return state
 
 
-def train_epoch(state, split, sharder, config, epoch, steps_per_epoch, num_classes,
+def train_epoch(state, stream, sharder, config, epoch, steps_per_epoch, num_classes,
                 resume_at=0, stop=None, interim=None):
-  """One epoch of `train_step` over the shuffled split, from batch `resume_at` on; returns the
-  state and its metrics (over the batches run here).
+  """One epoch of `train_step` over the next batches of `stream` (pipeline.train_stream), from
+  batch `resume_at` of the epoch on; returns the state and its metrics (over the batches run
+  here; `input_wait_share`: the share of the epoch's time spent waiting for a batch).
 
   After every step: the divergence watch; an interim checkpoint every
   `train.checkpoint_every_steps` steps; and, when `stop` says so (SIGTERM, SIGINT), an
@@ -308,10 +310,7 @@ def train_epoch(state, split, sharder, config, epoch, steps_per_epoch, num_class
   grid = tuple(float(s) for s in t.table.grid) if grid_noise else None
   epoch_key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed),
                                                     PURPOSE_TRAIN_NOISE), epoch)
-  batches = data.batches(split, t.batch_size, seed=config.seed, epoch=epoch, shuffle=True,
-                         drop_remainder=True, host_id=jax.process_index(),
-                         host_count=jax.process_count())
-  step = lambda s, b: train_step(s, b, epoch_key, t.augment == "crop_flip", grid)
+  step = lambda s, b: train_step(s, b, epoch_key, grid)
   first_step = epoch * steps_per_epoch + resume_at
   watch = DivergenceWatch(t.divergence, num_classes, first_step, steps_per_epoch)
 
@@ -327,15 +326,18 @@ def train_epoch(state, split, sharder, config, epoch, steps_per_epoch, num_class
           f"{steps_per_epoch}): saved in {interim.directory}; rerun the same command to resume")
 
   start = time.perf_counter()
-  state, means = model_state.run_epoch(state, step, itertools.islice(batches, resume_at, None),
-                                       sharder, steps_per_epoch - resume_at,
+  waited = pipeline.WaitClock()
+  batches = waited(itertools.islice(stream, steps_per_epoch - resume_at))
+  state, means = model_state.run_epoch(state, step, batches, sharder, steps_per_epoch - resume_at,
                                        f"epoch {epoch + 1}/{t.epochs}", after_step)
   watch.check_nonfinite(f" (epoch {epoch + 1})")
+  jax.block_until_ready(state.params)
   seconds = time.perf_counter() - start
   row = {"epoch": epoch, "step": int(state.step), "stage": stage, "sigma": t.sigma,
          "train_loss": means.get("loss", float("nan")),
          "train_noisy_accuracy": means.get("noisy_accuracy", float("nan")),
-         "images_per_s": (steps_per_epoch - resume_at) * t.batch_size / seconds}
+         "images_per_s": (steps_per_epoch - resume_at) * t.batch_size / seconds,
+         "input_wait_share": waited.seconds / seconds}
   if resume_at:
     row["resumed_at_batch"] = resume_at  # the means above cover the batches after it
   return state, row

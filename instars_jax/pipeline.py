@@ -1,0 +1,123 @@
+"""The training input pipeline on grain: decode, augment and batch off the training loop.
+
+The stream is one grain MapDataset over the run's global steps; element s is this host's
+share of global batch s (epoch s // steps_per_epoch, the epoch order of data.epoch_order),
+decoded and augmented (augment.py) from (seed, epoch, example index) alone. So the stream is
+a pure function of the step: its state is the step (which the orbax checkpoint holds), a
+resumed run restarts it at the checkpoint's step, and neither the batches nor where a resume
+lands depend on `input.workers`, `input.threads` or the host count. (grain's own iterator
+state records the worker layout, so a checkpoint of it could not move between worker counts.)
+
+`input.workers` processes decode and augment whole batches (grain's mp_prefetch), each
+reading its own slice of the steps, and `input.threads` threads per process prefetch
+`input.prefetch` batches ahead. Batches carry the examples' split indices (the σ table's
+rows) and uint8 images; the train step scales them to [0, 1] on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import time
+
+import numpy as np
+
+from instars_jax import augment, data
+
+
+class StepBatches:
+  """grain map function: global step -> this host's batch of it (uint8 image, label, index)."""
+
+  def __init__(self, split: data.Split, batch_size: int, steps_per_epoch: int, seed: int,
+               augmentation: str, image_size: int, host_id: int = 0, host_count: int = 1):
+    if batch_size % host_count:
+      raise ValueError(f"batch size {batch_size} must divide by the host count {host_count}")
+    self.split, self.batch_size, self.steps_per_epoch = split, batch_size, steps_per_epoch
+    self.seed, self.augmentation, self.image_size = seed, augmentation, image_size
+    self.per_host, self.host_id = batch_size // host_count, host_id
+    self._order = (None, None)  # (epoch, its order): one permutation per epoch per process
+
+  def order(self, epoch: int) -> np.ndarray:
+    if self._order[0] != epoch:
+      self._order = (epoch, data.epoch_order(len(self.split), self.seed, epoch, shuffle=True))
+    return self._order[1]
+
+  def indices(self, step: int) -> np.ndarray:
+    epoch, batch = divmod(int(step), self.steps_per_epoch)
+    start = batch * self.batch_size + self.host_id * self.per_host
+    return self.order(epoch)[start: start + self.per_host]
+
+  def __call__(self, step: int) -> dict:
+    epoch = int(step) // self.steps_per_epoch
+    raw = self.augmentation == "random_resized_crop"
+    images, sources = [], []
+    for i in self.indices(step):
+      pixels, source = self.split.read(int(i), raw=raw)
+      rng = augment.example_rng(self.seed, epoch, int(i))
+      images.append(augment.train_view(pixels, self.augmentation, rng, self.image_size))
+      sources.append(source)
+    return {"image": np.stack(images), "label": self.split.labels[np.array(sources)],
+            "index": self.indices(step).astype(np.int32)}
+
+
+@contextlib.contextmanager
+def train_stream(batches: StepBatches, first_step: int, total_steps: int, settings):
+  """An iterator over the batches of steps [first_step, total_steps), prefetched per
+  `settings` (config.input: workers, threads, prefetch); closed on leaving the block."""
+  import grain
+  dataset = grain.MapDataset.range(first_step, total_steps).map(batches)
+  stream = dataset.to_iter_dataset(grain.ReadOptions(num_threads=settings.threads,
+                                                     prefetch_buffer_size=settings.prefetch))
+  if settings.workers:
+    _parse_absl_flags()
+    stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=settings.workers))
+  iterator = iter(stream)
+  try:
+    yield iterator
+  finally:
+    iterator.close()
+    del iterator, stream
+    gc.collect()  # worker handles left to interpreter shutdown print spurious errors
+
+
+class WaitClock:
+  """Wraps an iterator, adding up the seconds its consumer waits in `next`."""
+
+  def __init__(self):
+    self.seconds = 0.0
+
+  def __call__(self, iterable):
+    iterator = iter(iterable)
+    while True:
+      began = time.perf_counter()
+      try:
+        item = next(iterator)
+      except StopIteration:
+        return
+      finally:
+        self.seconds += time.perf_counter() - began
+      yield item
+
+
+def _parse_absl_flags() -> None:
+  """grain's worker processes read absl flags; a notebook or test never parsed any."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def validate(config) -> list:
+  """(ok, message) checks of the input settings."""
+  i = config.input
+  return [
+      (config.train.augment in augment.AUGMENTATIONS,
+       f"train.augment must be one of {augment.AUGMENTATIONS}; got {config.train.augment!r}"),
+      (config.train.augment != "random_resized_crop" or config.image_size > 0,
+       "train.augment=random_resized_crop needs image_size > 0 (the crop's side, e.g. 224)"),
+      (config.corrupt_images in ("fail", "skip"),
+       f"corrupt_images must be 'fail' or 'skip'; got {config.corrupt_images!r}"),
+      (config.image_size >= 0, f"image_size must be >= 0; got {config.image_size}"),
+      (i.workers >= 0 and i.threads >= 0 and i.prefetch >= 0,
+       f"input.workers, input.threads and input.prefetch must be >= 0; got {i.workers}, "
+       f"{i.threads}, {i.prefetch}"),
+  ]
