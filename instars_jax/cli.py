@@ -20,11 +20,14 @@ EXPECTED_ERRORS = (ValueError, FileNotFoundError)
 def _fail(message, status: int = 2, prefix: str = "error: ") -> None:
   sys.stdout.flush()
   sys.stderr.flush()
-  os.write(checkpoints.error_stream(), f"{prefix}{message}\n".encode())
-  # Not sys.exit: after a failed restore, orbax's background event-loop threads can fail the
-  # interpreter's shutdown (their output already goes nowhere: checkpoints._restore). Results
-  # files are synced as they are written, so skipping the shutdown loses nothing.
-  os._exit(status)
+  stream = checkpoints.error_stream()
+  os.write(stream, f"{prefix}{message}\n".encode())
+  if stream != 2:
+    # After a failed restore, orbax's background event-loop threads can fail the interpreter's
+    # shutdown (their output already goes nowhere: checkpoints._restore), so skip it. Results
+    # files are synced as they are written: skipping the shutdown loses nothing.
+    os._exit(status)
+  sys.exit(status)  # a normal shutdown: input worker processes are cleaned up quietly
 
 
 def _parse_flags(argv):

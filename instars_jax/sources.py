@@ -24,7 +24,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from instars_jax import augment
 
@@ -62,7 +62,7 @@ class EncodedImages:
       with Image.open(io.BytesIO(self.encoded(index))) as image:
         return np.asarray(image.convert(self.mode))
     except (OSError, ValueError, SyntaxError) as error:
-      raise DatasetError(f"corrupt image {self.where(index)}: {error}") from None
+      raise DatasetError(f"corrupt image {self.where(index)}: {_detail(error)}") from None
 
   def read(self, index: int, raw: bool = False) -> tuple[np.ndarray, int]:
     """(pixels, j): the decoded example j = index, or with skip_corrupt the first readable one
@@ -128,7 +128,13 @@ def image_mode(encoded: bytes, where: str) -> tuple[str, tuple]:
       mode = "L" if image.mode in GRAYSCALE_MODES else "RGB"
       return mode, np.asarray(image.convert(mode)).shape
   except (OSError, ValueError, SyntaxError) as error:
-    raise DatasetError(f"corrupt image {where}: {error}") from None
+    raise DatasetError(f"corrupt image {where}: {_detail(error)}") from None
+
+
+def _detail(error: Exception) -> str:
+  if isinstance(error, UnidentifiedImageError):  # its message names an in-memory buffer
+    return "not an image format Pillow can read"
+  return str(error)
 
 
 def stats_for(mode: str, shape: tuple) -> str:
