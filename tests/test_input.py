@@ -2,16 +2,20 @@
 
 import io
 import logging
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from configs import default
-from instars_jax import augment, convert, data, pipeline, sources
+from instars_jax import augment, convert, data, model_state, pipeline, sources
 from test_data_models import write_npz
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,3 +230,38 @@ def test_a_corrupt_image_in_training_is_one_line_exit_2(tmp_path):
   assert done.returncode == 2, done.stderr[-2000:]
   assert done.stderr.strip().splitlines()[-1].startswith(f"error: corrupt image {bad}")
   assert "Traceback" not in done.stderr
+
+
+def test_sigkill_mid_epoch_resumes_to_the_same_parameters_and_sigma_table(tmp_path):
+  """A real kill -9 in stage 2 of Insta-RS Train on a folder source, input in a worker
+  process; the rerun (input in the trainer this time) ends where the straight run ends."""
+  write_tree(tmp_path / "tree", per_class=16, suffix=".jpg")
+  def train(workdir, workers, **popen):
+    args = [sys.executable, "train.py", "--config=configs/default.py", f"--workdir={workdir}",
+            f"--config.dataset=folder:{tmp_path / 'tree'}", "--config.train.epochs=3",
+            "--config.train.batch_size=4", "--config.train.insta=True",
+            "--config.train.stage1_epochs=1", "--config.train.augment=crop_flip",
+            "--config.train.checkpoint_every_steps=1", "--config.train.eval_examples=4",
+            f"--config.input.workers={workers}"]
+    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            **popen)
+  straight = train(tmp_path / "straight", 0)
+  killed = train(tmp_path / "killed", 1)
+  interim = tmp_path / "killed" / "interim" / "checkpoints"
+  deadline = time.monotonic() + 240
+  while killed.poll() is None and time.monotonic() < deadline:
+    steps = [int(p.name) for p in interim.glob("*") if p.name.isdigit()] if interim.exists() else []
+    if steps and 12 * 1 + 3 <= max(steps) < 12 * 2:  # in epoch 2, the first of stage 2
+      os.kill(killed.pid, signal.SIGKILL)
+      break
+    time.sleep(0.02)
+  assert killed.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+  assert straight.wait(timeout=240) == 0, straight.stderr.read()[-2000:]
+  resumed = train(tmp_path / "killed", 0)
+  assert resumed.wait(timeout=240) == 0, resumed.stderr.read()[-2000:]
+  a, b = (model_state.load_train_state(tmp_path / d) for d in ("straight", "killed"))
+  for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+    np.testing.assert_array_equal(x, y)
+  np.testing.assert_array_equal(a.sigma_table, b.sigma_table)
+  np.testing.assert_array_equal(a.sigma_profile, b.sigma_profile)
+  assert int(a.step) == int(b.step) == 36 and np.ptp(np.asarray(a.sigma_profile)) > 0
