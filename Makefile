@@ -40,6 +40,7 @@ bench: setup fashion-mnist
 	cd bench && PYTHONPATH=.. ../$(PY) table_update_cost.py
 	cd bench && PYTHONPATH=.. ../$(PY) cohen_loop.py
 	cd bench && PYTHONPATH=.. ../$(PY) bf16_agreement.py
+	cd bench && PYTHONPATH=.. ../$(PY) input_pipeline.py
 	$(PY) train.py --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR)  # the demo model (resumes if done)
 	cd bench && PYTHONPATH=.. ../$(PY) sequential.py --workdir ../$(DEMO_DIR) --images $(SEQ_IMAGES)
 
