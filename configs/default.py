@@ -76,6 +76,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Lower than a base model's: at σ_e = 1 and lr 0.05 the LeNet estimator collapsed to one bin
   # on Fashion-MNIST (holdout agreement with its labels 0.63 = the majority share); 0.01 learns.
   config.estimator.learning_rate = 0.01
+  # DualRS's last step: then fine-tune the base model this many epochs (cosine from
+  # finetune_learning_rate), each training example at the σ the estimator picks for it.
+  config.estimator.finetune_epochs = 0
+  config.estimator.finetune_learning_rate = 0.01
 
   config.certify = ml_collections.ConfigDict()
   config.certify.sigma = 0.25

@@ -19,6 +19,11 @@ locally_constant). It learns from the trained base model:
 Works for Insta-RS and Cohen base models alike. Saved in WORKDIR/estimator/ (orbax, one
 checkpoint per epoch, resumable) with `estimator.json`, the settings certification reads, and
 `labels.npz`, the labels of step 1.
+
+4. Optionally (`estimator.finetune_epochs`, DualRS's last step) the base model is fine-tuned
+   with each training example at the σ the trained estimator picks for it (`assigned_sigmas`:
+   the majority bin over `label_samples` noisy copies at σ_e), so that the base model is
+   trained where the certificate will use it (training.py runs it after this stage).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from instars_jax import checkpoints, data, model_state, models, sigma_table
 
 PURPOSE_LABELS = 40
 PURPOSE_NOISE = 41
+PURPOSE_ASSIGN = 42
 SETTINGS_FILE = "estimator.json"
 LABELS_FILE = "labels.npz"
 
@@ -79,6 +85,9 @@ def validate(config) -> list:
       (e.temperature > 0, f"estimator.temperature must be > 0; got {e.temperature}"),
       (e.consistency >= 0, f"estimator.consistency must be >= 0; got {e.consistency}"),
       (e.learning_rate > 0, f"estimator.learning_rate must be > 0; got {e.learning_rate}"),
+      (e.finetune_epochs >= 0, f"estimator.finetune_epochs must be >= 0; got {e.finetune_epochs}"),
+      (e.finetune_learning_rate > 0,
+       f"estimator.finetune_learning_rate must be > 0; got {e.finetune_learning_rate}"),
       ((e.model or config.model.name) in models.ARCHITECTURES,
        f"estimator.model must be one of {models.ARCHITECTURES}; got {e.model!r}"),
   ]
@@ -213,3 +222,24 @@ def load(workdir):
   model = models.create_model(saved["model"], len(saved["grid"]), saved["dtype"], run["stats"])
   variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
   return functools.partial(model.apply, variables, train=False), saved
+
+
+def assigned_sigmas(workdir, split: data.Split, config) -> np.ndarray:
+  """float32[N]: for each example of `split`, the grid σ of the estimator's majority bin over
+  `estimator.label_samples` copies at σ_e (noise keyed on (seed, example, copy); ties go to
+  the smaller σ). Every host computes all of them, on its first local device."""
+  apply, saved = load(workdir)
+  grid, copies = np.asarray(saved["grid"], np.float32), config.estimator.label_samples
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), PURPOSE_ASSIGN)
+
+  @jax.jit
+  def votes(images, indices):
+    keys = model_state.example_keys(key, indices)
+    def copy_votes(c):
+      noisy = model_state.gaussian_noise(jax.vmap(lambda k: jax.random.fold_in(k, c))(keys),
+                                         images, jnp.full(indices.shape, saved["sigma"]))
+      return jax.nn.one_hot(jnp.argmax(apply(noisy), -1), len(grid))
+    return jax.lax.map(copy_votes, jnp.arange(copies)).sum(axis=0)
+
+  counts = [votes(b["image"], b["index"]) for b in data.batches(split, config.train.table.chunk)]
+  return grid[np.argmax(np.concatenate([np.asarray(c) for c in counts]), axis=1)]

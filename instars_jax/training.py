@@ -38,6 +38,8 @@ from instars_jax import (checkpoints, data, estimator, locks, model_state, model
 from instars_jax import events as events_lib
 from instars_jax.model_state import TrainState, example_keys, gaussian_noise, logits_fn
 
+# Config keys added after runs were made, with the value that means what those runs did.
+LATER_KEYS = {"image_size": 0, "corrupt_images": "fail"}
 PURPOSE_TRAIN_NOISE = 10
 PURPOSE_EVAL_NOISE = 11
 
@@ -170,7 +172,7 @@ def validate_config(config, devices: int) -> None:
   checks += pipeline.validate(config)
   if t.insta or t.stage1_noise == "grid" or config.estimator.epochs:
     checks += sigma_table.validate(config, devices)
-  if config.estimator.epochs:
+  if config.estimator.epochs or config.estimator.finetune_epochs:
     checks += estimator.validate(config)
   for ok, message in checks:
     if not ok:
@@ -184,7 +186,7 @@ def _check_workdir(workdir: Path, config) -> None:
   saved_path = workdir / checkpoints.CONFIG_FILE
   if not saved_path.exists():
     return
-  saved = json.loads(saved_path.read_text())
+  saved = LATER_KEYS | json.loads(saved_path.read_text())
   current = json.loads(config.to_json())
   differing = sorted(k for k in set(saved) | set(current)
                      if k not in ("certify", "estimator", "input") and saved.get(k) != current.get(k))
@@ -244,12 +246,11 @@ def _train(config, workdir: Path, dataset, sharder) -> TrainState:
     _write_metrics(metrics_path, history)
 
   events = events_lib.EventWriter(workdir, "train")
-  batches = pipeline.StepBatches(dataset.train, config.train.batch_size, steps_per_epoch,
-                                 config.seed, config.train.augment, config.image_size,
-                                 jax.process_index(), jax.process_count())
-  first_step = start_epoch * steps_per_epoch + resume_at
+  batches = _step_batches(config, dataset, steps_per_epoch)
+  last_step = config.train.epochs * steps_per_epoch
+  first_step = min(start_epoch * steps_per_epoch + resume_at, last_step)
   with checkpoints.StopRequest(sync_hosts=True) as stop, pipeline.train_stream(
-      batches, first_step, config.train.epochs * steps_per_epoch, config.input) as stream:
+      batches, first_step, last_step, config.input) as stream:
     for epoch in range(start_epoch, config.train.epochs):
       state = _train_one_epoch(config, state, dataset, stream, sharder, epoch, steps_per_epoch,
                                resume_at, history, metrics_path, stop, interim)
@@ -263,6 +264,52 @@ def _train(config, workdir: Path, dataset, sharder) -> TrainState:
     sigma_table.plot(state.sigma_table, dataset.train.labels, workdir)
   if config.estimator.epochs:
     state = estimator.train_estimator(config, workdir, dataset, state, sharder)
+  if config.estimator.finetune_epochs:
+    state = _finetune_at_estimator_sigma(config, workdir, dataset, state, sharder, manager,
+                                         steps_per_epoch, history, metrics_path)
+  return state
+
+
+def _step_batches(config, dataset, steps_per_epoch) -> pipeline.StepBatches:
+  return pipeline.StepBatches(dataset.train, config.train.batch_size, steps_per_epoch,
+                              config.seed, config.train.augment, config.image_size,
+                              jax.process_index(), jax.process_count())
+
+
+def _finetune_at_estimator_sigma(config, workdir, dataset, state, sharder, manager,
+                                 steps_per_epoch, history, metrics_path) -> TrainState:
+  """DualRS's last step (estimator.py, step 4): `estimator.finetune_epochs` more epochs of the
+  base model with a fresh cosine schedule from `estimator.finetune_learning_rate`, each
+  example at the σ the estimator assigns it (kept in the σ table). Its checkpoints continue
+  the numbering (train.epochs + k); a rerun resumes at the last finished epoch."""
+  e = config.estimator
+  first, total = config.train.epochs, config.train.epochs + e.finetune_epochs
+  done = max(manager.latest_step() or 0, first)
+  if done >= total:
+    return state
+  t = config.train.copy_and_resolve_references()
+  with t.unlocked():
+    t.learning_rate, t.warmup_epochs, t.schedule = e.finetune_learning_rate, 0.0, "cosine"
+  tx = model_state.optimizer(t, steps_per_epoch, e.finetune_epochs)
+  if done == first:
+    sigmas = estimator.assigned_sigmas(workdir, dataset.train, config)
+    state = state.replace(tx=tx, opt_state=sharder.replicate(tx.init(state.params)),
+                          sigma_table=sharder.replicate(jnp.asarray(sigmas)))
+  else:  # the checkpoint holds the assigned table and the fine-tuning optimizer's state
+    state = state.replace(tx=tx)
+  batches = _step_batches(config, dataset, steps_per_epoch)
+  with pipeline.train_stream(batches, done * steps_per_epoch, total * steps_per_epoch,
+                             config.input) as stream:
+    for epoch in range(done, total):
+      state, row = train_epoch(state, stream, sharder, config, epoch, steps_per_epoch,
+                               dataset.num_classes)
+      row["stage"] = "finetune"
+      row.update(sigma_table.grid_shares(state.sigma_table, config.train.table.grid))
+      row.update(evaluate(state, dataset.test, sharder, config, config.train.sigma))
+      history.append(row)
+      if jax.process_index() == 0:
+        _write_metrics(metrics_path, history)
+      checkpoints.save(manager, epoch + 1, state)
   return state
 
 

@@ -10,7 +10,8 @@ import pytest
 from scipy import stats
 
 from configs import default
-from instars_jax import estimator, model_state, sigma_table, smoothing, training
+from instars_jax import (checkpoints, data, estimator, model_state, sigma_table, smoothing,
+                         training)
 from test_data_models import write_npz
 from test_pipeline import Killed, stop_after
 
@@ -222,3 +223,36 @@ def test_estimator_stage_resumes_after_a_kill_to_the_same_estimator(insta_config
   insta_config.estimator.temperature = 0.5
   with pytest.raises(ValueError, match="estimator trained with other settings"):
     training.train_and_evaluate(insta_config, tmp_path / "straight")
+
+
+def test_finetuning_at_the_estimator_sigma_trains_each_example_there_and_resumes(
+    insta_config, tmp_path, monkeypatch):
+  insta_config.estimator.update(epochs=1, label_samples=4, finetune_epochs=2)
+  first = insta_config.train.epochs
+  straight = training.train_and_evaluate(insta_config, tmp_path / "straight")
+  assigned = estimator.assigned_sigmas(tmp_path / "straight",
+                                       data.load_dataset(insta_config.dataset).train, insta_config)
+  np.testing.assert_array_equal(np.asarray(straight.sigma_table), assigned)
+  assert set(np.unique(assigned)) <= {0.25, 0.5, 1.0}
+  assert checkpoints.manager(tmp_path / "straight").latest_step() == first + 2
+  rows = read_metrics(tmp_path / "straight")
+  assert [r["stage"] for r in rows[-2:]] == ["finetune"] * 2 and len(rows) == first + 2
+
+  with monkeypatch.context() as m:  # killed in the second fine-tuning epoch
+    stop_after(training, "train_step", first * 3 + 3 + 2, m)
+    with pytest.raises(Killed):
+      training.train_and_evaluate(insta_config, tmp_path / "resumed")
+  manager = checkpoints.manager(tmp_path / "resumed")
+  assert manager.latest_step() == first + 1
+  midway = checkpoints.restore_as_saved(manager, first + 1)
+  np.testing.assert_array_equal(midway["sigma_table"], assigned)  # the checkpoint holds it
+  changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(
+      jax.tree_util.tree_leaves(midway["params"]), jax.tree_util.tree_leaves(straight.params))]
+  assert all(changed)  # the second fine-tuning epoch trained every layer
+  resumed = training.train_and_evaluate(insta_config, tmp_path / "resumed")
+  for a, b in zip(jax.tree_util.tree_leaves(straight.params),
+                  jax.tree_util.tree_leaves(resumed.params)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(straight.sigma_table, resumed.sigma_table)
+  again = training.train_and_evaluate(insta_config, tmp_path / "straight")  # finished: no-op
+  np.testing.assert_array_equal(np.asarray(again.sigma_table), assigned)
