@@ -32,7 +32,8 @@ def convert(source: str, out: str) -> str:
   dataset = data.load_dataset(source)
   first = dataset.train.read(0)[0]
   sources.write_records((_encoded(dataset.train), dataset.train.labels),
-                        (_encoded(dataset.test), dataset.test.labels), dataset.classes,
+                        (_encoded(dataset.test), dataset.test.labels),
+                        dataset.classes or [str(c) for c in range(dataset.num_classes)],
                         "L" if first.ndim == 2 else "RGB", first.shape, Path(out))
   return f"wrote {len(dataset.train)} + {len(dataset.test)} examples of {source} to {out}"
 

@@ -113,7 +113,7 @@ def test_array_record_round_trip_from_npz_and_folder(tmp_path):
     np.testing.assert_array_equal(a.take(np.arange(len(a)))["image"],
                                   b.take(np.arange(len(b)))["image"])
     np.testing.assert_array_equal(a.labels, b.labels)
-  assert records.image_shape == (8, 8, 3)
+  assert records.image_shape == (8, 8, 3) and records.num_classes == arrays.num_classes == 3
 
   write_tree(tmp_path / "tree", suffix=".jpg")
   assert convert.main([f"folder:{tmp_path / 'tree'}", str(tmp_path / "rec2")]) == 0
