@@ -118,6 +118,9 @@ def main():
   parser.add_argument("--steps", type=int, default=40, help="ResNet-20 training steps")
   args = parser.parse_args()
   workers = [int(w) for w in args.workers.split(",")]
+  if not args.folder and not ARCHIVE.exists():
+    parser.exit(2, f"error: {ARCHIVE} is absent: pass --folder with an unpacked CIFAR-10-JPEG "
+                   "tree\n")
   with tempfile.TemporaryDirectory() as tmp:
     folder = Path(args.folder) if args.folder else Path(tmp) / "cifar10"
     if not args.folder:
