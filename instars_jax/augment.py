@@ -81,12 +81,12 @@ def _resize(image: np.ndarray, size_wh: tuple, box=None) -> np.ndarray:
   return np.asarray(Image.fromarray(image).resize(size_wh, Image.BILINEAR, box=box))
 
 
-def train_view(image: np.ndarray, augment: str, rng: np.random.Generator,
-               size: int) -> np.ndarray:
-  """The training view of one decoded image under `augment` (see the module docstring);
-  `size` is the output side for random_resized_crop."""
+def train_view(image: np.ndarray, augment: str, key: tuple, size: int) -> np.ndarray:
+  """The training view of one decoded image under `augment` (see the module docstring), drawn
+  from example_rng(*key) with key = (seed, epoch, index); `size` is the output side for
+  random_resized_crop."""
   if augment == "crop_flip":
-    return crop_flip(image, rng)
+    return crop_flip(image, example_rng(*key))
   if augment == "random_resized_crop":
-    return random_resized_crop(image, rng, size)
+    return random_resized_crop(image, example_rng(*key), size)
   return image

@@ -44,7 +44,6 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot")
 IMAGENET_SIZE = 224
-LABEL_READ_CHUNK = 1024
 
 
 @dataclass
@@ -69,11 +68,11 @@ class Split:
   def take(self, indices: np.ndarray) -> dict:
     """The examples at `indices`: float32 pixels in [0, 1], labels and their split indices."""
     if isinstance(self.images, np.ndarray):
-      images, sources_ = self.images[indices], indices
+      images, origins = self.images[indices], indices
     else:
       read = [self.read(int(i)) for i in indices]
-      images, sources_ = np.stack([r[0] for r in read]), np.array([r[1] for r in read])
-    return {"image": images.astype(np.float32) / 255.0, "label": self.labels[sources_],
+      images, origins = np.stack([r[0] for r in read]), np.array([r[1] for r in read])
+    return {"image": images.astype(np.float32) / 255.0, "label": self.labels[origins],
             "index": np.asarray(indices, np.int32)}
 
 
@@ -303,18 +302,14 @@ def _tfds(name: str, data_dir: str, cache_dir: str, image_size: int = 0,
 
 
 def _tfds_labels(source, name: str, cache_dir: str) -> np.ndarray:
-  """The labels of a TFDS data source opened with SkipDecoding: read once in chunks (the images
-  stay encoded bytes) and cached as .npy in the cache directory."""
+  """The labels of a TFDS data source opened with SkipDecoding: read once (the images stay
+  encoded bytes) and cached as .npy in the cache directory."""
   cache = (Path(cache_dir) if cache_dir else default_cache_dir()) / \
       f"tfds_{name}_{len(source)}_labels.npy"
   if cache.exists():
     return np.load(cache)
-  labels = np.empty(len(source), np.int32)
-  for start in range(0, len(source), LABEL_READ_CHUNK):
-    keys = range(start, min(start + LABEL_READ_CHUNK, len(source)))
-    records = source.__getitems__(keys) if hasattr(source, "__getitems__") \
-        else [source[k] for k in keys]
-    labels[start: start + len(records)] = [int(r["label"]) for r in records]
+  labels = np.fromiter((int(source[i]["label"]) for i in range(len(source))), np.int32,
+                       len(source))
   try:
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(cache.stem + f".{os.getpid()}.tmp.npy")

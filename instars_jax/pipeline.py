@@ -50,14 +50,15 @@ class StepBatches:
   def __call__(self, step: int) -> dict:
     epoch = int(step) // self.steps_per_epoch
     raw = self.augmentation == "random_resized_crop"
-    images, sources = [], []
-    for i in self.indices(step):
-      pixels, source = self.split.read(int(i), raw=raw)
-      rng = augment.example_rng(self.seed, epoch, int(i))
-      images.append(augment.train_view(pixels, self.augmentation, rng, self.image_size))
-      sources.append(source)
-    return {"image": np.stack(images), "label": self.split.labels[np.array(sources)],
-            "index": self.indices(step).astype(np.int32)}
+    indices = self.indices(step)
+    images, origins = [], []
+    for i in indices:
+      pixels, origin = self.split.read(int(i), raw=raw)
+      images.append(augment.train_view(pixels, self.augmentation, (self.seed, epoch, int(i)),
+                                       self.image_size))
+      origins.append(origin)
+    return {"image": np.stack(images), "label": self.split.labels[np.array(origins)],
+            "index": indices.astype(np.int32)}
 
 
 @contextlib.contextmanager

@@ -80,9 +80,11 @@ def profile_step(state, batch, key, factors, *, grid, samples):
 
 
 def update_due(config, epoch: int) -> bool:
-  """Whether the σ table is updated before training `epoch` (stage 2, every k-th epoch)."""
+  """Whether the σ table is updated before training `epoch` (stage 2, every k-th epoch; never
+  in the epochs after train.epochs, which fine-tune at the estimator's σ)."""
   t = config.train
-  return t.insta and epoch >= t.stage1_epochs and (epoch - t.stage1_epochs) % t.table.update_every == 0
+  return (t.insta and t.stage1_epochs <= epoch < t.epochs
+          and (epoch - t.stage1_epochs) % t.table.update_every == 0)
 
 
 def update_indices(num_examples: int, fraction: float, update_number: int,

@@ -58,11 +58,7 @@ class EncodedImages:
 
   def decode(self, index: int) -> np.ndarray:
     """Example `index` as stored (uint8, HW or HWC), or DatasetError naming a corrupt file."""
-    try:
-      with Image.open(io.BytesIO(self.encoded(index))) as image:
-        return np.asarray(image.convert(self.mode))
-    except (OSError, ValueError, SyntaxError) as error:
-      raise DatasetError(f"corrupt image {self.where(index)}: {_detail(error)}") from None
+    return decode_image(self.encoded(index), self.where(index), self.mode)
 
   def read(self, index: int, raw: bool = False) -> tuple[np.ndarray, int]:
     """(pixels, j): the decoded example j = index, or with skip_corrupt the first readable one
@@ -121,14 +117,21 @@ class RecordImages(EncodedImages):
     return f"{self.name} record {index}"
 
 
-def image_mode(encoded: bytes, where: str) -> tuple[str, tuple]:
-  """('L' or 'RGB', stored shape) of one encoded image."""
+def decode_image(encoded: bytes, where: str, mode: str = "") -> np.ndarray:
+  """uint8 pixels of one encoded image in `mode` ('L' or 'RGB'; "": grayscale stays HW,
+  anything else becomes RGB), or DatasetError naming `where`."""
   try:
     with Image.open(io.BytesIO(encoded)) as image:
-      mode = "L" if image.mode in GRAYSCALE_MODES else "RGB"
-      return mode, np.asarray(image.convert(mode)).shape
+      mode = mode or ("L" if image.mode in GRAYSCALE_MODES else "RGB")
+      return np.asarray(image.convert(mode))
   except (OSError, ValueError, SyntaxError) as error:
     raise DatasetError(f"corrupt image {where}: {_detail(error)}") from None
+
+
+def image_mode(encoded: bytes, where: str) -> tuple[str, tuple]:
+  """('L' or 'RGB', stored shape) of one encoded image."""
+  pixels = decode_image(encoded, where)
+  return ("L" if pixels.ndim == 2 else "RGB"), pixels.shape
 
 
 def _detail(error: Exception) -> str:

@@ -40,6 +40,7 @@ from instars_jax.model_state import TrainState, example_keys, gaussian_noise, lo
 
 # Config keys added after runs were made, with the value that means what those runs did.
 LATER_KEYS = {"image_size": 0, "corrupt_images": "fail"}
+FINETUNE_STAGE = "finetune"  # the epochs after train.epochs (estimator.finetune_epochs)
 PURPOSE_TRAIN_NOISE = 10
 PURPOSE_EVAL_NOISE = 11
 
@@ -301,20 +302,14 @@ def _finetune_at_estimator_sigma(config, workdir, dataset, state, sharder, manag
   with pipeline.train_stream(batches, done * steps_per_epoch, total * steps_per_epoch,
                              config.input) as stream:
     for epoch in range(done, total):
-      state, row = train_epoch(state, stream, sharder, config, epoch, steps_per_epoch,
-                               dataset.num_classes)
-      row["stage"] = "finetune"
-      row.update(sigma_table.grid_shares(state.sigma_table, config.train.table.grid))
-      row.update(evaluate(state, dataset.test, sharder, config, config.train.sigma))
-      history.append(row)
-      if jax.process_index() == 0:
-        _write_metrics(metrics_path, history)
+      state = _train_one_epoch(config, state, dataset, stream, sharder, epoch, steps_per_epoch,
+                               0, history, metrics_path)
       checkpoints.save(manager, epoch + 1, state)
   return state
 
 
 def _train_one_epoch(config, state, dataset, stream, sharder, epoch, steps_per_epoch, resume_at,
-                     history, metrics_path, stop, interim):
+                     history, metrics_path, stop=None, interim=None):
   """The table update due before `epoch` (unless resuming inside it), the epoch, its
   evaluation and its metrics row."""
   update_seconds = 0.0
@@ -330,7 +325,7 @@ def _train_one_epoch(config, state, dataset, stream, sharder, epoch, steps_per_e
   row.update({"table_update_seconds": update_seconds,
               "table_update_share_of_epoch": update_seconds / train_seconds})
   row.update(sigma_table.quantiles(state.sigma_table))
-  if config.train.insta:
+  if config.train.insta or row["stage"] == FINETUNE_STAGE:
     row.update(sigma_table.grid_shares(state.sigma_table, config.train.table.grid))
   row.update(evaluate(state, dataset.test, sharder, config, config.train.sigma))
   row["seconds"] = time.perf_counter() - start
@@ -352,7 +347,7 @@ def train_epoch(state, stream, sharder, config, epoch, steps_per_epoch, num_clas
   `train.checkpoint_every_steps` steps; and, when `stop` says so (SIGTERM, SIGINT), an
   interim checkpoint of the state after this step and `checkpoints.Interrupted`."""
   t = config.train
-  stage = 2 if t.insta and epoch >= t.stage1_epochs else 1
+  stage = FINETUNE_STAGE if epoch >= t.epochs else 2 if t.insta and epoch >= t.stage1_epochs else 1
   grid_noise = t.insta and stage == 1 and t.stage1_noise == "grid"  # Cohen: always train.sigma
   grid = tuple(float(s) for s in t.table.grid) if grid_noise else None
   epoch_key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed),
