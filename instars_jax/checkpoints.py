@@ -18,6 +18,8 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from instars_jax.write_errors import raise_write_error
+
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
 INTERIM_DIR = "interim"  # mid-epoch checkpoints of train.py, numbered by global step
@@ -83,16 +85,6 @@ def save(checkpoints: ocp.CheckpointManager, step: int, state) -> None:
   except Exception as error:  # noqa: BLE001 (re-raised: as one line when the disk failed)
     raise_write_error(error, f"checkpoint {step} to {checkpoints.directory}")
     raise
-
-
-def raise_write_error(error: BaseException, what: str) -> None:
-  """ValueError("cannot write {what}: ...") when an OSError (disk full, read-only, no
-  permission) is among the causes of `error`; returns otherwise."""
-  while error is not None and not isinstance(error, OSError):
-    error = error.__cause__ or error.__context__
-  if error is not None:
-    raise ValueError(f"cannot write {what}: {error.strerror or error} (errno {error.errno}); "
-                     "what was written before is intact") from None
 
 
 def restore_latest(checkpoints: ocp.CheckpointManager, template):

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from instars_jax.write_errors import raise_write_error
+
 COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 _INT_COLUMNS = ("idx", "label", "predict", "correct")
 
@@ -95,8 +97,7 @@ class ResultsWriter:
     try:
       self._append(rows)
     except OSError as error:
-      raise ValueError(f"cannot write {self.path}: {error.strerror or error} (errno "
-                       f"{error.errno}); the rows written before are intact") from None
+      raise_write_error(error, str(self.path))
 
   def _append(self, rows) -> None:
     with self.path.open("a") as f:
