@@ -140,7 +140,8 @@ def labels_from_base(config, dataset, base_state, sharder):
   labels, keep = soft_labels(np.asarray(base_state.sigma_profile), config.estimator.temperature)
   kept = np.flatnonzero(keep)
   weighted = np.zeros_like(labels)
-  weighted[kept] = labels[kept] * bin_weights(labels[kept])[:, None]
+  if len(kept):
+    weighted[kept] = labels[kept] * bin_weights(labels[kept])[:, None]
   return base_state, weighted, kept
 
 
