@@ -38,8 +38,11 @@ from instars_jax import (checkpoints, data, estimator, locks, model_state, model
 from instars_jax import events as events_lib
 from instars_jax.model_state import TrainState, example_keys, gaussian_noise, logits_fn
 
-# Config keys added after runs were made, with the value that means what those runs did.
-LATER_KEYS = {"image_size": 0, "corrupt_images": "fail"}
+# Config keys added after runs were made, with the value that means what those runs did
+# (a run that never diverged trained the same under the divergence watch).
+LATER_KEYS = {"image_size": 0, "corrupt_images": "fail", "train.checkpoint_every_steps": 0,
+              "train.divergence.nonfinite": True, "train.divergence.chance_steps": 200,
+              "train.divergence.chance_fraction": 0.98}
 FINETUNE_STAGE = "finetune"  # the epochs after train.epochs (estimator.finetune_epochs)
 PURPOSE_TRAIN_NOISE = 10
 PURPOSE_EVAL_NOISE = 11
@@ -180,6 +183,17 @@ def validate_config(config, devices: int) -> None:
       raise ValueError(message)
 
 
+def _dotted(tree: dict, prefix: str = "") -> dict:
+  """{"a.b": value} for every leaf of a nested dict."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat |= _dotted(value, f"{prefix}{key}.")
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
 def _check_workdir(workdir: Path, config) -> None:
   """Refuses to resume a run whose saved config differs in anything but the certify,
   estimator and input sections (the estimator checks its own settings, so a finished run can
@@ -187,10 +201,11 @@ def _check_workdir(workdir: Path, config) -> None:
   saved_path = workdir / checkpoints.CONFIG_FILE
   if not saved_path.exists():
     return
-  saved = LATER_KEYS | json.loads(saved_path.read_text())
-  current = json.loads(config.to_json())
+  saved = LATER_KEYS | _dotted(json.loads(saved_path.read_text()))
+  current = _dotted(json.loads(config.to_json()))
   differing = sorted(k for k in set(saved) | set(current)
-                     if k not in ("certify", "estimator", "input") and saved.get(k) != current.get(k))
+                     if k.split(".")[0] not in ("certify", "estimator", "input")
+                     and saved.get(k) != current.get(k))
   if differing:
     raise ValueError(f"{workdir} holds a run with a different config ({', '.join(differing)}): "
                      "rerun with the same config to resume, or choose a new --workdir")

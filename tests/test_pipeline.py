@@ -347,8 +347,26 @@ def test_training_refuses_a_workdir_with_another_config(toy_config, tmp_path):
   toy_config.train.epochs = 1
   training.train_and_evaluate(toy_config, tmp_path / "run")
   toy_config.train.learning_rate = 0.5
-  with pytest.raises(ValueError, match="different config"):
+  with pytest.raises(ValueError, match=r"different config \(train\.learning_rate\)"):
     training.train_and_evaluate(toy_config, tmp_path / "run")
+
+
+def test_a_run_saved_before_later_keys_existed_still_resumes(toy_config, tmp_path):
+  toy_config.train.epochs = 1
+  training.train_and_evaluate(toy_config, tmp_path / "run")
+  saved_path = tmp_path / "run" / checkpoints.CONFIG_FILE
+  saved = json.loads(saved_path.read_text())
+  for key in ("image_size", "corrupt_images"):
+    del saved[key]
+  del saved["train"]["checkpoint_every_steps"], saved["train"]["divergence"]
+  saved_path.write_text(json.dumps(saved))
+  toy_config.train.epochs = 2
+  with pytest.raises(ValueError, match=r"different config \(train\.epochs\)"):
+    training.train_and_evaluate(toy_config, tmp_path / "run")
+  saved["train"]["epochs"] = 2
+  saved_path.write_text(json.dumps(saved))
+  training.train_and_evaluate(toy_config, tmp_path / "run")
+  assert checkpoints.manager(tmp_path / "run").latest_step() == 2
 
 
 @pytest.mark.parametrize("section, key, value, message", [
