@@ -11,6 +11,18 @@ sequential mode, the total samples ratio fixed ÷ sequential (n0 selection sampl
 on both sides), the wall-time ratio, the ACR ratio and the largest absolute difference in
 certified accuracy over r ∈ {0, 0.25, …, 2} (decision mode: over its radii, where its
 reported radius is meaningful). Wall times include compilation (a few seconds).
+
+`ceilings` bounds what any sequential rule at level α could save on these images, taking
+each image's fixed-n estimate p̂ = count/n_max as its p_A:
+  radius_samples_ratio   saturated images (every sample correct) certify at most
+                         σΦ⁻¹(α^(1/t)) after t samples (a larger bound would fail with
+                         probability > α at p = α^(1/t)), so coming within (1 − ε) of the fixed
+                         n_max radius takes t ≥ ln(1/α) / −ln Φ((1 − ε)Φ⁻¹(α^(1/n_max))); the
+                         other images are counted as free.
+  decision_samples_ratio Wald's lower bound on the expected samples of a test with error α on
+                         both sides, (1 − 2α) ln((1 − α)/α) / KL(p̂ ‖ θ), for the slowest of the
+                         thresholds θ ∈ {1/2, Φ(r_k/σ)} that n_max samples can prove, capped at
+                         n_max (approximate: p̂ is an estimate).
 """
 
 import argparse
@@ -20,6 +32,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from scipy import stats
 
 import instars_jax as ij
 from instars_jax import checkpoints, data
@@ -35,6 +48,27 @@ def certified_accuracy(cert, labels, radii):
 
 def average_certified_radius(cert, labels):
   return float(np.mean(np.where(cert.prediction == labels, cert.radius, 0.0)))
+
+
+def sample_ceilings(fixed, n_max, n0, alpha, sigma, tolerance, radii):
+  """Upper bounds on the samples ratio of any level-α sequential rule (module doc)."""
+  rows = np.arange(len(fixed.prediction))
+  p_hat = np.where(fixed.prediction >= 0, fixed.counts[rows, np.maximum(fixed.prediction, 0)],
+                   fixed.counts.max(axis=1)) / n_max
+  saturated = p_hat >= 1.0
+  fixed_total = (n_max + n0) * len(p_hat)
+  target = (1 - tolerance) * stats.norm.ppf(alpha ** (1 / n_max))
+  t_saturated = min(n_max, np.log(1 / alpha) / -np.log(stats.norm.cdf(target)))
+  radius_samples = saturated.sum() * t_saturated + n0 * len(p_hat)
+  thresholds = stats.norm.cdf(np.array((0.0,) + tuple(radii)) / sigma)
+  thresholds = thresholds[thresholds <= alpha ** (1 / n_max)]
+  p = np.clip(p_hat, 1e-12, 1 - 1e-12)[:, None]
+  kl = p * np.log(p / thresholds) + (1 - p) * np.log((1 - p) / (1 - thresholds))
+  wald = (1 - 2 * alpha) * np.log((1 - alpha) / alpha) / np.maximum(kl, 1e-300)
+  decision_samples = np.minimum(n_max, wald.max(axis=1)).sum() + n0 * len(p_hat)
+  return {"saturated_share": float(saturated.mean()),
+          "radius_samples_ratio": float(fixed_total / radius_samples),
+          "decision_samples_ratio": float(fixed_total / decision_samples)}
 
 
 def timed(fn):
@@ -79,7 +113,9 @@ def main():
            "fixed": {"seconds": fixed_seconds, "samples": int(fixed_total),
                      "acr": average_certified_radius(fixed, labels),
                      "certified_accuracy": dict(zip(map(float, RADII),
-                                                    certified_accuracy(fixed, labels, RADII).tolist()))}}
+                                                    certified_accuracy(fixed, labels, RADII).tolist()))},
+           "ceilings": sample_ceilings(fixed, args.n_max, args.n0, args.alpha, sigma,
+                                       args.tolerance, decision_radii)}
     for mode, kw, radii in (("radius", {"tolerance": args.tolerance}, RADII),
                             ("decision", {"radii": decision_radii}, np.array(decision_radii))):
       seq, seconds = run(sampling="sequential", **kw)

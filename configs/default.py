@@ -63,6 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
   # costs K x samples forward passes per visited example.
   config.train.table.fraction = 1.0
   config.train.table.chunk = 256  # training examples per update step (all devices)
+  # Share of stage-2 examples (drawn per example and step) trained at a random grid σ instead
+  # of their table σ, so the base model stays good at every σ an estimator may pick.
+  config.train.table.explore = 0.0
 
   # The σ-estimator of the sound instance-wise certificate (instars_jax/estimator.py), trained
   # after the base model in the same train.py run; 0 epochs: none.

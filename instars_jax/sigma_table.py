@@ -144,6 +144,7 @@ def validate(config, devices: int) -> list:
        f"train.table.chunk must be a positive multiple of the device count {devices}; "
        f"got {table.chunk}"),
       (0 < table.fraction <= 1, f"train.table.fraction must lie in (0, 1]; got {table.fraction}"),
+      (0 <= table.explore <= 1, f"train.table.explore must lie in [0, 1]; got {table.explore}"),
   ]
 
 

@@ -42,24 +42,21 @@ from instars_jax.model_state import TrainState, example_keys, gaussian_noise, lo
 # (a run that never diverged trained the same under the divergence watch).
 LATER_KEYS = {"image_size": 0, "corrupt_images": "fail", "train.checkpoint_every_steps": 0,
               "train.divergence.nonfinite": True, "train.divergence.chance_steps": 200,
-              "train.divergence.chance_fraction": 0.98}
+              "train.divergence.chance_fraction": 0.98, "train.table.explore": 0.0}
 FINETUNE_STAGE = "finetune"  # the epochs after train.epochs (estimator.finetune_epochs)
 PURPOSE_TRAIN_NOISE = 10
 PURPOSE_EVAL_NOISE = 11
 
 
-@functools.partial(jax.jit, static_argnames="grid", donate_argnames="state")
-def train_step(state: TrainState, batch, epoch_key, grid: tuple | None = None):
+@functools.partial(jax.jit, static_argnames=("grid", "explore"), donate_argnames="state")
+def train_step(state: TrainState, batch, epoch_key, grid: tuple | None = None,
+               explore: float = 1.0):
   """One SGD step on cross-entropy of the noisy batch (uint8 or [0, 1] images, augmented by
-  the input pipeline), each example at its table σ (or, with `grid`, at a grid σ drawn from
-  its own key)."""
+  the input pipeline), each example at its table σ; with `grid`, a share `explore` of the
+  examples (drawn from each one's own key) at a random grid σ instead."""
   keys = example_keys(epoch_key, batch["index"])
   images = unit_range(batch["image"])
-  if grid is None:
-    sigma = state.sigma_table[batch["index"]]
-  else:
-    pick = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 2), (), 0, len(grid)))
-    sigma = jnp.asarray(grid, jnp.float32)[pick(keys)]
+  sigma = training_sigmas(state.sigma_table[batch["index"]], keys, grid, explore)
   noisy = gaussian_noise(keys, images, sigma)
 
   def loss_fn(params):
@@ -72,6 +69,19 @@ def train_step(state: TrainState, batch, epoch_key, grid: tuple | None = None):
   state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
   accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
   return state, {"loss": loss, "noisy_accuracy": accuracy}
+
+
+def training_sigmas(table_sigma, keys, grid: tuple | None, explore: float):
+  """σ per example: its table σ; with `grid`, for a share `explore` of the examples (drawn
+  from each one's key) a grid σ drawn uniformly from that key instead."""
+  if grid is None:
+    return table_sigma
+  pick = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 2), (), 0, len(grid)))
+  drawn = jnp.asarray(grid, jnp.float32)[pick(keys)]
+  if explore >= 1.0:
+    return drawn
+  chosen = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 3)) < explore)(keys)
+  return jnp.where(chosen, drawn, table_sigma)
 
 
 def unit_range(images):
@@ -363,11 +373,12 @@ def train_epoch(state, stream, sharder, config, epoch, steps_per_epoch, num_clas
   interim checkpoint of the state after this step and `checkpoints.Interrupted`."""
   t = config.train
   stage = FINETUNE_STAGE if epoch >= t.epochs else 2 if t.insta and epoch >= t.stage1_epochs else 1
-  grid_noise = t.insta and stage == 1 and t.stage1_noise == "grid"  # Cohen: always train.sigma
-  grid = tuple(float(s) for s in t.table.grid) if grid_noise else None
+  # Cohen: always train.sigma; stage 1: all, stage 2: a share `explore`, at a random grid σ.
+  explore = {1: 1.0 if t.stage1_noise == "grid" else 0.0, 2: t.table.explore}.get(stage, 0.0)
+  grid = tuple(float(s) for s in t.table.grid) if t.insta and explore > 0 else None
   epoch_key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed),
                                                     PURPOSE_TRAIN_NOISE), epoch)
-  step = lambda s, b: train_step(s, b, epoch_key, grid)
+  step = lambda s, b: train_step(s, b, epoch_key, grid, float(explore))
   first_step = epoch * steps_per_epoch + resume_at
   watch = DivergenceWatch(t.divergence, num_classes, first_step, steps_per_epoch)
 

@@ -172,6 +172,27 @@ def test_cohen_training_keeps_the_table_constant(insta_config, tmp_path):
                             jax.tree_util.tree_leaves(state.params)[0])
 
 
+def test_explore_trains_a_share_of_stage_2_examples_at_a_random_grid_sigma(insta_config, tmp_path):
+  keys = model_state.example_keys(jax.random.PRNGKey(0), jnp.arange(4000))
+  table = jnp.full((4000,), 0.3, jnp.float32)  # off the grid: shows which examples moved
+  np.testing.assert_array_equal(training.training_sigmas(table, keys, GRID, 0.0), np.float32(0.3))
+  drawn = np.asarray(training.training_sigmas(table, keys, GRID, 1.0))
+  assert set(np.unique(drawn)) == set(np.float32(GRID))
+  half = np.asarray(training.training_sigmas(table, keys, GRID, 0.5))
+  moved = half != np.float32(0.3)
+  assert abs(moved.mean() - 0.5) < 0.03
+  np.testing.assert_array_equal(half[moved], drawn[moved])  # the same draw, from the same key
+  insta_config.train.table.explore = 0.5
+  explored = training.train_and_evaluate(insta_config, tmp_path / "explore")
+  insta_config.train.table.explore = 0.0
+  plain = training.train_and_evaluate(insta_config, tmp_path / "plain")
+  rows = read_metrics(tmp_path / "explore")
+  assert rows[0]["train_loss"] == read_metrics(tmp_path / "plain")[0]["train_loss"]  # stage 1
+  assert rows[1]["train_loss"] != read_metrics(tmp_path / "plain")[1]["train_loss"]
+  assert not np.array_equal(jax.tree_util.tree_leaves(explored.params)[0],
+                            jax.tree_util.tree_leaves(plain.params)[0])
+
+
 def test_a_fractional_update_visits_a_rotating_slice(insta_config, tmp_path):
   slices = [sigma_table.update_indices(96, 0.25, u, seed=0) for u in range(4)]
   assert all(len(s) == 24 for s in slices)
@@ -193,6 +214,7 @@ def test_a_fractional_update_visits_a_rotating_slice(insta_config, tmp_path):
     ("table.update_every", 0, "train.table.update_every"),
     ("table.chunk", 0, "train.table.chunk"),
     ("table.fraction", 0.0, "train.table.fraction"),
+    ("table.explore", 1.5, "train.table.explore must lie in"),
 ])
 def test_bad_knobs_are_rejected(insta_config, tmp_path, key, value, message):
   section = insta_config.train
