@@ -14,11 +14,13 @@ reported radius is meaningful). Wall times include compilation (a few seconds).
 
 `ceilings` bounds what any sequential rule at level α could save on these images, taking
 each image's fixed-n estimate p̂ = count/n_max as its p_A:
-  radius_samples_ratio   saturated images (every sample correct) certify at most
-                         σΦ⁻¹(α^(1/t)) after t samples (a larger bound would fail with
-                         probability > α at p = α^(1/t)), so coming within (1 − ε) of the fixed
-                         n_max radius takes t ≥ ln(1/α) / −ln Φ((1 − ε)Φ⁻¹(α^(1/n_max))); the
-                         other images are counted as free.
+  radius_samples_ratio   an oracle that knows p̂ and stops each image at the first t where a
+                         one-look Clopper–Pearson bound at level α on the expected count p̂·t
+                         comes within (1 − ε) of the fixed-n radius (abstaining images free). A
+                         real rule pays more: it must estimate p̂ and spread α over its looks.
+                         For a saturated image (every sample correct) no level-α bound after t
+                         samples exceeds α^(1/t) (it would fail with probability > α at
+                         p = α^(1/t)), so there the oracle's t is a true floor.
   decision_samples_ratio Wald's lower bound on the expected samples of a test with error α on
                          both sides, (1 − 2α) ln((1 − α)/α) / KL(p̂ ‖ θ), for the slowest of the
                          thresholds θ ∈ {1/2, Φ(r_k/σ)} that n_max samples can prove, capped at
@@ -35,7 +37,7 @@ import numpy as np
 from scipy import stats
 
 import instars_jax as ij
-from instars_jax import checkpoints, data
+from instars_jax import checkpoints, data, monte_carlo
 from common import device_info, emit
 
 RADII = np.arange(0, 2.0001, 0.25)
@@ -55,18 +57,21 @@ def sample_ceilings(fixed, n_max, n0, alpha, sigma, tolerance, radii):
   rows = np.arange(len(fixed.prediction))
   p_hat = np.where(fixed.prediction >= 0, fixed.counts[rows, np.maximum(fixed.prediction, 0)],
                    fixed.counts.max(axis=1)) / n_max
-  saturated = p_hat >= 1.0
   fixed_total = (n_max + n0) * len(p_hat)
-  target = (1 - tolerance) * stats.norm.ppf(alpha ** (1 / n_max))
-  t_saturated = min(n_max, np.log(1 / alpha) / -np.log(stats.norm.cdf(target)))
-  radius_samples = saturated.sum() * t_saturated + n0 * len(p_hat)
+  looks = np.unique(np.geomspace(1, n_max, 2000).astype(np.int64))
+  one_look = lambda t: stats.norm.ppf(np.clip(
+      monte_carlo.clopper_pearson_lower(p_hat[:, None] * t, t, alpha), 1e-300, 1 - 1e-16))
+  final = one_look(np.array([n_max]))
+  close = one_look(looks) >= (1 - tolerance) * final
+  oracle_t = np.where(fixed.radius > 0, looks[np.argmax(close, axis=1)], 0)
+  radius_samples = oracle_t.sum() + n0 * len(p_hat)
   thresholds = stats.norm.cdf(np.array((0.0,) + tuple(radii)) / sigma)
   thresholds = thresholds[thresholds <= alpha ** (1 / n_max)]
   p = np.clip(p_hat, 1e-12, 1 - 1e-12)[:, None]
   kl = p * np.log(p / thresholds) + (1 - p) * np.log((1 - p) / (1 - thresholds))
   wald = (1 - 2 * alpha) * np.log((1 - alpha) / alpha) / np.maximum(kl, 1e-300)
   decision_samples = np.minimum(n_max, wald.max(axis=1)).sum() + n0 * len(p_hat)
-  return {"saturated_share": float(saturated.mean()),
+  return {"saturated_share": float(np.mean(p_hat >= 1.0)),
           "radius_samples_ratio": float(fixed_total / radius_samples),
           "decision_samples_ratio": float(fixed_total / decision_samples)}
 
