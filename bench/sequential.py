@@ -1,7 +1,7 @@
 """Sequential against fixed-n certification of one trained model, in one run.
 
     python bench/sequential.py --workdir runs/demo [--images 500] [--n-max 100000]
-                               [--sigmas 0.25,0.5] [--tolerance 0.05]
+                               [--sigmas 0.25,0.5] [--tolerance 0.05] [--tolerance-alpha 0]
                                [--radii 0.25,0.5,0.75,1.0] [--batch 1000]
 
 For each σ, certifies the same test images (every k-th, k = test size // images) three ways
@@ -91,6 +91,8 @@ def main():
   parser.add_argument("--alpha", type=float, default=0.001)
   parser.add_argument("--sigmas", default="0.25,0.5")
   parser.add_argument("--tolerance", type=float, default=0.05)
+  parser.add_argument("--tolerance-alpha", type=float, default=0.0,
+                      help="radius mode's level for the reachable radius (0: alpha)")
   parser.add_argument("--radii", default="0.25,0.5,0.75,1.0")
   parser.add_argument("--batch", type=int, default=1000)
   args = parser.parse_args()
@@ -121,7 +123,8 @@ def main():
                                                     certified_accuracy(fixed, labels, RADII).tolist()))},
            "ceilings": sample_ceilings(fixed, args.n_max, args.n0, args.alpha, sigma,
                                        args.tolerance, decision_radii)}
-    for mode, kw, radii in (("radius", {"tolerance": args.tolerance}, RADII),
+    radius_rule = {"tolerance": args.tolerance, "tolerance_alpha": args.tolerance_alpha}
+    for mode, kw, radii in (("radius", radius_rule, RADII),
                             ("decision", {"radii": decision_radii}, np.array(decision_radii))):
       seq, seconds = run(sampling="sequential", **kw)
       total = seq.num_samples.sum() + args.n0 * len(indices)

@@ -53,7 +53,8 @@ def validate_config(config) -> None:
     if not ok:
       raise ValueError(message)
   try:
-    smoothing.check_sampling(c.sampling, c.tolerance, c.radii, n0=c.n0, n=c.n)
+    smoothing.check_sampling(c.sampling, c.tolerance, c.radii, n0=c.n0, n=c.n,
+                             tolerance_alpha=c.tolerance_alpha)
   except ValueError as error:
     raise ValueError(f"certify.{error}") from None
   if c.sigma_mode not in SIGMA_MODES:
@@ -114,7 +115,8 @@ def sampling_arguments(config) -> dict:
   c = config.certify
   if c.sampling == "fixed":
     return {}
-  return {"sampling": c.sampling, "tolerance": c.tolerance, "radii": tuple(c.radii)}
+  return {"sampling": c.sampling, "tolerance": c.tolerance, "radii": tuple(c.radii),
+          "tolerance_alpha": c.tolerance_alpha}
 
 
 def run_metadata(config, estimator_settings=None) -> dict:
@@ -128,6 +130,8 @@ def run_metadata(config, estimator_settings=None) -> dict:
   if c.sampling == "sequential":
     metadata["sequential"] = ({"mode": "decision", "radii": list(c.radii)} if c.radii else
                               {"mode": "radius", "tolerance": c.tolerance})
+    if c.tolerance_alpha and not c.radii:
+      metadata["sequential"]["tolerance_alpha"] = c.tolerance_alpha
     metadata["sequential"]["n_max"] = c.n
   if kind == certificates.FIXED_SIGMA:
     metadata["sigma"] = c.sigma

@@ -19,11 +19,16 @@ never what is certified, so the certificate's guarantee rests on the lower famil
 
 Stopping rules (one interface: a device-side `stop` evaluated at looks only, and a host-side
 `radius` computed from the float64 bound):
-  RadiusRule(tolerance ε)  stop when σΦ⁻¹(L_t) ≥ (1 − ε)·R̄_t, where R̄_t is the best radius a
-                           continuation to n_max could still certify if p_A ≤ U_t: the
-                           last look's bound at count ⌈U_t·n_max⌉, and never more than with
-                           every remaining sample a success. Stop (abstain) once U_t < 1/2
-                           or no continuation can reach L ≥ 1/2.
+  RadiusRule(tolerance ε, tolerance level δ)
+                           stop when σΦ⁻¹(L_t) ≥ (1 − ε)·R̄_t, where R̄_t is the best radius a
+                           continuation to n_max could still certify if p_A ≤ U^δ_t: the
+                           last look's bound at count ⌈U^δ_t·n_max⌉, and never more than with
+                           every remaining sample a success. U^δ_t is U_t (δ = α, the
+                           default: the tolerance then holds as surely as the certificate) or
+                           the look's own Clopper–Pearson upper bound at level δ > α, which
+                           stops sooner and keeps the tolerance with probability ≥ 1 − δ at
+                           each look. Stop (abstain) once U_t < 1/2 or no continuation can
+                           reach L ≥ 1/2.
   DecisionRule(radii)      stop when "R ≥ r_k" is decided for every k (and for r = 0, i.e.
                            p_A > 1/2): proven (L_t ≥ Φ(r_k/σ)), refuted (U_t < Φ(r_k/σ)) or
                            out of reach (not provable with every remaining sample a success).
@@ -81,19 +86,23 @@ def anytime_lower_bound(successes, trials, look, n_max: int, alpha: float):
 
 
 @functools.lru_cache(maxsize=8)
-def bound_tables(n_max: int, alpha: float):
-  """(looks int32[L], offsets int32[L], lower float32[Σ(t_l+1)], upper float32[...]): each
-  look's bounds for every count 0..t_l, flattened; row l starts at offsets[l]. The device
-  reads them to decide when to stop; the certified bound is recomputed in float64."""
+def bound_tables(n_max: int, alpha: float, likely_alpha: float | None = None):
+  """(looks int32[L], offsets int32[L], lower float32[Σ(t_l+1)], upper float32[...],
+  likely_upper float32[...]): each look's bounds for every count 0..t_l, flattened; row l
+  starts at offsets[l]. likely_upper is the per-look Clopper–Pearson upper bound at level
+  `likely_alpha` (RadiusRule's U^δ), or `upper` itself when that is None. The device reads
+  them to decide when to stop; the certified bound is recomputed in float64."""
   looks = look_schedule(n_max)
   alphas = look_alphas(alpha, len(looks))
   counts = np.concatenate([np.arange(t + 1) for t in looks])
   trials = np.repeat(looks, looks + 1)
   level = np.repeat(alphas, looks + 1)
   offsets = np.concatenate([[0], np.cumsum(looks + 1)[:-1]])
+  upper = clopper_pearson_upper(counts, trials, level).astype(np.float32)
+  likely = (upper if likely_alpha is None else
+            clopper_pearson_upper(counts, trials, likely_alpha).astype(np.float32))
   return (looks.astype(np.int32), offsets.astype(np.int32),
-          clopper_pearson_lower(counts, trials, level).astype(np.float32),
-          clopper_pearson_upper(counts, trials, level).astype(np.float32))
+          clopper_pearson_lower(counts, trials, level).astype(np.float32), upper, likely)
 
 
 # ---------------------------------------------------------------------------
@@ -107,8 +116,10 @@ def _radius(p_lower, sigma):
 
 @dataclasses.dataclass(frozen=True)
 class RadiusRule:
-  """Stop once the radius is within a factor (1 − tolerance) of the best still reachable."""
+  """Stop once the radius is within a factor (1 − tolerance) of the best still reachable if
+  p_A is below its upper bound at level `likely_alpha` (None: the anytime bound's α)."""
   tolerance: float
+  likely_alpha: float | None = None
 
   def stop(self, lower, upper, reachable, plausible, sigma):
     abstain = (upper < 0.5) | (reachable < 0.5)
@@ -125,6 +136,7 @@ class RadiusRule:
 class DecisionRule:
   """Stop once every "R ≥ r_k" (and p_A > 1/2) is proven, refuted or out of reach."""
   radii: tuple
+  likely_alpha = None  # decisions need no guess of the final radius
 
   def stop(self, lower, upper, reachable, plausible, sigma):
     levels = jnp.concatenate([jnp.zeros((1,)), jnp.asarray(self.radii, jnp.float32)])
@@ -141,8 +153,11 @@ class DecisionRule:
     return np.where(proven, radii[None, :], 0.0).max(axis=1, initial=0.0)
 
 
-def make_rule(tolerance: float, radii) -> RadiusRule | DecisionRule:
-  """DecisionRule when `radii` is non-empty, else RadiusRule; ValueError on bad values."""
+def make_rule(tolerance: float, radii, tolerance_alpha: float = 0.0) -> RadiusRule | DecisionRule:
+  """DecisionRule when `radii` is non-empty, else RadiusRule (its U^δ at level
+  tolerance_alpha; 0: the anytime bound's α); ValueError on bad values."""
+  if not 0.0 <= tolerance_alpha < 1.0:
+    raise ValueError(f"tolerance_alpha must lie in [0, 1) (0: alpha); got {tolerance_alpha}")
   radii = tuple(float(r) for r in (radii or ()))
   if radii:
     if not all(math.isfinite(r) and r >= 0 for r in radii):
@@ -152,15 +167,15 @@ def make_rule(tolerance: float, radii) -> RadiusRule | DecisionRule:
     return DecisionRule(radii)
   if not 0.0 < tolerance < 1.0:
     raise ValueError(f"tolerance must lie in (0, 1); got {tolerance}")
-  return RadiusRule(float(tolerance))
+  return RadiusRule(float(tolerance), float(tolerance_alpha) or None)
 
 
 # ---------------------------------------------------------------------------
 # Continuous batching
 
 
-def local_run(x, sigma, ids, guess, key, looks, offsets, lower_tab, upper_tab, *, apply_fn,
-              slots, batch_size, num_classes, rule):
+def local_run(x, sigma, ids, guess, key, looks, offsets, lower_tab, upper_tab, likely_tab, *,
+              apply_fn, slots, batch_size, num_classes, rule):
   """Counts for the queue of instances on one device: (counts int32[Q, C], trials int32[Q],
   look int32[Q]) at each instance's stop.
 
@@ -198,7 +213,8 @@ def local_run(x, sigma, ids, guess, key, looks, offsets, lower_tab, upper_tab, *
     lower = lower_tab[offsets[look[q]] + successes]
     upper = upper_tab[offsets[look[q]] + successes]
     reachable = lower_tab[final + jnp.minimum(n_max, successes + n_max - new_trials)]
-    plausible = lower_tab[final + jnp.minimum(n_max, jnp.ceil(upper * n_max).astype(jnp.int32))]
+    likely = likely_tab[offsets[look[q]] + successes]
+    plausible = lower_tab[final + jnp.minimum(n_max, jnp.ceil(likely * n_max).astype(jnp.int32))]
     stop = at_look & (rule.stop(lower, upper, reachable, plausible, sigma[q])
                       | (new_trials >= n_max))
     new_look = look[q] + (at_look & ~stop)
@@ -219,12 +235,12 @@ def local_run(x, sigma, ids, guess, key, looks, offsets, lower_tab, upper_tab, *
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "slots", "batch_size", "num_classes",
                                              "rule", "mesh"))
-def _sharded_run(x, sigma, ids, guess, key, looks, offsets, lower_tab, upper_tab, *, apply_fn,
-                 slots, batch_size, num_classes, rule, mesh):
+def _sharded_run(x, sigma, ids, guess, key, looks, offsets, lower_tab, upper_tab, likely_tab, *,
+                 apply_fn, slots, batch_size, num_classes, rule, mesh):
   local = functools.partial(local_run, apply_fn=apply_fn, slots=slots, batch_size=batch_size,
                             num_classes=num_classes, rule=rule)
-  return parallel.shard_instances(local, mesh, num_sharded=4, num_replicated=5)(
-      x, sigma, ids, guess, key, looks, offsets, lower_tab, upper_tab)
+  return parallel.shard_instances(local, mesh, num_sharded=4, num_replicated=6)(
+      x, sigma, ids, guess, key, looks, offsets, lower_tab, upper_tab, likely_tab)
 
 
 def run(apply_fn, x, sigma, ids, guess, key, *, n_max, alpha, batch_size, num_classes, rule):
@@ -235,7 +251,7 @@ def run(apply_fn, x, sigma, ids, guess, key, *, n_max, alpha, batch_size, num_cl
   devices = mesh.devices.size
   padded = [parallel.pad_rows(a, devices) for a in (x, sigma, ids, guess)]
   slots = max(1, batch_size // SAMPLES_PER_SLOT)
-  tables = bound_tables(int(n_max), float(alpha))
+  tables = bound_tables(int(n_max), float(alpha), rule.likely_alpha)
   counts, trials, look = _sharded_run(*padded, key, *tables, apply_fn=apply_fn, slots=slots,
                                       batch_size=batch_size, num_classes=num_classes, rule=rule,
                                       mesh=mesh)

@@ -111,7 +111,8 @@ def sample_counts(apply_fn: Callable, x, sigma, key, *, num: int, batch_size: in
 
 def certify(apply_fn: Callable, x, sigma, key, *, n0: int = 100, n: int = 100_000,
             alpha: float = 0.001, batch_size: int, num_classes: int, ids=None,
-            sampling: str = "fixed", tolerance: float = 0.05, radii=()) -> Certificate:
+            sampling: str = "fixed", tolerance: float = 0.05, radii=(),
+            tolerance_alpha: float = 0.0) -> Certificate:
   """CERTIFY of Cohen et al. (2019), for a batch of instances.
 
   Guarantee: for each instance, with probability at least 1 − α over the sampling, if the
@@ -120,7 +121,9 @@ def certify(apply_fn: Callable, x, sigma, key, *, n0: int = 100, n: int = 100_00
 
   sampling="fixed" draws n estimation samples per instance. sampling="sequential" draws up
   to n (n_max) and stops early (sequential.py): with `radii` empty when the radius is within
-  a factor (1 − tolerance) of the best still reachable, else once "radius ≥ r_k" is decided
+  a factor (1 − tolerance) of the best still reachable (if p_A is below its upper bound at
+  level tolerance_alpha, 0: α; a larger level stops sooner and never touches the
+  guarantee below), else once "radius ≥ r_k" is decided
   for every r_k in `radii`, reporting the largest r_k proven. Its lower bound holds at every
   look simultaneously (union bound over the looks), so the guarantee above is unchanged.
   In both, the class comes from n0 separate selection samples; `num_samples` counts the
@@ -129,7 +132,7 @@ def certify(apply_fn: Callable, x, sigma, key, *, n0: int = 100, n: int = 100_00
   x, sigma, ids = validate_instances(x, sigma, ids)
   check_positive_ints(n0=n0, n=n, batch_size=batch_size)
   check_alpha(alpha)
-  rule = check_sampling(sampling, tolerance, radii, n0=n0, n=n)
+  rule = check_sampling(sampling, tolerance, radii, n0=n0, n=n, tolerance_alpha=tolerance_alpha)
   check_model(apply_fn, x, num_classes)
   count = functools.partial(_counts, apply_fn, x, sigma, ids, batch_size=batch_size,
                             num_classes=num_classes)
@@ -207,7 +210,7 @@ def validate_instances(x, sigma, ids=None):
 SAMPLINGS = ("fixed", "sequential")
 
 
-def check_sampling(sampling, tolerance, radii, *, n0, n):
+def check_sampling(sampling, tolerance, radii, *, n0, n, tolerance_alpha=0.0):
   """None for fixed sampling, else the sequential stopping rule; ValueError on bad values."""
   if sampling not in SAMPLINGS:
     raise ValueError(f"sampling must be one of {SAMPLINGS}; got {sampling!r}")
@@ -215,7 +218,7 @@ def check_sampling(sampling, tolerance, radii, *, n0, n):
     return None
   if n < n0:
     raise ValueError(f"n must be >= n0 with sequential sampling (n is n_max); got n={n} < n0={n0}")
-  return sequential.make_rule(tolerance, radii)
+  return sequential.make_rule(tolerance, radii, tolerance_alpha)
 
 
 def check_alpha(alpha):

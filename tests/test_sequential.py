@@ -60,11 +60,16 @@ def test_per_look_bounds_without_the_union_bound_fail_the_same_check():
 
 
 def test_device_tables_match_the_float64_bounds():
-  looks, offsets, lower, upper = sequential.bound_tables(5000, 0.01)
+  looks, offsets, lower, upper, likely = sequential.bound_tables(5000, 0.01)
+  assert likely is upper  # radius mode's U^δ is the anytime bound by default
   _, rows = look_bounds(5000, 0.01)
-  for l, (lo, up) in enumerate(rows):
-    np.testing.assert_allclose(lower[offsets[l]: offsets[l] + looks[l] + 1], lo, atol=1e-6)
-    np.testing.assert_allclose(upper[offsets[l]: offsets[l] + looks[l] + 1], up, atol=1e-6)
+  _, likely_rows = look_bounds(5000, 0.01, family=lambda num_looks: np.full(num_looks, 0.2))
+  likely = sequential.bound_tables(5000, 0.01, 0.2)[4]
+  for l, ((lo, up), (_, likely_up)) in enumerate(zip(rows, likely_rows)):
+    row = slice(offsets[l], offsets[l] + looks[l] + 1)
+    np.testing.assert_allclose(lower[row], lo, atol=1e-6)
+    np.testing.assert_allclose(upper[row], up, atol=1e-6)
+    np.testing.assert_allclose(likely[row], likely_up, atol=1e-6)
 
 
 DISTANCES = np.array([-0.3, 0.0, 0.03, 0.1, 0.2, 0.4, 0.6, 0.9, 1.2, 2.5])
@@ -97,6 +102,17 @@ def test_radius_mode_is_sound_close_to_fixed_and_cheaper(linear):
     first = ij.sample_counts(linear, x[i:i + 1], 0.5, key, num=int(seq.num_samples[i]),
                              batch_size=500, num_classes=2, ids=[i])
     np.testing.assert_array_equal(np.asarray(first)[0], seq.counts[i])
+
+
+def test_a_looser_tolerance_level_stops_sooner_and_stays_sound(linear):
+  strict = certify_linear(linear, "sequential", n=100_000, tolerance=0.05)
+  loose = certify_linear(linear, "sequential", n=100_000, tolerance=0.05, tolerance_alpha=0.2)
+  assert np.all(loose.num_samples <= strict.num_samples)
+  assert loose.num_samples.sum() < 0.8 * strict.num_samples.sum()
+  assert np.all(loose.radius <= np.abs(DISTANCES) + 1e-6)
+  np.testing.assert_array_equal(loose.prediction, strict.prediction)
+  certified = strict.prediction != ij.ABSTAIN
+  assert np.all(loose.radius[certified] >= 0.9 * strict.radius[certified])
 
 
 def test_far_below_half_abstains_early(linear):
@@ -160,6 +176,8 @@ def test_results_do_not_depend_on_batch_size_or_grouping():
 @pytest.mark.parametrize("change, message", [
     (dict(tolerance=0.0), "tolerance must lie in"),
     (dict(tolerance=1.0), "tolerance must lie in"),
+    (dict(tolerance_alpha=1.0), "tolerance_alpha must lie in"),
+    (dict(tolerance_alpha=-0.1), "tolerance_alpha must lie in"),
     (dict(radii=(0.5, 0.25)), "radii must be sorted"),
     (dict(radii=(-0.1, 0.25)), "radii must be finite and >= 0"),
     (dict(radii=(0.1, float("nan"))), "radii must be finite"),
