@@ -82,19 +82,59 @@ def timed(fn):
   return out, time.perf_counter() - start
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--workdir", default="runs/demo")
-  parser.add_argument("--images", type=int, default=500)
+def compare(apply_fn, images, labels, ids, sigma, num_classes, args) -> dict:
+  """One σ's row: fixed n = n_max, then each sequential mode, with the same key and n0."""
+  decision_radii = tuple(float(r) for r in args.radii.split(","))
+  common = dict(n0=args.n0, n=args.n_max, alpha=args.alpha, batch_size=args.batch,
+                num_classes=num_classes, ids=ids)
+  key = jax.random.PRNGKey(0)
+  run = lambda **kw: timed(lambda: ij.certify(apply_fn, images, sigma, key, **common, **kw))
+  fixed, fixed_seconds = run()
+  fixed_total = fixed.num_samples.sum() + args.n0 * len(images)
+  row = {"sigma": sigma, "images": len(images), "n_max": args.n_max, "alpha": args.alpha,
+         "fixed": {"seconds": fixed_seconds, "samples": int(fixed_total),
+                   "acr": average_certified_radius(fixed, labels),
+                   "certified_accuracy": dict(zip(map(float, RADII),
+                                                  certified_accuracy(fixed, labels, RADII).tolist()))},
+         "ceilings": sample_ceilings(fixed, args.n_max, args.n0, args.alpha, sigma,
+                                     args.tolerance, decision_radii)}
+  modes = [("radius", {"tolerance": args.tolerance, "tolerance_alpha": args.tolerance_alpha}, RADII),
+           ("decision", {"radii": decision_radii}, np.array(decision_radii))]
+  for mode, kw, radii in modes:
+    seq, seconds = run(sampling="sequential", **kw)
+    total = seq.num_samples.sum() + args.n0 * len(images)
+    difference = np.abs(certified_accuracy(seq, labels, radii)
+                        - certified_accuracy(fixed, labels, radii))
+    row[mode] = {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()},
+                 "seconds": seconds, "samples": int(total),
+                 "samples_ratio": float(fixed_total / total),
+                 "wall_time_ratio": fixed_seconds / seconds,
+                 "acr": average_certified_radius(seq, labels),
+                 "acr_ratio": average_certified_radius(seq, labels)
+                 / max(average_certified_radius(fixed, labels), 1e-12),
+                 "max_abs_certified_accuracy_difference": float(difference.max()),
+                 "median_samples": float(np.median(seq.num_samples))}
+  return row
+
+
+def add_arguments(parser) -> None:
+  """The sampling arguments shared with sequential_replay.py."""
   parser.add_argument("--n-max", type=int, default=100_000)
   parser.add_argument("--n0", type=int, default=100)
   parser.add_argument("--alpha", type=float, default=0.001)
-  parser.add_argument("--sigmas", default="0.25,0.5")
   parser.add_argument("--tolerance", type=float, default=0.05)
   parser.add_argument("--tolerance-alpha", type=float, default=0.0,
                       help="radius mode's level for the reachable radius (0: alpha)")
   parser.add_argument("--radii", default="0.25,0.5,0.75,1.0")
   parser.add_argument("--batch", type=int, default=1000)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--workdir", default="runs/demo")
+  parser.add_argument("--images", type=int, default=500)
+  parser.add_argument("--sigmas", default="0.25,0.5")
+  add_arguments(parser)
   args = parser.parse_args()
 
   state = ij.load_train_state(args.workdir)
@@ -105,41 +145,10 @@ def main():
   batch = test.take(indices)
   apply_fn = ij.logits_fn(state)
   num_classes = json.loads((Path(args.workdir) / checkpoints.RUN_FILE).read_text())["num_classes"]
-  decision_radii = tuple(float(r) for r in args.radii.split(","))
-  common = dict(n0=args.n0, n=args.n_max, alpha=args.alpha, batch_size=args.batch,
-                num_classes=num_classes, ids=batch["index"])
   labels = batch["label"]
 
-  rows = []
-  for sigma in (float(s) for s in args.sigmas.split(",")):
-    key = jax.random.PRNGKey(0)
-    run = lambda **kw: timed(lambda: ij.certify(apply_fn, batch["image"], sigma, key, **common, **kw))
-    fixed, fixed_seconds = run()
-    fixed_total = fixed.num_samples.sum() + args.n0 * len(indices)
-    row = {"sigma": sigma, "images": len(indices), "n_max": args.n_max, "alpha": args.alpha,
-           "fixed": {"seconds": fixed_seconds, "samples": int(fixed_total),
-                     "acr": average_certified_radius(fixed, labels),
-                     "certified_accuracy": dict(zip(map(float, RADII),
-                                                    certified_accuracy(fixed, labels, RADII).tolist()))},
-           "ceilings": sample_ceilings(fixed, args.n_max, args.n0, args.alpha, sigma,
-                                       args.tolerance, decision_radii)}
-    radius_rule = {"tolerance": args.tolerance, "tolerance_alpha": args.tolerance_alpha}
-    for mode, kw, radii in (("radius", radius_rule, RADII),
-                            ("decision", {"radii": decision_radii}, np.array(decision_radii))):
-      seq, seconds = run(sampling="sequential", **kw)
-      total = seq.num_samples.sum() + args.n0 * len(indices)
-      difference = np.abs(certified_accuracy(seq, labels, radii)
-                          - certified_accuracy(fixed, labels, radii))
-      row[mode] = {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()},
-                   "seconds": seconds, "samples": int(total),
-                   "samples_ratio": float(fixed_total / total),
-                   "wall_time_ratio": fixed_seconds / seconds,
-                   "acr": average_certified_radius(seq, labels),
-                   "acr_ratio": average_certified_radius(seq, labels)
-                   / max(average_certified_radius(fixed, labels), 1e-12),
-                   "max_abs_certified_accuracy_difference": float(difference.max()),
-                   "median_samples": float(np.median(seq.num_samples))}
-    rows.append(row)
+  rows = [compare(apply_fn, batch["image"], labels, batch["index"], float(sigma), num_classes, args)
+          for sigma in args.sigmas.split(",")]
   emit({"benchmark": "sequential", "workdir": args.workdir, "device": device_info(),
         "results": rows})
 
