@@ -1,7 +1,8 @@
 """Fashion-MNIST with a LeNet: the CPU-sized default that `make demo` runs.
 
 Trains with Insta-RS Train (3 epochs of Gaussian augmentation at a random grid σ, then 5
-with each example at its best grid σ), then a σ-estimator over the grid for the sound
+with each example at its best grid σ half of the time and at a random grid σ otherwise),
+then a σ-estimator over the grid for the sound
 instance-wise certificate (locally_constant, the default of sigma_mode=instance).
 --config.train.insta=False gives Cohen et al.'s fixed-σ training with the same epochs."""
 
@@ -26,6 +27,9 @@ def get_config():
   config.train.table.grid = (0.25, 0.5, 1.0)
   config.train.table.samples = 2
   config.train.table.fraction = 0.2  # ~20% of an epoch per update (docs/performance.md)
+  # Half of stage 2's examples at a random grid σ: the base model keeps its clean accuracy
+  # (0.85 against 0.60 with none) and the sound certificate's ACR rises (docs/results.md).
+  config.train.table.explore = 0.5
   config.estimator.epochs = 2
   config.certify.sigma = 0.25
   config.certify.n = 4_000
