@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
+import threading
 import time
 
 import numpy as np
@@ -71,7 +73,8 @@ def train_stream(batches: StepBatches, first_step: int, total_steps: int, settin
                                                      prefetch_buffer_size=settings.prefetch))
   if settings.workers:
     _parse_absl_flags()
-    stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=settings.workers))
+    stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=settings.workers),
+                                worker_init_fn=_exit_with_trainer)
   iterator = iter(stream)
   try:
     yield iterator
@@ -98,6 +101,19 @@ class WaitClock:
       finally:
         self.seconds += time.perf_counter() - began
       yield item
+
+
+def _exit_with_trainer(worker_index: int, worker_count: int) -> None:
+  """Runs in each worker process: it ends itself once the trainer that started it is gone.
+  A trainer killed with SIGKILL cannot stop its workers, which would live on as orphans."""
+  trainer = os.getppid()
+
+  def watch():
+    while os.getppid() == trainer:
+      time.sleep(0.5)
+    os._exit(0)
+
+  threading.Thread(target=watch, name="exit-with-trainer", daemon=True).start()
 
 
 def _parse_absl_flags() -> None:

@@ -232,6 +232,27 @@ def test_a_corrupt_image_in_training_is_one_line_exit_2(tmp_path):
   assert "Traceback" not in done.stderr
 
 
+def children(pid: int) -> list:
+  """Process ids whose parent is `pid` (Linux /proc)."""
+  found = []
+  for stat in Path("/proc").glob("[0-9]*/stat"):
+    try:
+      parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+      continue
+    if parent == pid:
+      found.append(int(stat.parent.name))
+  return found
+
+
+def alive(pid: int) -> bool:
+  """Whether `pid` exists and is not a zombie."""
+  try:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+  except (OSError, IndexError):
+    return False
+
+
 def test_sigkill_mid_epoch_resumes_to_the_same_parameters_and_sigma_table(tmp_path):
   """A real kill -9 in stage 2 of Insta-RS Train on a folder source, input in a worker
   process; the rerun (input in the trainer this time) ends where the straight run ends."""
@@ -252,10 +273,16 @@ def test_sigkill_mid_epoch_resumes_to_the_same_parameters_and_sigma_table(tmp_pa
   while killed.poll() is None and time.monotonic() < deadline:
     steps = [int(p.name) for p in interim.glob("*") if p.name.isdigit()] if interim.exists() else []
     if steps and 12 * 1 + 3 <= max(steps) < 12 * 2:  # in epoch 2, the first of stage 2
+      workers = children(killed.pid)
       os.kill(killed.pid, signal.SIGKILL)
       break
     time.sleep(0.02)
   assert killed.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+  assert workers, "the killed run had no input worker process"
+  deadline = time.monotonic() + 20
+  while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert not any(alive(pid) for pid in workers), "the killed trainer's input workers live on"
   assert straight.wait(timeout=240) == 0, straight.stderr.read()[-2000:]
   resumed = train(tmp_path / "killed", 0)
   assert resumed.wait(timeout=240) == 0, resumed.stderr.read()[-2000:]
