@@ -37,19 +37,18 @@ import numpy as np
 from scipy import stats
 
 import instars_jax as ij
-from instars_jax import checkpoints, data, monte_carlo
+from instars_jax import analyze, checkpoints, data, monte_carlo
 from common import device_info, emit
 
 RADII = np.arange(0, 2.0001, 0.25)
 
 
 def certified_accuracy(cert, labels, radii):
-  correct = cert.prediction == labels
-  return np.array([np.mean(correct & (cert.radius >= r)) for r in radii])
+  return analyze.certified_accuracy(cert.radius, cert.prediction == labels, radii)
 
 
 def average_certified_radius(cert, labels):
-  return float(np.mean(np.where(cert.prediction == labels, cert.radius, 0.0)))
+  return analyze.average_certified_radius(cert.radius, cert.prediction == labels)
 
 
 def sample_ceilings(fixed, n_max, n0, alpha, sigma, tolerance, radii):

@@ -128,10 +128,11 @@ def run_metadata(config, estimator_settings=None) -> dict:
               "dataset": config.dataset, "package_version": instars_jax.__version__,
               "sampling": c.sampling}
   if c.sampling == "sequential":
+    # tolerance_alpha only where set, so results files written before it existed resume
     metadata["sequential"] = ({"mode": "decision", "radii": list(c.radii)} if c.radii else
-                              {"mode": "radius", "tolerance": c.tolerance})
-    if c.tolerance_alpha and not c.radii:
-      metadata["sequential"]["tolerance_alpha"] = c.tolerance_alpha
+                              {"mode": "radius", "tolerance": c.tolerance,
+                               **({"tolerance_alpha": c.tolerance_alpha} if c.tolerance_alpha
+                                  else {})})
     metadata["sequential"]["n_max"] = c.n
   if kind == certificates.FIXED_SIGMA:
     metadata["sigma"] = c.sigma
