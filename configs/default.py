@@ -99,9 +99,10 @@ def get_config() -> ml_collections.ConfigDict:
   # decided for every r in radii (the radius written is the largest r proven).
   config.certify.sampling = "fixed"
   config.certify.tolerance = 0.05
-  # Radius mode's "best still reachable" assumes p_A below its upper bound at this level;
-  # 0: alpha (the tolerance holds as surely as the certificate). Larger stops sooner (0.05:
-  # the tolerance holds with 95% confidence); the certificate's guarantee never changes.
+  # The level of what only stops sampling: radius mode's "best still reachable" assumes p_A
+  # below its upper bound at this level, decision mode refutes "radius >= r" at it. 0: alpha
+  # (they hold as surely as the certificate). Larger stops sooner (0.05: they hold with 95%
+  # confidence); the certificate's guarantee never changes.
   config.certify.tolerance_alpha = 0.0
   config.certify.radii = ()
   config.certify.name = ""  # output DIR/certify/<name>.tsv; default sigma_<sigma> / instance_<range>

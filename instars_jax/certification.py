@@ -128,11 +128,13 @@ def run_metadata(config, estimator_settings=None) -> dict:
               "dataset": config.dataset, "package_version": instars_jax.__version__,
               "sampling": c.sampling}
   if c.sampling == "sequential":
-    # tolerance_alpha only where set, so results files written before it existed resume
-    metadata["sequential"] = ({"mode": "decision", "radii": list(c.radii)} if c.radii else
-                              {"mode": "radius", "tolerance": c.tolerance,
-                               **({"tolerance_alpha": c.tolerance_alpha} if c.tolerance_alpha
-                                  else {})})
+    # tolerance_alpha only where set, so results files written before it existed resume;
+    # decision mode names its test, so files of the earlier (union-bound) decisions do not
+    metadata["sequential"] = ({"mode": "decision", "radii": list(c.radii),
+                               "test": "mixture_likelihood_ratio"} if c.radii else
+                              {"mode": "radius", "tolerance": c.tolerance})
+    if c.tolerance_alpha:
+      metadata["sequential"]["tolerance_alpha"] = c.tolerance_alpha
     metadata["sequential"]["n_max"] = c.n
   if kind == certificates.FIXED_SIGMA:
     metadata["sigma"] = c.sigma

@@ -7,32 +7,44 @@ stopping rule fires at one of a fixed schedule of *looks* (sample counts t_1 < �
 and the device never waits for the slowest instance: a finished instance's slot in the batch
 takes the next instance of the queue (continuous batching, inside one compiled loop).
 
-The bound (`look_schedule`, `look_alphas`, `bound_tables`): a union bound over the looks,
-with a one-sided Clopper–Pearson bound at each (the union-bound confidence sequence that
-Voráček, Hein et al., NeurIPS 2024, compare with betting sequences). Look l gets level α_l,
-Σ_l α_l = α: half of α at the last look (n_max, where radii need precision) and the other
-half split evenly over the earlier ones. Then P[∃ l: p_A < L_l] ≤ Σ_l α_l = α for every p_A, so the lower bound at *any*
-stopping time that is a look, however chosen from the data, is below p_A with probability
-≥ 1 − α, and Cohen et al.'s Theorem 1 gives the radius σ Φ⁻¹(L) at that level. The upper
-bounds U_l hold simultaneously in the same way; they only decide when to stop and abstain,
-never what is certified, so the certificate's guarantee rests on the lower family alone.
+Each stopping rule owns its look schedule, its device-side test and the host-side bound it
+certifies (one interface: `looks`, `tables`, `stop`, `certify`):
 
-Stopping rules (one interface: a device-side `stop` evaluated at looks only, and a host-side
-`radius` computed from the float64 bound):
   RadiusRule(tolerance ε, tolerance level δ)
-                           stop when σΦ⁻¹(L_t) ≥ (1 − ε)·R̄_t, where R̄_t is the best radius a
-                           continuation to n_max could still certify if p_A ≤ U^δ_t: the
-                           last look's bound at count ⌈U^δ_t·n_max⌉, and never more than with
-                           every remaining sample a success. U^δ_t is U_t (δ = α, the
-                           default: the tolerance then holds as surely as the certificate) or
-                           the look's own Clopper–Pearson upper bound at level δ > α, which
-                           stops sooner and keeps the tolerance with probability ≥ 1 − δ at
-                           each look. Stop (abstain) once U_t < 1/2 or no continuation can
-                           reach L ≥ 1/2.
-  DecisionRule(radii)      stop when "R ≥ r_k" is decided for every k (and for r = 0, i.e.
-                           p_A > 1/2): proven (L_t ≥ Φ(r_k/σ)), refuted (U_t < Φ(r_k/σ)) or
-                           out of reach (not provable with every remaining sample a success).
-                           The reported radius is the largest r_k proven.
+    Bound: a union bound over a geometric schedule of looks (`look_schedule`, ratio 1.5), with a
+    one-sided Clopper–Pearson bound at each (`look_alphas`, `bound_tables`; the union-bound
+    confidence sequence that Voráček, Hein et al., NeurIPS 2024, compare with betting
+    sequences). Look l gets level α_l, Σ_l α_l = α: half of α at the last look (n_max, where
+    radii need precision), the other half split evenly over the earlier ones. Then
+    P[∃ l: p_A < L_l] ≤ Σ_l α_l = α for every p_A, so the lower bound at *any* stopping look,
+    however chosen from the data, is below p_A with probability ≥ 1 − α, and Cohen et al.'s
+    Theorem 1 gives the radius σ Φ⁻¹(L) at that level (recomputed on the host in float64).
+    Stop when σΦ⁻¹(L_t) ≥ (1 − ε)·R̄_t, where R̄_t is the best radius a continuation to n_max
+    could still certify if p_A ≤ U^δ_t: the last look's bound at count ⌈U^δ_t·n_max⌉, and
+    never more than with every remaining sample a success. U^δ_t is the family's upper bound
+    U_t (δ = α, the default: the tolerance then holds as surely as the certificate) or the
+    look's own Clopper–Pearson upper bound at level δ > α, which stops sooner and keeps the
+    tolerance with probability ≥ 1 − δ at each look. Stop (abstain) once U_t < 1/2 or no
+    continuation can reach L ≥ 1/2. The upper bounds only decide when to stop.
+
+  DecisionRule(radii r_1 < … < r_m, refutation level δ)
+    Test: for each threshold θ_k = Φ(r_k/σ) (θ_0 = 1/2: p_A > 1/2, the class itself), a
+    mixture of likelihood ratios of alternatives p_j > θ_k against θ_k (`log_evidence`: ten
+    alternatives, nine log-odds steps above θ_k and p = 1, equally weighted). Under any
+    p_A ≤ θ_k the mixture is a nonnegative supermartingale with mean ≤ 1, so by Ville's
+    inequality it ever reaches 1/α with probability ≤ α (the SPRT's argument, Wald 1945,
+    with Robbins' mixtures over the alternative, 1970). It is checked at dense looks
+    (`decision_looks`: every 5% or 50 samples), which cost nothing in level, unlike a
+    union bound. "R ≥ r_k" is proven once the tests of θ_0 … θ_k have all reached 1/α at one
+    look (a running maximum of that prefix): testing in this fixed order lets each test use
+    the whole α, since a wrong claim needs the first false one, θ_{k*}, rejected (fixed-
+    sequence testing, Maurer, Hothorn & Lehmacher 1995). The reported radius is the largest
+    r_k proven and the reported lower bound Φ(r_k/σ), both wrong with probability ≤ α.
+    "R ≥ r_k" is refuted by the mirror test (alternatives below θ_k) at level δ (the
+    tolerance level, default α) or once it is out of reach (no proof even with every
+    remaining sample a success); refutations only stop sampling. Stop when every threshold is proven or refuted. The device computes the test
+    in float32 and subtracts a bound on its rounding error (`ROUNDING`), so it never proves
+    what the exact test would not.
 
 Noise for instance i, sample j is the fixed-n CERTIFY's (monte_carlo.instance_noise with
 the estimation key), so the first t samples are the same in both modes, and stopping depends
@@ -48,7 +60,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.special import ndtr, ndtri
+from jax.scipy.special import log_ndtr, ndtr, ndtri
+from scipy import stats
 
 from instars_jax import parallel
 from instars_jax.monte_carlo import (certified_radius, clopper_pearson_lower,
@@ -56,17 +69,33 @@ from instars_jax.monte_carlo import (certified_radius, clopper_pearson_lower,
 
 FIRST_LOOK = 100
 LOOK_RATIO = 1.5
+DECISION_GAP = (50, 0.05)  # decision looks: every max(50, 5% of the samples so far)
 # Instances in flight per device: one per SAMPLES_PER_SLOT images of the batch, so that the
 # instances just started (FIRST_LOOK samples to their first look) can fill it.
 SAMPLES_PER_SLOT = 50
+# The decision tests' alternatives: log-odds steps above (or below) the threshold's.
+LOG_ODDS_STEPS = 0.05 * 2.0 ** np.arange(9)
+# float32 rounding bound of log_evidence: relative to the magnitude of the terms summed, plus
+# an absolute part (8 float32 ulps; the tests check it against float64).
+ROUNDING = (1e-6, 1e-3)
+# Thresholds are tested at z·(1 + Z_INFLATION), covering float32 rounding of r/σ.
+Z_INFLATION = 1e-6
 
 
 def look_schedule(n_max: int) -> np.ndarray:
-  """int64[L]: the sample counts at which stopping is considered, geometric from FIRST_LOOK
-  by LOOK_RATIO, the last one n_max."""
+  """int64[L]: RadiusRule's looks, geometric from FIRST_LOOK by LOOK_RATIO, the last n_max."""
   looks = [min(FIRST_LOOK, n_max)]
   while looks[-1] < n_max:
     looks.append(min(n_max, math.ceil(looks[-1] * LOOK_RATIO)))
+  return np.asarray(looks, np.int64)
+
+
+def decision_looks(n_max: int) -> np.ndarray:
+  """int64[L]: DecisionRule's looks, from FIRST_LOOK every max(DECISION_GAP) samples."""
+  least, share = DECISION_GAP
+  looks = [min(FIRST_LOOK, n_max)]
+  while looks[-1] < n_max:
+    looks.append(min(n_max, looks[-1] + max(least, math.ceil(looks[-1] * share))))
   return np.asarray(looks, np.int64)
 
 
@@ -105,8 +134,40 @@ def bound_tables(n_max: int, alpha: float, likely_alpha: float | None = None):
           clopper_pearson_lower(counts, trials, level).astype(np.float32), upper, likely)
 
 
-# ---------------------------------------------------------------------------
-# Stopping rules: device-side `stop` on float32 bounds, host-side `radius` in float64.
+def alternatives(z, above: bool):
+  """float32[..., len(LOG_ODDS_STEPS)]: the log-odds of the decision test's alternatives to p = Φ(z), above or
+  below it. They depend on z alone, never on the samples, which the test's level needs."""
+  log_theta, log_rest = _log_threshold(z)
+  steps = jnp.asarray(LOG_ODDS_STEPS if above else -LOG_ODDS_STEPS, jnp.float32)
+  return log_theta[..., None] - log_rest[..., None] + steps
+
+
+def _log_threshold(z):
+  """float32 (log Φ(z), log Φ(−z)) for z ≥ 0, each to a few ulps: log Φ(z) as log1p(−Φ(−z)),
+  since log(Φ(z)) would lose Φ(−z)'s digits once Φ(z) rounds near 1."""
+  z = jnp.asarray(z, jnp.float32)
+  return jnp.log1p(-ndtr(-z)), log_ndtr(-z)
+
+
+def log_evidence(successes, failures, z, above: bool):
+  """float32 log of the decision test's mixture likelihood ratio against p = Φ(z), less its
+  rounding bound: the mean over alternatives p_j with log-odds logit(Φ(z)) ± LOG_ODDS_STEPS
+  (+ above, − below; above also p = 1) of (p_j/θ)^S ((1 − p_j)/(1 − θ))^F. Broadcasts."""
+  successes = jnp.asarray(successes, jnp.float32)[..., None]
+  failures = jnp.asarray(failures, jnp.float32)[..., None]
+  log_theta, log_rest = (a[..., None] for a in _log_threshold(z))
+  log_odds = alternatives(z, above)
+  log_p, log_q = jax.nn.log_sigmoid(log_odds), jax.nn.log_sigmoid(-log_odds)
+  terms = successes * (log_p - log_theta) + failures * (log_q - log_rest)
+  size = successes * (jnp.abs(log_p) + jnp.abs(log_theta)) + failures * (jnp.abs(log_q)
+                                                                          + jnp.abs(log_rest))
+  if above:  # the alternative p = 1: θ^(−S) while no sample has failed
+    terms = jnp.concatenate(
+        [terms, jnp.where(failures > 0, -jnp.inf, -successes * log_theta)], axis=-1)
+    size = jnp.concatenate([size, -2 * successes * log_theta], axis=-1)
+  relative, absolute = ROUNDING
+  terms = terms - relative * size - absolute
+  return jax.scipy.special.logsumexp(terms, axis=-1) - jnp.log(jnp.float32(terms.shape[-1]))
 
 
 def _radius(p_lower, sigma):
@@ -121,41 +182,79 @@ class RadiusRule:
   tolerance: float
   likely_alpha: float | None = None
 
-  def stop(self, lower, upper, reachable, plausible, sigma):
+  def looks(self, n_max: int) -> np.ndarray:
+    return look_schedule(n_max)
+
+  def tables(self, n_max: int, alpha: float):
+    """(offsets, lower, upper, likely_upper) of bound_tables."""
+    return bound_tables(n_max, alpha, self.likely_alpha)[1:]
+
+  def stop(self, tables, look, successes, trials, n_max, sigma, level):
+    """(stop bool[S], level) at a look; `level` is DecisionRule's and passes through."""
+    offsets, lower_tab, upper_tab, likely_tab = tables
+    row, final = offsets[look], offsets[-1]
+    lower, upper = lower_tab[row + successes], upper_tab[row + successes]
+    reachable = lower_tab[final + jnp.minimum(n_max, successes + n_max - trials)]
+    likely = likely_tab[row + successes]
+    plausible = lower_tab[final + jnp.minimum(n_max, jnp.ceil(likely * n_max).astype(jnp.int32))]
     abstain = (upper < 0.5) | (reachable < 0.5)
     best = ndtri(jnp.minimum(plausible, reachable))
     close = (lower >= 0.5) & (ndtri(lower) >= (1.0 - self.tolerance) * best)
-    return abstain | close
+    return abstain | close, level
 
-  def radius(self, p_lower, sigma):
-    """σ Φ⁻¹(L) where L ≥ 1/2, else 0."""
-    return _radius(p_lower, sigma)
+  def certify(self, successes, trials, look, level, sigma, n_max: int, alpha: float):
+    """float64 (p_lower, radius): the anytime lower bound at the stopping look, σ Φ⁻¹(L)."""
+    p_lower = anytime_lower_bound(successes, trials, look, n_max, alpha)
+    return p_lower, _radius(p_lower, sigma)
 
 
 @dataclasses.dataclass(frozen=True)
 class DecisionRule:
-  """Stop once every "R ≥ r_k" (and p_A > 1/2) is proven, refuted or out of reach."""
+  """Stop once every "R ≥ r_k" (and p_A > 1/2) is proven or refuted by its test; refutations
+  at level `refute_alpha` (None: α), which only stop sampling."""
   radii: tuple
-  likely_alpha = None  # decisions need no guess of the final radius
+  refute_alpha: float | None = None
 
-  def stop(self, lower, upper, reachable, plausible, sigma):
-    levels = jnp.concatenate([jnp.zeros((1,)), jnp.asarray(self.radii, jnp.float32)])
-    thresholds = ndtr(levels[None, :] / sigma[:, None])
-    decided = ((lower[:, None] >= thresholds) | (upper[:, None] < thresholds)
-               | (reachable[:, None] < thresholds))
-    return jnp.all(decided, axis=1)
+  def looks(self, n_max: int) -> np.ndarray:
+    return decision_looks(n_max)
 
-  def radius(self, p_lower, sigma):
-    """The largest r_k with L ≥ Φ(r_k/σ), i.e. r_k ≤ σΦ⁻¹(L); 0 where none is."""
-    exact = _radius(p_lower, sigma)
-    radii = np.asarray(self.radii, np.float64)
-    proven = radii[None, :] <= exact[:, None]
-    return np.where(proven, radii[None, :], 0.0).max(axis=1, initial=0.0)
+  def tables(self, n_max: int, alpha: float):
+    """(log(1/α), log(1/refute_alpha)): the evidence at which a test proves or refutes."""
+    return (np.float32(-math.log(alpha)), np.float32(-math.log(self.refute_alpha or alpha)))
+
+  def _levels(self):
+    return (0.0,) + self.radii
+
+  def stop(self, tables, look, successes, trials, n_max, sigma, level):
+    """(stop bool[S], level int32[S]): level, the number of thresholds θ_0, θ_1, … proven
+    together at one look so far (module doc)."""
+    threshold, refute_threshold = tables
+    z = (jnp.asarray(self._levels(), jnp.float32)[None, :] / sigma[:, None]) * (1 + Z_INFLATION)
+    failures = (trials - successes)[:, None]
+    at = lambda s: log_evidence(s, failures, z, above=True) >= threshold
+    proven = at(successes[:, None])
+    level = jnp.maximum(level, jnp.sum(jnp.cumprod(proven, axis=1), axis=1).astype(jnp.int32))
+    refuted = ((log_evidence(successes[:, None], failures, z, above=False) >= refute_threshold)
+               | ~at((successes + n_max - trials)[:, None]))
+    refuted = jnp.cumsum(refuted, axis=1) > 0  # refuting θ_k refutes every larger one
+    index = jnp.arange(len(self._levels()))[None, :]
+    decided = (index < level[:, None]) | proven | refuted
+    return jnp.all(decided, axis=1), level
+
+  def certify(self, successes, trials, look, level, sigma, n_max: int, alpha: float):
+    """float64 (p_lower, radius): Φ(r_k/σ) and r_k for the largest r_k proven (p_lower 1/2
+    and radius 0 where only p_A > 1/2 is; p_lower 0 and radius 0 where nothing is)."""
+    levels = np.asarray(self._levels(), np.float64)
+    level = np.asarray(level)
+    radius = np.where(level > 0, levels[np.maximum(level - 1, 0)], 0.0)
+    p_lower = np.where(level > 0, stats.norm.cdf(radius / np.asarray(sigma, np.float64)), 0.0)
+    return p_lower, radius
 
 
 def make_rule(tolerance: float, radii, tolerance_alpha: float = 0.0) -> RadiusRule | DecisionRule:
-  """DecisionRule when `radii` is non-empty, else RadiusRule (its U^δ at level
-  tolerance_alpha; 0: the anytime bound's α); ValueError on bad values."""
+  """DecisionRule (refuting at level tolerance_alpha) when `radii` is non-empty, else
+  RadiusRule (its U^δ at level tolerance_alpha); tolerance_alpha 0 means α. ValueError on
+  bad values."""
   if not 0.0 <= tolerance_alpha < 1.0:
     raise ValueError(f"tolerance_alpha must lie in [0, 1) (0: alpha); got {tolerance_alpha}")
   radii = tuple(float(r) for r in (radii or ()))
@@ -164,7 +263,7 @@ def make_rule(tolerance: float, radii, tolerance_alpha: float = 0.0) -> RadiusRu
       raise ValueError(f"radii must be finite and >= 0; got {list(radii)}")
     if any(b <= a for a, b in zip(radii, radii[1:])):
       raise ValueError(f"radii must be sorted in increasing order; got {list(radii)}")
-    return DecisionRule(radii)
+    return DecisionRule(radii, float(tolerance_alpha) or None)
   if not 0.0 < tolerance < 1.0:
     raise ValueError(f"tolerance must lie in (0, 1); got {tolerance}")
   return RadiusRule(float(tolerance), float(tolerance_alpha) or None)
@@ -174,10 +273,10 @@ def make_rule(tolerance: float, radii, tolerance_alpha: float = 0.0) -> RadiusRu
 # Continuous batching
 
 
-def local_run(x, sigma, ids, guess, key, looks, offsets, lower_tab, upper_tab, likely_tab, *,
-              apply_fn, slots, batch_size, num_classes, rule):
+def local_run(x, sigma, ids, guess, key, looks, tables, *, apply_fn, slots, batch_size,
+              num_classes, rule):
   """Counts for the queue of instances on one device: (counts int32[Q, C], trials int32[Q],
-  look int32[Q]) at each instance's stop.
+  look int32[Q], level int32[Q]) at each instance's stop.
 
   `slots` instances are in flight. Each step's batch of `batch_size` noisy images is filled
   slot by slot with the samples each in-flight instance still needs to reach its next look
@@ -185,12 +284,11 @@ def local_run(x, sigma, ids, guess, key, looks, offsets, lower_tab, upper_tab, l
   an instance that stops at a look hands its slot to the next instance of the queue."""
   queue, shape = x.shape[0], x.shape[1:]
   n_max = looks[-1]
-  final = offsets[-1]
   slots = min(slots, queue)
   positions = jnp.arange(batch_size)
 
   def step(state):
-    slot, next_in_queue, counts, trials, look = state
+    slot, next_in_queue, counts, trials, look, level = state
     active = slot < queue
     q = jnp.minimum(slot, queue - 1)
     start, boundary = trials[q], looks[look[q]]
@@ -210,49 +308,48 @@ def local_run(x, sigma, ids, guess, key, looks, offsets, lower_tab, upper_tab, l
     new_trials = start + jnp.clip(batch_size - begins, 0, need)
     successes = jnp.take_along_axis(new_counts, guess[q][:, None], axis=1)[:, 0]
     at_look = active & (new_trials == boundary)
-    lower = lower_tab[offsets[look[q]] + successes]
-    upper = upper_tab[offsets[look[q]] + successes]
-    reachable = lower_tab[final + jnp.minimum(n_max, successes + n_max - new_trials)]
-    likely = likely_tab[offsets[look[q]] + successes]
-    plausible = lower_tab[final + jnp.minimum(n_max, jnp.ceil(likely * n_max).astype(jnp.int32))]
-    stop = at_look & (rule.stop(lower, upper, reachable, plausible, sigma[q])
-                      | (new_trials >= n_max))
+    rule_stop, rule_level = rule.stop(tables, look[q], successes, new_trials, n_max, sigma[q],
+                                      level[q])
+    stop = at_look & (rule_stop | (new_trials >= n_max))
     new_look = look[q] + (at_look & ~stop)
+    new_level = jnp.where(at_look, rule_level, level[q])
     write = jnp.where(active, q, queue)  # idle slots write nowhere
     counts = counts.at[write].set(new_counts, mode="drop")
     trials = trials.at[write].set(new_trials, mode="drop")
     look = look.at[write].set(new_look, mode="drop")
+    level = level.at[write].set(new_level, mode="drop")
     refill = next_in_queue + jnp.cumsum(stop) - 1
     slot = jnp.where(stop, jnp.where(refill < queue, refill, queue), slot)
-    return slot, next_in_queue + jnp.sum(stop), counts, trials, look
+    return slot, next_in_queue + jnp.sum(stop), counts, trials, look, level
 
+  zeros = jnp.zeros((queue,), jnp.int32)
   initial = (jnp.arange(slots, dtype=jnp.int32), jnp.int32(slots),
-             jnp.zeros((queue, num_classes), jnp.int32), jnp.zeros((queue,), jnp.int32),
-             jnp.zeros((queue,), jnp.int32))
-  _, _, counts, trials, look = jax.lax.while_loop(lambda s: jnp.any(s[0] < queue), step, initial)
-  return counts, trials, look
+             jnp.zeros((queue, num_classes), jnp.int32), zeros, zeros, zeros)
+  _, _, counts, trials, look, level = jax.lax.while_loop(lambda s: jnp.any(s[0] < queue), step,
+                                                         initial)
+  return counts, trials, look, level
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "slots", "batch_size", "num_classes",
                                              "rule", "mesh"))
-def _sharded_run(x, sigma, ids, guess, key, looks, offsets, lower_tab, upper_tab, likely_tab, *,
-                 apply_fn, slots, batch_size, num_classes, rule, mesh):
+def _sharded_run(x, sigma, ids, guess, key, looks, tables, *, apply_fn, slots, batch_size,
+                 num_classes, rule, mesh):
   local = functools.partial(local_run, apply_fn=apply_fn, slots=slots, batch_size=batch_size,
                             num_classes=num_classes, rule=rule)
-  return parallel.shard_instances(local, mesh, num_sharded=4, num_replicated=6)(
-      x, sigma, ids, guess, key, looks, offsets, lower_tab, upper_tab, likely_tab)
+  return parallel.shard_instances(local, mesh, num_sharded=4, num_replicated=3)(
+      x, sigma, ids, guess, key, looks, tables)
 
 
 def run(apply_fn, x, sigma, ids, guess, key, *, n_max, alpha, batch_size, num_classes, rule):
-  """(counts int[B, C], trials int[B], look int[B]) of sequential sampling on validated host
-  arrays: each device takes a contiguous share of the instances as its queue and keeps
-  batch_size // SAMPLES_PER_SLOT of them in flight."""
+  """(counts int[B, C], trials int[B], look int[B], level int[B]) of sequential sampling on
+  validated host arrays: each device takes a contiguous share of the instances as its queue
+  and keeps batch_size // SAMPLES_PER_SLOT of them in flight."""
   mesh = parallel.local_data_mesh()
   devices = mesh.devices.size
   padded = [parallel.pad_rows(a, devices) for a in (x, sigma, ids, guess)]
   slots = max(1, batch_size // SAMPLES_PER_SLOT)
-  tables = bound_tables(int(n_max), float(alpha), rule.likely_alpha)
-  counts, trials, look = _sharded_run(*padded, key, *tables, apply_fn=apply_fn, slots=slots,
-                                      batch_size=batch_size, num_classes=num_classes, rule=rule,
-                                      mesh=mesh)
-  return tuple(np.asarray(a)[: len(x)] for a in (counts, trials, look))
+  looks = rule.looks(int(n_max)).astype(np.int32)
+  results = _sharded_run(*padded, key, looks, rule.tables(int(n_max), float(alpha)),
+                         apply_fn=apply_fn, slots=slots, batch_size=batch_size,
+                         num_classes=num_classes, rule=rule, mesh=mesh)
+  return tuple(np.asarray(a)[: len(x)] for a in results)

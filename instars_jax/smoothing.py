@@ -123,9 +123,11 @@ def certify(apply_fn: Callable, x, sigma, key, *, n0: int = 100, n: int = 100_00
   to n (n_max) and stops early (sequential.py): with `radii` empty when the radius is within
   a factor (1 − tolerance) of the best still reachable (if p_A is below its upper bound at
   level tolerance_alpha, 0: α; a larger level stops sooner and never touches the
-  guarantee below), else once "radius ≥ r_k" is decided
-  for every r_k in `radii`, reporting the largest r_k proven. Its lower bound holds at every
-  look simultaneously (union bound over the looks), so the guarantee above is unchanged.
+  guarantee below), else once "radius ≥ r_k" is proven or refuted (at level
+  tolerance_alpha) for every r_k in `radii`, reporting the largest r_k proven. Radius mode's lower bound holds
+  at every look simultaneously (a union bound over the looks); decision mode's tests of
+  "p_A ≥ Φ(r_k/σ)" hold at every look by Ville's inequality, in a fixed order that lets each
+  use the whole α (sequential.py); so the guarantee above is unchanged.
   In both, the class comes from n0 separate selection samples; `num_samples` counts the
   estimation samples drawn, and `counts` is over those samples.
   """
@@ -147,11 +149,11 @@ def certify(apply_fn: Callable, x, sigma, key, *, n0: int = 100, n: int = 100_00
     p_lower = clopper_pearson_lower(estimation[rows, guess], n, alpha)
     radius = certified_radius(np.maximum(p_lower, 0.5), sigma)
   else:
-    estimation, num_samples, look = sequential.run(
+    estimation, num_samples, look, level = sequential.run(
         apply_fn, x, sigma, ids, guess, estimation_key, n_max=n, alpha=alpha,
         batch_size=batch_size, num_classes=num_classes, rule=rule)
-    p_lower = sequential.anytime_lower_bound(estimation[rows, guess], num_samples, look, n, alpha)
-    radius = rule.radius(p_lower, sigma)
+    p_lower, radius = rule.certify(estimation[rows, guess], num_samples, look, level, sigma, n,
+                                   alpha)
 
   certified = p_lower >= 0.5
   prediction = np.where(certified, guess, ABSTAIN).astype(np.int32)

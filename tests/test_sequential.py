@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats
 
 import instars_jax as ij
 from instars_jax import monte_carlo, sequential, smoothing
@@ -193,3 +194,71 @@ def test_bad_sequential_input_is_rejected_before_compiling(linear, change, messa
   with pytest.raises(ValueError, match=message):
     ij.certify(linear, np.zeros((2, 8), np.float32), 0.5, jax.random.PRNGKey(0), **args)
   assert not compiled
+
+
+def decision_crossing_rate(theta, alpha, streams, n_max=20_000, lowered_by=0.0, seed=0):
+  """Share of Bernoulli(θ) streams whose test of "p ≥ θ" proves it at some decision look
+  (its evidence bar lowered by `lowered_by` nats)."""
+  looks = sequential.decision_looks(n_max)
+  increments = np.diff(np.concatenate([[0], looks]))
+  successes = np.cumsum(np.random.default_rng(seed).binomial(increments, theta,
+                                                             (streams, len(looks))), axis=1)
+  z = np.float32(stats.norm.ppf(theta))
+  evidence = jax.jit(lambda s, f: sequential.log_evidence(s, f, z, above=True))(
+      successes, looks[None] - successes)
+  return np.mean(np.any(np.asarray(evidence) >= -np.log(alpha) - lowered_by, axis=1))
+
+
+@pytest.mark.parametrize("theta", [0.5, 0.9, 0.99, 0.999])
+def test_decision_tests_prove_a_false_claim_with_probability_at_most_alpha(theta):
+  # At p = θ, the least favourable null: 10^5 streams, at most α within 3 Monte Carlo errors.
+  alpha, streams = 0.05, 100_000
+  rate = decision_crossing_rate(theta, alpha, streams)
+  assert rate <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / streams)
+  assert rate > 0.005  # and the check sees crossings at all
+
+
+def test_decision_tests_with_a_lowered_bar_fail_the_same_check():
+  # The check can fail: the same evidence with its bar at 4α instead of α crosses too often.
+  alpha, streams = 0.05, 100_000
+  rate = decision_crossing_rate(0.99, alpha, streams, lowered_by=np.log(4))
+  assert rate > alpha + 3 * np.sqrt(alpha * (1 - alpha) / streams)
+
+
+def exact_log_evidence(successes, failures, z, above):
+  """float64 log of the mixture likelihood ratio with the device's alternatives, no margin."""
+  log_odds = np.asarray(sequential.alternatives(np.float32(z), above), np.float64)
+  log_theta, log_rest = stats.norm.logcdf(z), stats.norm.logcdf(-z)
+  log_p, log_q = -np.logaddexp(0, -log_odds), -np.logaddexp(0, log_odds)
+  terms = list(successes * (log_p - log_theta) + failures * (log_q - log_rest))
+  if above:
+    terms.append(-successes * log_theta if failures == 0 else -np.inf)
+  return np.logaddexp.reduce(terms) - np.log(len(terms))
+
+
+def test_float32_evidence_never_exceeds_the_float64_value():
+  counts = [0, 1, 7, 60, 500, 4_000, 30_000, 100_000]
+  for above in (True, False):
+    for z in (0.0, 0.3, 1.0, 2.0, 3.0, 4.0, 5.0):
+      grid = [(s, f) for s in counts for f in counts if 0 < s + f <= 100_000]
+      s, f = np.array(grid, np.float64).T
+      device = np.asarray(sequential.log_evidence(s, f, np.float32(z), above), np.float64)
+      exact = np.array([exact_log_evidence(a, b, np.float64(np.float32(z)), above)
+                        for a, b in grid])
+      finite = np.isfinite(exact)
+      assert np.all(device[finite] <= exact[finite]), (above, z)
+      # and the margin costs little: under 0.1 nat plus 0.5% where the evidence is large
+      assert np.all(device[finite] >= exact[finite] - 0.1 - 5e-3 * np.abs(exact[finite]))
+      assert np.all(device[~finite] == -np.inf)
+
+
+def test_decision_mode_a_looser_refutation_level_stops_sooner_and_proves_the_same(linear):
+  radii = (0.25, 0.5, 0.75, 1.0)
+  strict = certify_linear(linear, "sequential", radii=radii)
+  loose = certify_linear(linear, "sequential", radii=radii, tolerance_alpha=0.2)
+  np.testing.assert_array_equal(loose.radius, strict.radius)
+  assert np.all(loose.num_samples <= strict.num_samples)
+  assert loose.num_samples.sum() < strict.num_samples.sum()
+  # The saturated input (p_A = Φ(5)) proves Φ(1.0/0.5) with its first ~400 successes:
+  # log(10/α)/log(1/Φ(2)) = 398 for the mixture's p = 1 alternative.
+  assert strict.num_samples[-1] <= 450
