@@ -128,11 +128,13 @@ def run_metadata(config, estimator_settings=None) -> dict:
               "dataset": config.dataset, "package_version": instars_jax.__version__,
               "sampling": c.sampling}
   if c.sampling == "sequential":
-    # tolerance_alpha only where set, so results files written before it existed resume;
-    # decision mode names its test, so files of the earlier (union-bound) decisions do not
+    # Each mode names its bound, so files written with an earlier one do not resume with
+    # this one (decision: the union bound; radius: α split half at the last look);
+    # tolerance_alpha only where set.
     metadata["sequential"] = ({"mode": "decision", "radii": list(c.radii),
                                "test": "mixture_likelihood_ratio"} if c.radii else
-                              {"mode": "radius", "tolerance": c.tolerance})
+                              {"mode": "radius", "tolerance": c.tolerance,
+                               "bound": "clopper_pearson_alpha_by_samples"})
     if c.tolerance_alpha:
       metadata["sequential"]["tolerance_alpha"] = c.tolerance_alpha
     metadata["sequential"]["n_max"] = c.n

@@ -14,8 +14,9 @@ certifies (one interface: `looks`, `tables`, `stop`, `certify`):
     Bound: a union bound over a geometric schedule of looks (`look_schedule`, ratio 1.5), with a
     one-sided Clopper–Pearson bound at each (`look_alphas`, `bound_tables`; the union-bound
     confidence sequence that Voráček, Hein et al., NeurIPS 2024, compare with betting
-    sequences). Look l gets level α_l, Σ_l α_l = α: half of α at the last look (n_max, where
-    radii need precision), the other half split evenly over the earlier ones. Then
+    sequences). Look l gets level α_l = α·t_l/Σ_l t_l, in proportion to its samples (the last
+    look about a third of α): early looks only have to catch abstentions and small p_A, which
+    need little precision, while the late ones set the radii of most images. Then
     P[∃ l: p_A < L_l] ≤ Σ_l α_l = α for every p_A, so the lower bound at *any* stopping look,
     however chosen from the data, is below p_A with probability ≥ 1 − α, and Cohen et al.'s
     Theorem 1 gives the radius σ Φ⁻¹(L) at that level (recomputed on the host in float64).
@@ -83,10 +84,13 @@ Z_INFLATION = 1e-6
 
 
 def look_schedule(n_max: int) -> np.ndarray:
-  """int64[L]: RadiusRule's looks, geometric from FIRST_LOOK by LOOK_RATIO, the last n_max."""
+  """int64[L]: RadiusRule's looks, geometric from FIRST_LOOK by LOOK_RATIO, the last n_max;
+  a geometric look is kept only if a full step still fits after it (no look just before
+  n_max to split α with it)."""
   looks = [min(FIRST_LOOK, n_max)]
   while looks[-1] < n_max:
-    looks.append(min(n_max, math.ceil(looks[-1] * LOOK_RATIO)))
+    step = math.ceil(looks[-1] * LOOK_RATIO)
+    looks.append(step if step * LOOK_RATIO < n_max else n_max)
   return np.asarray(looks, np.int64)
 
 
@@ -99,18 +103,17 @@ def decision_looks(n_max: int) -> np.ndarray:
   return np.asarray(looks, np.int64)
 
 
-def look_alphas(alpha: float, num_looks: int) -> np.ndarray:
-  """float64[L]: each look's level; α/2 at the last look, α/(2(L − 1)) at the others (α at
-  the only look when L = 1). They sum to α."""
-  if num_looks == 1:
-    return np.array([alpha])
-  return np.append(np.full(num_looks - 1, alpha / (2 * (num_looks - 1))), alpha / 2)
+def look_alphas(alpha: float, looks: np.ndarray) -> np.ndarray:
+  """float64[L]: each look's level, α·t_l / Σ t: in proportion to its sample count, so the late
+  looks, where radii need precision and most images stop, get most of α. They sum to α."""
+  looks = np.asarray(looks, np.float64)
+  return alpha * looks / looks.sum()
 
 
 def anytime_lower_bound(successes, trials, look, n_max: int, alpha: float):
   """float64 lower bound on p_A at each instance's stopping look `look` (an index into
   look_schedule(n_max)), at that look's level: valid simultaneously over looks (module doc)."""
-  level = look_alphas(alpha, len(look_schedule(n_max)))[np.asarray(look)]
+  level = look_alphas(alpha, look_schedule(n_max))[np.asarray(look)]
   return clopper_pearson_lower(successes, trials, level)
 
 
@@ -122,7 +125,7 @@ def bound_tables(n_max: int, alpha: float, likely_alpha: float | None = None):
   `likely_alpha` (RadiusRule's U^δ), or `upper` itself when that is None. The device reads
   them to decide when to stop; the certified bound is recomputed in float64."""
   looks = look_schedule(n_max)
-  alphas = look_alphas(alpha, len(looks))
+  alphas = look_alphas(alpha, looks)
   counts = np.concatenate([np.arange(t + 1) for t in looks])
   trials = np.repeat(looks, looks + 1)
   level = np.repeat(alphas, looks + 1)

@@ -13,7 +13,7 @@ from instars_jax import monte_carlo, sequential, smoothing
 def look_bounds(n_max, alpha, family=None):
   """float64 (lower, upper) rows per look; `family`: per-look levels (default: the union bound)."""
   looks = sequential.look_schedule(n_max)
-  levels = sequential.look_alphas(alpha, len(looks)) if family is None else family(len(looks))
+  levels = sequential.look_alphas(alpha, looks) if family is None else family(len(looks))
   return looks, [(ij.clopper_pearson_lower(np.arange(t + 1), t, a),
                   monte_carlo.clopper_pearson_upper(np.arange(t + 1), t, a))
                  for t, a in zip(looks, levels)]
@@ -38,10 +38,12 @@ def test_schedule_and_levels():
   looks = sequential.look_schedule(100_000)
   assert looks[0] == 100 and looks[-1] == 100_000 and np.all(np.diff(looks) > 0)
   assert np.all(looks[1:-1] / looks[:-2] >= 1.5 - 1e-9)
-  levels = sequential.look_alphas(0.001, len(looks))
-  assert levels.sum() == pytest.approx(0.001) and levels[-1] == pytest.approx(0.0005)
+  levels = sequential.look_alphas(0.001, looks)
+  assert levels.sum() == pytest.approx(0.001)
+  np.testing.assert_allclose(levels / looks, levels[0] / looks[0])  # in proportion to t_l
+  assert 0.3 < levels[-1] / 0.001 < 0.4
   np.testing.assert_array_equal(sequential.look_schedule(60), [60])
-  assert sequential.look_alphas(0.01, 1) == pytest.approx([0.01])
+  assert sequential.look_alphas(0.01, [60]) == pytest.approx([0.01])
 
 
 @pytest.mark.parametrize("p", [0.5, 0.7, 0.9, 0.99])
