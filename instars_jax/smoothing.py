@@ -34,7 +34,8 @@ class Certificate(NamedTuple):
   """The result of `certify` for a batch of instances (host numpy arrays)."""
   prediction: np.ndarray  # int32[B], ABSTAIN where no class could be certified
   radius: np.ndarray  # float32[B], 0 on abstention
-  p_lower: np.ndarray  # float64[B], lower confidence bound on p_A
+  p_lower: np.ndarray  # float64[B], lower confidence bound on p_A (decision mode: Φ(r/σ) of the
+  #                      radius proven, 0 where none is)
   sigma: np.ndarray  # float32[B], the noise level certified at
   counts: np.ndarray  # int32[B, C], counts of the estimation samples
   num_samples: np.ndarray  # int64[B], estimation samples drawn (n with sampling="fixed")
