@@ -43,9 +43,9 @@ certifies (one interface: `looks`, `tables`, `stop`, `certify`):
     r_k proven and the reported lower bound Φ(r_k/σ), both wrong with probability ≤ α.
     "R ≥ r_k" is refuted by the mirror test (alternatives below θ_k) at level δ (the
     tolerance level, default α) or once it is out of reach (no proof even with every
-    remaining sample a success); refutations only stop sampling. Stop when every threshold is proven or refuted. The device computes the test
-    in float32 and subtracts a bound on its rounding error (`ROUNDING`), so it never proves
-    what the exact test would not.
+    remaining sample a success); refutations only stop sampling. Stop when every threshold
+    is proven or refuted. The device computes the test in float32 and subtracts a bound on
+    its rounding error (`ROUNDING`), so it never proves what the exact test would not.
 
 Noise for instance i, sample j is the fixed-n CERTIFY's (monte_carlo.instance_noise with
 the estimation key), so the first t samples are the same in both modes, and stopping depends
@@ -138,8 +138,9 @@ def bound_tables(n_max: int, alpha: float, likely_alpha: float | None = None):
 
 
 def alternatives(z, above: bool):
-  """float32[..., len(LOG_ODDS_STEPS)]: the log-odds of the decision test's alternatives to p = Φ(z), above or
-  below it. They depend on z alone, never on the samples, which the test's level needs."""
+  """float32[..., len(LOG_ODDS_STEPS)]: the log-odds of the decision test's alternatives to
+  p = Φ(z), above or below it. They depend on z alone, never on the samples, which the
+  test's level needs."""
   log_theta, log_rest = _log_threshold(z)
   steps = jnp.asarray(LOG_ODDS_STEPS if above else -LOG_ODDS_STEPS, jnp.float32)
   return log_theta[..., None] - log_rest[..., None] + steps
