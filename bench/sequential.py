@@ -1,7 +1,7 @@
 """Sequential against fixed-n certification of one trained model, in one run.
 
     python bench/sequential.py --workdir runs/demo [--images 500] [--n-max 100000]
-                               [--sigmas 0.25,0.5] [--tolerance 0.05] [--tolerance-alpha 0]
+                               [--sigmas 0.25,0.5] [--tolerance 0.05] [--tolerance-alpha 0.05]
                                [--radii 0.25,0.5,0.75,1.0] [--batch 1000]
 
 For each σ, certifies the same test images (every k-th, k = test size // images) three ways
@@ -40,7 +40,7 @@ import numpy as np
 from scipy import stats
 
 import instars_jax as ij
-from instars_jax import analyze, checkpoints, data, monte_carlo
+from instars_jax import analyze, checkpoints, data, monte_carlo, sequential
 from common import device_info, emit
 
 RADII = np.arange(0, 2.0001, 0.25)
@@ -130,7 +130,7 @@ def add_arguments(parser) -> None:
   parser.add_argument("--n0", type=int, default=100)
   parser.add_argument("--alpha", type=float, default=0.001)
   parser.add_argument("--tolerance", type=float, default=0.05)
-  parser.add_argument("--tolerance-alpha", type=float, default=0.0,
+  parser.add_argument("--tolerance-alpha", type=float, default=sequential.TOLERANCE_ALPHA,
                       help="level of what only stops sampling: radius mode's reachable "
                       "radius, decision mode's refutations (0: alpha)")
   parser.add_argument("--radii", default="0.25,0.5,0.75,1.0")

@@ -100,10 +100,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.certify.sampling = "fixed"
   config.certify.tolerance = 0.05
   # The level of what only stops sampling: radius mode's "best still reachable" assumes p_A
-  # below its upper bound at this level, decision mode refutes "radius >= r" at it. 0: alpha
-  # (they hold as surely as the certificate). Larger stops sooner (0.05: they hold with 95%
-  # confidence); the certificate's guarantee never changes.
-  config.certify.tolerance_alpha = 0.0
+  # below its upper bound at this level, decision mode refutes "radius >= r" at it (0.05:
+  # they hold with 95% confidence). 0: alpha, so they hold as surely as the certificate, and
+  # sampling runs longer; the certificate's guarantee never changes.
+  config.certify.tolerance_alpha = 0.05
   config.certify.radii = ()
   config.certify.name = ""  # output DIR/certify/<name>.tsv; default sigma_<sigma> / instance_<range>
   config.certify.sigma_mode = "fixed"  # fixed: certify.sigma for all | instance: Insta-RS search

@@ -21,12 +21,14 @@ certifies (one interface: `looks`, `tables`, `stop`, `certify`):
     however chosen from the data, is below p_A with probability ≥ 1 − α, and Cohen et al.'s
     Theorem 1 gives the radius σ Φ⁻¹(L) at that level (recomputed on the host in float64).
     Stop when σΦ⁻¹(L_t) ≥ (1 − ε)·R̄_t, where R̄_t is the best radius a continuation to n_max
-    could still certify if p_A ≤ U^δ_t: the last look's bound at count ⌈U^δ_t·n_max⌉, and
-    never more than with every remaining sample a success. U^δ_t is the family's upper bound
-    U_t (δ = α, the default: the tolerance then holds as surely as the certificate) or the
-    look's own Clopper–Pearson upper bound at level δ > α, which stops sooner and keeps the
-    tolerance with probability ≥ 1 − δ at each look. Stop (abstain) once U_t < 1/2 or no
-    continuation can reach L ≥ 1/2. The upper bounds only decide when to stop.
+    could still certify if p_A ≤ U^δ_t: the last look's bound at the S_t successes seen plus
+    ⌈U^δ_t·(n_max − t)⌉ more, and never more than with every remaining sample a success.
+    U^δ_t is the look's own Clopper–Pearson upper bound at level δ (`TOLERANCE_ALPHA` = 0.05
+    by default, the usual β of a sequential test), so the tolerance holds with probability
+    ≥ 1 − δ at each look; δ = α takes the family's upper bound U_t instead, and the tolerance
+    then holds as surely as the certificate, at the price of sampling until U_t is as tight
+    as L_t. Stop (abstain) once U_t < 1/2 or no continuation can reach L ≥ 1/2. The upper
+    bounds only decide when to stop.
 
   DecisionRule(radii r_1 < … < r_m, refutation level δ)
     Test: for each threshold θ_k = Φ(r_k/σ) (θ_0 = 1/2: p_A > 1/2, the class itself), a
@@ -42,9 +44,9 @@ certifies (one interface: `looks`, `tables`, `stop`, `certify`):
     sequence testing, Maurer, Hothorn & Lehmacher 1995). The reported radius is the largest
     r_k proven and the reported lower bound Φ(r_k/σ), both wrong with probability ≤ α.
     "R ≥ r_k" is refuted by the mirror test (alternatives below θ_k) at level δ (the
-    tolerance level, default α) or once it is out of reach (no proof even with every
-    remaining sample a success); refutations only stop sampling. Stop when every threshold
-    is proven or refuted. The device computes the test in float32 and subtracts a bound on
+    tolerance level, `TOLERANCE_ALPHA` by default) or once it is out of reach (no proof even
+    with every remaining sample a success); refutations only stop sampling. Stop when every
+    threshold is proven or refuted. The device computes the test in float32 and subtracts a bound on
     its rounding error (`ROUNDING`), so it never proves what the exact test would not.
 
 Noise for instance i, sample j is the fixed-n CERTIFY's (monte_carlo.instance_noise with
@@ -74,6 +76,8 @@ DECISION_GAP = (50, 0.05)  # decision looks: every max(50, 5% of the samples so 
 # Instances in flight per device: one per SAMPLES_PER_SLOT images of the batch, so that the
 # instances just started (FIRST_LOOK samples to their first look) can fill it.
 SAMPLES_PER_SLOT = 50
+# The default level of what only stops sampling (radius mode's U^δ, decision mode's refutations).
+TOLERANCE_ALPHA = 0.05
 # The decision tests' alternatives: log-odds steps above (or below) the threshold's.
 LOG_ODDS_STEPS = 0.05 * 2.0 ** np.arange(9)
 # float32 rounding bound of log_evidence: relative to the magnitude of the terms summed, plus
@@ -200,7 +204,8 @@ class RadiusRule:
     lower, upper = lower_tab[row + successes], upper_tab[row + successes]
     reachable = lower_tab[final + jnp.minimum(n_max, successes + n_max - trials)]
     likely = likely_tab[row + successes]
-    plausible = lower_tab[final + jnp.minimum(n_max, jnp.ceil(likely * n_max).astype(jnp.int32))]
+    continued = successes + jnp.ceil(likely * (n_max - trials)).astype(jnp.int32)
+    plausible = lower_tab[final + jnp.minimum(n_max, continued)]
     abstain = (upper < 0.5) | (reachable < 0.5)
     best = ndtri(jnp.minimum(plausible, reachable))
     close = (lower >= 0.5) & (ndtri(lower) >= (1.0 - self.tolerance) * best)
@@ -255,7 +260,8 @@ class DecisionRule:
     return p_lower, radius
 
 
-def make_rule(tolerance: float, radii, tolerance_alpha: float = 0.0) -> RadiusRule | DecisionRule:
+def make_rule(tolerance: float, radii,
+              tolerance_alpha: float = TOLERANCE_ALPHA) -> RadiusRule | DecisionRule:
   """DecisionRule (refuting at level tolerance_alpha) when `radii` is non-empty, else
   RadiusRule (its U^δ at level tolerance_alpha); tolerance_alpha 0 means α. ValueError on
   bad values."""

@@ -113,7 +113,7 @@ def sample_counts(apply_fn: Callable, x, sigma, key, *, num: int, batch_size: in
 def certify(apply_fn: Callable, x, sigma, key, *, n0: int = 100, n: int = 100_000,
             alpha: float = 0.001, batch_size: int, num_classes: int, ids=None,
             sampling: str = "fixed", tolerance: float = 0.05, radii=(),
-            tolerance_alpha: float = 0.0) -> Certificate:
+            tolerance_alpha: float = sequential.TOLERANCE_ALPHA) -> Certificate:
   """CERTIFY of Cohen et al. (2019), for a batch of instances.
 
   Guarantee: for each instance, with probability at least 1 − α over the sampling, if the
@@ -123,7 +123,7 @@ def certify(apply_fn: Callable, x, sigma, key, *, n0: int = 100, n: int = 100_00
   sampling="fixed" draws n estimation samples per instance. sampling="sequential" draws up
   to n (n_max) and stops early (sequential.py): with `radii` empty when the radius is within
   a factor (1 − tolerance) of the best still reachable (if p_A is below its upper bound at
-  level tolerance_alpha, 0: α; a larger level stops sooner and never touches the
+  level tolerance_alpha, 0: α; it only decides when to stop and never touches the
   guarantee below), else once "radius ≥ r_k" is proven or refuted (at level
   tolerance_alpha) for every r_k in `radii`, reporting the largest r_k proven. Radius
   mode's lower bound holds at every look simultaneously (a union bound over the looks);
@@ -214,7 +214,7 @@ def validate_instances(x, sigma, ids=None):
 SAMPLINGS = ("fixed", "sequential")
 
 
-def check_sampling(sampling, tolerance, radii, *, n0, n, tolerance_alpha=0.0):
+def check_sampling(sampling, tolerance, radii, *, n0, n, tolerance_alpha):
   """None for fixed sampling, else the sequential stopping rule; ValueError on bad values."""
   if sampling not in SAMPLINGS:
     raise ValueError(f"sampling must be one of {SAMPLINGS}; got {sampling!r}")

@@ -162,7 +162,8 @@ def test_sequential_sampling_through_certify_py(toy_config, tmp_path, monkeypatc
   meta = results.read_metadata(path)
   assert meta["sampling"] == "sequential"
   assert meta["sequential"] == {"mode": "decision", "radii": [0.1, 0.2],
-                                "test": "mixture_likelihood_ratio", "n_max": 2000}
+                                "test": "mixture_likelihood_ratio", "tolerance_alpha": 0.05,
+                                "n_max": 2000}
   # Resumed rows equal a straight run's.
   toy_config.certify.name = "decision_straight"
   straight = certification.certify_test_set(toy_config, tmp_path / "run")
