@@ -21,13 +21,11 @@ each image's fixed-n estimate p̂ = count/n_max as its p_A:
                          For a saturated image (every sample correct) no level-α bound after t
                          samples exceeds α^(1/t) (it would fail with probability > α at
                          p = α^(1/t)), so there the oracle's t is a true floor.
-  decision_samples_ratio Wald's lower bound on the expected samples of a test that proves
-                         "p ≥ θ" falsely with probability ≤ α and refutes it falsely with
-                         probability ≤ β (the refutation level, --tolerance-alpha or α):
-                         [(1 − β) ln((1 − β)/α) + β ln(β/(1 − α))] / KL(p̂ ‖ θ) where p̂ > θ,
-                         [(1 − α) ln((1 − α)/β) + α ln(α/(1 − β))] / KL(p̂ ‖ θ) where p̂ ≤ θ,
-                         for the slowest of the thresholds θ ∈ {1/2, Φ(r_k/σ)} that n_max
-                         samples can prove, capped at n_max (approximate: p̂ is an estimate).
+  decision_samples_ratio an oracle that knows which thresholds θ ∈ {1/2, Φ(r_k/σ)} lie below
+                         p̂ (the rest cost it nothing) and proves them with Wald's fewest
+                         expected samples for a test that errs with probability ≤ α,
+                         ln(1/α) / KL(p̂ ‖ θ), for the slowest, giving up (for free) any
+                         whose proof would not fit in n_max (approximate: p̂ is an estimate).
 """
 
 import argparse
@@ -54,7 +52,7 @@ def average_certified_radius(cert, labels):
   return analyze.average_certified_radius(cert.radius, cert.prediction == labels)
 
 
-def sample_ceilings(fixed, n_max, n0, alpha, sigma, tolerance, radii, refute_alpha):
+def sample_ceilings(fixed, n_max, n0, alpha, sigma, tolerance, radii):
   """Upper bounds on the samples ratio of any level-α sequential rule (module doc)."""
   rows = np.arange(len(fixed.prediction))
   p_hat = np.where(fixed.prediction >= 0, fixed.counts[rows, np.maximum(fixed.prediction, 0)],
@@ -71,11 +69,9 @@ def sample_ceilings(fixed, n_max, n0, alpha, sigma, tolerance, radii, refute_alp
   thresholds = thresholds[thresholds <= alpha ** (1 / n_max)]
   p = np.clip(p_hat, 1e-12, 1 - 1e-12)[:, None]
   kl = p * np.log(p / thresholds) + (1 - p) * np.log((1 - p) / (1 - thresholds))
-  a, b = alpha, refute_alpha
-  prove = (1 - b) * np.log((1 - b) / a) + b * np.log(b / (1 - a))
-  refute = (1 - a) * np.log((1 - a) / b) + a * np.log(a / (1 - b))
-  wald = np.where(p > thresholds, prove, refute) / np.maximum(kl, 1e-300)
-  decision_samples = np.minimum(n_max, wald.max(axis=1)).sum() + n0 * len(p_hat)
+  wald = np.where(p > thresholds, np.log(1 / alpha) / np.maximum(kl, 1e-300), 0.0)
+  wald = np.where(wald <= n_max, wald, 0.0)  # a proof that would not fit by n_max: given up
+  decision_samples = wald.max(axis=1).sum() + n0 * len(p_hat)
   return {"saturated_share": float(np.mean(p_hat >= 1.0)),
           "radius_samples_ratio": float(fixed_total / radius_samples),
           "decision_samples_ratio": float(fixed_total / decision_samples)}
@@ -102,8 +98,7 @@ def compare(apply_fn, images, labels, ids, sigma, num_classes, args) -> dict:
                    "certified_accuracy": dict(zip(map(float, RADII),
                                                   certified_accuracy(fixed, labels, RADII).tolist()))},
          "ceilings": sample_ceilings(fixed, args.n_max, args.n0, args.alpha, sigma,
-                                     args.tolerance, decision_radii,
-                                     args.tolerance_alpha or args.alpha)}
+                                     args.tolerance, decision_radii)}
   modes = [("radius", {"tolerance": args.tolerance, "tolerance_alpha": args.tolerance_alpha}, RADII),
            ("decision", {"radii": decision_radii, "tolerance_alpha": args.tolerance_alpha},
             np.array(decision_radii))]
@@ -131,8 +126,8 @@ def add_arguments(parser) -> None:
   parser.add_argument("--alpha", type=float, default=0.001)
   parser.add_argument("--tolerance", type=float, default=0.05)
   parser.add_argument("--tolerance-alpha", type=float, default=sequential.TOLERANCE_ALPHA,
-                      help="level of what only stops sampling: radius mode's reachable "
-                      "radius, decision mode's refutations (0: alpha)")
+                      help="level of the upper bound that only stops sampling: radius mode's "
+                      "reachable radius, decision mode's giving up (0: alpha)")
   parser.add_argument("--radii", default="0.25,0.5,0.75,1.0")
   parser.add_argument("--batch", type=int, default=1000)
 

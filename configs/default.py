@@ -99,10 +99,10 @@ def get_config() -> ml_collections.ConfigDict:
   # decided for every r in radii (the radius written is the largest r proven).
   config.certify.sampling = "fixed"
   config.certify.tolerance = 0.05
-  # The level of what only stops sampling: radius mode's "best still reachable" assumes p_A
-  # below its upper bound at this level, decision mode refutes "radius >= r" at it (0.05:
-  # they hold with 95% confidence). 0: alpha, so they hold as surely as the certificate, and
-  # sampling runs longer; the certificate's guarantee never changes.
+  # The level of the upper bound on p_A that only stops sampling: radius mode's "best still
+  # reachable" radius, and decision mode's giving up a radius no continuation could prove,
+  # assume p_A below it (0.05: they hold with 95% confidence). 0: alpha, so they hold as
+  # surely as the certificate, and sampling runs longer; the certificate never changes.
   config.certify.tolerance_alpha = 0.05
   config.certify.radii = ()
   config.certify.name = ""  # output DIR/certify/<name>.tsv; default sigma_<sigma> / instance_<range>

@@ -30,7 +30,7 @@ certifies (one interface: `looks`, `tables`, `stop`, `certify`):
     as L_t. Stop (abstain) once U_t < 1/2 or no continuation can reach L ≥ 1/2. The upper
     bounds only decide when to stop.
 
-  DecisionRule(radii r_1 < … < r_m, refutation level δ)
+  DecisionRule(radii r_1 < … < r_m, tolerance level δ)
     Test: for each threshold θ_k = Φ(r_k/σ) (θ_0 = 1/2: p_A > 1/2, the class itself), a
     mixture of likelihood ratios of alternatives p_j > θ_k against θ_k (`log_evidence`: ten
     alternatives, nine log-odds steps above θ_k and p = 1, equally weighted). Under any
@@ -43,11 +43,15 @@ certifies (one interface: `looks`, `tables`, `stop`, `certify`):
     the whole α, since a wrong claim needs the first false one, θ_{k*}, rejected (fixed-
     sequence testing, Maurer, Hothorn & Lehmacher 1995). The reported radius is the largest
     r_k proven and the reported lower bound Φ(r_k/σ), both wrong with probability ≤ α.
-    "R ≥ r_k" is refuted by the mirror test (alternatives below θ_k) at level δ (the
-    tolerance level, `TOLERANCE_ALPHA` by default) or once it is out of reach (no proof even
-    with every remaining sample a success); refutations only stop sampling. Stop when every
-    threshold is proven or refuted. The device computes the test in float32 and subtracts a bound on
-    its rounding error (`ROUNDING`), so it never proves what the exact test would not.
+    "R ≥ r_k" is given up (refuted) once even a continuation at p_A's upper bound could not
+    prove it by n_max: the S_t successes seen plus ⌈U^δ_t·(n_max − t)⌉ more would leave the
+    test below 1/α at n_max (always so once no proof is possible with every remaining sample
+    a success). U^δ_t is the Chernoff bound at level δ/L over the L looks (`chernoff_upper`;
+    Chernoff 1952), so with probability ≥ 1 − δ, p_A ≤ U^δ_t at every look and no claim that
+    p_A would prove in expectation is given up; δ is the tolerance level, `TOLERANCE_ALPHA`
+    by default. Refutations only stop sampling. Stop when every threshold is proven or
+    refuted. The device computes the test in float32 and subtracts a bound on its rounding
+    error (`ROUNDING`), so it never proves what the exact test would not.
 
 Noise for instance i, sample j is the fixed-n CERTIFY's (monte_carlo.instance_noise with
 the estimation key), so the first t samples are the same in both modes, and stopping depends
@@ -63,7 +67,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.special import log_ndtr, ndtr, ndtri
+from jax.scipy.special import log_ndtr, ndtr, ndtri, xlogy
 from scipy import stats
 
 from instars_jax import parallel
@@ -78,8 +82,10 @@ DECISION_GAP = (50, 0.05)  # decision looks: every max(50, 5% of the samples so 
 SAMPLES_PER_SLOT = 50
 # The default level of what only stops sampling (radius mode's U^δ, decision mode's refutations).
 TOLERANCE_ALPHA = 0.05
-# The decision tests' alternatives: log-odds steps above (or below) the threshold's.
+# The decision tests' alternatives: log-odds steps above the threshold's.
 LOG_ODDS_STEPS = 0.05 * 2.0 ** np.arange(9)
+# Bisection steps of chernoff_upper: its bracket shrinks to 2^-30, under float32 spacing at 1.
+CHERNOFF_STEPS = 30
 # float32 rounding bound of log_evidence: relative to the magnitude of the terms summed, plus
 # an absolute part (8 float32 ulps; the tests check it against float64).
 ROUNDING = (1e-6, 1e-3)
@@ -141,13 +147,12 @@ def bound_tables(n_max: int, alpha: float, likely_alpha: float | None = None):
           clopper_pearson_lower(counts, trials, level).astype(np.float32), upper, likely)
 
 
-def alternatives(z, above: bool):
-  """float32[..., len(LOG_ODDS_STEPS)]: the log-odds of the decision test's alternatives to
-  p = Φ(z), above or below it. They depend on z alone, never on the samples, which the
-  test's level needs."""
+def alternatives(z):
+  """float32[..., len(LOG_ODDS_STEPS)]: the log-odds of the decision test's alternatives
+  above p = Φ(z). They depend on z alone, never on the samples, which the test's level
+  needs."""
   log_theta, log_rest = _log_threshold(z)
-  steps = jnp.asarray(LOG_ODDS_STEPS if above else -LOG_ODDS_STEPS, jnp.float32)
-  return log_theta[..., None] - log_rest[..., None] + steps
+  return log_theta[..., None] - log_rest[..., None] + jnp.asarray(LOG_ODDS_STEPS, jnp.float32)
 
 
 def _log_threshold(z):
@@ -157,25 +162,41 @@ def _log_threshold(z):
   return jnp.log1p(-ndtr(-z)), log_ndtr(-z)
 
 
-def log_evidence(successes, failures, z, above: bool):
+def log_evidence(successes, failures, z):
   """float32 log of the decision test's mixture likelihood ratio against p = Φ(z), less its
-  rounding bound: the mean over alternatives p_j with log-odds logit(Φ(z)) ± LOG_ODDS_STEPS
-  (+ above, − below; above also p = 1) of (p_j/θ)^S ((1 − p_j)/(1 − θ))^F. Broadcasts."""
+  rounding bound: the mean over alternatives p_j with log-odds logit(Φ(z)) + LOG_ODDS_STEPS,
+  and p = 1, of (p_j/θ)^S ((1 − p_j)/(1 − θ))^F. Broadcasts."""
   successes = jnp.asarray(successes, jnp.float32)[..., None]
   failures = jnp.asarray(failures, jnp.float32)[..., None]
   log_theta, log_rest = (a[..., None] for a in _log_threshold(z))
-  log_odds = alternatives(z, above)
+  log_odds = alternatives(z)
   log_p, log_q = jax.nn.log_sigmoid(log_odds), jax.nn.log_sigmoid(-log_odds)
   terms = successes * (log_p - log_theta) + failures * (log_q - log_rest)
   size = successes * (jnp.abs(log_p) + jnp.abs(log_theta)) + failures * (jnp.abs(log_q)
                                                                           + jnp.abs(log_rest))
-  if above:  # the alternative p = 1: θ^(−S) while no sample has failed
-    terms = jnp.concatenate(
-        [terms, jnp.where(failures > 0, -jnp.inf, -successes * log_theta)], axis=-1)
-    size = jnp.concatenate([size, -2 * successes * log_theta], axis=-1)
+  # the alternative p = 1: θ^(−S) while no sample has failed
+  terms = jnp.concatenate(
+      [terms, jnp.where(failures > 0, -jnp.inf, -successes * log_theta)], axis=-1)
+  size = jnp.concatenate([size, -2 * successes * log_theta], axis=-1)
   relative, absolute = ROUNDING
   terms = terms - relative * size - absolute
   return jax.scipy.special.logsumexp(terms, axis=-1) - jnp.log(jnp.float32(terms.shape[-1]))
+
+
+def chernoff_upper(successes, trials, log_inverse_level):
+  """float32 upper bound on p at level e^(−log_inverse_level) after `trials` Bernoulli(p)
+  draws: the largest q ≥ p̂ with trials·KL(p̂ ‖ q) ≤ log_inverse_level, by bisection. Valid
+  since P[p̂ ≤ a] ≤ exp(−t·KL(a ‖ p)) for a < p (Chernoff 1952)."""
+  trials = jnp.maximum(trials, 1).astype(jnp.float32)
+  p_hat = successes.astype(jnp.float32) / trials
+  divergence = lambda q: (xlogy(p_hat, p_hat) - xlogy(p_hat, q) + xlogy(1 - p_hat, 1 - p_hat)
+                          - xlogy(1 - p_hat, 1 - q))
+  def halve(_, bracket):
+    low, high = bracket
+    middle = (low + high) / 2
+    inside = trials * divergence(middle) <= log_inverse_level
+    return jnp.where(inside, middle, low), jnp.where(inside, high, middle)
+  return jax.lax.fori_loop(0, CHERNOFF_STEPS, halve, (p_hat, jnp.ones_like(p_hat)))[1]
 
 
 def _radius(p_lower, sigma):
@@ -219,17 +240,18 @@ class RadiusRule:
 
 @dataclasses.dataclass(frozen=True)
 class DecisionRule:
-  """Stop once every "R ≥ r_k" (and p_A > 1/2) is proven or refuted by its test; refutations
-  at level `refute_alpha` (None: α), which only stop sampling."""
+  """Stop once every "R ≥ r_k" (and p_A > 1/2) is proven by its test, or given up because a
+  continuation at p_A's upper bound at level `likely_alpha` (None: α) could not prove it."""
   radii: tuple
-  refute_alpha: float | None = None
+  likely_alpha: float | None = None
 
   def looks(self, n_max: int) -> np.ndarray:
     return decision_looks(n_max)
 
   def tables(self, n_max: int, alpha: float):
-    """(log(1/α), log(1/refute_alpha)): the evidence at which a test proves or refutes."""
-    return (np.float32(-math.log(alpha)), np.float32(-math.log(self.refute_alpha or alpha)))
+    """(log(1/α), log(L/δ)): the evidence that proves, the Chernoff level of U^δ per look."""
+    per_look = (self.likely_alpha or alpha) / len(decision_looks(n_max))
+    return np.float32(-math.log(alpha)), np.float32(-math.log(per_look))
 
   def _levels(self):
     return (0.0,) + self.radii
@@ -237,14 +259,14 @@ class DecisionRule:
   def stop(self, tables, look, successes, trials, n_max, sigma, level):
     """(stop bool[S], level int32[S]): level, the number of thresholds θ_0, θ_1, … proven
     together at one look so far (module doc)."""
-    threshold, refute_threshold = tables
+    threshold, likely_level = tables
     z = (jnp.asarray(self._levels(), jnp.float32)[None, :] / sigma[:, None]) * (1 + Z_INFLATION)
-    failures = (trials - successes)[:, None]
-    at = lambda s: log_evidence(s, failures, z, above=True) >= threshold
-    proven = at(successes[:, None])
+    proves = lambda s, f: log_evidence(s[:, None], f[:, None], z) >= threshold
+    proven = proves(successes, trials - successes)
     level = jnp.maximum(level, jnp.sum(jnp.cumprod(proven, axis=1), axis=1).astype(jnp.int32))
-    refuted = ((log_evidence(successes[:, None], failures, z, above=False) >= refute_threshold)
-               | ~at((successes + n_max - trials)[:, None]))
+    upper = chernoff_upper(successes, trials, likely_level)
+    continued = jnp.minimum(n_max, successes + jnp.ceil(upper * (n_max - trials)).astype(jnp.int32))
+    refuted = ~proves(continued, n_max - continued)
     refuted = jnp.cumsum(refuted, axis=1) > 0  # refuting θ_k refutes every larger one
     index = jnp.arange(len(self._levels()))[None, :]
     decided = (index < level[:, None]) | proven | refuted
@@ -262,9 +284,8 @@ class DecisionRule:
 
 def make_rule(tolerance: float, radii,
               tolerance_alpha: float = TOLERANCE_ALPHA) -> RadiusRule | DecisionRule:
-  """DecisionRule (refuting at level tolerance_alpha) when `radii` is non-empty, else
-  RadiusRule (its U^δ at level tolerance_alpha); tolerance_alpha 0 means α. ValueError on
-  bad values."""
+  """DecisionRule when `radii` is non-empty, else RadiusRule, each with its upper bound U^δ
+  at level tolerance_alpha (0 means α). ValueError on bad values."""
   if not 0.0 <= tolerance_alpha < 1.0:
     raise ValueError(f"tolerance_alpha must lie in [0, 1) (0: alpha); got {tolerance_alpha}")
   radii = tuple(float(r) for r in (radii or ()))

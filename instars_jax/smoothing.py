@@ -122,14 +122,13 @@ def certify(apply_fn: Callable, x, sigma, key, *, n0: int = 100, n: int = 100_00
 
   sampling="fixed" draws n estimation samples per instance. sampling="sequential" draws up
   to n (n_max) and stops early (sequential.py): with `radii` empty when the radius is within
-  a factor (1 − tolerance) of the best still reachable (if p_A is below its upper bound at
-  level tolerance_alpha, 0: α; it only decides when to stop and never touches the
-  guarantee below), else once "radius ≥ r_k" is proven or refuted (at level
-  tolerance_alpha) for every r_k in `radii`, reporting the largest r_k proven. Radius
-  mode's lower bound holds at every look simultaneously (a union bound over the looks);
-  decision mode's tests of
-  "p_A ≥ Φ(r_k/σ)" hold at every look by Ville's inequality, in a fixed order that lets each
-  use the whole α (sequential.py); so the guarantee above is unchanged.
+  a factor (1 − tolerance) of the best still reachable, else once "radius ≥ r_k" is proven,
+  or out of reach by n_max, for every r_k in `radii`, reporting the largest r_k proven.
+  "Reachable" assumes p_A below its upper bound at level tolerance_alpha (0: α), which only
+  decides when to stop. Radius mode's lower bound holds at every look simultaneously (a
+  union bound over the looks); decision mode's tests of "p_A ≥ Φ(r_k/σ)" hold at every look
+  by Ville's inequality, in a fixed order that lets each use the whole α (sequential.py);
+  so the guarantee above is unchanged.
   In both, the class comes from n0 separate selection samples; `num_samples` counts the
   estimation samples drawn, and `counts` is over those samples.
   """

@@ -230,7 +230,7 @@ def decision_crossing_rate(theta, alpha, streams, n_max=20_000, lowered_by=0.0, 
   successes = np.cumsum(np.random.default_rng(seed).binomial(increments, theta,
                                                              (streams, len(looks))), axis=1)
   z = np.float32(stats.norm.ppf(theta))
-  evidence = jax.jit(lambda s, f: sequential.log_evidence(s, f, z, above=True))(
+  evidence = jax.jit(lambda s, f: sequential.log_evidence(s, f, z))(
       successes, looks[None] - successes)
   return np.mean(np.any(np.asarray(evidence) >= -np.log(alpha) - lowered_by, axis=1))
 
@@ -251,40 +251,61 @@ def test_decision_tests_with_a_lowered_bar_fail_the_same_check():
   assert rate > alpha + 3 * np.sqrt(alpha * (1 - alpha) / streams)
 
 
-def exact_log_evidence(successes, failures, z, above):
+def exact_log_evidence(successes, failures, z):
   """float64 log of the mixture likelihood ratio with the device's alternatives, no margin."""
-  log_odds = np.asarray(sequential.alternatives(np.float32(z), above), np.float64)
+  log_odds = np.asarray(sequential.alternatives(np.float32(z)), np.float64)
   log_theta, log_rest = stats.norm.logcdf(z), stats.norm.logcdf(-z)
   log_p, log_q = -np.logaddexp(0, -log_odds), -np.logaddexp(0, log_odds)
   terms = list(successes * (log_p - log_theta) + failures * (log_q - log_rest))
-  if above:
-    terms.append(-successes * log_theta if failures == 0 else -np.inf)
+  terms.append(-successes * log_theta if failures == 0 else -np.inf)
   return np.logaddexp.reduce(terms) - np.log(len(terms))
 
 
-def test_float32_evidence_never_exceeds_the_float64_value():
+@pytest.mark.parametrize("z", [0.0, 0.3, 1.0, 2.0, 3.0, 4.0, 5.0])
+def test_float32_evidence_never_exceeds_the_float64_value(z):
   counts = [0, 1, 7, 60, 500, 4_000, 30_000, 100_000]
-  for above in (True, False):
-    for z in (0.0, 0.3, 1.0, 2.0, 3.0, 4.0, 5.0):
-      grid = [(s, f) for s in counts for f in counts if 0 < s + f <= 100_000]
-      s, f = np.array(grid, np.float64).T
-      device = np.asarray(sequential.log_evidence(s, f, np.float32(z), above), np.float64)
-      exact = np.array([exact_log_evidence(a, b, np.float64(np.float32(z)), above)
-                        for a, b in grid])
-      finite = np.isfinite(exact)
-      assert np.all(device[finite] <= exact[finite]), (above, z)
-      # and the margin costs little: under 0.1 nat plus 0.5% where the evidence is large
-      assert np.all(device[finite] >= exact[finite] - 0.1 - 5e-3 * np.abs(exact[finite]))
-      assert np.all(device[~finite] == -np.inf)
+  grid = [(s, f) for s in counts for f in counts if 0 < s + f <= 100_000]
+  s, f = np.array(grid, np.float64).T
+  device = np.asarray(sequential.log_evidence(s, f, np.float32(z)), np.float64)
+  exact = np.array([exact_log_evidence(a, b, np.float64(np.float32(z))) for a, b in grid])
+  finite = np.isfinite(exact)
+  assert np.all(device[finite] <= exact[finite])
+  # and the margin costs little: under 0.1 nat plus 0.5% where the evidence is large
+  assert np.all(device[finite] >= exact[finite] - 0.1 - 5e-3 * np.abs(exact[finite]))
+  assert np.all(device[~finite] == -np.inf)
 
 
-def test_decision_mode_a_looser_refutation_level_stops_sooner_and_proves_the_same(linear):
+def test_chernoff_upper_bound_lies_between_clopper_pearson_at_its_level_and_far_below():
+  # Chernoff's bound is the looser one: P[Bin(t, U) ≤ S] ≤ e^(−t·KL) = δ at its U, so
+  # Clopper–Pearson's root (where that probability equals δ) is below it; and it stays
+  # within Clopper–Pearson at δ/100 on this grid, so it is not vacuous.
+  delta = 0.01
+  for t in (50, 1_000, 30_000, 100_000):
+    s = np.unique(np.linspace(0, t, 200).astype(np.int64))
+    upper = np.asarray(sequential.chernoff_upper(jnp.asarray(s), jnp.full(len(s), t),
+                                                 np.float32(np.log(1 / delta))), np.float64)
+    assert np.all(upper >= monte_carlo.clopper_pearson_upper(s, t, delta) - 1e-6)
+    assert np.all(upper <= monte_carlo.clopper_pearson_upper(s, t, delta / 100) + 1e-6)
+
+
+def test_decision_mode_a_looser_tolerance_level_stops_sooner_and_proves_the_same(linear):
   radii = (0.25, 0.5, 0.75, 1.0)
-  strict = certify_linear(linear, "sequential", radii=radii)
-  loose = certify_linear(linear, "sequential", radii=radii, tolerance_alpha=0.2)
+  strict = certify_linear(linear, "sequential", radii=radii, tolerance_alpha=0.0)
+  loose = certify_linear(linear, "sequential", radii=radii)  # at 0.05
   np.testing.assert_array_equal(loose.radius, strict.radius)
   assert np.all(loose.num_samples <= strict.num_samples)
   assert loose.num_samples.sum() < strict.num_samples.sum()
   # The saturated input (p_A = Φ(5)) proves Φ(1.0/0.5) with its first ~400 successes:
   # log(10/α)/log(1/Φ(2)) = 398 for the mixture's p = 1 alternative.
   assert strict.num_samples[-1] <= 450
+
+
+def test_decision_mode_gives_up_a_radius_no_continuation_could_prove(linear):
+  # p_A = Φ(1.004) sits just above Φ(0.5/σ) = Φ(1): proving "R ≥ 0.5" would take millions of
+  # samples, so the test gives it up long before n_max and keeps the proof of R ≥ 0.25.
+  x = linear.points_at_distance(np.array([0.502]))
+  cert = ij.certify(linear, x, 0.5, jax.random.PRNGKey(0), n0=100, n=100_000, alpha=0.001,
+                    batch_size=1000, num_classes=2, sampling="sequential",
+                    radii=(0.25, 0.5, 0.75, 1.0))
+  assert cert.radius[0] == 0.25
+  assert cert.num_samples[0] <= 60_000
