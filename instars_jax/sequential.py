@@ -80,7 +80,7 @@ DECISION_GAP = (50, 0.05)  # decision looks: every max(50, 5% of the samples so 
 # Instances in flight per device: one per SAMPLES_PER_SLOT images of the batch, so that the
 # instances just started (FIRST_LOOK samples to their first look) can fill it.
 SAMPLES_PER_SLOT = 50
-# The default level of what only stops sampling (radius mode's U^δ, decision mode's refutations).
+# The default level of the upper bound U^δ on p_A that only decides when to stop (both rules).
 TOLERANCE_ALPHA = 0.05
 # The decision tests' alternatives: log-odds steps above the threshold's.
 LOG_ODDS_STEPS = 0.05 * 2.0 ** np.arange(9)
@@ -265,7 +265,8 @@ class DecisionRule:
     proven = proves(successes, trials - successes)
     level = jnp.maximum(level, jnp.sum(jnp.cumprod(proven, axis=1), axis=1).astype(jnp.int32))
     upper = chernoff_upper(successes, trials, likely_level)
-    continued = jnp.minimum(n_max, successes + jnp.ceil(upper * (n_max - trials)).astype(jnp.int32))
+    continued = successes + jnp.ceil(upper * (n_max - trials)).astype(jnp.int32)
+    continued = jnp.minimum(n_max, continued)
     refuted = ~proves(continued, n_max - continued)
     refuted = jnp.cumsum(refuted, axis=1) > 0  # refuting θ_k refutes every larger one
     index = jnp.arange(len(self._levels()))[None, :]
