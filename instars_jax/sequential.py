@@ -47,9 +47,9 @@ certifies (one interface: `looks`, `tables`, `stop`, `certify`):
     prove it by n_max: the S_t successes seen plus ⌈U^δ_t·(n_max − t)⌉ more would leave the
     test below 1/α at n_max (always so once no proof is possible with every remaining sample
     a success). U^δ_t is the Chernoff bound at level δ/L over the L looks (`chernoff_upper`;
-    Chernoff 1952), so with probability ≥ 1 − δ, p_A ≤ U^δ_t at every look and no claim that
-    p_A would prove in expectation is given up; δ is the tolerance level, `TOLERANCE_ALPHA`
-    by default. Refutations only stop sampling. Stop when every threshold is proven or
+    Chernoff 1952), so with probability ≥ 1 − δ, p_A ≤ U^δ_t at every look, and a claim is
+    given up only where even S_t + p_A·(n_max − t), the final count expected from the samples
+    seen, would not prove it; δ is the tolerance level, `TOLERANCE_ALPHA` by default. Refutations only stop sampling. Stop when every threshold is proven or
     refuted. The device computes the test in float32 and subtracts a bound on its rounding
     error (`ROUNDING`), so it never proves what the exact test would not.
 

@@ -309,3 +309,46 @@ def test_decision_mode_gives_up_a_radius_no_continuation_could_prove(linear):
                     radii=(0.25, 0.5, 0.75, 1.0))
   assert cert.radius[0] == 0.25
   assert cert.num_samples[0] <= 60_000
+
+def giving_up_rates(p, tables, rule, n_max, sigma, proof_count, streams=10_000, seed=0):
+  """Shares of Bernoulli(p) streams that DecisionRule gives up "R ≥ r" on (stops without
+  proving it), and that do so at a look where S_t + p·(n_max − t), the final count expected
+  from the samples seen, would still prove it."""
+  looks = sequential.decision_looks(n_max)
+  increments = np.diff(np.concatenate([[0], looks]))
+  successes = np.cumsum(np.random.default_rng(seed).binomial(increments, p,
+                                                             (streams, len(looks))), axis=1)
+  stop = jax.jit(lambda s, t, level: rule.stop(tables, 0, s, t, n_max,
+                                               jnp.full(s.shape, sigma, jnp.float32), level))
+  level = jnp.zeros(streams, jnp.int32)
+  done, gave_up, wrongly = (np.zeros(streams, bool) for _ in range(3))
+  for l, t in enumerate(looks):
+    stopped, level = stop(jnp.asarray(successes[:, l], jnp.int32), jnp.full(streams, t, jnp.int32),
+                          level)
+    now = np.asarray(stopped) & ~done & (np.asarray(level) < 2)
+    gave_up |= now
+    wrongly |= now & (successes[:, l] + p * (n_max - t) >= proof_count)
+    done |= np.asarray(stopped)
+  return gave_up.mean(), wrongly.mean()
+
+
+def test_decision_mode_gives_up_a_provable_radius_with_probability_at_most_delta():
+  # p_A just above the rate a proof of R ≥ 0.5 needs by n_max: the rule may give up (it
+  # often does: the proof is a coin flip), but at a look where the expected final count
+  # given the samples seen would still prove it in at most δ of the streams (module doc).
+  n_max, alpha, delta, sigma = 20_000, 0.001, 0.05, 0.5
+  rule = sequential.DecisionRule((0.5,), delta)
+  z = np.float32(0.5 / sigma * (1 + sequential.Z_INFLATION))
+  counts = np.arange(n_max + 1)
+  proof_count = int(np.argmax(np.asarray(sequential.log_evidence(counts, n_max - counts, z))
+                              >= -np.log(alpha)))
+  tables = rule.tables(n_max, alpha)
+  for p in (proof_count / n_max + 0.002, proof_count / n_max + 0.005):
+    gave_up, wrongly = giving_up_rates(p, tables, rule, n_max, sigma, proof_count)
+    assert gave_up > 0.01 and wrongly <= delta + 3 * np.sqrt(delta * (1 - delta) / 10_000)
+  # The check can fail: with the estimate p̂ in place of the upper bound it gives up wrongly
+  # in most streams.
+  plug_in = (tables[0], np.float32(0.0))
+  _, wrongly = giving_up_rates(proof_count / n_max + 0.002, plug_in, rule, n_max, sigma,
+                               proof_count)
+  assert wrongly > 0.5
