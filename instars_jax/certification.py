@@ -130,7 +130,7 @@ def run_metadata(config, estimator_settings=None) -> dict:
   if c.sampling == "sequential":
     # Each mode names its bound, so files written with an earlier one do not resume with
     # this one (decision: the union bound; radius: α split half at the last look);
-    # tolerance_alpha only where set.
+    # tolerance_alpha unless 0 (α), the value files from before it existed were written at.
     metadata["sequential"] = ({"mode": "decision", "radii": list(c.radii),
                                "test": "mixture_likelihood_ratio"} if c.radii else
                               {"mode": "radius", "tolerance": c.tolerance,

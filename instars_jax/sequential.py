@@ -199,6 +199,13 @@ def chernoff_upper(successes, trials, log_inverse_level):
   return jax.lax.fori_loop(0, CHERNOFF_STEPS, halve, (p_hat, jnp.ones_like(p_hat)))[1]
 
 
+def continued_successes(successes, trials, upper, n_max):
+  """int32 successes at n_max if the remaining samples come at rate `upper`: the S_t seen
+  plus ⌈upper·(n_max − t)⌉, both rules' plausible continuation (module doc)."""
+  more = jnp.ceil(upper * (n_max - trials)).astype(jnp.int32)
+  return jnp.minimum(n_max, successes + more)
+
+
 def _radius(p_lower, sigma):
   """σ Φ⁻¹(L) where L ≥ 1/2, else 0 (Cohen et al.'s Theorem 1)."""
   return np.where(p_lower >= 0.5, certified_radius(np.maximum(p_lower, 0.5), sigma), 0.0)
@@ -225,8 +232,7 @@ class RadiusRule:
     lower, upper = lower_tab[row + successes], upper_tab[row + successes]
     reachable = lower_tab[final + jnp.minimum(n_max, successes + n_max - trials)]
     likely = likely_tab[row + successes]
-    continued = successes + jnp.ceil(likely * (n_max - trials)).astype(jnp.int32)
-    plausible = lower_tab[final + jnp.minimum(n_max, continued)]
+    plausible = lower_tab[final + continued_successes(successes, trials, likely, n_max)]
     abstain = (upper < 0.5) | (reachable < 0.5)
     best = ndtri(jnp.minimum(plausible, reachable))
     close = (lower >= 0.5) & (ndtri(lower) >= (1.0 - self.tolerance) * best)
@@ -265,8 +271,7 @@ class DecisionRule:
     proven = proves(successes, trials - successes)
     level = jnp.maximum(level, jnp.sum(jnp.cumprod(proven, axis=1), axis=1).astype(jnp.int32))
     upper = chernoff_upper(successes, trials, likely_level)
-    continued = successes + jnp.ceil(upper * (n_max - trials)).astype(jnp.int32)
-    continued = jnp.minimum(n_max, continued)
+    continued = continued_successes(successes, trials, upper, n_max)
     refuted = ~proves(continued, n_max - continued)
     refuted = jnp.cumsum(refuted, axis=1) > 0  # refuting θ_k refutes every larger one
     index = jnp.arange(len(self._levels()))[None, :]

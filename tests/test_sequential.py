@@ -19,13 +19,18 @@ def look_bounds(n_max, alpha, family=None):
                  for t, a in zip(looks, levels)]
 
 
+def stream_counts(p, looks, streams, seed):
+  """int[streams, L]: the successes of Bernoulli(p) streams at each look."""
+  increments = np.diff(np.concatenate([[0], looks]))
+  return np.cumsum(np.random.default_rng(seed).binomial(increments, p, (streams, len(looks))),
+                   axis=1)
+
+
 def crossing_rates(p, n_max, alpha, streams, family=None, seed=0):
   """Shares of Bernoulli(p) streams whose lower bound exceeds p, and whose upper bound falls
   below p, at some look."""
   looks, rows = look_bounds(n_max, alpha, family)
-  increments = np.diff(np.concatenate([[0], looks]))
-  counts = np.cumsum(np.random.default_rng(seed).binomial(increments, p, (streams, len(looks))),
-                     axis=1)
+  counts = stream_counts(p, looks, streams, seed)
   low = np.zeros(streams, bool)
   high = np.zeros(streams, bool)
   for l, (lower, upper) in enumerate(rows):
@@ -226,9 +231,7 @@ def decision_crossing_rate(theta, alpha, streams, n_max=20_000, lowered_by=0.0, 
   """Share of Bernoulli(θ) streams whose test of "p ≥ θ" proves it at some decision look
   (its evidence bar lowered by `lowered_by` nats)."""
   looks = sequential.decision_looks(n_max)
-  increments = np.diff(np.concatenate([[0], looks]))
-  successes = np.cumsum(np.random.default_rng(seed).binomial(increments, theta,
-                                                             (streams, len(looks))), axis=1)
+  successes = stream_counts(theta, looks, streams, seed)
   z = np.float32(stats.norm.ppf(theta))
   evidence = jax.jit(lambda s, f: sequential.log_evidence(s, f, z))(
       successes, looks[None] - successes)
@@ -315,9 +318,7 @@ def giving_up_rates(p, tables, rule, n_max, sigma, proof_count, streams=10_000, 
   proving it), and that do so at a look where S_t + p·(n_max − t), the final count expected
   from the samples seen, would still prove it."""
   looks = sequential.decision_looks(n_max)
-  increments = np.diff(np.concatenate([[0], looks]))
-  successes = np.cumsum(np.random.default_rng(seed).binomial(increments, p,
-                                                             (streams, len(looks))), axis=1)
+  successes = stream_counts(p, looks, streams, seed)
   stop = jax.jit(lambda s, t, level: rule.stop(tables, 0, s, t, n_max,
                                                jnp.full(s.shape, sigma, jnp.float32), level))
   level = jnp.zeros(streams, jnp.int32)
