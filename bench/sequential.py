@@ -107,13 +107,12 @@ def compare(apply_fn, images, labels, ids, sigma, num_classes, args) -> dict:
     total = seq.num_samples.sum() + args.n0 * len(images)
     accuracy = certified_accuracy(seq, labels, radii)
     difference = np.abs(accuracy - certified_accuracy(fixed, labels, radii))
+    acr = average_certified_radius(seq, labels)
     row[mode] = {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()},
                  "seconds": seconds, "samples": int(total),
                  "samples_ratio": float(fixed_total / total),
                  "wall_time_ratio": fixed_seconds / seconds,
-                 "acr": average_certified_radius(seq, labels),
-                 "acr_ratio": average_certified_radius(seq, labels)
-                 / max(average_certified_radius(fixed, labels), 1e-12),
+                 "acr": acr, "acr_ratio": acr / max(row["fixed"]["acr"], 1e-12),
                  "certified_accuracy": dict(zip(map(float, radii), accuracy.tolist())),
                  "max_abs_certified_accuracy_difference": float(difference.max()),
                  "median_samples": float(np.median(seq.num_samples))}
