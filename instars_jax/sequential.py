@@ -11,12 +11,14 @@ Each stopping rule owns its look schedule, its device-side test and the host-sid
 certifies (one interface: `looks`, `tables`, `stop`, `certify`):
 
   RadiusRule(tolerance ε, tolerance level δ)
-    Bound: a union bound over a geometric schedule of looks (`look_schedule`, ratio 1.5), with a
-    one-sided Clopper–Pearson bound at each (`look_alphas`, `bound_tables`; the union-bound
-    confidence sequence that Voráček, Hein et al., NeurIPS 2024, compare with betting
-    sequences). Look l gets level α_l = α·t_l/Σ_l t_l, in proportion to its samples (the last
-    look about a third of α): early looks only have to catch abstentions and small p_A, which
-    need little precision, while the late ones set the radii of most images. Then
+    Bound: a union bound over a schedule of looks (`look_schedule`: geometric, ratio 1.5,
+    plus the saturation look, where an input whose samples all agree meets the stop below; it
+    depends on n_max, α and ε alone), with a one-sided Clopper–Pearson bound at each
+    (`look_alphas`, `bound_tables`; the union-bound confidence sequence that Voráček, Hein et
+    al., NeurIPS 2024, compare with betting sequences). Look l gets level α_l = α·t_l/Σ_l t_l,
+    in proportion to its samples (the last look about a third of α): early looks only have
+    to catch abstentions and small p_A, which need little precision, while the late ones set
+    the radii of most images. Then
     P[∃ l: p_A < L_l] ≤ Σ_l α_l = α for every p_A, so the lower bound at *any* stopping look,
     however chosen from the data, is below p_A with probability ≥ 1 − α, and Cohen et al.'s
     Theorem 1 gives the radius σ Φ⁻¹(L) at that level (recomputed on the host in float64).
@@ -49,9 +51,10 @@ certifies (one interface: `looks`, `tables`, `stop`, `certify`):
     a success). U^δ_t is the Chernoff bound at level δ/L over the L looks (`chernoff_upper`;
     Chernoff 1952), so with probability ≥ 1 − δ, p_A ≤ U^δ_t at every look, and a claim is
     given up only where even S_t + p_A·(n_max − t), the final count expected from the samples
-    seen, would not prove it; δ is the tolerance level, `TOLERANCE_ALPHA` by default. Refutations only stop sampling. Stop when every threshold is proven or
-    refuted. The device computes the test in float32 and subtracts a bound on its rounding
-    error (`ROUNDING`), so it never proves what the exact test would not.
+    seen, would not prove it; δ is the tolerance level, `TOLERANCE_ALPHA` by default.
+    Refutations only stop sampling. Stop when every threshold is proven or refuted. The
+    device computes the test in float32 and subtracts a bound on its rounding error
+    (`ROUNDING`), so it never proves what the exact test would not.
 
 Noise for instance i, sample j is the fixed-n CERTIFY's (monte_carlo.instance_noise with
 the estimation key), so the first t samples are the same in both modes, and stopping depends
@@ -91,17 +94,53 @@ CHERNOFF_STEPS = 30
 ROUNDING = (1e-6, 1e-3)
 # Thresholds are tested at z·(1 + Z_INFLATION), covering float32 rounding of r/σ.
 Z_INFLATION = 1e-6
+# The saturation look is placed this share of its samples late, so that the float32 tables
+# still stop an instance with no failure there.
+SATURATION_MARGIN = 0.002
 
 
-def look_schedule(n_max: int) -> np.ndarray:
-  """int64[L]: RadiusRule's looks, geometric from FIRST_LOOK by LOOK_RATIO, the last n_max;
-  a geometric look is kept only if a full step still fits after it (no look just before
-  n_max to split α with it)."""
+def geometric_looks(n_max: int) -> np.ndarray:
+  """int64[L]: looks geometric from FIRST_LOOK by LOOK_RATIO, the last n_max; a geometric look
+  is kept only if a full step still fits after it (no look just before n_max to split α
+  with it)."""
   looks = [min(FIRST_LOOK, n_max)]
   while looks[-1] < n_max:
     step = math.ceil(looks[-1] * LOOK_RATIO)
     looks.append(step if step * LOOK_RATIO < n_max else n_max)
   return np.asarray(looks, np.int64)
+
+
+def saturation_look(geometric: np.ndarray, alpha: float, tolerance: float) -> int | None:
+  """The first count t at which an instance whose every sample so far agreed with its class
+  meets RadiusRule's stop, were t a look beside `geometric` (its level then counts in the
+  union bound): Φ⁻¹(α_t^(1/t)) ≥ (1 − ε)·Φ⁻¹(α_L^(1/n_max)), the Clopper–Pearson bounds with
+  no failure at t and at n_max; then SATURATION_MARGIN later, for the device's float32. σ
+  cancels, so this look depends on (n_max, α, ε) alone, never on the data. None where no
+  t between the first look and n_max qualifies, or t is a geometric look already."""
+  n_max, total = int(geometric[-1]), float(np.sum(geometric))
+
+  def meets(t):
+    trials = np.array([t, n_max], np.float64)
+    lower, final = (alpha * trials / (total + t)) ** (1.0 / trials)
+    return stats.norm.ppf(lower) >= (1.0 - tolerance) * stats.norm.ppf(final)
+
+  low, high = int(geometric[0]), n_max - 1
+  if n_max <= low or meets(low) or not meets(high):
+    return None
+  while high - low > 1:  # meets(t) grows with t: its level rises and the final one falls
+    middle = (low + high) // 2
+    low, high = (low, middle) if meets(middle) else (middle, high)
+  look = math.ceil(high * (1.0 + SATURATION_MARGIN))
+  return look if look < n_max and look not in geometric else None
+
+
+def look_schedule(n_max: int, alpha: float, tolerance: float) -> np.ndarray:
+  """int64[L]: RadiusRule's looks: the geometric ones and the saturation look. Without the
+  latter an input whose samples all agree, most of an accurate model's easy inputs, would run
+  on to the next geometric look, up to LOOK_RATIO times the samples it needs."""
+  looks = geometric_looks(n_max)
+  extra = saturation_look(looks, alpha, tolerance)
+  return looks if extra is None else np.sort(np.append(looks, extra))
 
 
 def decision_looks(n_max: int) -> np.ndarray:
@@ -120,21 +159,21 @@ def look_alphas(alpha: float, looks: np.ndarray) -> np.ndarray:
   return alpha * looks / looks.sum()
 
 
-def anytime_lower_bound(successes, trials, look, n_max: int, alpha: float):
+def anytime_lower_bound(successes, trials, look, looks: np.ndarray, alpha: float):
   """float64 lower bound on p_A at each instance's stopping look `look` (an index into
-  look_schedule(n_max)), at that look's level: valid simultaneously over looks (module doc)."""
-  level = look_alphas(alpha, look_schedule(n_max))[np.asarray(look)]
+  `looks`), at that look's level: valid simultaneously over looks (module doc)."""
+  level = look_alphas(alpha, looks)[np.asarray(look)]
   return clopper_pearson_lower(successes, trials, level)
 
 
 @functools.lru_cache(maxsize=8)
-def bound_tables(n_max: int, alpha: float, likely_alpha: float | None = None):
+def bound_tables(n_max: int, alpha: float, tolerance: float, likely_alpha: float | None = None):
   """(looks int32[L], offsets int32[L], lower float32[Σ(t_l+1)], upper float32[...],
   likely_upper float32[...]): each look's bounds for every count 0..t_l, flattened; row l
   starts at offsets[l]. likely_upper is the per-look Clopper–Pearson upper bound at level
   `likely_alpha` (RadiusRule's U^δ), or `upper` itself when that is None. The device reads
   them to decide when to stop; the certified bound is recomputed in float64."""
-  looks = look_schedule(n_max)
+  looks = look_schedule(n_max, alpha, tolerance)
   alphas = look_alphas(alpha, looks)
   counts = np.concatenate([np.arange(t + 1) for t in looks])
   trials = np.repeat(looks, looks + 1)
@@ -218,12 +257,12 @@ class RadiusRule:
   tolerance: float
   likely_alpha: float | None = None
 
-  def looks(self, n_max: int) -> np.ndarray:
-    return look_schedule(n_max)
+  def looks(self, n_max: int, alpha: float) -> np.ndarray:
+    return look_schedule(n_max, alpha, self.tolerance)
 
   def tables(self, n_max: int, alpha: float):
     """(offsets, lower, upper, likely_upper) of bound_tables."""
-    return bound_tables(n_max, alpha, self.likely_alpha)[1:]
+    return bound_tables(n_max, alpha, self.tolerance, self.likely_alpha)[1:]
 
   def stop(self, tables, look, successes, trials, n_max, sigma, level):
     """(stop bool[S], level) at a look; `level` is DecisionRule's and passes through."""
@@ -240,7 +279,7 @@ class RadiusRule:
 
   def certify(self, successes, trials, look, level, sigma, n_max: int, alpha: float):
     """float64 (p_lower, radius): the anytime lower bound at the stopping look, σ Φ⁻¹(L)."""
-    p_lower = anytime_lower_bound(successes, trials, look, n_max, alpha)
+    p_lower = anytime_lower_bound(successes, trials, look, self.looks(n_max, alpha), alpha)
     return p_lower, _radius(p_lower, sigma)
 
 
@@ -251,7 +290,8 @@ class DecisionRule:
   radii: tuple
   likely_alpha: float | None = None
 
-  def looks(self, n_max: int) -> np.ndarray:
+  def looks(self, n_max: int, alpha: float) -> np.ndarray:
+    del alpha  # the tests' level does not depend on the looks
     return decision_looks(n_max)
 
   def tables(self, n_max: int, alpha: float):
@@ -385,7 +425,7 @@ def run(apply_fn, x, sigma, ids, guess, key, *, n_max, alpha, batch_size, num_cl
   devices = mesh.devices.size
   padded = [parallel.pad_rows(a, devices) for a in (x, sigma, ids, guess)]
   slots = max(1, batch_size // SAMPLES_PER_SLOT)
-  looks = rule.looks(int(n_max)).astype(np.int32)
+  looks = rule.looks(int(n_max), float(alpha)).astype(np.int32)
   results = _sharded_run(*padded, key, looks, rule.tables(int(n_max), float(alpha)),
                          apply_fn=apply_fn, slots=slots, batch_size=batch_size,
                          num_classes=num_classes, rule=rule, mesh=mesh)

@@ -10,9 +10,9 @@ import instars_jax as ij
 from instars_jax import monte_carlo, sequential, smoothing
 
 
-def look_bounds(n_max, alpha, family=None):
+def look_bounds(n_max, alpha, family=None, tolerance=0.05):
   """float64 (lower, upper) rows per look; `family`: per-look levels (default: the union bound)."""
-  looks = sequential.look_schedule(n_max)
+  looks = sequential.look_schedule(n_max, alpha, tolerance)
   levels = sequential.look_alphas(alpha, looks) if family is None else family(len(looks))
   return looks, [(ij.clopper_pearson_lower(np.arange(t + 1), t, a),
                   monte_carlo.clopper_pearson_upper(np.arange(t + 1), t, a))
@@ -40,14 +40,18 @@ def crossing_rates(p, n_max, alpha, streams, family=None, seed=0):
 
 
 def test_schedule_and_levels():
-  looks = sequential.look_schedule(100_000)
-  assert looks[0] == 100 and looks[-1] == 100_000 and np.all(np.diff(looks) > 0)
-  assert np.all(looks[1:-1] / looks[:-2] >= 1.5 - 1e-9)
+  geometric = sequential.geometric_looks(100_000)
+  assert geometric[0] == 100 and geometric[-1] == 100_000
+  assert np.all(geometric[1:-1] / geometric[:-2] >= 1.5 - 1e-9)
+  looks = sequential.look_schedule(100_000, 0.001, 0.05)
+  assert np.all(np.diff(looks) > 0)
+  extra = np.setdiff1d(looks, geometric)  # the saturation look, between two geometric ones
+  assert len(extra) == 1 and 43_920 < extra[0] < 65_880
   levels = sequential.look_alphas(0.001, looks)
   assert levels.sum() == pytest.approx(0.001)
   np.testing.assert_allclose(levels / looks, levels[0] / looks[0])  # in proportion to t_l
-  assert 0.3 < levels[-1] / 0.001 < 0.4
-  np.testing.assert_array_equal(sequential.look_schedule(60), [60])
+  assert 0.25 < levels[-1] / 0.001 < 0.35
+  np.testing.assert_array_equal(sequential.look_schedule(60, 0.01, 0.05), [60])
   assert sequential.look_alphas(0.01, [60]) == pytest.approx([0.01])
 
 
@@ -68,11 +72,11 @@ def test_per_look_bounds_without_the_union_bound_fail_the_same_check():
 
 
 def test_device_tables_match_the_float64_bounds():
-  looks, offsets, lower, upper, likely = sequential.bound_tables(5000, 0.01)
+  looks, offsets, lower, upper, likely = sequential.bound_tables(5000, 0.01, 0.05)
   assert likely is upper  # U^δ is the anytime bound with tolerance_alpha 0 (α)
   _, rows = look_bounds(5000, 0.01)
   _, likely_rows = look_bounds(5000, 0.01, family=lambda num_looks: np.full(num_looks, 0.2))
-  likely = sequential.bound_tables(5000, 0.01, 0.2)[4]
+  likely = sequential.bound_tables(5000, 0.01, 0.05, 0.2)[4]
   for l, ((lo, up), (_, likely_up)) in enumerate(zip(rows, likely_rows)):
     row = slice(offsets[l], offsets[l] + looks[l] + 1)
     np.testing.assert_allclose(lower[row], lo, atol=1e-6)
@@ -87,7 +91,7 @@ def test_radius_stop_is_the_documented_rule_in_float64(look):
   # kept and only the rest continue at U^δ (module doc), checked against scipy in float64.
   n_max, alpha, eps, delta = 100_000, 0.001, 0.05, 0.05
   rule = sequential.RadiusRule(eps, delta)
-  looks = sequential.look_schedule(n_max)
+  looks = sequential.look_schedule(n_max, alpha, eps)
   levels = sequential.look_alphas(alpha, looks)
   t = int(looks[look])
   s = np.arange(int(0.8 * t), t + 1)
@@ -103,6 +107,27 @@ def test_radius_stop_is_the_documented_rule_in_float64(look):
   clear = np.abs(gap) > 1e-4  # float32 tables: decisions this close to the line may differ
   np.testing.assert_array_equal(np.asarray(stop)[clear], (gap >= 0)[clear])
   assert clear.mean() > 0.95 and 0.01 < (gap >= 0).mean() < 0.99  # both sides are checked
+
+@pytest.mark.parametrize("n_max, eps", [(100_000, 0.05), (20_000, 0.05), (100_000, 0.2)])
+def test_an_input_whose_samples_all_agree_stops_at_the_saturation_look(n_max, eps):
+  # The look is the first count (less its float32 margin) at which the documented rule, in
+  # float64, stops an input with no failure; the device's float32 rule stops it there, and
+  # not at the look before.
+  alpha = 0.001
+  looks = sequential.look_schedule(n_max, alpha, eps)
+  t = sequential.saturation_look(sequential.geometric_looks(n_max), alpha, eps)
+  final = stats.norm.ppf((alpha * n_max / looks.sum()) ** (1 / n_max))
+  radius = lambda count: stats.norm.ppf((alpha * count / looks.sum()) ** (1 / count))
+  assert radius(t) >= (1 - eps) * final
+  assert radius(int(t / (1 + sequential.SATURATION_MARGIN)) - 1) < (1 - eps) * final
+  rule = sequential.RadiusRule(eps, 0.05)
+  at = int(np.flatnonzero(looks == t)[0])
+  trials = jnp.asarray(looks[[at - 1, at]], jnp.int32)
+  tables = tuple(jnp.asarray(table) for table in rule.tables(n_max, alpha))
+  stop, _ = rule.stop(tables, jnp.array([at - 1, at]), trials, trials, n_max,
+                      jnp.full(2, 0.5), jnp.zeros(2, jnp.int32))
+  np.testing.assert_array_equal(stop, [False, True])
+
 
 DISTANCES = np.array([-0.3, 0.0, 0.03, 0.1, 0.2, 0.4, 0.6, 0.9, 1.2, 2.5])
 
@@ -121,12 +146,15 @@ def test_radius_mode_is_sound_close_to_fixed_and_cheaper(linear):
   np.testing.assert_array_equal(seq.prediction, fixed.prediction)
   certified = fixed.prediction != ij.ABSTAIN
   assert np.all(seq.radius[certified] >= 0.9 * fixed.radius[certified])
-  # Saturated and boundary inputs need most of n_max; p_A = Φ(1.2), Φ(1.8) stop by 30%.
+  # Boundary inputs need most of n_max, p_A = Φ(1.2), Φ(1.8) stop by 30%, and the saturated
+  # p_A = Φ(5) at the saturation look, about half.
   assert np.all(seq.num_samples[6:8] <= 30_000)
+  geometric = sequential.geometric_looks(100_000)
+  assert seq.num_samples[9] == sequential.saturation_look(geometric, 0.001, 0.05)
   assert seq.num_samples.sum() < 0.75 * fixed.num_samples.sum()
   np.testing.assert_array_equal(fixed.num_samples, 100_000)
   # The stops are looks, and a look's counts are those of the first samples of fixed CERTIFY.
-  assert set(seq.num_samples) <= set(sequential.look_schedule(100_000))
+  assert set(seq.num_samples) <= set(sequential.look_schedule(100_000, 0.001, 0.05))
   np.testing.assert_array_equal(seq.counts.sum(1), seq.num_samples)
   x = linear.points_at_distance(DISTANCES)
   key = jax.random.fold_in(jax.random.PRNGKey(0), smoothing.PURPOSE_ESTIMATE)
