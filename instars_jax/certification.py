@@ -128,13 +128,15 @@ def run_metadata(config, estimator_settings=None) -> dict:
               "dataset": config.dataset, "package_version": instars_jax.__version__,
               "sampling": c.sampling}
   if c.sampling == "sequential":
-    # Each mode names its bound, so files written with an earlier one do not resume with
-    # this one (decision: the union bound; radius: α split half at the last look);
-    # tolerance_alpha unless 0 (α), the value files from before it existed were written at.
+    # Each mode names its bound and looks, so files written with earlier ones do not resume
+    # with these (decision: the union bound; radius: α split half at the last look, or
+    # geometric looks only); tolerance_alpha unless 0 (α), the value files from before it
+    # existed were written at.
     metadata["sequential"] = ({"mode": "decision", "radii": list(c.radii),
                                "test": "mixture_likelihood_ratio"} if c.radii else
                               {"mode": "radius", "tolerance": c.tolerance,
-                               "bound": "clopper_pearson_alpha_by_samples"})
+                               "bound": "clopper_pearson_alpha_by_samples",
+                               "looks": "geometric_and_saturation"})
     if c.tolerance_alpha:
       metadata["sequential"]["tolerance_alpha"] = c.tolerance_alpha
     metadata["sequential"]["n_max"] = c.n

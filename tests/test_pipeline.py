@@ -184,8 +184,12 @@ def test_sequential_sampling_through_certify_py(toy_config, tmp_path, monkeypatc
   toy_config.certify.update(radii=(), sigma_mode="instance", certificate="per_sigma", name="")
   toy_config.certify.search.update(sigma_min=0.1, sigma_max=1.0, starts=2, steps=3,
                                    samples_per_step=16)
-  table = results.read_results(certification.certify_test_set(toy_config, tmp_path / "run"))
+  path = certification.certify_test_set(toy_config, tmp_path / "run")
+  table = results.read_results(path)
   assert len(table["idx"]) == 24 and np.all(table["samples"] <= 2000)
+  assert results.read_metadata(path)["sequential"] == {
+      "mode": "radius", "tolerance": 0.05, "bound": "clopper_pearson_alpha_by_samples",
+      "looks": "geometric_and_saturation", "tolerance_alpha": 0.05, "n_max": 2000}
 
 
 def test_sound_instance_certificates_through_certify_py(toy_config, tmp_path, monkeypatch):
