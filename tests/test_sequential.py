@@ -117,9 +117,9 @@ def test_an_input_whose_samples_all_agree_stops_at_the_saturation_look(n_max, ep
   looks = sequential.look_schedule(n_max, alpha, eps)
   t = sequential.saturation_look(sequential.geometric_looks(n_max), alpha, eps)
   final = stats.norm.ppf((alpha * n_max / looks.sum()) ** (1 / n_max))
-  radius = lambda count: stats.norm.ppf((alpha * count / looks.sum()) ** (1 / count))
-  assert radius(t) >= (1 - eps) * final
-  assert radius(int(t / (1 + sequential.SATURATION_MARGIN)) - 1) < (1 - eps) * final
+  z_at = lambda count: stats.norm.ppf((alpha * count / looks.sum()) ** (1 / count))
+  assert z_at(t) >= (1 - eps) * final
+  assert z_at(int(t / (1 + sequential.SATURATION_MARGIN)) - 1) < (1 - eps) * final
   rule = sequential.RadiusRule(eps, 0.05)
   at = int(np.flatnonzero(looks == t)[0])
   trials = jnp.asarray(looks[[at - 1, at]], jnp.int32)
