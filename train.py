@@ -5,7 +5,8 @@
 Rerunning the same command resumes from the latest checkpoint in --workdir.
 """
 
-from instars_jax import cli, training
+from instars_jax import cli
+from instars_jax.train import loop
 
 if __name__ == "__main__":
-  cli.main(training.train_and_evaluate)
+  cli.main(loop.train_and_evaluate)

@@ -1,4 +1,4 @@
-"""The training input pipeline (instars_jax/pipeline.py): decode + augment throughput, the
+"""The training input pipeline (instars_jax/data/pipeline.py): decode + augment throughput, the
 training loop's share of time waiting on input, and memory. Prints JSON.
 
     python bench/input_pipeline.py [--folder DIR] [--workers 0,1,2]
@@ -26,7 +26,11 @@ import numpy as np
 from PIL import Image
 
 from configs import default
-from instars_jax import data, model_state, pipeline, training
+from instars_jax import data
+from instars_jax.data import pipeline
+from instars_jax.run.workdir import RunInfo
+from instars_jax.train import steps
+from instars_jax.train.state import create_train_state
 from common import device_info, emit
 
 ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg-q75.tar.xz"
@@ -73,7 +77,8 @@ def synthetic_jpegs(root: Path, count: int) -> Path:
 def training_share(split, workers, steps, batch=128) -> dict:
   config = default.get_config()
   config.model.name = "resnet20"
-  state = model_state.create_train_state(config, (32, 32, 3), 10, "cifar10", len(split), 100)
+  state = create_train_state(config, RunInfo((32, 32, 3), 10, "cifar10", len(split), 100,
+                                             "synthetic"))
   batches = pipeline.StepBatches(split, batch, len(split) // batch, 0, "crop_flip", 0)
   key = jax.random.PRNGKey(0)
   cached = batches(0)
@@ -82,7 +87,7 @@ def training_share(split, workers, steps, batch=128) -> dict:
   def run(feed) -> float:
     began = time.perf_counter()
     for b in feed:
-      states[0], metrics = training.train_step(states[0], b, key)
+      states[0], metrics = steps.train_step(states[0], b, key)
     jax.block_until_ready(states[0].params)
     return time.perf_counter() - began
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 import instars_jax as ij
-from instars_jax import search
+from instars_jax.smoothing import search
 from common import device_info, emit, initialised_model, median_seconds
 
 

@@ -38,7 +38,10 @@ import numpy as np
 from scipy import stats
 
 import instars_jax as ij
-from instars_jax import analyze, checkpoints, data, monte_carlo, sequential
+from instars_jax import analyze, data
+from instars_jax.run.workdir import Workdir
+from instars_jax.smoothing import bounds
+from instars_jax.smoothing.sequential import rules
 from common import device_info, emit
 
 RADII = np.arange(0, 2.0001, 0.25)
@@ -60,7 +63,7 @@ def sample_ceilings(fixed, n_max, n0, alpha, sigma, tolerance, radii):
   fixed_total = (n_max + n0) * len(p_hat)
   looks = np.unique(np.geomspace(1, n_max, 2000).astype(np.int64))
   one_look = lambda t: stats.norm.ppf(np.clip(
-      monte_carlo.clopper_pearson_lower(p_hat[:, None] * t, t, alpha), 1e-300, 1 - 1e-16))
+      bounds.clopper_pearson_lower(p_hat[:, None] * t, t, alpha), 1e-300, 1 - 1e-16))
   final = one_look(np.array([n_max]))
   close = one_look(looks) >= (1 - tolerance) * final
   oracle_t = np.where(fixed.radius > 0, looks[np.argmax(close, axis=1)], 0)
@@ -103,7 +106,8 @@ def compare(apply_fn, images, labels, ids, sigma, num_classes, args) -> dict:
            ("decision", {"radii": decision_radii, "tolerance_alpha": args.tolerance_alpha},
             np.array(decision_radii))]
   for mode, kw, radii in modes:
-    seq, seconds = run(sampling="sequential", **kw)
+    seq, seconds = run(rule=rules.make_rule(args.tolerance, kw.get("radii", ()),
+                                            args.tolerance_alpha))
     total = seq.num_samples.sum() + args.n0 * len(images)
     accuracy = certified_accuracy(seq, labels, radii)
     difference = np.abs(accuracy - certified_accuracy(fixed, labels, radii))
@@ -125,7 +129,7 @@ def add_arguments(parser) -> None:
   parser.add_argument("--n0", type=int, default=100)
   parser.add_argument("--alpha", type=float, default=0.001)
   parser.add_argument("--tolerance", type=float, default=0.05)
-  parser.add_argument("--tolerance-alpha", type=float, default=sequential.TOLERANCE_ALPHA,
+  parser.add_argument("--tolerance-alpha", type=float, default=rules.TOLERANCE_ALPHA,
                       help="level of the upper bound that only stops sampling: radius mode's "
                       "reachable radius, decision mode's giving up (0: alpha)")
   parser.add_argument("--radii", default="0.25,0.5,0.75,1.0")
@@ -147,7 +151,7 @@ def main():
   indices = np.arange(0, len(test), max(1, len(test) // args.images))[: args.images]
   batch = test.take(indices)
   apply_fn = ij.logits_fn(state)
-  num_classes = json.loads((Path(args.workdir) / checkpoints.RUN_FILE).read_text())["num_classes"]
+  num_classes = Workdir(args.workdir).read_run().num_classes
   labels = batch["label"]
 
   rows = [compare(apply_fn, batch["image"], labels, batch["index"], float(sigma), num_classes, args)

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from instars_jax import monte_carlo, results
+from instars_jax.run import results
+from instars_jax.smoothing import bounds
 from common import device_info, emit
 from sequential import add_arguments, compare
 
@@ -39,9 +40,9 @@ def stand_in(z):
 
 def implied_p(radius, predict, sigma, n, alpha):
   """The fixed-n estimate k/n of p_A behind each row's radius (module doc)."""
-  bounds = monte_carlo.clopper_pearson_lower(np.arange(n + 1), n, alpha)
+  lower = bounds.clopper_pearson_lower(np.arange(n + 1), n, alpha)
   target = stats.norm.cdf(radius / sigma) - 1e-9
-  k = np.minimum(np.searchsorted(bounds, target), n)
+  k = np.minimum(np.searchsorted(lower, target), n)
   return np.where(predict < 0, ABSTAINED_P, k / n)
 
 

@@ -13,7 +13,9 @@ import jax
 import numpy as np
 
 from configs import default
-from instars_jax import model_state, sigma_table, training
+from instars_jax.run.workdir import RunInfo
+from instars_jax.train import sigma_table, steps
+from instars_jax.train.state import create_train_state
 from common import INPUTS, device_info, emit, median_seconds
 
 
@@ -31,7 +33,8 @@ def main():
   config = default.get_config()
   config.model.name = args.model
   grid = tuple(config.train.table.grid)
-  state = model_state.create_train_state(config, shape, num_classes, stats, args.num_train, 10)
+  state = create_train_state(config, RunInfo(shape, num_classes, stats, args.num_train, 10,
+                                             "synthetic"))
   rng = np.random.default_rng(0)
 
   def batch_of(size):
@@ -44,7 +47,7 @@ def main():
   states = [state]
 
   def train():
-    states[0], metrics = training.train_step(states[0], train_batch, jax.random.PRNGKey(0))
+    states[0], metrics = steps.train_step(states[0], train_batch, jax.random.PRNGKey(0))
     return metrics["loss"]
 
   def profile():

@@ -11,7 +11,9 @@ import numpy as np
 import optax
 
 from configs import default
-from instars_jax import model_state, training
+from instars_jax.run.workdir import RunInfo
+from instars_jax.train import steps
+from instars_jax.train.state import create_train_state
 from common import INPUTS, device_info, emit, median_seconds
 
 
@@ -20,7 +22,8 @@ def measure(name: str, batch_size: int) -> dict:
   config = default.get_config()
   config.model.name = name
   config.train.batch_size = batch_size
-  state = model_state.create_train_state(config, shape, num_classes, stats, 10 * batch_size, 10)
+  state = create_train_state(config, RunInfo(shape, num_classes, stats, 10 * batch_size, 10,
+                                             "synthetic"))
   rng = np.random.default_rng(0)
   batch = {"image": rng.uniform(size=(batch_size,) + shape).astype(np.float32),
            "label": rng.integers(0, num_classes, batch_size).astype(np.int32),
@@ -36,7 +39,7 @@ def measure(name: str, batch_size: int) -> dict:
   states = [state]
 
   def step():
-    states[0], metrics = training.train_step(states[0], batch, jax.random.PRNGKey(0))
+    states[0], metrics = steps.train_step(states[0], batch, jax.random.PRNGKey(0))
     return metrics["loss"]
   step_s = median_seconds(step)
   return {"model": name, "batch": batch_size,

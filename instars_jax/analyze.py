@@ -16,15 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-from instars_jax import results
+from instars_jax.run import results
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 UNLABELLED = "unlabelled (no metadata sidecar)"
-UNSOUND_KINDS = ("per_sigma",)  # certify g_sigma at a chosen sigma, not the deployed classifier
 
 
-def shown_kind(kind: str) -> str:
-  return f"{kind} (UNSOUND)" if kind in UNSOUND_KINDS else kind
+def shown_kind(kind: str, sound: bool = True) -> str:
+  """The kind as tables print it: marked UNSOUND where its radius does not certify the
+  classifier it deploys (the results' `sound` metadata)."""
+  return kind if sound else f"{kind} (UNSOUND)"
 
 
 def certified_accuracy(radius, correct, radii) -> np.ndarray:
@@ -50,6 +51,7 @@ def summarize(path, radii=DEFAULT_RADII) -> dict:
       "file": str(path),
       "n": int(len(table["idx"])),
       "certificate": metadata.get("certificate", UNLABELLED),
+      "sound": metadata.get("sound", True),
       "certificate_meaning": metadata.get("certificate_meaning", ""),
       "certified_accuracy": {radius_key(r): float(a) for r, a in zip(radii, accuracy)},
       "acr": average_certified_radius(table["radius"], table["correct"]),
@@ -63,11 +65,11 @@ def markdown_table(summaries, radii=DEFAULT_RADII) -> str:
   for s in summaries:
     cells = [s["file"], str(s["n"])]
     cells += [f"{s['certified_accuracy'][radius_key(r)]:.3f}" for r in radii]
-    cells += [f"{s['acr']:.3f}", shown_kind(s["certificate"])]
+    cells += [f"{s['acr']:.3f}", shown_kind(s["certificate"], s["sound"])]
     lines.append("| " + " | ".join(cells) + " |")
-  meanings = {s["certificate"]: s["certificate_meaning"] for s in summaries
-              if s["certificate_meaning"]}
-  lines += [f"\n{shown_kind(kind)}: {meaning}" for kind, meaning in meanings.items()]
+  meanings = {shown_kind(s["certificate"], s["sound"]): s["certificate_meaning"]
+              for s in summaries if s["certificate_meaning"]}
+  lines += [f"\n{kind}: {meaning}" for kind, meaning in meanings.items()]
   return "\n".join(lines)
 
 
@@ -78,17 +80,16 @@ def legend_label(path) -> str:
   kind = metadata.get("certificate")
   if kind is None:
     return f"{Path(path).stem} (unlabelled)"
+  grid = metadata.get("grid") or metadata.get("estimator", {}).get("grid")
   if "sigma" in metadata:
     sigma = f"σ = {metadata['sigma']:g}"
-  elif "estimator" in metadata:
-    grid = metadata["estimator"].get("grid", [])
-    sigma = f"σ ∈ {{{', '.join(f'{g:g}' for g in grid)}}} by estimator"
+  elif grid:
+    sigma = f"σ ∈ {{{', '.join(f'{g:g}' for g in grid)}}} per input"
   elif "search" in metadata:
     sigma = f"σ searched in [{metadata['search']['sigma_min']:g}, {metadata['search']['sigma_max']:g}]"
   else:
     sigma = ""
-  label = f"{kind}, {sigma}" if sigma else kind
-  return f"{label} (UNSOUND)" if kind in UNSOUND_KINDS else label
+  return shown_kind(f"{kind}, {sigma}" if sigma else kind, metadata.get("sound", True))
 
 
 def plot_certified_accuracy(paths, out_path) -> None:
@@ -97,7 +98,7 @@ def plot_certified_accuracy(paths, out_path) -> None:
   for path in paths:
     table = results.read_results(path)
     grid = np.linspace(0.0, max(float(np.max(table["radius"], initial=0.0)), 1e-3) * 1.05, 200)
-    unsound = results.read_metadata(path).get("certificate") in UNSOUND_KINDS
+    unsound = not results.read_metadata(path).get("sound", True)
     ax.plot(grid, certified_accuracy(table["radius"], table["correct"], grid),
             label=legend_label(path), linestyle=":" if unsound else "-")
   ax.set_xlabel("L2 radius")

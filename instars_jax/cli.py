@@ -7,7 +7,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from instars_jax import checkpoints, parallel
+from instars_jax import parallel
+from instars_jax.run import checkpoints
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                          lock_config=True)

@@ -2,7 +2,7 @@
 
 SOURCE is any `config.dataset` value (folder:PATH, npz:PATH, fashion_mnist, ...). Images of a
 folder tree keep their encoded bytes; images held as arrays are stored as PNG (lossless).
-The result is read with `--config.dataset=array_record:OUT_DIR` (instars_jax/sources.py).
+The result is read with `--config.dataset=array_record:OUT_DIR` (instars_jax/data/array_record.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from instars_jax import data, sources
+from instars_jax import data
+from instars_jax.data import array_record, encoded
 
 
 def _png(pixels) -> bytes:
@@ -23,7 +24,7 @@ def _png(pixels) -> bytes:
 
 
 def _encoded(split):
-  if isinstance(split.images, sources.EncodedImages):
+  if isinstance(split.images, encoded.EncodedImages):
     return (split.images.encoded(i) for i in range(len(split)))
   return (_png(split.read(i)[0]) for i in range(len(split)))
 
@@ -31,7 +32,7 @@ def _encoded(split):
 def convert(source: str, out: str) -> str:
   dataset = data.load_dataset(source)
   first = dataset.train.read(0)[0]
-  sources.write_records((_encoded(dataset.train), dataset.train.labels),
+  array_record.write_records((_encoded(dataset.train), dataset.train.labels),
                         (_encoded(dataset.test), dataset.test.labels),
                         dataset.classes or [str(c) for c in range(dataset.num_classes)],
                         "L" if first.ndim == 2 else "RGB", first.shape, Path(out))
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     return 2
   try:
     print(convert(*argv))
-  except (sources.DatasetError, OSError) as error:
+  except (data.DatasetError, OSError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
   return 0

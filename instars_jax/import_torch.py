@@ -26,7 +26,9 @@ import numpy as np
 from flax import traverse_util
 
 from configs import default
-from instars_jax import checkpoints, model_state
+from instars_jax.run import checkpoints
+from instars_jax.run.workdir import RunInfo, Workdir
+from instars_jax.train.state import create_train_state
 
 # torch arch -> (model.name, normalization stats, image shape, dataset of the workdir's config)
 ARCHES = {
@@ -149,21 +151,20 @@ def import_checkpoint(path, workdir, dataset: str = "") -> Path:
   config.model.name = model_name
   config.num_classes = num_classes
   config.train.epochs = 1
-  workdir = Path(workdir)
-  if (workdir / checkpoints.CONFIG_FILE).exists():
-    raise ValueError(f"{workdir} already holds a run: choose a new --workdir")
-  state = model_state.create_train_state(config, image_shape, num_classes, stats, 1, 1)
+  workdir = Workdir(workdir)
+  if workdir.config_path.exists():
+    raise ValueError(f"{workdir.path} already holds a run: choose a new --workdir")
+  run = RunInfo(image_shape, num_classes, stats, num_train=1, steps_per_epoch=1,
+                dataset=config.dataset, imported_from=str(Path(path).resolve()), torch_arch=arch)
+  state = create_train_state(config, run)
   template = {"params": state.params, "batch_stats": state.batch_stats}
   variables = convert(state_dict, model_name, jax.tree_util.tree_map(np.asarray, template))
   state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
-  workdir.mkdir(parents=True, exist_ok=True)
-  checkpoints.save(checkpoints.manager(workdir), config.train.epochs, state)
-  checkpoints.write_json_atomic(workdir / checkpoints.RUN_FILE, {
-      "image_shape": list(image_shape), "num_classes": num_classes, "stats": stats,
-      "num_train": 1, "steps_per_epoch": 1, "dataset": config.dataset,
-      "imported_from": str(Path(path).resolve()), "torch_arch": arch})
-  checkpoints.write_json_atomic(workdir / checkpoints.CONFIG_FILE, config.to_dict())
-  return workdir
+  workdir.path.mkdir(parents=True, exist_ok=True)
+  checkpoints.save(workdir.checkpoints(), config.train.epochs, state)
+  workdir.write_run(run)
+  workdir.write_config(config)
+  return workdir.path
 
 
 def main(argv=None) -> None:

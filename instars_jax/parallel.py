@@ -1,4 +1,5 @@
-"""Device meshes, padding to the device count, and multi-host set-up."""
+"""Device meshes: instances sharded over this host's devices, training batches over all of
+them, and multi-host set-up."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
 
@@ -27,15 +28,51 @@ def pad_rows(array: np.ndarray, multiple: int) -> np.ndarray:
   return np.concatenate([array, np.repeat(array[:1], missing, axis=0)], axis=0)
 
 
-def shard_instances(fn, mesh: Mesh, num_sharded: int, num_replicated: int = 0):
-  """shard_map `fn` so its first `num_sharded` arguments split on axis 0 over `mesh`.
+def per_device(rows: int) -> int:
+  """Rows each local device holds when `rows` instances are split by `map_instances`."""
+  return -(-rows // jax.local_device_count())
 
-  The trailing `num_replicated` arguments are given whole to every device; the
-  outputs are split like the inputs.
-  """
-  in_specs = (PartitionSpec(DATA_AXIS),) * num_sharded + (PartitionSpec(),) * num_replicated
-  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec(DATA_AXIS),
-                       check_vma=False)
+
+def map_instances(local_fn, sharded: tuple, replicated: tuple = (), **static):
+  """local_fn(*sharded, *replicated, **static) with the instances split over this host's
+  devices: the `sharded` host arrays are padded on axis 0 to a multiple of the device count
+  (`pad_rows`), each device gets its contiguous share, the `replicated` arguments are given
+  whole to every device, and the outputs (split like the inputs) are cut back to the
+  instances given. One compiled program per shape and `static` (hashable) settings."""
+  devices = jax.local_device_count()
+  padded = tuple(pad_rows(a, devices) for a in sharded)
+  outputs = _mapped(padded, tuple(replicated), local_fn=local_fn,
+                    static=tuple(sorted(static.items())), mesh=local_data_mesh())
+  return jax.tree_util.tree_map(lambda a: a[: len(sharded[0])], outputs)
+
+
+@functools.partial(jax.jit, static_argnames=("local_fn", "static", "mesh"))
+def _mapped(sharded, replicated, *, local_fn, static, mesh):
+  local = functools.partial(local_fn, **dict(static))
+  return jax.shard_map(lambda s, r: local(*s, *r), mesh=mesh,
+                       in_specs=(PartitionSpec(DATA_AXIS), PartitionSpec()),
+                       out_specs=PartitionSpec(DATA_AXIS), check_vma=False)(sharded, replicated)
+
+
+class Sharder:
+  """Puts host-local batches onto the data mesh of every device as global arrays (one host
+  or many): training is data parallel, and jit inserts the gradient reductions."""
+
+  def __init__(self):
+    self.mesh = Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+    self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
+    self.replicated = NamedSharding(self.mesh, PartitionSpec())
+
+  @property
+  def local_devices(self) -> int:
+    return jax.local_device_count()
+
+  def batch(self, local: dict) -> dict:
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in local.items()}
+
+  def replicate(self, tree):
+    return jax.device_put(tree, self.replicated)
 
 
 def initialize_distributed() -> None:

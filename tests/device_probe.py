@@ -22,7 +22,7 @@ def main():
   cert = ij.certify(model, x, sigma, key, n0=64, n=2000, alpha=0.001, batch_size=256,
                     num_classes=4)
   sequential = ij.certify(model, x, sigma, key, n0=64, n=3000, alpha=0.001, batch_size=100,
-                          num_classes=4, sampling="sequential", tolerance=0.05)
+                          num_classes=4, rule=ij.RadiusRule(0.05))
   sigma_chosen = ij.search_sigma(model, x, key, sigma_min=0.1, sigma_max=2.0, starts=3, steps=4,
                                  samples_per_step=32, n=2000, alpha=0.001, batch_size=128,
                                  num_classes=4)

@@ -11,7 +11,8 @@ parallel.initialize_distributed()
 
 import jax  # noqa: E402
 from configs import default  # noqa: E402
-from instars_jax import checkpoints, training  # noqa: E402
+from instars_jax.run import checkpoints  # noqa: E402
+from instars_jax.train import loop  # noqa: E402
 
 if __name__ == "__main__":
   workdir = Path(sys.argv[1])
@@ -19,7 +20,7 @@ if __name__ == "__main__":
   config.dataset = f"npz:{workdir / 'toy.npz'}"
   config.train.update(epochs=500, batch_size=32, learning_rate=0.01)
   try:
-    training.train_and_evaluate(config, workdir / "run")
+    loop.train_and_evaluate(config, workdir / "run")
     print("finished", flush=True)
   except checkpoints.Interrupted as stopped:
     print(stopped, flush=True)

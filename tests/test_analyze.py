@@ -6,7 +6,9 @@ import re
 import numpy as np
 import pytest
 
-from instars_jax import analyze, certificates, results
+from instars_jax import analyze
+from instars_jax.certificates import per_sigma
+from instars_jax.run import results
 
 
 def cohen_table(path):
@@ -56,10 +58,10 @@ def test_cli_json_markdown_and_plots(small_results, tmp_path, capsys):
   assert analyze.main([str(small_results), "--radii", "0,0.5", "--format", "json"]) == 0
   out = json.loads(capsys.readouterr().out)
   assert out == [{"file": str(small_results), "n": 4, "certificate": analyze.UNLABELLED,
-                  "certificate_meaning": "",
+                  "sound": True, "certificate_meaning": "",
                   "certified_accuracy": {"0": 0.5, "0.5": 0.25}, "acr": pytest.approx(0.275)}]
-  results.write_metadata(small_results, {"certificate": "per_sigma",
-                                         "certificate_meaning": certificates.MEANING["per_sigma"]})
+  results.write_metadata(small_results, {"certificate": "per_sigma", "sound": False,
+                                         "certificate_meaning": per_sigma.MEANING})
   plot, hist = tmp_path / "acc.png", tmp_path / "sigma.png"
   analyze.main([str(small_results), "--plot", str(plot), "--sigma-hist", str(hist)])
   table = capsys.readouterr().out
@@ -71,7 +73,7 @@ def test_cli_json_markdown_and_plots(small_results, tmp_path, capsys):
   assert analyze.legend_label(small_results) == "fixed_sigma, σ = 0.5"
   results.write_metadata(small_results, {"certificate": "locally_constant",
                                          "estimator": {"grid": [0.25, 0.5, 1.0]}})
-  assert analyze.legend_label(small_results) == "locally_constant, σ ∈ {0.25, 0.5, 1} by estimator"
+  assert analyze.legend_label(small_results) == "locally_constant, σ ∈ {0.25, 0.5, 1} per input"
 
 
 def test_printed_radii_are_rounded_down(tmp_path):

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from scipy import stats
 
-from instars_jax import monte_carlo
+from instars_jax.smoothing import bounds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import sequential_replay  # noqa: E402
@@ -17,7 +17,7 @@ import sequential_replay  # noqa: E402
 def test_implied_p_recovers_the_count_behind_each_radius():
   n, alpha, sigma = 10_000, 0.001, 0.5
   counts = np.array([5_100, 7_777, 9_500, 9_990, 10_000])
-  radius = sigma * stats.norm.ppf(monte_carlo.clopper_pearson_lower(counts, n, alpha))
+  radius = sigma * stats.norm.ppf(bounds.clopper_pearson_lower(counts, n, alpha))
   rounded_down = np.floor(radius * 1e7) / 1e7  # as the TSV writes them
   p = sequential_replay.implied_p(rounded_down, np.zeros(5, int), sigma, n, alpha)
   np.testing.assert_array_equal(p, counts / n)

@@ -8,6 +8,8 @@ import pytest
 
 import instars_jax as ij
 from instars_jax import certificates
+from instars_jax.certificates import Run, locally_constant
+from instars_jax.certificates import memory as memory_kind
 
 DIM = 16
 
@@ -62,10 +64,10 @@ def test_memory_never_certifies_intersecting_balls(island_points):
   prediction, radius = per_sigma_answers(island_points)
   for order_seed in range(3):  # any fixed answering order
     order = np.random.default_rng(order_seed).permutation(len(island_points))
-    memory = certificates.Memory.empty(DIM)
+    memory = memory_kind.Memory.empty(DIM)
     answers = []
     for i in order:
-      p, r, memory = certificates.answer_with_memory(memory, island_points[i], int(prediction[i]),
+      p, r, memory = memory_kind.answer_with_memory(memory, island_points[i], int(prediction[i]),
                                                      float(radius[i]), int(i))
       answers.append((p, r))
     p, r = map(np.asarray, zip(*answers))
@@ -75,46 +77,46 @@ def test_memory_never_certifies_intersecting_balls(island_points):
 
 
 def test_memory_rules_by_hand():
-  memory = certificates.Memory.empty(2)
-  p, r, memory = certificates.answer_with_memory(memory, [0.0, 0.0], 0, 1.0, 0)
+  memory = memory_kind.Memory.empty(2)
+  p, r, memory = memory_kind.answer_with_memory(memory, [0.0, 0.0], 0, 1.0, 0)
   assert (p, r) == (0, 1.0)
   # A ball of another class meeting the stored one is cut back to touch it.
-  p, r, memory = certificates.answer_with_memory(memory, [3.0, 0.0], 1, 2.5, 1)
+  p, r, memory = memory_kind.answer_with_memory(memory, [3.0, 0.0], 1, 2.5, 1)
   assert p == 1 and r == pytest.approx(2.0, rel=1e-5)
   # A point inside a stored ball of another class takes that ball's answer.
-  p, r, memory = certificates.answer_with_memory(memory, [0.25, 0.0], 1, 0.9, 2)
+  p, r, memory = memory_kind.answer_with_memory(memory, [0.25, 0.0], 1, 0.9, 2)
   assert p == 0 and r == pytest.approx(0.75, rel=1e-5)
   # So does an abstention.
-  p, r, memory = certificates.answer_with_memory(memory, [3.5, 0.0], ij.ABSTAIN, 0.0, 3)
+  p, r, memory = memory_kind.answer_with_memory(memory, [3.5, 0.0], ij.ABSTAIN, 0.0, 3)
   assert p == 1 and r == pytest.approx(1.5, rel=1e-5)
   # Outside every ball, an abstention stays one and is not stored.
   size = len(memory.ids)
-  p, r, memory = certificates.answer_with_memory(memory, [10.0, 10.0], ij.ABSTAIN, 0.0, 4)
+  p, r, memory = memory_kind.answer_with_memory(memory, [10.0, 10.0], ij.ABSTAIN, 0.0, 4)
   assert (p, r, len(memory.ids)) == (ij.ABSTAIN, 0.0, size)
 
 
 def test_memory_round_trips_in_appended_parts(tmp_path):
-  memory, directory = certificates.Memory.empty(3), tmp_path / "m.memory"
+  memory, directory = memory_kind.Memory.empty(3), tmp_path / "m.memory"
   for i in range(4):
     stored = len(memory.ids)
-    _, _, memory = certificates.answer_with_memory(memory, np.full(3, 10.0 * i), i % 2, 1.0, i)
-    certificates.append_memory(directory, memory, stored)
+    _, _, memory = memory_kind.answer_with_memory(memory, np.full(3, 10.0 * i), i % 2, 1.0, i)
+    memory_kind.append_memory(directory, memory, stored)
   assert len(list(directory.glob("part_*.npz"))) == 4  # one part per append, none rewritten
-  for a, b in zip(memory, certificates.load_memory(directory, 3)):
+  for a, b in zip(memory, memory_kind.load_memory(directory, 3)):
     np.testing.assert_array_equal(a, b)
   # Resuming keeps only the points whose rows were written, consolidated into one part.
-  kept = certificates.load_memory(directory, 3, keep_ids={0, 2})
+  kept = memory_kind.load_memory(directory, 3, keep_ids={0, 2})
   np.testing.assert_array_equal(kept.ids, [0, 2])
   assert len(list(directory.glob("part_*.npz"))) == 1
-  np.testing.assert_array_equal(certificates.load_memory(directory, 3).ids, [0, 2])
-  assert len(certificates.load_memory(tmp_path / "none.memory", 3).ids) == 0
+  np.testing.assert_array_equal(memory_kind.load_memory(directory, 3).ids, [0, 2])
+  assert len(memory_kind.load_memory(tmp_path / "none.memory", 3).ids) == 0
 
 
 def test_locally_constant_never_certifies_intersecting_balls(island_points):
-  cert = certificates.certify_locally_constant(
-      Island(), half_space_estimator, island_points, jax.random.PRNGKey(0),
-      sigma_grid=(0.1, 2.0), sigma_estimator=0.1, n0=64, n=2000, n_estimator=2000, alpha=0.001,
-      beta=0.0005, batch_size=8192, num_classes=2)
+  run = Run(Island(), 2, jax.random.PRNGKey(0), n0=64, n=2000, alpha=0.001, batch_size=8192)
+  cert = locally_constant.certify_locally_constant(
+      run, half_space_estimator, island_points, None, sigma_grid=(0.1, 2.0), sigma_estimator=0.1,
+      n_estimator=2000, beta=0.0005)
   assert certificates.intersecting_pairs(island_points, cert.prediction, cert.radius) == 0
   certified = cert.prediction != ij.ABSTAIN
   assert certified.sum() > 60
@@ -135,16 +137,16 @@ def test_sound_modes_never_exceed_the_true_radius_of_G(linear):
   sigma = np.where(x[:, 7] > 0, 0.25, 0.5).astype(np.float32)  # σ jumps with an unrelated feature
   cert = ij.certify(linear, x, sigma, jax.random.PRNGKey(2), n0=64, n=1000, alpha=0.001,
                     batch_size=65536, num_classes=2)
-  memory = certificates.Memory.empty(8)
+  memory = memory_kind.Memory.empty(8)
   for i in range(len(x)):
-    _, r, memory = certificates.answer_with_memory(memory, x[i], int(cert.prediction[i]),
+    _, r, memory = memory_kind.answer_with_memory(memory, x[i], int(cert.prediction[i]),
                                                    float(cert.radius[i]), i)
     assert r <= truth[i] + 1e-6
   estimator = lambda z: jnp.stack([-z[:, 7], z[:, 7]], axis=-1) * 100.0
-  local = certificates.certify_locally_constant(
-      linear, estimator, x, jax.random.PRNGKey(3), sigma_grid=(0.25, 0.5), sigma_estimator=0.25,
-      n0=64, n=1000, n_estimator=1000, alpha=0.001, beta=0.0005, batch_size=65536,
-      num_classes=2)
+  run = Run(linear, 2, jax.random.PRNGKey(3), n0=64, n=1000, alpha=0.001, batch_size=65536)
+  local = locally_constant.certify_locally_constant(
+      run, estimator, x, None, sigma_grid=(0.25, 0.5), sigma_estimator=0.25, n_estimator=1000,
+      beta=0.0005)
   assert np.all(local.radius <= truth + 1e-6)
   assert np.mean(local.prediction != ij.ABSTAIN) > 0.5
 
@@ -155,31 +157,34 @@ def test_sound_modes_never_exceed_the_true_radius_of_G(linear):
     (dict(beta=0.0), "beta must lie in"),
 ])
 def test_bad_grid_or_alpha_split_is_rejected(linear, change, message):
-  args = dict(sigma_grid=(0.25, 0.5), sigma_estimator=0.25, n0=8, n=8, n_estimator=8,
-              alpha=0.01, beta=0.005, batch_size=8, num_classes=2)
+  run = Run(linear, 2, jax.random.PRNGKey(0), n0=8, n=8, alpha=0.01, batch_size=8)
+  args = dict(sigma_grid=(0.25, 0.5), sigma_estimator=0.25, n_estimator=8, beta=0.005)
   with pytest.raises(ValueError, match=message):
-    certificates.certify_locally_constant(linear, linear, np.zeros((1, 8), np.float32),
-                                          jax.random.PRNGKey(0), **dict(args, **change))
+    locally_constant.certify_locally_constant(run, linear, np.zeros((1, 8), np.float32), None,
+                                              **dict(args, **change))
 
 
-def test_every_kind_answers_through_one_interface(linear):
-  x = linear.points_at_distance(np.array([0.5, 1.0, -0.3]))
-  ids = np.arange(3)
+def test_every_kind_declares_the_interface_and_answers_through_it(linear, tmp_path, monkeypatch):
+  from configs import default
+  config = default.get_config()
+  config.certify.update(n0=32, n=500, batch=4096, sigma=0.25)
+  config.certify.search.update(sigma_min=0.1, sigma_max=1.0, starts=2, steps=3,
+                               samples_per_step=16)
   estimator = lambda z: jnp.stack([-z[:, 0], z[:, 0]], axis=-1) * 100.0
-  ctx = certificates.Context(
-      apply_fn=linear, num_classes=2, key=jax.random.PRNGKey(0), n0=32, n=500, alpha=0.001,
-      batch_size=4096, sigma=0.25,
-      search=dict(sigma_min=0.1, sigma_max=1.0, starts=2, steps=3, samples_per_step=16,
-                  estimate_alpha=0.01),
-      estimator_fn=estimator, grid=(0.25, 0.5), estimator_sigma=0.5, n_estimator=500,
-      beta=0.0005, memory=certificates.Memory.empty(8))
-  for kind, certify_batch in certificates.CERTIFIERS.items():
-    if kind == certificates.MEMORY:
-      continue  # needs a memory directory; covered in test_pipeline
-    out = certify_batch(ctx, x, ids)
-    assert out.kind == kind
+  monkeypatch.setattr(locally_constant.estimator, "load",
+                      lambda workdir: (estimator, {"grid": [0.25, 0.5], "sigma": 0.5}))
+  run = Run(linear, 2, jax.random.PRNGKey(0), n0=32, n=500, alpha=0.001, batch_size=4096,
+            results_path=tmp_path / "results.tsv", image_size=8)
+  x = linear.points_at_distance(np.array([0.5, 1.0, -0.3]))
+  for name in certificates.KINDS:
+    kind = certificates.get(name)
+    assert kind.NAME == name and isinstance(kind.SOUND, bool) and kind.MEANING
+    kind.validate(config)
+    assert kind.file_stem(config)
+    out = kind.prepare(run, config)(x, np.arange(3))
     assert out.prediction.shape == out.radius.shape == out.sigma.shape == (3,)
     assert np.all(out.radius <= linear.distance(x) + 1e-6)  # sound for a linear f, any kind
+    assert np.sum(out.radius > 0) >= 2
 
 
 class Bands:
@@ -201,7 +206,7 @@ def test_estimator_routes_never_exceed_the_exact_radius_of_its_choice():
   z = np.linspace(-1.5, 1.5, 61)
   x = np.zeros((len(z), 4), np.float32)
   x[:, 0] = z
-  bins, radius = certificates.certify_estimator(
+  bins, radius = locally_constant.certify_estimator(
       Bands(), x, jax.random.PRNGKey(0), sigma_estimator=1.0, n0=64, n=20_000, beta=0.001,
       batch_size=65536, num_bins=3)
   exact = np.abs(np.abs(z) - Bands.a)

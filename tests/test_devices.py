@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from instars_jax import checkpoints
+from instars_jax.run import checkpoints, workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,4 +104,4 @@ def test_sigterm_to_one_host_stops_both_at_the_same_step(tmp_path):
   assert all(stops), ([p.returncode for p in processes], [err[-1500:] for _, err in outputs])
   step = int(stops[0].group(1))
   assert int(stops[1].group(1)) == step
-  assert checkpoints.manager(tmp_path / "run" / checkpoints.INTERIM_DIR).latest_step() == step
+  assert checkpoints.manager(tmp_path / "run" / workdir.INTERIM_DIR).latest_step() == step

@@ -11,7 +11,8 @@ import pytest
 
 import instars_jax as ij
 from configs import cifar10_small
-from instars_jax import certification, import_torch, results
+from instars_jax import certification, import_torch
+from instars_jax.run import results
 
 torch = pytest.importorskip("torch", reason="torch is the optional extra: pip install -e '.[torch]'")
 nn = torch.nn

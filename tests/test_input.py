@@ -15,7 +15,9 @@ import pytest
 from PIL import Image
 
 from configs import default
-from instars_jax import augment, convert, data, model_state, pipeline, sources
+import instars_jax as ij
+from instars_jax import convert, data
+from instars_jax.data import augment, encoded, pipeline
 from test_data_models import write_npz
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +49,7 @@ def test_folder_source_reads_labels_by_sorted_class_and_decodes_on_demand(tmp_pa
   batch = dataset.test.take(np.array([5, 0]))  # PNG: lossless
   np.testing.assert_array_equal(batch["image"][0] * 255, written[("test", "dog", 1)])
   np.testing.assert_array_equal(batch["label"], [1, 0])
-  assert isinstance(dataset.train.images, sources.EncodedImages)  # nothing decoded up front
+  assert isinstance(dataset.train.images, encoded.EncodedImages)  # nothing decoded up front
 
   gray = write_tree(tmp_path / "gray", mode="L", test_folder="val")
   dataset = data.load_dataset(f"folder:{tmp_path / 'gray'}")
@@ -286,7 +288,7 @@ def test_sigkill_mid_epoch_resumes_to_the_same_parameters_and_sigma_table(tmp_pa
   assert straight.wait(timeout=240) == 0, straight.stderr.read()[-2000:]
   resumed = train(tmp_path / "killed", 0)
   assert resumed.wait(timeout=240) == 0, resumed.stderr.read()[-2000:]
-  a, b = (model_state.load_train_state(tmp_path / d) for d in ("straight", "killed"))
+  a, b = (ij.load_train_state(tmp_path / d) for d in ("straight", "killed"))
   for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
     np.testing.assert_array_equal(x, y)
   np.testing.assert_array_equal(a.sigma_table, b.sigma_table)

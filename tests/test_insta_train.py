@@ -10,8 +10,11 @@ import pytest
 from scipy import stats
 
 from configs import default
-from instars_jax import (checkpoints, data, estimator, model_state, sigma_table, smoothing,
-                         training)
+from instars_jax import data
+from instars_jax.run import checkpoints
+from instars_jax.smoothing import bounds
+from instars_jax.train import estimator, loop, sigma_table, steps
+from instars_jax.train import state as state_lib
 from test_data_models import write_npz
 from test_pipeline import Killed, stop_after
 
@@ -28,7 +31,7 @@ def linear_state(num_examples, sigma=0.25, scale=1000.0):
     return jnp.stack([z, -z], axis=-1) * scale
   w = np.zeros(4, np.float32)
   w[0] = 1.0
-  return model_state.TrainState.create(
+  return state_lib.TrainState.create(
       apply_fn=apply_fn, params={"w": w}, tx=optax.sgd(0.1), batch_stats={},
       sigma_table=jnp.full((num_examples,), sigma, jnp.float32),
       sigma_profile=jnp.zeros((num_examples, len(GRID)), jnp.float32))
@@ -45,7 +48,7 @@ def profile_once(state, x, labels, samples=256, key=0):
 def analytic_radius(distance, sigma):
   """R of CERTIFY (n, α) at σ when p_A = Φ(distance / σ) exactly."""
   p = stats.norm.cdf(distance / sigma)
-  return sigma * stats.norm.ppf(smoothing.clopper_pearson_lower(p * N, N, ALPHA))
+  return sigma * stats.norm.ppf(bounds.clopper_pearson_lower(p * N, N, ALPHA))
 
 
 def points(distances):
@@ -123,7 +126,7 @@ def read_metrics(workdir):
 
 
 def test_stages_switch_at_e1_and_the_table_round_trips(insta_config, tmp_path):
-  state = training.train_and_evaluate(insta_config, tmp_path / "run")
+  state = loop.train_and_evaluate(insta_config, tmp_path / "run")
   rows = read_metrics(tmp_path / "run")
   assert [r["stage"] for r in rows] == [1, 2, 2]
   assert rows[0]["sigma_q00"] == rows[0]["sigma_q100"] == pytest.approx(0.25)
@@ -133,7 +136,7 @@ def test_stages_switch_at_e1_and_the_table_round_trips(insta_config, tmp_path):
   assert rows[1]["sigma_share_1"] > 0  # easy toy data: stage 2 moves examples up the grid
   assert sum(rows[1][f"sigma_share_{s:g}"] for s in GRID) == pytest.approx(1.0)
   assert np.asarray(state.sigma_profile).shape == (96, 3)
-  restored = model_state.load_train_state(tmp_path / "run")
+  restored = state_lib.load_train_state(tmp_path / "run")
   np.testing.assert_array_equal(np.asarray(restored.sigma_table), table)
   np.testing.assert_array_equal(np.asarray(restored.sigma_profile), np.asarray(state.sigma_profile))
   assert (tmp_path / "run" / "sigma_table.png").stat().st_size > 1000
@@ -141,12 +144,12 @@ def test_stages_switch_at_e1_and_the_table_round_trips(insta_config, tmp_path):
 
 
 def test_killed_in_stage_2_resumes_to_the_same_table(insta_config, tmp_path, monkeypatch):
-  straight = training.train_and_evaluate(insta_config, tmp_path / "straight")
+  straight = loop.train_and_evaluate(insta_config, tmp_path / "straight")
   with monkeypatch.context() as m:  # killed during the second table update
     stop_after(sigma_table, "profile_step", 2 + 1, m)
     with pytest.raises(Killed):
-      training.train_and_evaluate(insta_config, tmp_path / "resumed")
-  resumed = training.train_and_evaluate(insta_config, tmp_path / "resumed")
+      loop.train_and_evaluate(insta_config, tmp_path / "resumed")
+  resumed = loop.train_and_evaluate(insta_config, tmp_path / "resumed")
   np.testing.assert_array_equal(np.asarray(resumed.sigma_table), np.asarray(straight.sigma_table))
   np.testing.assert_array_equal(np.asarray(resumed.sigma_profile),
                                 np.asarray(straight.sigma_profile))
@@ -157,35 +160,35 @@ def test_killed_in_stage_2_resumes_to_the_same_table(insta_config, tmp_path, mon
 def test_cohen_training_keeps_the_table_constant(insta_config, tmp_path):
   insta_config.train.insta = False
   insta_config.train.epochs = 2
-  state = training.train_and_evaluate(insta_config, tmp_path / "run")
+  state = loop.train_and_evaluate(insta_config, tmp_path / "run")
   np.testing.assert_array_equal(np.asarray(state.sigma_table), 0.25)
   assert [r["stage"] for r in read_metrics(tmp_path / "run")] == [1, 1]
   # Grid noise belongs to Insta-RS's stage 1: Cohen training stays at train.sigma.
   insta_config.train.stage1_noise = "grid"
-  grid = training.train_and_evaluate(insta_config, tmp_path / "grid")
+  grid = loop.train_and_evaluate(insta_config, tmp_path / "grid")
   for a, b in zip(jax.tree_util.tree_leaves(grid.params), jax.tree_util.tree_leaves(state.params)):
     np.testing.assert_array_equal(a, b)
   insta_config.train.insta = True
   insta_config.train.stage1_epochs = 2
-  mixed = training.train_and_evaluate(insta_config, tmp_path / "insta_grid")
+  mixed = loop.train_and_evaluate(insta_config, tmp_path / "insta_grid")
   assert not np.array_equal(jax.tree_util.tree_leaves(mixed.params)[0],
                             jax.tree_util.tree_leaves(state.params)[0])
 
 
 def test_explore_trains_a_share_of_stage_2_examples_at_a_random_grid_sigma(insta_config, tmp_path):
-  keys = model_state.example_keys(jax.random.PRNGKey(0), jnp.arange(4000))
+  keys = state_lib.example_keys(jax.random.PRNGKey(0), jnp.arange(4000))
   table = jnp.full((4000,), 0.3, jnp.float32)  # off the grid: shows which examples moved
-  np.testing.assert_array_equal(training.training_sigmas(table, keys, GRID, 0.0), np.float32(0.3))
-  drawn = np.asarray(training.training_sigmas(table, keys, GRID, 1.0))
+  np.testing.assert_array_equal(steps.training_sigmas(table, keys, GRID, 0.0), np.float32(0.3))
+  drawn = np.asarray(steps.training_sigmas(table, keys, GRID, 1.0))
   assert set(np.unique(drawn)) == set(np.float32(GRID))
-  half = np.asarray(training.training_sigmas(table, keys, GRID, 0.5))
+  half = np.asarray(steps.training_sigmas(table, keys, GRID, 0.5))
   moved = half != np.float32(0.3)
   assert abs(moved.mean() - 0.5) < 0.03
   np.testing.assert_array_equal(half[moved], drawn[moved])  # the same draw, from the same key
   insta_config.train.table.explore = 0.5
-  explored = training.train_and_evaluate(insta_config, tmp_path / "explore")
+  explored = loop.train_and_evaluate(insta_config, tmp_path / "explore")
   insta_config.train.table.explore = 0.0
-  plain = training.train_and_evaluate(insta_config, tmp_path / "plain")
+  plain = loop.train_and_evaluate(insta_config, tmp_path / "plain")
   rows = read_metrics(tmp_path / "explore")
   assert rows[0]["train_loss"] == read_metrics(tmp_path / "plain")[0]["train_loss"]  # stage 1
   assert rows[1]["train_loss"] != read_metrics(tmp_path / "plain")[1]["train_loss"]
@@ -200,7 +203,7 @@ def test_a_fractional_update_visits_a_rotating_slice(insta_config, tmp_path):
   np.testing.assert_array_equal(sigma_table.update_indices(96, 1.0, 3, seed=0), np.arange(96))
   insta_config.train.epochs = 2
   insta_config.train.table.fraction = 0.25
-  state = training.train_and_evaluate(insta_config, tmp_path / "run")
+  state = loop.train_and_evaluate(insta_config, tmp_path / "run")
   visited = np.flatnonzero(np.any(np.asarray(state.sigma_profile) != 0, axis=1))
   np.testing.assert_array_equal(np.sort(visited), np.sort(slices[0]))
 
@@ -223,20 +226,20 @@ def test_bad_knobs_are_rejected(insta_config, tmp_path, key, value, message):
     section = section[p]
   section[leaf] = value
   with pytest.raises(ValueError, match=message):
-    training.train_and_evaluate(insta_config, tmp_path / "run")
+    loop.train_and_evaluate(insta_config, tmp_path / "run")
   assert not (tmp_path / "run").exists()
 
 
 def test_estimator_stage_resumes_after_a_kill_to_the_same_estimator(insta_config, tmp_path,
                                                                     monkeypatch):
   insta_config.estimator.update(epochs=2, label_samples=4)
-  training.train_and_evaluate(insta_config, tmp_path / "straight")
+  loop.train_and_evaluate(insta_config, tmp_path / "straight")
   with monkeypatch.context() as m:  # killed in the estimator's second epoch
     stop_after(estimator, "train_step", 3 + 2, m)
     with pytest.raises(Killed):
-      training.train_and_evaluate(insta_config, tmp_path / "resumed")
+      loop.train_and_evaluate(insta_config, tmp_path / "resumed")
   assert (tmp_path / "resumed" / "estimator" / "labels.npz").exists()
-  training.train_and_evaluate(insta_config, tmp_path / "resumed")
+  loop.train_and_evaluate(insta_config, tmp_path / "resumed")
   (f, straight), (g, resumed) = (estimator.load(tmp_path / d) for d in ("straight", "resumed"))
   assert straight == resumed and straight["sigma"] == 1.0  # σ_e: the top of the grid
   x = np.random.default_rng(0).uniform(size=(4, 28, 28)).astype(np.float32)
@@ -244,14 +247,14 @@ def test_estimator_stage_resumes_after_a_kill_to_the_same_estimator(insta_config
   # Other estimator settings on a finished run: refused, not silently mixed.
   insta_config.estimator.temperature = 0.5
   with pytest.raises(ValueError, match="estimator trained with other settings"):
-    training.train_and_evaluate(insta_config, tmp_path / "straight")
+    loop.train_and_evaluate(insta_config, tmp_path / "straight")
 
 
 def test_finetuning_at_the_estimator_sigma_trains_each_example_there_and_resumes(
     insta_config, tmp_path, monkeypatch):
   insta_config.estimator.update(epochs=1, label_samples=4, finetune_epochs=2)
   first = insta_config.train.epochs
-  straight = training.train_and_evaluate(insta_config, tmp_path / "straight")
+  straight = loop.train_and_evaluate(insta_config, tmp_path / "straight")
   assigned = estimator.assigned_sigmas(tmp_path / "straight",
                                        data.load_dataset(insta_config.dataset).train, insta_config)
   np.testing.assert_array_equal(np.asarray(straight.sigma_table), assigned)
@@ -261,9 +264,9 @@ def test_finetuning_at_the_estimator_sigma_trains_each_example_there_and_resumes
   assert [r["stage"] for r in rows[-2:]] == ["finetune"] * 2 and len(rows) == first + 2
 
   with monkeypatch.context() as m:  # killed in the second fine-tuning epoch
-    stop_after(training, "train_step", first * 3 + 3 + 2, m)
+    stop_after(steps, "train_step", first * 3 + 3 + 2, m)
     with pytest.raises(Killed):
-      training.train_and_evaluate(insta_config, tmp_path / "resumed")
+      loop.train_and_evaluate(insta_config, tmp_path / "resumed")
   manager = checkpoints.manager(tmp_path / "resumed")
   assert manager.latest_step() == first + 1
   midway = checkpoints.restore_as_saved(manager, first + 1)
@@ -271,10 +274,10 @@ def test_finetuning_at_the_estimator_sigma_trains_each_example_there_and_resumes
   changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(
       jax.tree_util.tree_leaves(midway["params"]), jax.tree_util.tree_leaves(straight.params))]
   assert all(changed)  # the second fine-tuning epoch trained every layer
-  resumed = training.train_and_evaluate(insta_config, tmp_path / "resumed")
+  resumed = loop.train_and_evaluate(insta_config, tmp_path / "resumed")
   for a, b in zip(jax.tree_util.tree_leaves(straight.params),
                   jax.tree_util.tree_leaves(resumed.params)):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(straight.sigma_table, resumed.sigma_table)
-  again = training.train_and_evaluate(insta_config, tmp_path / "straight")  # finished: no-op
+  again = loop.train_and_evaluate(insta_config, tmp_path / "straight")  # finished: no-op
   np.testing.assert_array_equal(np.asarray(again.sigma_table), assigned)

@@ -15,8 +15,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import default
-from instars_jax import (certificates, certification, checkpoints, data, model_state, results,
-                         smoothing, training)
+import instars_jax as ij
+from instars_jax import certificates, certification, data
+from instars_jax.run import checkpoints, results
+from instars_jax.run.workdir import CONFIG_FILE, INTERIM_DIR
+from instars_jax.smoothing.streams import Stream
+from instars_jax.train import loop, steps
 from test_data_models import write_npz
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,15 +71,15 @@ def metrics_without_timing(workdir):
 def test_killed_training_and_certification_resume_to_the_same_results(toy_config, tmp_path,
                                                                       monkeypatch):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  training.train_and_evaluate(toy_config, straight)
+  loop.train_and_evaluate(toy_config, straight)
   certification.certify_test_set(toy_config, straight)
 
   with monkeypatch.context() as m:  # killed in the middle of epoch 2
-    stop_after(training, "train_step", 3 + 2, m)
+    stop_after(steps, "train_step", 3 + 2, m)
     with pytest.raises(Killed):
-      training.train_and_evaluate(toy_config, resumed)
+      loop.train_and_evaluate(toy_config, resumed)
   assert checkpoints.manager(resumed).latest_step() == 1
-  training.train_and_evaluate(toy_config, resumed)
+  loop.train_and_evaluate(toy_config, resumed)
   with monkeypatch.context() as m:  # killed after the first batch of rows was written
     stop_after(results.ResultsWriter, "write", 2, m)
     with pytest.raises(Killed):
@@ -88,7 +92,7 @@ def test_killed_training_and_certification_resume_to_the_same_results(toy_config
   assert rows_without_time(tsv(resumed)) == rows_without_time(tsv(straight))
   assert len(results.read_results(tsv(straight))["idx"]) == 12  # every 2nd of 24 test images
   assert metrics_without_timing(resumed) == metrics_without_timing(straight)
-  a, b = model_state.load_train_state(straight), model_state.load_train_state(resumed)
+  a, b = ij.load_train_state(straight), ij.load_train_state(resumed)
   for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
     np.testing.assert_array_equal(x, y)
   assert int(a.step) == 2 * 3 and a.sigma_table.shape == (96,)
@@ -98,7 +102,7 @@ def test_certification_refuses_other_settings_and_missing_checkpoints(toy_config
   with pytest.raises(FileNotFoundError, match="no training run"):
     certification.certify_test_set(toy_config, tmp_path / "empty")
   toy_config.train.epochs = 1
-  training.train_and_evaluate(toy_config, tmp_path / "run")
+  loop.train_and_evaluate(toy_config, tmp_path / "run")
   path = certification.certify_test_set(toy_config, tmp_path / "run")
   before = path.read_text()
   toy_config.certify.n = 300
@@ -113,7 +117,7 @@ def test_certification_refuses_other_settings_and_missing_checkpoints(toy_config
 
 def test_instance_sigma_mode(toy_config, tmp_path):
   toy_config.train.epochs = 1
-  training.train_and_evaluate(toy_config, tmp_path / "run")
+  loop.train_and_evaluate(toy_config, tmp_path / "run")
   toy_config.certify.sigma_mode = "instance"
   toy_config.certify.certificate = "per_sigma"
   toy_config.certify.search.update(sigma_min=0.1, sigma_max=1.0, starts=2, steps=3,
@@ -129,11 +133,11 @@ def test_instance_sigma_mode(toy_config, tmp_path):
   assert meta["search"]["samples_per_step"] == 16
   # The bound comes from CERTIFY's own fresh samples at the chosen σ: certifying again at
   # those σ with the run's key reproduces every row.
-  state = model_state.load_train_state(tmp_path / "run")
+  state = ij.load_train_state(tmp_path / "run")
   dataset = data.load_dataset(toy_config.dataset)
   batch = dataset.test.take(table["idx"])
-  key = jax.random.fold_in(jax.random.PRNGKey(toy_config.seed), certification.PURPOSE_CERTIFY)
-  again = smoothing.certify(model_state.logits_fn(state), batch["image"], table["sigma"], key,
+  key = jax.random.fold_in(jax.random.PRNGKey(toy_config.seed), Stream.CERTIFY)
+  again = ij.certify(ij.logits_fn(state), batch["image"], table["sigma"], key,
                             n0=16, n=200, alpha=0.001, batch_size=64, num_classes=3,
                             ids=batch["index"])
   np.testing.assert_array_equal(again.prediction, table["predict"])
@@ -145,7 +149,7 @@ def test_instance_sigma_mode(toy_config, tmp_path):
 
 def test_sequential_sampling_through_certify_py(toy_config, tmp_path, monkeypatch):
   toy_config.train.epochs = 1
-  training.train_and_evaluate(toy_config, tmp_path / "run")
+  loop.train_and_evaluate(toy_config, tmp_path / "run")
   toy_config.certify.update(n=2000, skip=1, name="fixed")
   fixed = results.read_results(certification.certify_test_set(toy_config, tmp_path / "run"))
   assert np.all(fixed["samples"] == 2000)
@@ -201,7 +205,7 @@ def test_sound_instance_certificates_through_certify_py(toy_config, tmp_path, mo
   toy_config.certify.certificate = "memory"
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   for workdir in (straight, resumed):
-    training.train_and_evaluate(toy_config, workdir)
+    loop.train_and_evaluate(toy_config, workdir)
   path = certification.certify_test_set(toy_config, straight)
   assert path.name == "instance_0.1-1_memory.tsv"
   assert list(path.with_suffix(".memory").glob("part_*.npz"))
@@ -231,7 +235,7 @@ def test_sound_instance_certificates_through_certify_py(toy_config, tmp_path, mo
   assert (straight / "estimator" / "estimator.json").exists()
   with pytest.raises(FileNotFoundError, match="no σ-estimator"):
     toy_config.estimator.epochs = 0
-    training.train_and_evaluate(toy_config, tmp_path / "no_estimator")
+    loop.train_and_evaluate(toy_config, tmp_path / "no_estimator")
     certification.certify_test_set(toy_config, tmp_path / "no_estimator")
   toy_config.certify.certificate = "typo"
   with pytest.raises(ValueError, match="certify.certificate must be one of"):
@@ -240,7 +244,7 @@ def test_sound_instance_certificates_through_certify_py(toy_config, tmp_path, mo
 
 def test_hosts_split_the_test_set_and_merge_one_tsv(toy_config, tmp_path):
   toy_config.train.epochs = 1
-  training.train_and_evaluate(toy_config, tmp_path / "run")
+  loop.train_and_evaluate(toy_config, tmp_path / "run")
   single = certification.certify_test_set(toy_config, tmp_path / "run")
   expected = rows_without_time(single)
   toy_config.certify.name = "two_hosts"
@@ -271,11 +275,11 @@ def event_tags(directory) -> dict:
 def test_sigterm_in_stage_2_checkpoints_the_step_and_resumes_bit_identically(toy_config, tmp_path,
                                                                            monkeypatch):
   toy_config.train.update(insta=True, stage1_epochs=1, epochs=3, checkpoint_every_steps=2)
-  straight = training.train_and_evaluate(toy_config, tmp_path / "straight")
+  straight = loop.train_and_evaluate(toy_config, tmp_path / "straight")
   # TensorBoard events: every epoch's metrics and the σ-table histogram.
   events = event_tags(tmp_path / "straight" / "tensorboard" / "train")
   assert events["train_loss"] == events["sigma_table"] == [1, 2, 3]
-  original, calls = training.train_step, [0]
+  original, calls = steps.train_step, [0]
 
   def step_then_sigterm(*args, **kwargs):
     calls[0] += 1
@@ -284,14 +288,14 @@ def test_sigterm_in_stage_2_checkpoints_the_step_and_resumes_bit_identically(toy
     return original(*args, **kwargs)
 
   with monkeypatch.context() as m:
-    m.setattr(training, "train_step", step_then_sigterm)
+    m.setattr(steps, "train_step", step_then_sigterm)
     with pytest.raises(checkpoints.Interrupted, match=r"stopped at step 5 \(epoch 2, batch 2 of 3\)"):
-      training.train_and_evaluate(toy_config, tmp_path / "resumed")
-  interim = checkpoints.manager(tmp_path / "resumed" / checkpoints.INTERIM_DIR)
+      loop.train_and_evaluate(toy_config, tmp_path / "resumed")
+  interim = checkpoints.manager(tmp_path / "resumed" / INTERIM_DIR)
   assert interim.latest_step() == 5  # nothing lost: the step the signal interrupted is saved
   assert checkpoints.manager(tmp_path / "resumed").latest_step() == 1
   assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone again
-  resumed = training.train_and_evaluate(toy_config, tmp_path / "resumed")
+  resumed = loop.train_and_evaluate(toy_config, tmp_path / "resumed")
   for a, b in zip(jax.tree_util.tree_leaves(straight.params), jax.tree_util.tree_leaves(resumed.params)):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(straight.sigma_table, resumed.sigma_table)
@@ -313,10 +317,10 @@ def test_a_full_disk_gives_one_error_and_keeps_what_was_written(toy_config, tmp_
     m.setattr(ocp.CheckpointManager, "save", save_until_full)
     with pytest.raises(ValueError, match=r"cannot write checkpoint 2 to .*: No space left on "
                                          r"device \(errno 28\); what was written before is intact"):
-      training.train_and_evaluate(toy_config, tmp_path / "run")
+      loop.train_and_evaluate(toy_config, tmp_path / "run")
   assert checkpoints.manager(tmp_path / "run").latest_step() == 1
-  model_state.load_train_state(tmp_path / "run")  # the checkpoint before restores
-  training.train_and_evaluate(toy_config, tmp_path / "run")  # and the rerun finishes
+  ij.load_train_state(tmp_path / "run")  # the checkpoint before restores
+  loop.train_and_evaluate(toy_config, tmp_path / "run")  # and the rerun finishes
 
   fsyncs, original_fsync = [0], os.fsync
   def fsync_until_full(fd):
@@ -336,31 +340,31 @@ def test_a_full_disk_gives_one_error_and_keeps_what_was_written(toy_config, tmp_
 def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(toy_config, tmp_path):
   toy_config.train.learning_rate = 1e4  # NaN within the first epoch
   with pytest.raises(ValueError, match=r"diverged by step 3 \(epoch 1\): train_loss is not finite"):
-    training.train_and_evaluate(toy_config, tmp_path / "nan")
+    loop.train_and_evaluate(toy_config, tmp_path / "nan")
   assert checkpoints.manager(tmp_path / "nan").latest_step() is None
   # Barely learning: the loss stays at ln 3 (chance for 3 classes) after the first epoch.
   toy_config.train.update(learning_rate=1e-7, epochs=3)
   toy_config.train.divergence.update(chance_steps=2, chance_fraction=0.9)
   with pytest.raises(ValueError, match=r"by step 6: mean train_loss .* is at chance level"):
-    training.train_and_evaluate(toy_config, tmp_path / "chance")
+    loop.train_and_evaluate(toy_config, tmp_path / "chance")
   assert checkpoints.manager(tmp_path / "chance").latest_step() == 1
   toy_config.train.divergence.chance_steps = 0  # switched off: the same run trains to the end
-  training.train_and_evaluate(toy_config, tmp_path / "off")
+  loop.train_and_evaluate(toy_config, tmp_path / "off")
   assert checkpoints.manager(tmp_path / "off").latest_step() == 3
 
 
 def test_training_refuses_a_workdir_with_another_config(toy_config, tmp_path):
   toy_config.train.epochs = 1
-  training.train_and_evaluate(toy_config, tmp_path / "run")
+  loop.train_and_evaluate(toy_config, tmp_path / "run")
   toy_config.train.learning_rate = 0.5
   with pytest.raises(ValueError, match=r"different config \(train\.learning_rate\)"):
-    training.train_and_evaluate(toy_config, tmp_path / "run")
+    loop.train_and_evaluate(toy_config, tmp_path / "run")
 
 
 def test_a_run_saved_before_later_keys_existed_still_resumes(toy_config, tmp_path):
   toy_config.train.epochs = 1
-  training.train_and_evaluate(toy_config, tmp_path / "run")
-  saved_path = tmp_path / "run" / checkpoints.CONFIG_FILE
+  loop.train_and_evaluate(toy_config, tmp_path / "run")
+  saved_path = tmp_path / "run" / CONFIG_FILE
   saved = json.loads(saved_path.read_text())
   for key in ("image_size", "corrupt_images"):
     del saved[key]
@@ -368,10 +372,10 @@ def test_a_run_saved_before_later_keys_existed_still_resumes(toy_config, tmp_pat
   saved_path.write_text(json.dumps(saved))
   toy_config.train.epochs = 2
   with pytest.raises(ValueError, match=r"different config \(train\.epochs\)"):
-    training.train_and_evaluate(toy_config, tmp_path / "run")
+    loop.train_and_evaluate(toy_config, tmp_path / "run")
   saved["train"]["epochs"] = 2
   saved_path.write_text(json.dumps(saved))
-  training.train_and_evaluate(toy_config, tmp_path / "run")
+  loop.train_and_evaluate(toy_config, tmp_path / "run")
   assert checkpoints.manager(tmp_path / "run").latest_step() == 2
 
 
@@ -385,7 +389,7 @@ def test_a_run_saved_before_later_keys_existed_still_resumes(toy_config, tmp_pat
 def test_bad_training_config(toy_config, tmp_path, section, key, value, message):
   toy_config[section][key] = value
   with pytest.raises(ValueError, match=message):
-    training.train_and_evaluate(toy_config, tmp_path / "run")
+    loop.train_and_evaluate(toy_config, tmp_path / "run")
   assert not (tmp_path / "run").exists()
 
 

@@ -7,7 +7,8 @@ import pytest
 from scipy import stats
 
 import instars_jax as ij
-from instars_jax import search, smoothing
+from instars_jax import parallel
+from instars_jax.smoothing import bounds, search
 
 SEARCH = dict(sigma_min=0.02, sigma_max=4.0, starts=4, steps=6, n=100_000, alpha=0.001,
               batch_size=8192, num_classes=2)
@@ -15,7 +16,7 @@ SEARCH = dict(sigma_min=0.02, sigma_max=4.0, starts=4, steps=6, n=100_000, alpha
 
 def certified_radius_at(p_a, sigma, n=100_000, alpha=0.001):
   """R(σ) of the final CERTIFY when the true top-class probability is p_a (n·p_a successes)."""
-  return sigma * stats.norm.ppf(smoothing.clopper_pearson_lower(p_a * n, n, alpha))
+  return sigma * stats.norm.ppf(bounds.clopper_pearson_lower(p_a * n, n, alpha))
 
 
 def test_reaches_97_percent_of_the_best_radius_on_a_linear_classifier(linear):
@@ -157,7 +158,7 @@ def test_search_reaches_the_ends_of_its_range():
 ])
 def test_bad_parameters_are_rejected(linear, change, message, monkeypatch):
   compiled = []
-  monkeypatch.setattr(search, "_sharded_search", lambda *a, **k: compiled.append(1))
+  monkeypatch.setattr(parallel, "_mapped", lambda *a, **k: compiled.append(1))
   with pytest.raises(ValueError, match=message):
     ij.search_sigma(linear, np.zeros((2, 8), np.float32), jax.random.PRNGKey(0),
                     **dict(SEARCH, **change))

@@ -7,15 +7,18 @@ import pytest
 from scipy import stats
 
 import instars_jax as ij
-from instars_jax import monte_carlo, sequential, smoothing
+from instars_jax import parallel
+from instars_jax.smoothing import bounds
+from instars_jax.smoothing.sequential import rules
+from instars_jax.smoothing.streams import Stream
 
 
 def look_bounds(n_max, alpha, family=None, tolerance=0.05):
   """float64 (lower, upper) rows per look; `family`: per-look levels (default: the union bound)."""
-  looks = sequential.look_schedule(n_max, alpha, tolerance)
-  levels = sequential.look_alphas(alpha, looks) if family is None else family(len(looks))
+  looks = rules.look_schedule(n_max, alpha, tolerance)
+  levels = rules.look_alphas(alpha, looks) if family is None else family(len(looks))
   return looks, [(ij.clopper_pearson_lower(np.arange(t + 1), t, a),
-                  monte_carlo.clopper_pearson_upper(np.arange(t + 1), t, a))
+                  bounds.clopper_pearson_upper(np.arange(t + 1), t, a))
                  for t, a in zip(looks, levels)]
 
 
@@ -40,19 +43,19 @@ def crossing_rates(p, n_max, alpha, streams, family=None, seed=0):
 
 
 def test_schedule_and_levels():
-  geometric = sequential.geometric_looks(100_000)
+  geometric = rules.geometric_looks(100_000)
   assert geometric[0] == 100 and geometric[-1] == 100_000
   assert np.all(geometric[1:-1] / geometric[:-2] >= 1.5 - 1e-9)
-  looks = sequential.look_schedule(100_000, 0.001, 0.05)
+  looks = rules.look_schedule(100_000, 0.001, 0.05)
   assert np.all(np.diff(looks) > 0)
   extra = np.setdiff1d(looks, geometric)  # the saturation look, between two geometric ones
   assert len(extra) == 1 and 43_920 < extra[0] < 65_880
-  levels = sequential.look_alphas(0.001, looks)
+  levels = rules.look_alphas(0.001, looks)
   assert levels.sum() == pytest.approx(0.001)
   np.testing.assert_allclose(levels / looks, levels[0] / looks[0])  # in proportion to t_l
   assert 0.25 < levels[-1] / 0.001 < 0.35
-  np.testing.assert_array_equal(sequential.look_schedule(60, 0.01, 0.05), [60])
-  assert sequential.look_alphas(0.01, [60]) == pytest.approx([0.01])
+  np.testing.assert_array_equal(rules.look_schedule(60, 0.01, 0.05), [60])
+  assert rules.look_alphas(0.01, [60]) == pytest.approx([0.01])
 
 
 @pytest.mark.parametrize("p", [0.5, 0.7, 0.9, 0.99])
@@ -72,11 +75,11 @@ def test_per_look_bounds_without_the_union_bound_fail_the_same_check():
 
 
 def test_device_tables_match_the_float64_bounds():
-  looks, offsets, lower, upper, likely = sequential.bound_tables(5000, 0.01, 0.05)
+  looks, offsets, lower, upper, likely = rules.bound_tables(5000, 0.01, 0.05)
   assert likely is upper  # U^δ is the anytime bound with tolerance_alpha 0 (α)
   _, rows = look_bounds(5000, 0.01)
   _, likely_rows = look_bounds(5000, 0.01, family=lambda num_looks: np.full(num_looks, 0.2))
-  likely = sequential.bound_tables(5000, 0.01, 0.05, 0.2)[4]
+  likely = rules.bound_tables(5000, 0.01, 0.05, 0.2)[4]
   for l, ((lo, up), (_, likely_up)) in enumerate(zip(rows, likely_rows)):
     row = slice(offsets[l], offsets[l] + looks[l] + 1)
     np.testing.assert_allclose(lower[row], lo, atol=1e-6)
@@ -88,15 +91,15 @@ def test_device_tables_match_the_float64_bounds():
 @pytest.mark.parametrize("look", [12, 13])
 def test_radius_stop_is_the_documented_rule_in_float64(look):
   # Stop iff Φ⁻¹(L_t) ≥ (1 − ε)·Φ⁻¹(L_final(S + ⌈U^δ(n_max − t)⌉)): the S successes seen are
-  # kept and only the rest continue at U^δ (module doc), checked against scipy in float64.
+  # kept and only the rest continue at U^δ (docs/sequential.md), checked against scipy in float64.
   n_max, alpha, eps, delta = 100_000, 0.001, 0.05, 0.05
-  rule = sequential.RadiusRule(eps, delta)
-  looks = sequential.look_schedule(n_max, alpha, eps)
-  levels = sequential.look_alphas(alpha, looks)
+  rule = rules.RadiusRule(eps, delta)
+  looks = rules.look_schedule(n_max, alpha, eps)
+  levels = rules.look_alphas(alpha, looks)
   t = int(looks[look])
   s = np.arange(int(0.8 * t), t + 1)
   lower = ij.clopper_pearson_lower(s, t, levels[look])
-  likely = monte_carlo.clopper_pearson_upper(s, t, delta)
+  likely = bounds.clopper_pearson_upper(s, t, delta)
   continued = np.minimum(s + np.ceil(likely * (n_max - t)), n_max)
   best = stats.norm.ppf(ij.clopper_pearson_lower(continued, n_max, levels[-1]))
   gap = stats.norm.ppf(lower) - (1 - eps) * best
@@ -114,13 +117,13 @@ def test_an_input_whose_samples_all_agree_stops_at_the_saturation_look(n_max, ep
   # float64, stops an input with no failure; the device's float32 rule stops it there, and
   # not at the look before.
   alpha = 0.001
-  looks = sequential.look_schedule(n_max, alpha, eps)
-  t = sequential.saturation_look(sequential.geometric_looks(n_max), alpha, eps)
+  looks = rules.look_schedule(n_max, alpha, eps)
+  t = rules.saturation_look(rules.geometric_looks(n_max), alpha, eps)
   final = stats.norm.ppf((alpha * n_max / looks.sum()) ** (1 / n_max))
   z_at = lambda count: stats.norm.ppf((alpha * count / looks.sum()) ** (1 / count))
   assert z_at(t) >= (1 - eps) * final
-  assert z_at(int(t / (1 + sequential.SATURATION_MARGIN)) - 1) < (1 - eps) * final
-  rule = sequential.RadiusRule(eps, 0.05)
+  assert z_at(int(t / (1 + rules.SATURATION_MARGIN)) - 1) < (1 - eps) * final
+  rule = rules.RadiusRule(eps, 0.05)
   at = int(np.flatnonzero(looks == t)[0])
   trials = jnp.asarray(looks[[at - 1, at]], jnp.int32)
   tables = tuple(jnp.asarray(table) for table in rule.tables(n_max, alpha))
@@ -132,15 +135,15 @@ def test_an_input_whose_samples_all_agree_stops_at_the_saturation_look(n_max, ep
 DISTANCES = np.array([-0.3, 0.0, 0.03, 0.1, 0.2, 0.4, 0.6, 0.9, 1.2, 2.5])
 
 
-def certify_linear(linear, sampling, key=0, n=20_000, alpha=0.001, batch_size=1000, **rule):
+def certify_linear(linear, rule=None, key=0, n=20_000, alpha=0.001, batch_size=1000):
   x = linear.points_at_distance(DISTANCES)
   return ij.certify(linear, x, 0.5, jax.random.PRNGKey(key), n0=100, n=n, alpha=alpha,
-                    batch_size=batch_size, num_classes=2, sampling=sampling, **rule)
+                    batch_size=batch_size, num_classes=2, rule=rule)
 
 
 def test_radius_mode_is_sound_close_to_fixed_and_cheaper(linear):
-  fixed = certify_linear(linear, "fixed", n=100_000)
-  seq = certify_linear(linear, "sequential", n=100_000, tolerance=0.05)
+  fixed = certify_linear(linear, n=100_000)
+  seq = certify_linear(linear, ij.RadiusRule(0.05), n=100_000)
   # Sound: no radius above the true distance to the boundary.
   assert np.all(seq.radius <= np.abs(DISTANCES) + 1e-6)
   np.testing.assert_array_equal(seq.prediction, fixed.prediction)
@@ -149,15 +152,15 @@ def test_radius_mode_is_sound_close_to_fixed_and_cheaper(linear):
   # Boundary inputs need most of n_max, p_A = Φ(1.2), Φ(1.8) stop by 30%, and the saturated
   # p_A = Φ(5) at the saturation look, about half.
   assert np.all(seq.num_samples[6:8] <= 30_000)
-  geometric = sequential.geometric_looks(100_000)
-  assert seq.num_samples[9] == sequential.saturation_look(geometric, 0.001, 0.05)
+  geometric = rules.geometric_looks(100_000)
+  assert seq.num_samples[9] == rules.saturation_look(geometric, 0.001, 0.05)
   assert seq.num_samples.sum() < 0.75 * fixed.num_samples.sum()
   np.testing.assert_array_equal(fixed.num_samples, 100_000)
   # The stops are looks, and a look's counts are those of the first samples of fixed CERTIFY.
-  assert set(seq.num_samples) <= set(sequential.look_schedule(100_000, 0.001, 0.05))
+  assert set(seq.num_samples) <= set(rules.look_schedule(100_000, 0.001, 0.05))
   np.testing.assert_array_equal(seq.counts.sum(1), seq.num_samples)
   x = linear.points_at_distance(DISTANCES)
-  key = jax.random.fold_in(jax.random.PRNGKey(0), smoothing.PURPOSE_ESTIMATE)
+  key = jax.random.fold_in(jax.random.PRNGKey(0), Stream.ESTIMATE)
   for i in (2, 5, 9):
     first = ij.sample_counts(linear, x[i:i + 1], 0.5, key, num=int(seq.num_samples[i]),
                              batch_size=500, num_classes=2, ids=[i])
@@ -165,8 +168,8 @@ def test_radius_mode_is_sound_close_to_fixed_and_cheaper(linear):
 
 
 def test_a_looser_tolerance_level_stops_sooner_and_stays_sound(linear):
-  strict = certify_linear(linear, "sequential", n=100_000, tolerance=0.05, tolerance_alpha=0.0)
-  loose = certify_linear(linear, "sequential", n=100_000, tolerance=0.05)  # at 0.05
+  strict = certify_linear(linear, ij.RadiusRule(0.05, None), n=100_000)
+  loose = certify_linear(linear, ij.RadiusRule(0.05), n=100_000)  # at 0.05
   assert np.all(loose.num_samples <= strict.num_samples)
   assert loose.num_samples.sum() < 0.9 * strict.num_samples.sum()
   assert np.all(loose.radius <= np.abs(DISTANCES) + 1e-6)
@@ -184,15 +187,15 @@ def test_far_below_half_abstains_early(linear):
                               + jnp.array([[0.0, 0.0, 1.0]]) *
                               (jnp.sum(z * 7, axis=1) % 1.0 >= 0.5)[:, None])
   cert = ij.certify(third, x, 1.0, jax.random.PRNGKey(0), n0=50, n=100_000, alpha=0.001,
-                    batch_size=500, num_classes=3, sampling="sequential")
+                    batch_size=500, num_classes=3, rule=ij.RadiusRule())
   np.testing.assert_array_equal(cert.prediction, ij.ABSTAIN)
   assert np.all(cert.num_samples <= 1000)
 
 
 def test_decision_mode_reports_the_largest_proven_radius(linear):
   radii = (0.25, 0.5, 0.75, 1.0)
-  fixed = certify_linear(linear, "fixed", alpha=0.001)
-  seq = certify_linear(linear, "sequential", radii=radii)
+  fixed = certify_linear(linear, alpha=0.001)
+  seq = certify_linear(linear, ij.DecisionRule(radii))
   assert set(np.round(seq.radius, 6)) <= {0.0, *radii}
   assert np.all(seq.radius <= np.abs(DISTANCES) + 1e-6)
   # It proves the same thresholds as fixed CERTIFY here (none sits near its threshold).
@@ -204,9 +207,9 @@ def test_decision_mode_reports_the_largest_proven_radius(linear):
 def test_sound_on_many_instances_with_a_loose_alpha(linear):
   # α = 0.05 over 300 instances at distance 0.3: the radius exceeds the truth in at most ~5%.
   x = linear.points_at_distance(np.full(300, 0.3))
-  for rule in ({"tolerance": 0.05}, {"radii": (0.1, 0.2, 0.3)}):
+  for rule in (ij.RadiusRule(0.05), ij.DecisionRule((0.1, 0.2, 0.3))):
     cert = ij.certify(linear, x, 0.5, jax.random.PRNGKey(3), n0=50, n=3000, alpha=0.05,
-                      batch_size=2000, num_classes=2, sampling="sequential", **rule)
+                      batch_size=2000, num_classes=2, rule=rule)
     assert np.mean(cert.radius > 0.3) <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / 300)
     assert np.mean(cert.radius > 0) > 0.5
 
@@ -217,51 +220,54 @@ def test_results_do_not_depend_on_batch_size_or_grouping():
   model = lambda z: jnp.tanh(z.reshape(z.shape[0], -1) @ w1) @ w2
   x = rng.uniform(size=(9, 12)).astype(np.float32)
   sigma = np.linspace(0.2, 1.0, 9).astype(np.float32)
-  run = lambda batch_size, s=slice(None), **rule: ij.certify(
+  run = lambda rule, batch_size, s=slice(None): ij.certify(
       model, x[s], sigma[s], jax.random.PRNGKey(5), n0=40, n=4000, alpha=0.01,
-      batch_size=batch_size, num_classes=3, ids=np.arange(9)[s], sampling="sequential", **rule)
-  for rule in ({"tolerance": 0.1}, {"radii": (0.2, 0.5)}):
-    reference = run(200, **rule)
+      batch_size=batch_size, num_classes=3, ids=np.arange(9)[s], rule=rule)
+  for rule in (ij.RadiusRule(0.1), ij.DecisionRule((0.2, 0.5))):
+    reference = run(rule, 200)
     assert len(set(reference.num_samples)) > 1
     for batch_size in (1, 5000):
-      other = run(batch_size, **rule)
+      other = run(rule, batch_size)
       for a, b in zip(reference, other):
         np.testing.assert_array_equal(a, b)
-    parts = [run(120, s, **rule) for s in (slice(0, 4), slice(4, 9))]
+    parts = [run(rule, 120, s) for s in (slice(0, 4), slice(4, 9))]
     for field in ("prediction", "radius", "num_samples", "counts"):
       np.testing.assert_array_equal(np.concatenate([getattr(p, field) for p in parts]),
                                     getattr(reference, field))
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(tolerance=0.0), "tolerance must lie in"),
-    (dict(tolerance=1.0), "tolerance must lie in"),
-    (dict(tolerance_alpha=1.0), "tolerance_alpha must lie in"),
-    (dict(tolerance_alpha=-0.1), "tolerance_alpha must lie in"),
-    (dict(radii=(0.5, 0.25)), "radii must be sorted"),
-    (dict(radii=(-0.1, 0.25)), "radii must be finite and >= 0"),
-    (dict(radii=(0.1, float("nan"))), "radii must be finite"),
-    (dict(n=50), "n must be >= n0 with sequential"),
-    (dict(sampling="adaptive"), "sampling must be one of"),
+@pytest.mark.parametrize("make, message", [
+    (lambda: ij.RadiusRule(0.0), "tolerance must lie in"),
+    (lambda: ij.RadiusRule(1.0), "tolerance must lie in"),
+    (lambda: ij.RadiusRule(0.05, 1.0), "tolerance_alpha must lie in"),
+    (lambda: ij.DecisionRule((0.5,), -0.1), "tolerance_alpha must lie in"),
+    (lambda: ij.DecisionRule((0.5, 0.25)), "radii must be sorted"),
+    (lambda: ij.DecisionRule((-0.1, 0.25)), "radii must be finite and >= 0"),
+    (lambda: ij.DecisionRule((0.1, float("nan"))), "radii must be finite"),
+    (lambda: ij.DecisionRule(()), "radii must list at least one"),
+    (lambda: rules.make_rule(0.05, (), tolerance_alpha=1.5), "tolerance_alpha must lie in"),
 ])
-def test_bad_sequential_input_is_rejected_before_compiling(linear, change, message, monkeypatch):
-  compiled = []
-  monkeypatch.setattr(smoothing, "_sharded_counts", lambda *a, **k: compiled.append(1))
-  monkeypatch.setattr(sequential, "_sharded_run", lambda *a, **k: compiled.append(1))
-  args = dict(n0=100, n=1000, alpha=0.01, batch_size=32, num_classes=2, sampling="sequential")
-  args.update(change)
+def test_bad_rules_are_rejected(make, message):
   with pytest.raises(ValueError, match=message):
-    ij.certify(linear, np.zeros((2, 8), np.float32), 0.5, jax.random.PRNGKey(0), **args)
+    make()
+
+
+def test_n_below_n0_is_rejected_before_compiling(linear, monkeypatch):
+  compiled = []
+  monkeypatch.setattr(parallel, "_mapped", lambda *a, **k: compiled.append(1))
+  with pytest.raises(ValueError, match="n must be >= n0 with sequential"):
+    ij.certify(linear, np.zeros((2, 8), np.float32), 0.5, jax.random.PRNGKey(0), n0=100, n=50,
+               alpha=0.01, batch_size=32, num_classes=2, rule=ij.RadiusRule())
   assert not compiled
 
 
 def decision_crossing_rate(theta, alpha, streams, n_max=20_000, lowered_by=0.0, seed=0):
   """Share of Bernoulli(θ) streams whose test of "p ≥ θ" proves it at some decision look
   (its evidence bar lowered by `lowered_by` nats)."""
-  looks = sequential.decision_looks(n_max)
+  looks = rules.decision_looks(n_max)
   successes = stream_counts(theta, looks, streams, seed)
   z = np.float32(stats.norm.ppf(theta))
-  evidence = jax.jit(lambda s, f: sequential.log_evidence(s, f, z))(
+  evidence = jax.jit(lambda s, f: rules.log_evidence(s, f, z))(
       successes, looks[None] - successes)
   return np.mean(np.any(np.asarray(evidence) >= -np.log(alpha) - lowered_by, axis=1))
 
@@ -284,7 +290,7 @@ def test_decision_tests_with_a_lowered_bar_fail_the_same_check():
 
 def exact_log_evidence(successes, failures, z):
   """float64 log of the mixture likelihood ratio with the device's alternatives, no margin."""
-  log_odds = np.asarray(sequential.alternatives(np.float32(z)), np.float64)
+  log_odds = np.asarray(rules.alternatives(np.float32(z)), np.float64)
   log_theta, log_rest = stats.norm.logcdf(z), stats.norm.logcdf(-z)
   log_p, log_q = -np.logaddexp(0, -log_odds), -np.logaddexp(0, log_odds)
   terms = list(successes * (log_p - log_theta) + failures * (log_q - log_rest))
@@ -297,7 +303,7 @@ def test_float32_evidence_never_exceeds_the_float64_value(z):
   counts = [0, 1, 7, 60, 500, 4_000, 30_000, 100_000]
   grid = [(s, f) for s in counts for f in counts if 0 < s + f <= 100_000]
   s, f = np.array(grid, np.float64).T
-  device = np.asarray(sequential.log_evidence(s, f, np.float32(z)), np.float64)
+  device = np.asarray(rules.log_evidence(s, f, np.float32(z)), np.float64)
   exact = np.array([exact_log_evidence(a, b, np.float64(np.float32(z))) for a, b in grid])
   finite = np.isfinite(exact)
   assert np.all(device[finite] <= exact[finite])
@@ -313,16 +319,16 @@ def test_chernoff_upper_bound_lies_between_clopper_pearson_at_its_level_and_far_
   delta = 0.01
   for t in (50, 1_000, 30_000, 100_000):
     s = np.unique(np.linspace(0, t, 200).astype(np.int64))
-    upper = np.asarray(sequential.chernoff_upper(jnp.asarray(s), jnp.full(len(s), t),
+    upper = np.asarray(rules.chernoff_upper(jnp.asarray(s), jnp.full(len(s), t),
                                                  np.float32(np.log(1 / delta))), np.float64)
-    assert np.all(upper >= monte_carlo.clopper_pearson_upper(s, t, delta) - 1e-6)
-    assert np.all(upper <= monte_carlo.clopper_pearson_upper(s, t, delta / 100) + 1e-6)
+    assert np.all(upper >= bounds.clopper_pearson_upper(s, t, delta) - 1e-6)
+    assert np.all(upper <= bounds.clopper_pearson_upper(s, t, delta / 100) + 1e-6)
 
 
 def test_decision_mode_a_looser_tolerance_level_stops_sooner_and_proves_the_same(linear):
   radii = (0.25, 0.5, 0.75, 1.0)
-  strict = certify_linear(linear, "sequential", radii=radii, tolerance_alpha=0.0)
-  loose = certify_linear(linear, "sequential", radii=radii)  # at 0.05
+  strict = certify_linear(linear, ij.DecisionRule(radii, None))
+  loose = certify_linear(linear, ij.DecisionRule(radii))  # at 0.05
   np.testing.assert_array_equal(loose.radius, strict.radius)
   assert np.all(loose.num_samples <= strict.num_samples)
   assert loose.num_samples.sum() < strict.num_samples.sum()
@@ -336,8 +342,8 @@ def test_decision_mode_gives_up_a_radius_no_continuation_could_prove(linear):
   # samples, so the test gives it up long before n_max and keeps the proof of R ≥ 0.25.
   x = linear.points_at_distance(np.array([0.502]))
   cert = ij.certify(linear, x, 0.5, jax.random.PRNGKey(0), n0=100, n=100_000, alpha=0.001,
-                    batch_size=1000, num_classes=2, sampling="sequential",
-                    radii=(0.25, 0.5, 0.75, 1.0))
+                    batch_size=1000, num_classes=2,
+                    rule=ij.DecisionRule((0.25, 0.5, 0.75, 1.0)))
   assert cert.radius[0] == 0.25
   assert cert.num_samples[0] <= 60_000
 
@@ -345,7 +351,7 @@ def giving_up_rates(p, tables, rule, n_max, sigma, proof_count, streams=10_000, 
   """Shares of Bernoulli(p) streams that DecisionRule gives up "R ≥ r" on (stops without
   proving it), and that do so at a look where S_t + p·(n_max − t), the final count expected
   from the samples seen, would still prove it."""
-  looks = sequential.decision_looks(n_max)
+  looks = rules.decision_looks(n_max)
   successes = stream_counts(p, looks, streams, seed)
   stop = jax.jit(lambda s, t, level: rule.stop(tables, 0, s, t, n_max,
                                                jnp.full(s.shape, sigma, jnp.float32), level))
@@ -364,12 +370,12 @@ def giving_up_rates(p, tables, rule, n_max, sigma, proof_count, streams=10_000, 
 def test_decision_mode_gives_up_a_provable_radius_with_probability_at_most_delta():
   # p_A just above the rate a proof of R ≥ 0.5 needs by n_max: the rule may give up (it
   # often does: the proof is a coin flip), but at a look where the expected final count
-  # given the samples seen would still prove it in at most δ of the streams (module doc).
+  # given the samples seen would still prove it in at most δ of the streams (docs/sequential.md).
   n_max, alpha, delta, sigma = 20_000, 0.001, 0.05, 0.5
-  rule = sequential.DecisionRule((0.5,), delta)
-  z = np.float32(0.5 / sigma * (1 + sequential.Z_INFLATION))
+  rule = rules.DecisionRule((0.5,), delta)
+  z = np.float32(0.5 / sigma * (1 + rules.Z_INFLATION))
   counts = np.arange(n_max + 1)
-  proof_count = int(np.argmax(np.asarray(sequential.log_evidence(counts, n_max - counts, z))
+  proof_count = int(np.argmax(np.asarray(rules.log_evidence(counts, n_max - counts, z))
                               >= -np.log(alpha)))
   tables = rule.tables(n_max, alpha)
   for p in (proof_count / n_max + 0.002, proof_count / n_max + 0.005):

@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 import instars_jax as ij
-from instars_jax import smoothing
+from instars_jax import parallel
 
 
 def mlp(num_classes=3, seed=0, dim=12):
@@ -84,11 +84,13 @@ def test_counts_invariant_to_batch_size_and_grouping():
                        ids=order), reference[order])
 
 
-def test_typed_keys_work():
+def test_typed_keys_give_the_counts_of_their_raw_keys():
   f = mlp()
-  x = np.ones((2, 12), np.float32)
-  counts = ij.sample_counts(f, x, 0.3, jax.random.key(0), num=10, batch_size=8, num_classes=3)
-  assert np.asarray(counts).sum() == 20
+  x = np.random.default_rng(2).uniform(size=(3, 12)).astype(np.float32)
+  typed = ij.sample_counts(f, x, 0.3, jax.random.key(0), num=50, batch_size=8, num_classes=3)
+  raw = ij.sample_counts(f, x, 0.3, jax.random.PRNGKey(0), num=50, batch_size=8, num_classes=3)
+  np.testing.assert_array_equal(typed, raw)
+  assert len(np.unique(np.asarray(raw), axis=0)) > 1  # the three inputs do differ
 
 
 # --- CERTIFY / PREDICT against the analytic linear classifier ----------------------
@@ -181,7 +183,7 @@ GOOD = dict(n0=10, n=100, alpha=0.01, batch_size=32, num_classes=2)
 ])
 def test_bad_input_is_rejected_before_compiling(linear, change, message, monkeypatch):
   compiled = []
-  monkeypatch.setattr(smoothing, "_sharded_counts", lambda *a, **k: compiled.append(1))
+  monkeypatch.setattr(parallel, "_mapped", lambda *a, **k: compiled.append(1))
   args = dict(x=np.zeros((2, 8), np.float32), sigma=0.5, ids=None, **GOOD)
   args.update(change)
   with pytest.raises(ValueError, match=message):

@@ -10,7 +10,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from configs import default  # noqa: E402
-from instars_jax import certification, results, training  # noqa: E402
+from instars_jax import certification  # noqa: E402
+from instars_jax.run import results  # noqa: E402
+from instars_jax.train import loop  # noqa: E402
 from test_data_models import write_npz  # noqa: E402
 
 
@@ -25,7 +27,7 @@ def main(workdir: str, quiet: bool = False):
   config.train.update(epochs=2, batch_size=32, learning_rate=0.05, insta=True, stage1_epochs=1)
   config.train.table.update(samples=4, chunk=32)
   config.certify.update(n0=16, n=128, batch=64, instances=2, skip=2)
-  state = training.train_and_evaluate(config, workdir / "run")
+  state = loop.train_and_evaluate(config, workdir / "run")
   path = certification.certify_test_set(config, workdir / "run")
   if quiet:
     return

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from instars_jax.write_errors import raise_write_error
+from instars_jax.run.files import raise_write_error, write_json_atomic
 
 COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 _INT_COLUMNS = ("idx", "label", "predict", "correct")
@@ -32,10 +32,7 @@ def read_metadata(tsv_path) -> dict:
 
 
 def write_metadata(tsv_path, metadata: dict) -> None:
-  path = metadata_path(tsv_path)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-  os.replace(tmp, path)
+  write_json_atomic(metadata_path(tsv_path), metadata)
 
 
 def read_results(path) -> dict[str, np.ndarray]:

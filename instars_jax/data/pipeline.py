@@ -1,7 +1,7 @@
 """The training input pipeline on grain: decode, augment and batch off the training loop.
 
 The stream is one grain MapDataset over the run's global steps; element s is this host's
-share of global batch s (epoch s // steps_per_epoch, the epoch order of data.epoch_order),
+share of global batch s (epoch s // steps_per_epoch, the epoch order of splits.epoch_order),
 decoded and augmented (augment.py) from (seed, epoch, example index) alone. So the stream is
 a pure function of the step: its state is the step (which the orbax checkpoint holds), a
 resumed run restarts it at the checkpoint's step, and neither the batches nor where a resume
@@ -24,13 +24,14 @@ import time
 
 import numpy as np
 
-from instars_jax import augment, data
+from instars_jax.data import augment
+from instars_jax.data.splits import Split, epoch_order
 
 
 class StepBatches:
   """grain map function: global step -> this host's batch of it (uint8 image, label, index)."""
 
-  def __init__(self, split: data.Split, batch_size: int, steps_per_epoch: int, seed: int,
+  def __init__(self, split: Split, batch_size: int, steps_per_epoch: int, seed: int,
                augmentation: str, image_size: int, host_id: int = 0, host_count: int = 1):
     if batch_size % host_count:
       raise ValueError(f"batch size {batch_size} must divide by the host count {host_count}")
@@ -41,7 +42,7 @@ class StepBatches:
 
   def order(self, epoch: int) -> np.ndarray:
     if self._order[0] != epoch:
-      self._order = (epoch, data.epoch_order(len(self.split), self.seed, epoch, shuffle=True))
+      self._order = (epoch, epoch_order(len(self.split), self.seed, epoch, shuffle=True))
     return self._order[1]
 
   def indices(self, step: int) -> np.ndarray:

@@ -1,14 +1,11 @@
-"""Atomic, resumable checkpoints of train states (orbax).
+"""Atomic, resumable checkpoints of train states (orbax), and stopping at a safe point.
 
-A workdir holds `config.json` (the run's config), `run.json` (what the state's shapes depend
-on: image shape, classes, training-set size) and `checkpoints/<epochs done>/` (orbax writes
-each step to a temporary directory and renames it when complete, so a kill never leaves a
-half-written checkpoint behind).
+orbax writes each step to a temporary directory and renames it when complete, so a kill
+never leaves a half-written checkpoint behind.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -18,12 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from instars_jax.write_errors import raise_write_error
-
-CONFIG_FILE = "config.json"
-RUN_FILE = "run.json"
-INTERIM_DIR = "interim"  # mid-epoch checkpoints of train.py, numbered by global step
-
+from instars_jax.run.files import raise_write_error
 
 class Interrupted(Exception):
   """Raised after a checkpoint was written because the process was asked to stop (SIGTERM,
@@ -32,12 +24,14 @@ class Interrupted(Exception):
 
 class StopRequest:
   """Turns SIGTERM (what a preemption sends) and SIGINT into a request to stop at the next
-  safe point, for the duration of a `with` block. With `sync_hosts` and several hosts,
-  `due(step)` is JAX's preemption sync point, so that every host stops at the same step."""
+  safe point, for the duration of a `with` block. With `sync_hosts` and several hosts, each
+  `due()` is JAX's preemption sync point (numbered by this object's calls, which every host
+  makes alike), so that every host stops at the same step."""
 
   def __init__(self, sync_hosts: bool = False):
     self.sync_hosts = sync_hosts
     self.requested = False
+    self.calls = 0
 
   def __enter__(self):
     handler = lambda signum, frame: setattr(self, "requested", True)
@@ -55,16 +49,17 @@ class StopRequest:
     for sig, previous in self.previous.items():
       signal.signal(sig, previous)
 
-  def due(self, step: int) -> bool:
+  def due(self) -> bool:
+    self.calls += 1
     if self._synced():
-      return multihost_utils.reached_preemption_sync_point(step) or self.requested
+      return multihost_utils.reached_preemption_sync_point(self.calls) or self.requested
     return self.requested
 
 
 class _Manager(ocp.CheckpointManager):
   """orbax's manager, but it never queries JAX's preemption sync point itself: the training
-  loop does, once per step with the global step (`StopRequest.due`). The sync protocol needs
-  one increasing step id per call; orbax asking with checkpoint numbers would break it."""
+  loop does, once per step (`StopRequest.due`). The sync protocol needs one increasing step
+  id per call; orbax asking with checkpoint numbers would break it."""
 
   def reached_preemption(self, step: int) -> bool:
     return False
@@ -95,15 +90,6 @@ def restore_latest(checkpoints: ocp.CheckpointManager, template):
     return template, 0
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
   return _restore(checkpoints, step, ocp.args.StandardRestore(abstract)), step
-
-
-def write_json_atomic(path: Path, content: dict) -> None:
-  tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-  try:
-    tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-  except OSError as error:
-    raise_write_error(error, str(path))
 
 
 def restore_as_saved(checkpoints: ocp.CheckpointManager, step: int) -> dict:

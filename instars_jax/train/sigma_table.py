@@ -8,17 +8,13 @@ same `samples` noise vectors (common random numbers):
 
     R_k = σ_k · Φ⁻¹(CP_lower(p̂_k · n, n, α)),   p̂_k = mean_j softmax(f(x + σ_k ε_j))_y,
 
-with the certification's n and α, as the σ search's objective (search.py) does: the
+with the certification's n and α, as the σ search's objective (smoothing/search.py) does: the
 Clopper–Pearson bound of a finite n is what makes a moderate σ beat a large one for an
 example near the boundary, as it will at certification. CP_lower is tabulated with scipy over
 p̂ ∈ [0, 1] and interpolated on the device. p̂ averages softmax probabilities rather than
 counting hard votes, so the few samples an update can afford (≤ 25% of an epoch) still rank
 the grid σ. None of this is a certificate: it chooses training noise and gives the
 σ-estimator its labels (`estimator.py`).
-
-This replaces a ±η multiplicative walk per update (σ(1 − η), σ, σ(1 + η)), which after five
-updates at η = 0.1 had moved most examples only to 0.25 · 1.1⁵ ≈ 0.40 and had not converged:
-the profile puts every visited example at its best grid σ at its first update.
 
 Deterministic: the noise of example i in the update before epoch e depends only on
 (seed, e, i), so a resumed run computes the same table.
@@ -33,16 +29,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instars_jax import analyze, data, model_state, parallel, search, smoothing
+from instars_jax import analyze, data, parallel
+from instars_jax.smoothing import bounds
+from instars_jax.smoothing.streams import Stream
+from instars_jax.train.state import logits_fn
 
-PURPOSE_TABLE_UPDATE = 12
 CP_POINTS = 4097
 
 
 def radius_factor_table(n: int, alpha: float) -> np.ndarray:
   """float32[CP_POINTS]: Φ⁻¹(CP_lower(p · n, n, α)) at p = linspace(0, 1), floored at −10
   (interpolated by `grid_radii`)."""
-  return search.certified_factors(np.linspace(0.0, 1.0, CP_POINTS), n, alpha)
+  return bounds.certified_factors(np.linspace(0.0, 1.0, CP_POINTS), n, alpha)
 
 
 def grid_radii(p, grid, factors):
@@ -55,9 +53,9 @@ def grid_radii(p, grid, factors):
 def true_label_probability(apply_fn, x, labels, ids, key, grid, samples):
   """float32[b, K]: mean softmax probability of `labels` under noise at each grid σ, on the
   same `samples` noise vectors per example for every σ (noise of example i, sample j from
-  (key, ids[i], j), as in smoothing.instance_noise)."""
+  (key, ids[i], j), as in bounds.instance_noise)."""
   shape = x.shape[1:]
-  eps = jax.vmap(smoothing.instance_noise, in_axes=(None, 0, None, None))(
+  eps = jax.vmap(bounds.instance_noise, in_axes=(None, 0, None, None))(
       key, ids, jnp.arange(samples), shape)  # [b, m, ...]
   levels = jnp.asarray(grid, jnp.float32).reshape((-1, 1, 1) + (1,) * len(shape))
   noisy = x[None, :, None] + levels * eps[None]  # [K, b, m, ...]
@@ -70,7 +68,7 @@ def true_label_probability(apply_fn, x, labels, ids, key, grid, samples):
 @functools.partial(jax.jit, static_argnames=("grid", "samples"), donate_argnames="state")
 def profile_step(state, batch, key, factors, *, grid, samples):
   """The profile and training σ of the examples in `batch`, written into the state's table."""
-  p = true_label_probability(model_state.logits_fn(state), batch["image"], batch["label"],
+  p = true_label_probability(logits_fn(state), batch["image"], batch["label"],
                              batch["index"], key, grid, samples)
   radii = grid_radii(p, grid, factors)
   best = jnp.where(jnp.max(radii, axis=1) > 0, jnp.argmax(radii, axis=1), 0)
@@ -95,13 +93,13 @@ def update_indices(num_examples: int, fraction: float, update_number: int,
   if fraction >= 1.0:
     return np.arange(num_examples)
   size = math.ceil(fraction * num_examples)
-  permutation = np.random.default_rng([seed, PURPOSE_TABLE_UPDATE]).permutation(num_examples)
+  permutation = np.random.default_rng([seed, Stream.TABLE_UPDATE]).permutation(num_examples)
   return np.take(permutation, np.arange(update_number * size, (update_number + 1) * size),
                  mode="wrap")
 
 
 def update_key(seed: int, epoch: int):
-  return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), PURPOSE_TABLE_UPDATE),
+  return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), Stream.TABLE_UPDATE),
                             epoch)
 
 

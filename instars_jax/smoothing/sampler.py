@@ -18,16 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from instars_jax import parallel, sequential
-from instars_jax.monte_carlo import certified_radius, clopper_pearson_lower, instance_noise
+from instars_jax import parallel
+from instars_jax.smoothing.bounds import certified_radius, clopper_pearson_lower, instance_noise
+from instars_jax.smoothing.sequential import engine
+from instars_jax.smoothing.streams import Stream
 
 ABSTAIN = -1
-
-# Independent streams for each use of a key, so no two purposes ever share noise.
-PURPOSE_SELECT = 0
-PURPOSE_ESTIMATE = 1
-PURPOSE_PREDICT = 2
-PURPOSE_SEARCH = 3
 
 
 class Certificate(NamedTuple):
@@ -38,7 +34,7 @@ class Certificate(NamedTuple):
   #                      radius proven, 0 where none is)
   sigma: np.ndarray  # float32[B], the noise level certified at
   counts: np.ndarray  # int32[B, C], counts of the estimation samples
-  num_samples: np.ndarray  # int64[B], estimation samples drawn (n with sampling="fixed")
+  num_samples: np.ndarray  # int64[B], estimation samples drawn (n without a stopping rule)
 
 
 # ---------------------------------------------------------------------------
@@ -69,27 +65,16 @@ def local_counts(x, sigma, ids, key, *, apply_fn, num, chunk, num_classes):
   return counts.reshape(sigma.shape + (num_classes,))
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "num", "chunk", "num_classes", "mesh"))
-def _sharded_counts(x, sigma, ids, key, *, apply_fn, num, chunk, num_classes, mesh):
-  local = functools.partial(local_counts, apply_fn=apply_fn, num=num, chunk=chunk,
-                            num_classes=num_classes)
-  return parallel.shard_instances(local, mesh, num_sharded=3, num_replicated=1)(x, sigma, ids, key)
-
-
 def samples_per_pass(batch_size: int, instances_per_device: int, num: int) -> int:
   """Samples of each instance in one forward pass so that a pass holds about `batch_size` images."""
   return max(1, min(num, batch_size // instances_per_device))
 
 
-def _counts(apply_fn, x, sigma, ids, key, *, num, batch_size, num_classes):
-  """`sample_counts` on validated host arrays: pads to the device count, shards, unpads."""
-  mesh = parallel.local_data_mesh()
-  devices = mesh.devices.size
-  padded = [parallel.pad_rows(a, devices) for a in (x, sigma, ids)]
-  chunk = samples_per_pass(batch_size, len(padded[0]) // devices, num)
-  counts = _sharded_counts(*padded, key, apply_fn=apply_fn, num=num, chunk=chunk,
-                           num_classes=num_classes, mesh=mesh)
-  return counts[: len(x)]
+def counts(apply_fn, x, sigma, ids, key, *, num, batch_size, num_classes):
+  """`sample_counts` on validated host arrays, sharded over this host's devices."""
+  chunk = samples_per_pass(batch_size, parallel.per_device(len(x)), num)
+  return parallel.map_instances(local_counts, (x, sigma, ids), (key,), apply_fn=apply_fn,
+                                num=num, chunk=chunk, num_classes=num_classes)
 
 
 def sample_counts(apply_fn: Callable, x, sigma, key, *, num: int, batch_size: int,
@@ -102,8 +87,8 @@ def sample_counts(apply_fn: Callable, x, sigma, key, *, num: int, batch_size: in
   x, sigma, ids = validate_instances(x, sigma, ids)
   check_positive_ints(num=num, batch_size=batch_size)
   check_model(apply_fn, x, num_classes)
-  return _counts(apply_fn, x, sigma, ids, key, num=num, batch_size=batch_size,
-                 num_classes=num_classes)
+  return counts(apply_fn, x, sigma, ids, key, num=num, batch_size=batch_size,
+                num_classes=num_classes)
 
 
 # ---------------------------------------------------------------------------
@@ -112,37 +97,32 @@ def sample_counts(apply_fn: Callable, x, sigma, key, *, num: int, batch_size: in
 
 def certify(apply_fn: Callable, x, sigma, key, *, n0: int = 100, n: int = 100_000,
             alpha: float = 0.001, batch_size: int, num_classes: int, ids=None,
-            sampling: str = "fixed", tolerance: float = 0.05, radii=(),
-            tolerance_alpha: float = sequential.TOLERANCE_ALPHA) -> Certificate:
+            rule=None) -> Certificate:
   """CERTIFY of Cohen et al. (2019), for a batch of instances.
 
   Guarantee: for each instance, with probability at least 1 − α over the sampling, if the
   prediction is not ABSTAIN then the smoothed classifier g at that σ returns `prediction`
   at every x' with ‖x' − x‖₂ < radius.
 
-  sampling="fixed" draws n estimation samples per instance. sampling="sequential" draws up
-  to n (n_max) and stops early (sequential.py): with `radii` empty when the radius is within
-  a factor (1 − tolerance) of the best still reachable, else once "radius ≥ r_k" is proven,
-  or out of reach by n_max, for every r_k in `radii`, reporting the largest r_k proven.
-  "Reachable" assumes p_A below its upper bound at level tolerance_alpha (0: α), which only
-  decides when to stop. Radius mode's lower bound holds at every look simultaneously (a
-  union bound over the looks); decision mode's tests of "p_A ≥ Φ(r_k/σ)" hold at every look
-  by Ville's inequality, in a fixed order that lets each use the whole α (sequential.py);
-  so the guarantee above is unchanged.
-  In both, the class comes from n0 separate selection samples; `num_samples` counts the
+  Without a `rule`, n estimation samples per instance and a one-sided Clopper–Pearson bound.
+  With a stopping rule (sequential/rules.py: RadiusRule, DecisionRule) up to n (n_max),
+  stopping early; its bounds and tests hold at every look it may stop at (a union bound, or
+  Ville's inequality), so the guarantee above is unchanged (docs/sequential.md). Either
+  way the class comes from n0 separate selection samples; `num_samples` counts the
   estimation samples drawn, and `counts` is over those samples.
   """
   x, sigma, ids = validate_instances(x, sigma, ids)
   check_positive_ints(n0=n0, n=n, batch_size=batch_size)
   check_alpha(alpha)
-  rule = check_sampling(sampling, tolerance, radii, n0=n0, n=n, tolerance_alpha=tolerance_alpha)
+  if rule is not None and n < n0:
+    raise ValueError(f"n must be >= n0 with sequential sampling (n is n_max); got n={n} < n0={n0}")
   check_model(apply_fn, x, num_classes)
-  count = functools.partial(_counts, apply_fn, x, sigma, ids, batch_size=batch_size,
+  count = functools.partial(counts, apply_fn, x, sigma, ids, batch_size=batch_size,
                             num_classes=num_classes)
 
-  selection = count(jax.random.fold_in(key, PURPOSE_SELECT), num=n0)
+  selection = count(jax.random.fold_in(key, Stream.SELECT), num=n0)
   guess = np.asarray(jnp.argmax(selection, axis=1)).astype(np.int32)
-  estimation_key = jax.random.fold_in(key, PURPOSE_ESTIMATE)
+  estimation_key = jax.random.fold_in(key, Stream.ESTIMATE)
   rows = np.arange(len(x))
   if rule is None:
     estimation = np.asarray(count(estimation_key, num=n))
@@ -150,7 +130,7 @@ def certify(apply_fn: Callable, x, sigma, key, *, n0: int = 100, n: int = 100_00
     p_lower = clopper_pearson_lower(estimation[rows, guess], n, alpha)
     radius = certified_radius(np.maximum(p_lower, 0.5), sigma)
   else:
-    estimation, num_samples, look, level = sequential.run(
+    estimation, num_samples, look, level = engine.run(
         apply_fn, x, sigma, ids, guess, estimation_key, n_max=n, alpha=alpha,
         batch_size=batch_size, num_classes=num_classes, rule=rule)
     p_lower, radius = rule.certify(estimation[rows, guess], num_samples, look, level, sigma, n,
@@ -174,11 +154,11 @@ def predict(apply_fn: Callable, x, sigma, key, *, n: int, alpha: float, batch_si
   check_positive_ints(n=n, batch_size=batch_size)
   check_alpha(alpha)
   check_model(apply_fn, x, num_classes)
-  counts = np.asarray(_counts(apply_fn, x, sigma, ids, jax.random.fold_in(key, PURPOSE_PREDICT),
-                              num=n, batch_size=batch_size, num_classes=num_classes))
-  top_two = np.argsort(-counts, axis=1, kind="stable")[:, :2]
-  n_a = counts[np.arange(len(x)), top_two[:, 0]]
-  n_b = counts[np.arange(len(x)), top_two[:, 1]]
+  tally = np.asarray(counts(apply_fn, x, sigma, ids, jax.random.fold_in(key, Stream.PREDICT),
+                            num=n, batch_size=batch_size, num_classes=num_classes))
+  top_two = np.argsort(-tally, axis=1, kind="stable")[:, :2]
+  n_a = tally[np.arange(len(x)), top_two[:, 0]]
+  n_b = tally[np.arange(len(x)), top_two[:, 1]]
   p_values = np.array([stats.binomtest(int(a), int(a + b), 0.5).pvalue for a, b in zip(n_a, n_b)])
   return np.where(p_values <= alpha, top_two[:, 0], ABSTAIN).astype(np.int32)
 
@@ -208,20 +188,6 @@ def validate_instances(x, sigma, ids=None):
     raise ValueError(f"ids must be integers of shape ({batch},) to match x; "
                      f"got {ids.dtype} of shape {ids.shape}")
   return x, sigma, ids.astype(np.int32)
-
-
-SAMPLINGS = ("fixed", "sequential")
-
-
-def check_sampling(sampling, tolerance, radii, *, n0, n, tolerance_alpha):
-  """None for fixed sampling, else the sequential stopping rule; ValueError on bad values."""
-  if sampling not in SAMPLINGS:
-    raise ValueError(f"sampling must be one of {SAMPLINGS}; got {sampling!r}")
-  if sampling == "fixed":
-    return None
-  if n < n0:
-    raise ValueError(f"n must be >= n0 with sequential sampling (n is n_max); got n={n} < n0={n0}")
-  return sequential.make_rule(tolerance, radii, tolerance_alpha)
 
 
 def check_alpha(alpha):

@@ -14,54 +14,28 @@ The search's samples never feed a certificate: CERTIFY at the chosen σ draws fr
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import stats
 
-from instars_jax import parallel, smoothing
+from instars_jax import parallel
+from instars_jax.smoothing import bounds, sampler
 
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0  # 0.618...
-_FLOOR = -10.0  # Φ⁻¹ of a zero lower bound, kept finite so comparisons stay defined
-ESTIMATE_ALPHA = 0.01  # caution in the search's own estimate of p_A; see radius_factors
+ESTIMATE_ALPHA = 0.01  # caution in the search's own estimate of p_A; see bounds.radius_factors
 
 
-def radius_factors(samples: int, n: int, alpha: float, estimate_alpha: float) -> np.ndarray:
-  """float32[samples + 1]: Φ⁻¹(CP_lower(p̂_c · n, n, α)) for c = 0..samples, so that
-  R(σ) = σ · factors[c] when c of the samples land on the top class.
-
-  p̂_c = CP_lower(c, samples, estimate_alpha), a deliberately cautious estimate of p_A: the
-  search keeps the best of many noisy evaluations, and the plain frequency c/samples would
-  favour whichever σ happened to be estimated too high (most at large σ, where R is most
-  sensitive to p̂). estimate_alpha = 0.5 is close to the plain frequency."""
-  estimates = smoothing.clopper_pearson_lower(np.arange(samples + 1), samples, estimate_alpha)
-  return certified_factors(estimates, n, alpha)
-
-
-def certified_factors(p_estimates, n: int, alpha: float) -> np.ndarray:
-  """float32: Φ⁻¹(CP_lower(p · n, n, α)) for each estimate p of p_A, floored at −10: R = σ ·
-  factor is the radius CERTIFY with n samples at level α would report if p̂_A came out at p."""
-  factors = stats.norm.ppf(smoothing.clopper_pearson_lower(np.asarray(p_estimates) * n, n, alpha))
-  return np.maximum(factors, _FLOOR).astype(np.float32)
-
-
-def objective(x, sigma, ids, key, factors, *, apply_fn, samples, chunk, num_classes,
-              labels=None):
-  """R at σ per instance, from `samples` noisy samples drawn from `key`: for the top class
-  at σ, or for `labels` when given (Insta-RS Train scores the true label). `sigma` may be
-  float32[K, b]: K levels scored on one draw of noise.
+def objective(x, sigma, ids, key, factors, *, apply_fn, samples, chunk, num_classes):
+  """R at σ per instance, from `samples` noisy samples drawn from `key`, for the top class at
+  σ. `sigma` may be float32[K, b]: K levels scored on one draw of noise.
 
   Noise depends on (key, id, j) only, so calls with the same key use the same ε at every σ
   (common random numbers)."""
-  counts = smoothing.local_counts(x, sigma, ids, key, apply_fn=apply_fn, num=samples,
-                                  chunk=chunk, num_classes=num_classes)
-  hits = jnp.max(counts, axis=-1) if labels is None else \
-      jnp.take_along_axis(counts, jnp.broadcast_to(labels[:, None], counts.shape[:-1] + (1,)),
-                          axis=-1)[..., 0]
-  return sigma * factors[hits]
+  counts = sampler.local_counts(x, sigma, ids, key, apply_fn=apply_fn, num=samples,
+                                chunk=chunk, num_classes=num_classes)
+  return sigma * factors[jnp.max(counts, axis=-1)]
 
 
 def _golden_offset(lo, hi):
@@ -142,16 +116,6 @@ def _local_search(x, ids, key, factors, lattices, *, apply_fn, samples, chunk, n
   return sigma, radius
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "samples", "chunk", "num_classes",
-                                             "steps", "mesh"))
-def _sharded_search(x, ids, key, factors, lattices, *, apply_fn, samples, chunk, num_classes,
-                    steps, mesh):
-  local = functools.partial(_local_search, apply_fn=apply_fn, samples=samples, chunk=chunk,
-                            num_classes=num_classes, steps=steps)
-  return parallel.shard_instances(local, mesh, num_sharded=2, num_replicated=3)(
-      x, ids, key, factors, lattices)
-
-
 def default_samples_per_step(n: int, starts: int, steps: int) -> int:
   """The samples per evaluation that keep the whole search within 10% of n."""
   return max(1, int(0.1 * n) // max(1, starts * steps))
@@ -182,30 +146,28 @@ def search_sigma(apply_fn, x, key, *, sigma_min: float, sigma_max: float, starts
   the bracket by 0.618 each step, and with common random numbers (one ε per start, reused at
   every σ) each comparison is between the same samples. It finds the maximum of a unimodal
   function; the starts cover objectives with several local maxima. Judging the starts on
-  fresh samples, and estimating p_A cautiously (`estimate_alpha`, see `radius_factors`),
+  fresh samples, and estimating p_A cautiously (`estimate_alpha`, see `bounds.radius_factors`),
   keeps the noisiest σ (the largest) from winning by luck.
 
   Deterministic in (key, ids[i]); independent of batch size, grouping and device count.
   With return_objective=True, also returns the search's estimate of R at the chosen σ.
   """
-  x, _, ids = smoothing.validate_instances(x, 1.0, ids)
+  x, _, ids = sampler.validate_instances(x, 1.0, ids)
   samples_per_step = samples_per_step or default_samples_per_step(n, starts, steps)
   validate_search(sigma_min=sigma_min, sigma_max=sigma_max, starts=starts, steps=steps,
                   samples_per_step=samples_per_step, n=n, alpha=alpha,
                   estimate_alpha=estimate_alpha, batch_size=batch_size)
-  smoothing.check_model(apply_fn, x, num_classes)
+  sampler.check_model(apply_fn, x, num_classes)
 
-  mesh = parallel.local_data_mesh()
-  devices = mesh.devices.size
-  x_padded, ids_padded = (parallel.pad_rows(a, devices) for a in (x, ids))
-  chunk = smoothing.samples_per_pass(batch_size, len(x_padded) // devices, samples_per_step)
-  sigma, radius = _sharded_search(
-      x_padded, ids_padded, key, radius_factors(samples_per_step, n, alpha, estimate_alpha),
-      start_lattices(sigma_min, sigma_max, starts),
+  chunk = sampler.samples_per_pass(batch_size, parallel.per_device(len(x)), samples_per_step)
+  sigma, radius = parallel.map_instances(
+      _local_search, (x, ids),
+      (key, bounds.radius_factors(samples_per_step, n, alpha, estimate_alpha),
+       start_lattices(sigma_min, sigma_max, starts)),
       apply_fn=apply_fn, samples=samples_per_step, chunk=chunk, num_classes=num_classes,
-      steps=steps, mesh=mesh)
-  sigma = np.asarray(sigma[: len(x)], np.float32)
-  return (sigma, np.asarray(radius[: len(x)])) if return_objective else sigma
+      steps=steps)
+  sigma = np.asarray(sigma, np.float32)
+  return (sigma, np.asarray(radius)) if return_objective else sigma
 
 
 def validate_search(*, sigma_min, sigma_max, starts, steps, samples_per_step, n, alpha,
@@ -218,8 +180,8 @@ def validate_search(*, sigma_min, sigma_max, starts, steps, samples_per_step, n,
   if int(steps) != steps or steps < 3:
     raise ValueError(f"steps must be an integer >= 3 (two golden-section points to compare, "
                      f"then a fresh evaluation of the winner); got {steps}")
-  smoothing.check_positive_ints(starts=starts, samples_per_step=samples_per_step, n=n,
-                                batch_size=batch_size)
-  smoothing.check_alpha(alpha)
+  sampler.check_positive_ints(starts=starts, samples_per_step=samples_per_step, n=n,
+                              batch_size=batch_size)
+  sampler.check_alpha(alpha)
   if not 0.0 < estimate_alpha < 1.0:
     raise ValueError(f"estimate_alpha must lie in (0, 1); got {estimate_alpha}")

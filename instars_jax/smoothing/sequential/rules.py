@@ -1,64 +1,14 @@
-"""Sequential certification: anytime-valid bounds on p_A, early stopping, continuous batching.
+"""Sequential CERTIFY's stopping rules: their look schedules, the device-side test that
+decides when an instance stops, the host-side bound it certifies, their settings and their
+metadata. The engine (engine.py) runs any rule with the interface `looks`, `tables`, `stop`,
+`certify`; the statistics and their proofs are in docs/sequential.md.
 
-CERTIFY with a fixed n spends the same samples on every input, though most are decided long
-before: an input with p_A far below 1/2 abstains after a few hundred samples, and a radius
-stops moving long before n = 100,000. Here each instance draws estimation samples until a
-stopping rule fires at one of a fixed schedule of *looks* (sample counts t_1 < … < t_L = n_max),
-and the device never waits for the slowest instance: a finished instance's slot in the batch
-takes the next instance of the queue (continuous batching, inside one compiled loop).
-
-Each stopping rule owns its look schedule, its device-side test and the host-side bound it
-certifies (one interface: `looks`, `tables`, `stop`, `certify`):
-
-  RadiusRule(tolerance ε, tolerance level δ)
-    Bound: a union bound over a schedule of looks (`look_schedule`: geometric, ratio 1.5,
-    plus the saturation look, where an input whose samples all agree meets the stop below; it
-    depends on n_max, α and ε alone), with a one-sided Clopper–Pearson bound at each
-    (`look_alphas`, `bound_tables`; the union-bound confidence sequence that Voráček, Hein et
-    al., NeurIPS 2024, compare with betting sequences). Look l gets level α_l = α·t_l/Σ_l t_l,
-    in proportion to its samples (the last look about a third of α): early looks only have
-    to catch abstentions and small p_A, which need little precision, while the late ones set
-    the radii of most images. Then
-    P[∃ l: p_A < L_l] ≤ Σ_l α_l = α for every p_A, so the lower bound at *any* stopping look,
-    however chosen from the data, is below p_A with probability ≥ 1 − α, and Cohen et al.'s
-    Theorem 1 gives the radius σ Φ⁻¹(L) at that level (recomputed on the host in float64).
-    Stop when σΦ⁻¹(L_t) ≥ (1 − ε)·R̄_t, where R̄_t is the best radius a continuation to n_max
-    could still certify if p_A ≤ U^δ_t: the last look's bound at the S_t successes seen plus
-    ⌈U^δ_t·(n_max − t)⌉ more, and never more than with every remaining sample a success.
-    U^δ_t is the look's own Clopper–Pearson upper bound at level δ (`TOLERANCE_ALPHA` = 0.05
-    by default, the usual β of a sequential test), so the tolerance holds with probability
-    ≥ 1 − δ at each look; δ = α takes the family's upper bound U_t instead, and the tolerance
-    then holds as surely as the certificate, at the price of sampling until U_t is as tight
-    as L_t. Stop (abstain) once U_t < 1/2 or no continuation can reach L ≥ 1/2. The upper
-    bounds only decide when to stop.
-
-  DecisionRule(radii r_1 < … < r_m, tolerance level δ)
-    Test: for each threshold θ_k = Φ(r_k/σ) (θ_0 = 1/2: p_A > 1/2, the class itself), a
-    mixture of likelihood ratios of alternatives p_j > θ_k against θ_k (`log_evidence`: ten
-    alternatives, nine log-odds steps above θ_k and p = 1, equally weighted). Under any
-    p_A ≤ θ_k the mixture is a nonnegative supermartingale with mean ≤ 1, so by Ville's
-    inequality it ever reaches 1/α with probability ≤ α (the SPRT's argument, Wald 1945,
-    with Robbins' mixtures over the alternative, 1970). It is checked at dense looks
-    (`decision_looks`: every 5% or 50 samples), which cost nothing in level, unlike a
-    union bound. "R ≥ r_k" is proven once the tests of θ_0 … θ_k have all reached 1/α at one
-    look (a running maximum of that prefix): testing in this fixed order lets each test use
-    the whole α, since a wrong claim needs the first false one, θ_{k*}, rejected (fixed-
-    sequence testing, Maurer, Hothorn & Lehmacher 1995). The reported radius is the largest
-    r_k proven and the reported lower bound Φ(r_k/σ), both wrong with probability ≤ α.
-    "R ≥ r_k" is given up (refuted) once even a continuation at p_A's upper bound could not
-    prove it by n_max: the S_t successes seen plus ⌈U^δ_t·(n_max − t)⌉ more would leave the
-    test below 1/α at n_max (always so once no proof is possible with every remaining sample
-    a success). U^δ_t is the Chernoff bound at level δ/L over the L looks (`chernoff_upper`;
-    Chernoff 1952), so with probability ≥ 1 − δ, p_A ≤ U^δ_t at every look, and a claim is
-    given up only where even S_t + p_A·(n_max − t), the final count expected from the samples
-    seen, would not prove it; δ is the tolerance level, `TOLERANCE_ALPHA` by default.
-    Refutations only stop sampling. Stop when every threshold is proven or refuted. The
-    device computes the test in float32 and subtracts a bound on its rounding error
-    (`ROUNDING`), so it never proves what the exact test would not.
-
-Noise for instance i, sample j is the fixed-n CERTIFY's (monte_carlo.instance_noise with
-the estimation key), so the first t samples are the same in both modes, and stopping depends
-only on the counts at looks: results do not depend on batch size, grouping or device count.
+  RadiusRule(tolerance ε, tolerance level δ): a union bound of Clopper–Pearson bounds over a
+    geometric schedule of looks plus the saturation look; stop once the radius is within
+    (1 − ε) of the best a continuation to n_max could still certify.
+  DecisionRule(radii r_1 < … < r_m, δ): a mixture likelihood-ratio test of each threshold
+    p_A ≥ Φ(r_k/σ), valid at every sample by Ville's inequality, in a fixed order; stop once
+    every threshold is proven, or given up as out of reach by n_max.
 """
 
 from __future__ import annotations
@@ -73,16 +23,14 @@ import numpy as np
 from jax.scipy.special import log_ndtr, ndtr, ndtri, xlogy
 from scipy import stats
 
-from instars_jax import parallel
-from instars_jax.monte_carlo import (certified_radius, clopper_pearson_lower,
-                                     clopper_pearson_upper, instance_noise)
+from instars_jax.smoothing.bounds import (certified_radius, clopper_pearson_lower,
+                                          clopper_pearson_upper)
+
+SAMPLINGS = ("fixed", "sequential")
 
 FIRST_LOOK = 100
 LOOK_RATIO = 1.5
 DECISION_GAP = (50, 0.05)  # decision looks: every max(50, 5% of the samples so far)
-# Instances in flight per device: one per SAMPLES_PER_SLOT images of the batch, so that the
-# instances just started (FIRST_LOOK samples to their first look) can fill it.
-SAMPLES_PER_SLOT = 50
 # The default level of the upper bound U^δ on p_A that only decides when to stop (both rules).
 TOLERANCE_ALPHA = 0.05
 # The decision tests' alternatives: log-odds steps above the threshold's.
@@ -161,7 +109,7 @@ def look_alphas(alpha: float, looks: np.ndarray) -> np.ndarray:
 
 def anytime_lower_bound(successes, trials, look, looks: np.ndarray, alpha: float):
   """float64 lower bound on p_A at each instance's stopping look `look` (an index into
-  `looks`), at that look's level: valid simultaneously over looks (module doc)."""
+  `looks`), at that look's level: valid simultaneously over looks (docs/sequential.md)."""
   level = look_alphas(alpha, looks)[np.asarray(look)]
   return clopper_pearson_lower(successes, trials, level)
 
@@ -240,7 +188,7 @@ def chernoff_upper(successes, trials, log_inverse_level):
 
 def continued_successes(successes, trials, upper, n_max):
   """int32 successes at n_max if the remaining samples come at rate `upper`: the S_t seen
-  plus ⌈upper·(n_max − t)⌉, both rules' plausible continuation (module doc)."""
+  plus ⌈upper·(n_max − t)⌉, both rules' plausible continuation (docs/sequential.md)."""
   more = jnp.ceil(upper * (n_max - trials)).astype(jnp.int32)
   return jnp.minimum(n_max, successes + more)
 
@@ -254,8 +202,13 @@ def _radius(p_lower, sigma):
 class RadiusRule:
   """Stop once the radius is within a factor (1 − tolerance) of the best still reachable if
   p_A is below its upper bound at level `likely_alpha` (None: the anytime bound's α)."""
-  tolerance: float
-  likely_alpha: float | None = None
+  tolerance: float = 0.05
+  likely_alpha: float | None = TOLERANCE_ALPHA
+
+  def __post_init__(self):
+    if not 0.0 < self.tolerance < 1.0:
+      raise ValueError(f"tolerance must lie in (0, 1); got {self.tolerance}")
+    _check_level(self.likely_alpha)
 
   def looks(self, n_max: int, alpha: float) -> np.ndarray:
     return look_schedule(n_max, alpha, self.tolerance)
@@ -277,6 +230,13 @@ class RadiusRule:
     close = (lower >= 0.5) & (ndtri(lower) >= (1.0 - self.tolerance) * best)
     return abstain | close, level
 
+  def metadata(self, n_max: int) -> dict:
+    """What a results file's numbers depend on (its bound and looks are named, so that a file
+    written with earlier ones does not resume with these)."""
+    return _with_level({"mode": "radius", "tolerance": self.tolerance,
+                        "bound": "clopper_pearson_alpha_by_samples",
+                        "looks": "geometric_and_saturation"}, self.likely_alpha, n_max)
+
   def certify(self, successes, trials, look, level, sigma, n_max: int, alpha: float):
     """float64 (p_lower, radius): the anytime lower bound at the stopping look, σ Φ⁻¹(L)."""
     p_lower = anytime_lower_bound(successes, trials, look, self.looks(n_max, alpha), alpha)
@@ -288,7 +248,18 @@ class DecisionRule:
   """Stop once every "R ≥ r_k" (and p_A > 1/2) is proven by its test, or given up because a
   continuation at p_A's upper bound at level `likely_alpha` (None: α) could not prove it."""
   radii: tuple
-  likely_alpha: float | None = None
+  likely_alpha: float | None = TOLERANCE_ALPHA
+
+  def __post_init__(self):
+    radii = tuple(float(r) for r in self.radii)
+    if not radii:
+      raise ValueError("radii must list at least one radius")
+    if not all(math.isfinite(r) and r >= 0 for r in radii):
+      raise ValueError(f"radii must be finite and >= 0; got {list(radii)}")
+    if any(b <= a for a, b in zip(radii, radii[1:])):
+      raise ValueError(f"radii must be sorted in increasing order; got {list(radii)}")
+    object.__setattr__(self, "radii", radii)
+    _check_level(self.likely_alpha)
 
   def looks(self, n_max: int, alpha: float) -> np.ndarray:
     del alpha  # the tests' level does not depend on the looks
@@ -304,7 +275,7 @@ class DecisionRule:
 
   def stop(self, tables, look, successes, trials, n_max, sigma, level):
     """(stop bool[S], level int32[S]): level, the number of thresholds θ_0, θ_1, … proven
-    together at one look so far (module doc)."""
+    together at one look so far (docs/sequential.md)."""
     threshold, likely_level = tables
     z = (jnp.asarray(self._levels(), jnp.float32)[None, :] / sigma[:, None]) * (1 + Z_INFLATION)
     proves = lambda s, f: log_evidence(s[:, None], f[:, None], z) >= threshold
@@ -317,6 +288,10 @@ class DecisionRule:
     index = jnp.arange(len(self._levels()))[None, :]
     decided = (index < level[:, None]) | proven | refuted
     return jnp.all(decided, axis=1), level
+
+  def metadata(self, n_max: int) -> dict:
+    return _with_level({"mode": "decision", "radii": list(self.radii),
+                        "test": "mixture_likelihood_ratio"}, self.likely_alpha, n_max)
 
   def certify(self, successes, trials, look, level, sigma, n_max: int, alpha: float):
     """float64 (p_lower, radius): Φ(r_k/σ) and r_k for the largest r_k proven (p_lower 1/2
@@ -334,99 +309,36 @@ def make_rule(tolerance: float, radii,
   at level tolerance_alpha (0 means α). ValueError on bad values."""
   if not 0.0 <= tolerance_alpha < 1.0:
     raise ValueError(f"tolerance_alpha must lie in [0, 1) (0: alpha); got {tolerance_alpha}")
-  radii = tuple(float(r) for r in (radii or ()))
+  level = float(tolerance_alpha) or None
   if radii:
-    if not all(math.isfinite(r) and r >= 0 for r in radii):
-      raise ValueError(f"radii must be finite and >= 0; got {list(radii)}")
-    if any(b <= a for a, b in zip(radii, radii[1:])):
-      raise ValueError(f"radii must be sorted in increasing order; got {list(radii)}")
-    return DecisionRule(radii, float(tolerance_alpha) or None)
-  if not 0.0 < tolerance < 1.0:
-    raise ValueError(f"tolerance must lie in (0, 1); got {tolerance}")
-  return RadiusRule(float(tolerance), float(tolerance_alpha) or None)
+    return DecisionRule(tuple(radii), level)
+  return RadiusRule(float(tolerance), level)
 
 
-# ---------------------------------------------------------------------------
-# Continuous batching
+def _check_level(likely_alpha) -> None:
+  if likely_alpha is not None and not 0.0 < likely_alpha < 1.0:
+    raise ValueError(f"tolerance_alpha must lie in (0, 1), or be None (alpha); got {likely_alpha}")
 
 
-def local_run(x, sigma, ids, guess, key, looks, tables, *, apply_fn, slots, batch_size,
-              num_classes, rule):
-  """Counts for the queue of instances on one device: (counts int32[Q, C], trials int32[Q],
-  look int32[Q], level int32[Q]) at each instance's stop.
-
-  `slots` instances are in flight. Each step's batch of `batch_size` noisy images is filled
-  slot by slot with the samples each in-flight instance still needs to reach its next look
-  (so nothing is drawn past a look, and in the tail the last instances get the whole batch);
-  an instance that stops at a look hands its slot to the next instance of the queue."""
-  queue, shape = x.shape[0], x.shape[1:]
-  n_max = looks[-1]
-  slots = min(slots, queue)
-  positions = jnp.arange(batch_size)
-
-  def step(state):
-    slot, next_in_queue, counts, trials, look, level = state
-    active = slot < queue
-    q = jnp.minimum(slot, queue - 1)
-    start, boundary = trials[q], looks[look[q]]
-    need = jnp.where(active, boundary - start, 0)
-    ends = jnp.cumsum(need)
-    begins = ends - need
-    owner = jnp.minimum(jnp.searchsorted(ends, positions, side="right"), slots - 1)
-    valid = positions < ends[-1]
-    instance = q[owner]
-    sample = start[owner] + positions - begins[owner]
-    eps = jax.vmap(lambda i, j: instance_noise(key, i, j[None], shape)[0])(ids[instance], sample)
-    noisy = x[instance] + sigma[instance].reshape((-1,) + (1,) * len(shape)) * eps
-    predictions = jnp.argmax(apply_fn(noisy), -1)
-    hits = jax.ops.segment_sum(jax.nn.one_hot(predictions, num_classes, dtype=jnp.int32)
-                               * valid[:, None], owner, num_segments=slots)
-    new_counts = counts[q] + hits
-    new_trials = start + jnp.clip(batch_size - begins, 0, need)
-    successes = jnp.take_along_axis(new_counts, guess[q][:, None], axis=1)[:, 0]
-    at_look = active & (new_trials == boundary)
-    rule_stop, rule_level = rule.stop(tables, look[q], successes, new_trials, n_max, sigma[q],
-                                      level[q])
-    stop = at_look & (rule_stop | (new_trials >= n_max))
-    new_look = look[q] + (at_look & ~stop)
-    new_level = jnp.where(at_look, rule_level, level[q])
-    write = jnp.where(active, q, queue)  # idle slots write nowhere
-    counts = counts.at[write].set(new_counts, mode="drop")
-    trials = trials.at[write].set(new_trials, mode="drop")
-    look = look.at[write].set(new_look, mode="drop")
-    level = level.at[write].set(new_level, mode="drop")
-    refill = next_in_queue + jnp.cumsum(stop) - 1
-    slot = jnp.where(stop, jnp.where(refill < queue, refill, queue), slot)
-    return slot, next_in_queue + jnp.sum(stop), counts, trials, look, level
-
-  zeros = jnp.zeros((queue,), jnp.int32)
-  initial = (jnp.arange(slots, dtype=jnp.int32), jnp.int32(slots),
-             jnp.zeros((queue, num_classes), jnp.int32), zeros, zeros, zeros)
-  _, _, counts, trials, look, level = jax.lax.while_loop(lambda s: jnp.any(s[0] < queue), step,
-                                                         initial)
-  return counts, trials, look, level
+def _with_level(metadata: dict, likely_alpha, n_max: int) -> dict:
+  """tolerance_alpha unless None (α, what files from before it existed were written at),
+  then n_max."""
+  if likely_alpha:
+    metadata["tolerance_alpha"] = likely_alpha
+  return metadata | {"n_max": n_max}
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "slots", "batch_size", "num_classes",
-                                             "rule", "mesh"))
-def _sharded_run(x, sigma, ids, guess, key, looks, tables, *, apply_fn, slots, batch_size,
-                 num_classes, rule, mesh):
-  local = functools.partial(local_run, apply_fn=apply_fn, slots=slots, batch_size=batch_size,
-                            num_classes=num_classes, rule=rule)
-  return parallel.shard_instances(local, mesh, num_sharded=4, num_replicated=3)(
-      x, sigma, ids, guess, key, looks, tables)
-
-
-def run(apply_fn, x, sigma, ids, guess, key, *, n_max, alpha, batch_size, num_classes, rule):
-  """(counts int[B, C], trials int[B], look int[B], level int[B]) of sequential sampling on
-  validated host arrays: each device takes a contiguous share of the instances as its queue
-  and keeps batch_size // SAMPLES_PER_SLOT of them in flight."""
-  mesh = parallel.local_data_mesh()
-  devices = mesh.devices.size
-  padded = [parallel.pad_rows(a, devices) for a in (x, sigma, ids, guess)]
-  slots = max(1, batch_size // SAMPLES_PER_SLOT)
-  looks = rule.looks(int(n_max), float(alpha)).astype(np.int32)
-  results = _sharded_run(*padded, key, looks, rule.tables(int(n_max), float(alpha)),
-                         apply_fn=apply_fn, slots=slots, batch_size=batch_size,
-                         num_classes=num_classes, rule=rule, mesh=mesh)
-  return tuple(np.asarray(a)[: len(x)] for a in results)
+def from_config(c):
+  """The stopping rule of config.certify (`c`), or None for fixed sampling; ValueError
+  naming the key on a bad value."""
+  if c.sampling not in SAMPLINGS:
+    raise ValueError(f"certify.sampling must be one of {SAMPLINGS}; got {c.sampling!r}")
+  if c.sampling == "fixed":
+    return None
+  if c.n < c.n0:
+    raise ValueError(f"certify.n must be >= n0 with sequential sampling (n is n_max); got "
+                     f"n={c.n} < n0={c.n0}")
+  try:
+    return make_rule(c.tolerance, c.radii, c.tolerance_alpha)
+  except ValueError as error:
+    raise ValueError(f"certify.{error}") from None

@@ -1,9 +1,9 @@
 """The σ-estimator of the sound instance-wise certificate, after Dual Randomized Smoothing
-(Sun, Mao & Vechev, ICLR 2026).
+(Sun, Mao & Vechev, ICLR 2026), and its training stage.
 
 A classifier over the K noise levels of `train.table.grid`, smoothed at σ_e (default: the top
-of the grid) and certified by CERTIFY like any base classifier (`certificates.py`,
-locally_constant). It learns from the trained base model:
+of the grid) and certified by CERTIFY like any base classifier
+(certificates/locally_constant.py). It learns from the trained base model:
 
 1. Labels. Each training example's radius profile R_k at every grid σ (`sigma_table.update`
    with `estimator.label_samples` noise vectors, on the final base model) becomes the soft
@@ -23,24 +23,28 @@ checkpoint per epoch, resumable) with `estimator.json`, the settings certificati
 4. Optionally (`estimator.finetune_epochs`, DualRS's last step) the base model is fine-tuned
    with each training example at the σ the trained estimator picks for it (`assigned_sigmas`:
    the majority bin over `label_samples` noisy copies at σ_e), so that the base model is
-   trained where the certificate will use it (training.py runs it after this stage).
+   trained where the certificate will use it (stages.FinetuneStage, after this stage).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instars_jax import checkpoints, data, model_state, models, sigma_table
+from instars_jax import data, models
+from instars_jax.run import checkpoints
+from instars_jax.run.files import write_json_atomic
+from instars_jax.run.workdir import Workdir
+from instars_jax.smoothing.streams import Stream
+from instars_jax.train import sigma_table
+from instars_jax.train import state as state_lib
 
-PURPOSE_LABELS = 40
-PURPOSE_NOISE = 41
-PURPOSE_ASSIGN = 42
 SETTINGS_FILE = "estimator.json"
 LABELS_FILE = "labels.npz"
 
@@ -76,6 +80,24 @@ def settings(config) -> dict:
           "consistency": e.consistency, "learning_rate": e.learning_rate, "seed": config.seed}
 
 
+def saved_settings(workdir) -> dict:
+  """The settings of the finished estimator in `workdir`; FileNotFoundError saying what to run
+  when there is none or it stopped early."""
+  workdir = Workdir(workdir)
+  directory = workdir.estimator_dir
+  settings_path = directory / SETTINGS_FILE
+  manager = workdir.estimator_checkpoints() if settings_path.exists() else None
+  if manager is None or manager.latest_step() is None:
+    raise FileNotFoundError(f"no σ-estimator in {directory}: train one with train.py (same "
+                            "--config and --workdir) and --config.estimator.epochs=N")
+  saved = json.loads(settings_path.read_text())
+  if manager.latest_step() != saved["epochs"]:
+    raise FileNotFoundError(f"the σ-estimator in {directory} stopped after epoch "
+                            f"{manager.latest_step()} of {saved['epochs']}: rerun train.py to "
+                            "finish it")
+  return saved
+
+
 def validate(config) -> list:
   e = config.estimator
   return [
@@ -94,11 +116,11 @@ def validate(config) -> list:
 
 
 @functools.partial(jax.jit, static_argnames=("sigma", "consistency"), donate_argnames="state")
-def train_step(state: model_state.ModelState, batch, epoch_key, *, sigma, consistency):
+def train_step(state: state_lib.ModelState, batch, epoch_key, *, sigma, consistency):
   """One SGD step: weighted soft-label cross-entropy on two noisy copies at σ_e plus
   λ · mean KL(p̄ ‖ p_copy). `batch["label"]` holds weight × soft label."""
-  keys = model_state.example_keys(epoch_key, batch["index"])
-  copies = [model_state.gaussian_noise(jax.vmap(lambda k: jax.random.fold_in(k, c))(keys),
+  keys = state_lib.example_keys(epoch_key, batch["index"])
+  copies = [state_lib.gaussian_noise(jax.vmap(lambda k: jax.random.fold_in(k, c))(keys),
                                        batch["image"], jnp.full(keys.shape[:1], sigma))
             for c in range(2)]
   target = batch["label"]
@@ -119,30 +141,31 @@ def train_step(state: model_state.ModelState, batch, epoch_key, *, sigma, consis
   return state, {"loss": loss, "agreement": agreement}
 
 
-def _template(config, image_shape, stats, steps_per_epoch) -> model_state.ModelState:
+def _template(config, image_shape, stats, steps_per_epoch) -> state_lib.ModelState:
   s = settings(config)
-  model, params, batch_stats = model_state.init_model(s["model"], s["dtype"], len(s["grid"]),
-                                                      stats, image_shape, config.seed + 1)
+  model, params, batch_stats = state_lib.init_model(s["model"], s["dtype"], len(s["grid"]),
+                                                    stats, image_shape, config.seed + 1)
   t = config.train.copy_and_resolve_references()
   with t.unlocked():
     t.learning_rate, t.warmup_epochs, t.schedule = s["learning_rate"], 0.0, "cosine"
-  return model_state.ModelState.create(
+  return state_lib.ModelState.create(
       apply_fn=model.apply, params=params, batch_stats=batch_stats,
-      tx=model_state.optimizer(t, steps_per_epoch, s["epochs"]))
+      tx=state_lib.optimizer(t, steps_per_epoch, s["epochs"]))
 
 
 def labels_from_base(config, dataset, base_state, sharder):
-  """(base state with the label profile, labels × weights [N, K], kept indices)."""
+  """(labels × weights float32[N, K], kept indices) from a profile pass of the base model over
+  the training split (on a copy of its state: the base model's own table is left as is)."""
   order = np.arange(len(dataset.train))
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), PURPOSE_LABELS)
-  base_state = sigma_table.update(base_state, dataset.train, sharder, config, key, order,
-                                  config.estimator.label_samples)
-  labels, keep = soft_labels(np.asarray(base_state.sigma_profile), config.estimator.temperature)
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), Stream.ESTIMATOR_LABELS)
+  profiled = sigma_table.update(jax.tree_util.tree_map(jnp.copy, base_state), dataset.train,
+                                sharder, config, key, order, config.estimator.label_samples)
+  labels, keep = soft_labels(np.asarray(profiled.sigma_profile), config.estimator.temperature)
   kept = np.flatnonzero(keep)
   weighted = np.zeros_like(labels)
   if len(kept):
     weighted[kept] = labels[kept] * bin_weights(labels[kept])[:, None]
-  return base_state, weighted, kept
+  return weighted, kept
 
 
 def cached_labels(directory, config, dataset, base_state, sharder):
@@ -156,71 +179,109 @@ def cached_labels(directory, config, dataset, base_state, sharder):
   if path.exists():
     with np.load(path) as saved:
       if str(saved["settings"]) == label_settings:
-        return base_state, saved["labels"], saved["kept"]
-  base_state, labels, kept = labels_from_base(config, dataset, base_state, sharder)
+        return saved["labels"], saved["kept"]
+  labels, kept = labels_from_base(config, dataset, base_state, sharder)
   if jax.process_index() == 0:
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{LABELS_FILE}.tmp.npz"
     np.savez(tmp, labels=labels, kept=kept, settings=label_settings)
     tmp.replace(path)
-  return base_state, labels, kept
+  return labels, kept
 
 
-def train_estimator(config, workdir, dataset, base_state, sharder):
-  """The estimator stage: labels from `base_state`, then `estimator.epochs` epochs, saving
-  after each; a rerun resumes. Returns the base state with the label pass's profile."""
-  directory = Path(workdir) / "estimator"
-  manager = checkpoints.manager(directory, max_to_keep=1)
-  wanted = settings(config)
-  settings_path = directory / SETTINGS_FILE
-  if manager.latest_step() is not None and json.loads(settings_path.read_text()) != wanted:
-    raise ValueError(f"{directory} holds an estimator trained with other settings: remove it, "
-                     "or rerun with the same estimator settings")
-  if manager.latest_step() == wanted["epochs"]:
-    return base_state
-  base_state, labels, kept = cached_labels(directory, config, dataset, base_state, sharder)
-  batch_size = config.train.batch_size
-  steps_per_epoch = len(kept) // batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"only {len(kept)} training examples have a positive radius at some grid σ: "
-                     f"too few for the estimator's batch of {batch_size}")
-  state = sharder.replicate(_template(config, dataset.image_shape, dataset.stats, steps_per_epoch))
-  state, start = checkpoints.restore_latest(manager, state)
-  if jax.process_index() == 0:
-    directory.mkdir(parents=True, exist_ok=True)
-    checkpoints.write_json_atomic(settings_path, wanted)
-  split = data.Split(dataset.train.images, labels)
-  noise_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), PURPOSE_NOISE)
-  for epoch in range(start, wanted["epochs"]):
-    order = kept[np.random.default_rng([config.seed, PURPOSE_NOISE, epoch]).permutation(len(kept))]
-    batches = data.batches(split, batch_size, drop_remainder=True, host_id=jax.process_index(),
-                           host_count=jax.process_count(), order=order)
-    step = lambda s, b: train_step(s, b, jax.random.fold_in(noise_key, epoch),
-                                   sigma=wanted["sigma"], consistency=config.estimator.consistency)
-    state, means = model_state.run_epoch(state, step, batches, sharder, steps_per_epoch,
-                                         f"estimator epoch {epoch + 1}/{wanted['epochs']}")
+class EstimatorStage:
+  """The estimator's training stage (train/stages.py's interface): labels from the base
+  model, then `estimator.epochs` epochs over the kept examples in an order drawn per epoch,
+  checkpointed after each in WORKDIR/estimator/. Leaves the base model as it is."""
+  name = "estimator"
+  watch_chance = False  # its soft-label loss has no chance level to stop at
+  events_part = "estimator"
+  metrics_file = False
+  histogram = False
+
+  def __init__(self, context):
+    self.context = context
+    self.settings = settings(context.config)
+    self.sigma = self.settings["sigma"]
+    self.directory = context.workdir.estimator_dir
+    self.checkpoints = context.workdir.estimator_checkpoints()
+    self.interim = context.workdir.estimator_interim()
+    self.batch_size, self.num_classes = context.config.train.batch_size, len(self.settings["grid"])
+    self.steps_per_epoch, self.last_step = 1, 0  # known once the labels are
+
+  def start(self, base_state):
+    settings_path = self.directory / SETTINGS_FILE
+    done = self.checkpoints.latest_step()
+    if done is not None and json.loads(settings_path.read_text()) != self.settings:
+      raise ValueError(f"{self.directory} holds an estimator trained with other settings: "
+                       "remove it, or rerun with the same estimator settings")
+    if done == self.settings["epochs"]:
+      return None, 0
+    c = self.context
+    labels, self.kept = cached_labels(self.directory, c.config, c.dataset, base_state, c.sharder)
+    self.steps_per_epoch = len(self.kept) // self.batch_size
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"only {len(self.kept)} training examples have a positive radius at some "
+                       f"grid σ: too few for the estimator's batch of {self.batch_size}")
+    self.last_step = self.settings["epochs"] * self.steps_per_epoch
+    self.split = data.Split(c.dataset.train.images, labels)
+    template = c.sharder.replicate(_template(c.config, c.dataset.image_shape, c.dataset.stats,
+                                             self.steps_per_epoch))
+    state, epoch = checkpoints.restore_latest(self.checkpoints, template)
+    step = epoch * self.steps_per_epoch
+    if (self.interim.latest_step() or 0) > step:
+      state, step = checkpoints.restore_latest(self.interim, state)
     if jax.process_index() == 0:
-      print(f"estimator epoch={epoch} examples={len(kept)} loss={means['loss']:.4g} "
-            f"agreement={means['agreement']:.4g}")
-    checkpoints.save(manager, epoch + 1, state)
-  return base_state
+      self.directory.mkdir(parents=True, exist_ok=True)
+      write_json_atomic(settings_path, self.settings)
+    return state, step
+
+  def stream(self, first_step: int):
+    """The batches of steps [first_step, last_step): each epoch the kept examples in the
+    order of its (seed, epoch) permutation, each host its slice."""
+    seed, first_epoch = self.context.config.seed, first_step // self.steps_per_epoch
+
+    def batches():
+      for epoch in range(first_epoch, self.settings["epochs"]):
+        rng = np.random.default_rng([seed, Stream.ESTIMATOR_NOISE, epoch])
+        order = self.kept[rng.permutation(len(self.kept))]
+        yield from data.batches(self.split, self.batch_size, drop_remainder=True,
+                                host_id=jax.process_index(), host_count=jax.process_count(),
+                                order=order)
+
+    skip = first_step - first_epoch * self.steps_per_epoch
+    return contextlib.nullcontext(itertools.islice(batches(), skip, None))
+
+  def label(self, epoch: int) -> str:
+    return self.name
+
+  def describe(self, epoch: int) -> str:
+    return f"estimator epoch {epoch + 1}/{self.settings['epochs']}"
+
+  def begin_epoch(self, state, epoch: int):
+    return state
+
+  def step(self, state, batch, epoch: int):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(self.context.config.seed),
+                                                Stream.ESTIMATOR_NOISE), epoch)
+    return train_step(state, self.context.sharder.batch(batch), key, sigma=self.sigma,
+                      consistency=self.context.config.estimator.consistency)
+
+  def end_epoch(self, state, epoch: int, row: dict, seconds: float) -> dict:
+    return row | {"examples": len(self.kept)}
+
+  def finish(self, state, base_state):
+    return base_state
 
 
 def load(workdir):
-  """(x -> logits over the grid bins, settings) of the trained estimator in `workdir`."""
-  directory = Path(workdir) / "estimator"
-  settings_path = directory / SETTINGS_FILE
-  manager = checkpoints.manager(directory, max_to_keep=1) if settings_path.exists() else None
-  if manager is None or manager.latest_step() is None:
-    raise FileNotFoundError(f"no σ-estimator in {directory}: train one with train.py (same "
-                            "--config and --workdir) and --config.estimator.epochs=N")
-  saved = json.loads(settings_path.read_text())
-  if manager.latest_step() != saved["epochs"]:
-    raise FileNotFoundError(f"the σ-estimator in {directory} stopped after epoch "
-                            f"{manager.latest_step()} of {saved['epochs']}: rerun train.py to finish it")
+  """(x -> logits over the grid bins, settings) of the finished estimator in `workdir`."""
+  workdir = Workdir(workdir)
+  saved = saved_settings(workdir)
+  manager = workdir.estimator_checkpoints()
   restored = checkpoints.restore_as_saved(manager, manager.latest_step())
-  run = json.loads((Path(workdir) / checkpoints.RUN_FILE).read_text())
-  model = models.create_model(saved["model"], len(saved["grid"]), saved["dtype"], run["stats"])
+  model = models.create_model(saved["model"], len(saved["grid"]), saved["dtype"],
+                              workdir.read_run().stats)
   variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
   return functools.partial(model.apply, variables, train=False), saved
 
@@ -231,13 +292,13 @@ def assigned_sigmas(workdir, split: data.Split, config) -> np.ndarray:
   the smaller σ). Every host computes all of them, on its first local device."""
   apply, saved = load(workdir)
   grid, copies = np.asarray(saved["grid"], np.float32), config.estimator.label_samples
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), PURPOSE_ASSIGN)
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), Stream.ESTIMATOR_ASSIGN)
 
   @jax.jit
   def votes(images, indices):
-    keys = model_state.example_keys(key, indices)
+    keys = state_lib.example_keys(key, indices)
     def copy_votes(c):
-      noisy = model_state.gaussian_noise(jax.vmap(lambda k: jax.random.fold_in(k, c))(keys),
+      noisy = state_lib.gaussian_noise(jax.vmap(lambda k: jax.random.fold_in(k, c))(keys),
                                          images, jnp.full(indices.shape, saved["sigma"]))
       return jax.nn.one_hot(jnp.argmax(apply(noisy), -1), len(grid))
     return jax.lax.map(copy_votes, jnp.arange(copies)).sum(axis=0)

@@ -1,0 +1,115 @@
+"""Certificate kinds: what a reported radius means when σ may depend on the input.
+
+With σ chosen per input, the deployed classifier is G(x) = g_{σ(x)}(x). A radius certified for
+g_{σ(x)} around x says nothing about G at x' near x, since σ(x') may differ (Súkeník,
+Kuvshinov & Günnemann, ICML 2022). Every results file names the kind that made it, and each
+kind is one module of this package, named after it and found by name from the config (as
+big_vision finds its models): its docstring states what its radius certifies, how its
+failure probability is split, and the proof or its source.
+
+A kind module declares
+  NAME, SOUND, MEANING       its name; whether its radius certifies the classifier it deploys;
+                             what the radius certifies (written into every results file)
+  MULTI_HOST                 whether hosts may certify disjoint shares of the test set
+  validate(config)           ValueError naming a bad value of its own settings
+  file_stem(config)          its default results file name
+  metadata(config, workdir)  its settings, recorded in the results' metadata
+  prepare(run, config)       -> certify(x, ids) -> Certified, for one batch of test images
+Adding a kind is one module here and one entry of KINDS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import jax
+import numpy as np
+
+from instars_jax.smoothing import sampler
+
+KINDS = ("fixed_sigma", "locally_constant", "memory", "per_sigma")
+FIXED = "fixed_sigma"  # what sigma_mode = fixed certifies
+INSTANCE_KINDS = tuple(kind for kind in KINDS if kind != FIXED)
+SIGMA_MODES = ("fixed", "instance")
+
+# Radii derived from distances are shrunk by one part in a million, so that floating-point
+# rounding can never turn two touching balls into overlapping ones.
+ROUNDING_MARGIN = 1e-6
+
+
+class Certified(NamedTuple):
+  """One kind's answer for a batch: prediction (ABSTAIN = -1), radius (0 on abstention), the
+  σ the class was certified at, and the class test's estimation samples."""
+  prediction: np.ndarray
+  radius: np.ndarray
+  sigma: np.ndarray
+  num_samples: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What every kind gets of the certification run: the base model, the run's key and
+  CERTIFY settings (n0, n, α, batch, the sequential stopping rule or None), and where the
+  run lives (its Workdir, its results file and the test indices already written there)."""
+  apply_fn: Callable
+  num_classes: int
+  key: jax.Array
+  n0: int
+  n: int
+  alpha: float
+  batch_size: int
+  rule: object = None  # sequential/rules.py's RadiusRule or DecisionRule; None: fixed n
+  workdir: object = None  # run/workdir.Workdir
+  results_path: Path | None = None
+  done: frozenset = frozenset()
+  image_size: int = 0  # values per image (the memory's width)
+
+  def certify(self, x, sigma, ids, *, key=None, alpha=None) -> sampler.Certificate:
+    """CERTIFY of the base classifier at `sigma` with this run's settings; `key` and `alpha`
+    default to the run's."""
+    return sampler.certify(self.apply_fn, x, sigma, self.key if key is None else key,
+                           n0=self.n0, n=self.n, alpha=self.alpha if alpha is None else alpha,
+                           batch_size=self.batch_size, num_classes=self.num_classes, ids=ids,
+                           rule=self.rule)
+
+
+def name_of(config) -> str:
+  """The kind config.certify selects: fixed_sigma, or with sigma_mode = instance
+  certify.certificate; ValueError naming a bad value."""
+  c = config.certify
+  if c.sigma_mode not in SIGMA_MODES:
+    raise ValueError(f"certify.sigma_mode must be one of {SIGMA_MODES}; got {c.sigma_mode!r}")
+  if c.sigma_mode == "fixed":
+    return FIXED
+  if c.certificate not in INSTANCE_KINDS:
+    raise ValueError(f"certify.certificate must be one of {INSTANCE_KINDS}; got "
+                     f"{c.certificate!r}")
+  return c.certificate
+
+
+def get(name: str):
+  """The module of the kind `name`."""
+  if name not in KINDS:
+    raise ValueError(f"unknown certificate kind {name!r}; known: {KINDS}")
+  return importlib.import_module(f"{__name__}.{name}")
+
+
+def for_config(config):
+  """The module of the kind config.certify selects, its own settings validated."""
+  kind = get(name_of(config))
+  kind.validate(config)
+  return kind
+
+
+def intersecting_pairs(points, predictions, radii) -> int:
+  """How many pairs of certified balls of different predictions intersect (a sound
+  certificate of one classifier admits none)."""
+  points = np.asarray(points, np.float64).reshape(len(points), -1)
+  keep = (np.asarray(predictions) != sampler.ABSTAIN) & (np.asarray(radii) > 0)
+  p, c, r = points[keep], np.asarray(predictions)[keep], np.asarray(radii, np.float64)[keep]
+  distance = np.linalg.norm(p[:, None] - p[None], axis=-1)
+  clash = (c[:, None] != c[None]) & (distance < r[:, None] + r[None])
+  return int(np.triu(clash, 1).sum())

@@ -1,0 +1,41 @@
+"""fixed_sigma: Cohen et al.'s CERTIFY with one σ (`certify.sigma`) for every input.
+
+Sound (Cohen, Rosenfeld & Kolter 2019, Theorem 1 with a Clopper–Pearson bound at level α):
+with probability ≥ 1 − α the smoothed classifier g_σ returns the prediction everywhere
+within the radius. The whole α goes to the one test.
+"""
+
+import numpy as np
+
+from instars_jax.certificates import Certified
+
+NAME = "fixed_sigma"
+SOUND = True
+MULTI_HOST = True
+MEANING = ("sound: Cohen et al. CERTIFY of the smoothed classifier g_sigma, one sigma for "
+           "every input")
+
+
+def validate(config) -> None:
+  sigma = config.certify.sigma
+  if not (np.isfinite(sigma) and sigma > 0):
+    raise ValueError(f"certify.sigma must be finite and > 0; got {sigma}")
+
+
+def file_stem(config) -> str:
+  return f"sigma_{config.certify.sigma:g}"
+
+
+def metadata(config, workdir) -> dict:
+  del workdir
+  return {"sigma": config.certify.sigma}
+
+
+def prepare(run, config):
+  sigma = config.certify.sigma
+
+  def certify(x, ids) -> Certified:
+    cert = run.certify(x, sigma, ids)
+    return Certified(cert.prediction, cert.radius, cert.sigma, cert.num_samples)
+
+  return certify

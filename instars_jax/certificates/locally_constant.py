@@ -1,0 +1,151 @@
+"""locally_constant: σ from a grid, picked by a smoothed σ-estimator that is certified too
+(Dual Randomized Smoothing, Sun, Mao & Vechev, ICLR 2026). Sound for the input-dependent
+classifier G(x) = g_{σ_ẽ(x)}(x).
+
+The radius is min(estimator radius, class radius): inside it the estimator's choice ẽ is
+constant, so G is g at one σ there, and that g is constant too. The failure probability α
+(`certify.alpha`) is split by the union bound: β = `certify.estimator.beta_share` · α for the
+estimator's tests, α − β for the class test (`certify_locally_constant`). The estimator is
+trained by train.py (`estimator.epochs`; train/estimator.py).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import numpy as np
+from scipy import stats
+
+from instars_jax.certificates import Certified
+from instars_jax.smoothing import bounds, sampler
+from instars_jax.smoothing.streams import Stream
+from instars_jax.train import estimator
+
+NAME = "locally_constant"
+SOUND = True
+MULTI_HOST = True
+MEANING = ("sound for G(x) = g_sigma_e(x)(x) with a smoothed, certified sigma estimator e "
+           "(Dual Randomized Smoothing; e = the bin above 1/2, else the smallest sigma): "
+           "radius = min(estimator radius, class radius); failure probability alpha = beta "
+           "(estimator) + the class test's alpha")
+
+
+def validate(config) -> None:
+  e = config.certify.estimator
+  if e.n < 0 or not 0 < e.beta_share < 1:
+    raise ValueError("certify.estimator.n must be >= 0 (0: certify.n) and "
+                     "certify.estimator.beta_share must lie in (0, 1); got "
+                     f"{e.n}, {e.beta_share}")
+
+
+def file_stem(config) -> str:
+  del config
+  return NAME
+
+
+def alpha_split(config) -> tuple[float, float]:
+  """(class test's α, estimator's β); they sum to certify.alpha."""
+  c = config.certify
+  beta = c.alpha * c.estimator.beta_share
+  return c.alpha - beta, beta
+
+
+def metadata(config, workdir) -> dict:
+  """The trained estimator's settings (FileNotFoundError when there is none), its n, and the
+  split of α."""
+  alpha_class, beta = alpha_split(config)
+  c = config.certify
+  return {"estimator": dict(estimator.saved_settings(workdir), n=c.estimator.n or c.n),
+          "alpha_split": {"alpha_class": alpha_class, "beta_estimator": beta, "total": c.alpha}}
+
+
+def prepare(run, config):
+  estimator_fn, saved = estimator.load(run.workdir)
+  beta = alpha_split(config)[1]
+  n_estimator = config.certify.estimator.n or run.n
+
+  def certify(x, ids) -> Certified:
+    cert = certify_locally_constant(run, estimator_fn, x, ids, sigma_grid=saved["grid"],
+                                    sigma_estimator=saved["sigma"], n_estimator=n_estimator,
+                                    beta=beta)
+    return Certified(cert.prediction, cert.radius, cert.sigma, cert.num_samples)
+
+  return certify
+
+
+class LocallyConstantCertificate(NamedTuple):
+  prediction: np.ndarray  # int32[B], ABSTAIN where either test fails
+  radius: np.ndarray  # float32[B]: min(estimator radius, class radius)
+  sigma: np.ndarray  # float32[B]: the grid σ the estimator certified (bin 0 on abstention)
+  estimator_radius: np.ndarray
+  class_radius: np.ndarray
+  num_samples: np.ndarray  # int64[B]: the class test's estimation samples
+
+
+def certify_estimator(estimator_fn, x, key, *, sigma_estimator, n0, n, beta, batch_size,
+                      num_bins, ids=None):
+  """(bin int32[B], radius float32[B]) on which the smoothed estimator's choice ẽ is constant,
+  bin = ABSTAIN where neither route below certifies it.
+
+  ẽ(x) is the bin whose probability under N(0, σ_e²I) noise exceeds 1/2, or bin 0 (the
+  smallest σ) when no bin's does. Two routes on the same n samples, with the failure budget β
+  split by the union bound:
+    decided    CERTIFY at β/2: bin k with p_k ≥ p_lower ≥ 1/2 and, by Cohen et al.'s
+               Theorem 1, p_k(x') > 1/2 (so ẽ(x') = k) for ‖x' − x‖ < σ_e Φ⁻¹(p_lower);
+    undecided  one-sided Clopper–Pearson upper bounds u_k, each at β/(2K): if every u_k < 1/2,
+               the same theorem applied to each bin gives p_k(x') < 1/2 for all k, so
+               ẽ(x') = 0, for ‖x' − x‖ < σ_e Φ⁻¹(1 − max_k u_k).
+  The routes cannot both hold (a lower bound never exceeds an upper bound), and an input
+  whose estimator is unsure gets the smallest σ with a radius instead of an abstention."""
+  decided = sampler.certify(estimator_fn, x, sigma_estimator, key, n0=n0, n=n, alpha=beta / 2,
+                            batch_size=batch_size, num_classes=num_bins, ids=ids)
+  counts = np.asarray(decided.counts)
+  upper = bounds.clopper_pearson_upper(counts, n, beta / (2 * num_bins))
+  undecided = upper.max(axis=1) < 0.5
+  bin_ = np.where(decided.prediction != sampler.ABSTAIN, decided.prediction,
+                  np.where(undecided, 0, sampler.ABSTAIN)).astype(np.int32)
+  undecided_radius = sigma_estimator * stats.norm.ppf(1.0 - np.minimum(upper.max(axis=1), 0.5))
+  radius = np.where(decided.prediction != sampler.ABSTAIN, decided.radius,
+                    np.where(undecided, undecided_radius, 0.0))
+  return bin_, radius.astype(np.float32)
+
+
+def certify_locally_constant(run, estimator_fn, x, ids, *, sigma_grid, sigma_estimator,
+                             n_estimator, beta) -> LocallyConstantCertificate:
+  """A sound certificate for the input-dependent classifier G(x) = g_{σ_{ẽ(x)}}(x), with the
+  base model and CERTIFY settings of `run` (certificates.Run).
+
+  `estimator_fn` maps inputs to logits over the K bins of `sigma_grid`; ẽ is its smoothed
+  version at `sigma_estimator` (`certify_estimator`: the bin of probability above 1/2 under
+  that noise, else the smallest σ).
+
+  Guarantee (Sun, Mao & Vechev, ICLR 2026, Theorem: min of the two radii, failure α + β).
+  run.alpha is the failure probability of the whole certificate; the estimator's tests run
+  at β = `beta` and the class's at α − β. `certify_estimator` returns a bin k and R_e such
+  that, with probability ≥ 1 − β, ẽ(x') = k for all ‖x' − x‖ < R_e. CERTIFY of the base
+  classifier at σ_k returns c and R_c such that, with probability ≥ 1 − (α − β),
+  g_{σ_k}(x') = c for all ‖x' − x‖ < R_c. By the union bound both hold with probability
+  ≥ 1 − α, and then for every ‖x' − x‖ < min(R_e, R_c): G(x') = g_{σ_{ẽ(x')}}(x') =
+  g_{σ_k}(x') = c. If either test abstains, so does G's certificate. The tests use
+  independent noise. The run's stopping rule applies to the class test; the estimator's test
+  draws its fixed n_estimator samples.
+  """
+  sigma_grid = np.asarray(sigma_grid, np.float32)
+  if sigma_grid.ndim != 1 or len(sigma_grid) < 2 or np.any(sigma_grid <= 0):
+    raise ValueError(f"sigma_grid must list at least two positive σ; got {sigma_grid}")
+  if not 0 < beta < run.alpha:
+    raise ValueError(f"beta must lie in (0, alpha={run.alpha}); got {beta}")
+  bin_, estimator_radius = certify_estimator(
+      estimator_fn, x, jax.random.fold_in(run.key, Stream.ESTIMATOR_TEST),
+      sigma_estimator=sigma_estimator, n0=run.n0, n=n_estimator, beta=beta,
+      batch_size=run.batch_size, num_bins=len(sigma_grid), ids=ids)
+  selected = bin_ != sampler.ABSTAIN
+  sigma = sigma_grid[np.where(selected, bin_, 0)]
+  cls = run.certify(x, sigma, ids, key=jax.random.fold_in(run.key, Stream.CLASS_TEST),
+                    alpha=run.alpha - beta)
+  certified = selected & (cls.prediction != sampler.ABSTAIN)
+  radius = np.where(certified, np.minimum(estimator_radius, cls.radius), 0.0)
+  prediction = np.where(certified, cls.prediction, sampler.ABSTAIN).astype(np.int32)
+  return LocallyConstantCertificate(prediction, radius.astype(np.float32), sigma,
+                                    estimator_radius, cls.radius, cls.num_samples)

@@ -1,0 +1,142 @@
+"""memory: per_sigma's answers made consistent by a memory of the balls answered so far
+(Alfarra et al., "Data Dependent Randomized Smoothing", UAI 2022).
+
+Sound only for the classifier that answers the test points one at a time in this file's
+order and keeps its memory: under that assumption, certified balls of different classes never
+intersect (`answer_with_memory`). Not for a fresh stream of queries. The failure probability
+is per_sigma's α per answer. Runs on one host, since the order is part of the classifier.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from instars_jax.certificates import ROUNDING_MARGIN, Certified, per_sigma
+from instars_jax.smoothing.sampler import ABSTAIN
+
+NAME = "memory"
+SOUND = True
+MULTI_HOST = False
+MEANING = ("sound for the memory-based classifier that answers the test points in this file's "
+           "order and keeps its memory (Alfarra et al., UAI 2022): certified balls of different "
+           "classes never intersect")
+validate = per_sigma.validate
+metadata = per_sigma.metadata
+
+
+def file_stem(config) -> str:
+  return f"{per_sigma.file_stem(config)}_memory"
+
+
+def prepare(run, config):
+  """per_sigma's answers passed through `answer_with_memory` in the order given; each batch's
+  new entries are appended to the memory beside the results file."""
+  searched = per_sigma.prepare(run, config)
+  directory = run.results_path.with_suffix(".memory")
+  memory = load_memory(directory, run.image_size, keep_ids=run.done)
+
+  def certify(x, ids) -> Certified:
+    nonlocal memory
+    answer = searched(x, ids)
+    stored, answers = len(memory.ids), []
+    for point, p, r, i in zip(np.asarray(x), answer.prediction, answer.radius, ids):
+      p, r, memory = answer_with_memory(memory, point, int(p), float(r), int(i))
+      answers.append((p, r))
+    append_memory(directory, memory, stored)
+    prediction, radius = (np.asarray(column) for column in zip(*answers))
+    return Certified(prediction.astype(np.int32), radius.astype(np.float32), answer.sigma,
+                     answer.num_samples)
+
+  return certify
+
+
+class Memory(NamedTuple):
+  """The balls answered so far: centres (flattened), predictions, radii and test ids."""
+  points: np.ndarray  # float32[M, D]
+  predictions: np.ndarray  # int32[M]
+  radii: np.ndarray  # float64[M]
+  ids: np.ndarray  # int64[M]
+
+  @classmethod
+  def empty(cls, dim: int) -> "Memory":
+    return cls(np.zeros((0, dim), np.float32), np.zeros((0,), np.int32),
+               np.zeros((0,), np.float64), np.zeros((0,), np.int64))
+
+
+def answer_with_memory(memory: Memory, x, prediction: int, radius: float, idx: int):
+  """The memory certificate of one point: (prediction, radius, memory with the answer added).
+
+  Rests on one assumption: points are answered one at a time in a fixed order, and the memory
+  of earlier answers is kept and consulted for every later one. Under it, the classifier that
+  answers x by this rule returns `prediction` everywhere within `radius`, because stored balls
+  of different classes never intersect:
+    - x inside a stored ball of another class takes that ball's prediction, with the distance
+      left to that ball's edge as its radius (a sub-ball of a ball already answered);
+    - otherwise its per-σ radius is cut to min over stored balls of other classes of
+      ‖x − x_j‖ − R_j, so its ball does not meet theirs.
+  An abstaining point inside a stored ball takes that ball's answer too. Abstentions and zero
+  radii are answered but not stored.
+  """
+  x = np.asarray(x, np.float32).reshape(-1)
+  distance = np.linalg.norm(memory.points.astype(np.float64) - x, axis=1)
+  inside = (memory.predictions != prediction) & (distance < memory.radii)
+  if inside.any():
+    j = np.flatnonzero(inside)[np.argmax((memory.radii - distance)[inside])]
+    prediction = int(memory.predictions[j])
+    radius = float(memory.radii[j] - distance[j]) * (1 - ROUNDING_MARGIN)
+  elif prediction != ABSTAIN:
+    other = memory.predictions != prediction
+    if other.any():
+      gap = float(np.min(distance[other] - memory.radii[other])) * (1 - ROUNDING_MARGIN)
+      radius = min(radius, gap)
+  if prediction == ABSTAIN:
+    return prediction, 0.0, memory
+  radius = max(radius, 0.0)
+  if radius > 0:
+    memory = Memory(np.concatenate([memory.points, x[None]]),
+                    np.append(memory.predictions, np.int32(prediction)),
+                    np.append(memory.radii, radius), np.append(memory.ids, idx))
+  return prediction, radius, memory
+
+
+def append_memory(directory, memory: Memory, start: int) -> None:
+  """Saves the entries memory[start:] as the next part of the memory in `directory`.
+
+  Each batch adds one part, written atomically, so a run's I/O grows with what it answers,
+  not with what it has answered before."""
+  if start >= len(memory.ids):
+    return
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  part = directory / f"part_{len(list(directory.glob('part_*.npz'))):08d}.npz"
+  tmp = directory / f".{part.name}.tmp.npz"
+  np.savez(tmp, **{k: v[start:] for k, v in memory._asdict().items()})
+  os.replace(tmp, part)
+
+
+def load_memory(directory, dim: int, keep_ids=None) -> Memory:
+  """The memory saved in `directory`, its parts in order (empty when there is none).
+
+  With keep_ids, entries of other test points are dropped (a kill can save a batch's memory
+  before its rows reach the results file), and the parts are rewritten as one."""
+  directory = Path(directory)
+  parts = sorted(directory.glob("part_*.npz")) if directory.is_dir() else []
+  if not parts:
+    return Memory.empty(dim)
+  loaded = []
+  for part in parts:
+    with np.load(part) as f:
+      loaded.append(Memory(**{k: f[k] for k in Memory._fields}))
+  memory = Memory(*(np.concatenate(column) for column in zip(*loaded)))
+  if keep_ids is not None:
+    keep = np.isin(memory.ids, np.fromiter(keep_ids, np.int64))
+    if not keep.all():
+      memory = Memory(*(column[keep] for column in memory))
+      for part in parts:
+        part.unlink()
+      append_memory(directory, memory, 0)
+  return memory

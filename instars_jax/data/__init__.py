@@ -1,0 +1,59 @@
+"""Image-classification datasets, found by name or prefix (`config.dataset`), one module each:
+
+  fashion_mnist          fashion_mnist.py   Debian's IDX files, else TFDS
+  cifar10_jpeg           cifar10_jpeg.py    ../shared's JPEG CIFAR-10, decoded once and cached
+  npz:/path/file.npz     npz.py             arrays x_train, y_train, x_test, y_test
+  folder:DIR             folder.py          an ImageFolder tree, decoded on demand
+  array_record:DIR       array_record.py    written by `python -m instars_jax.convert`
+  cifar10, imagenet2012, tfds:<name>
+                         tfds.py            TFDS data sources, decoded on demand
+Each source decides its normalisation stats once (splits.stats_for). The small ones are held
+in memory as arrays; the others never hold a decoded split. Then pipeline.py (grain) and
+augment.py make the training batches.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from instars_jax.data.splits import (Dataset, DatasetError, Options, Split, batches,
+                                     epoch_order, num_batches)
+
+NAMES = {"fashion_mnist": "fashion_mnist", "cifar10_jpeg": "cifar10_jpeg", "cifar10": "tfds",
+         "imagenet2012": "tfds"}
+PREFIXES = {"npz:": "npz", "folder:": "folder", "array_record:": "array_record", "tfds:": "tfds"}
+
+__all__ = ["Dataset", "DatasetError", "Options", "Split", "batches", "epoch_order",
+           "from_config", "load_dataset", "num_batches"]
+
+
+def from_config(config) -> Dataset:
+  """The dataset that `config` (dataset, data_dir, cache_dir, ...) names."""
+  return load_dataset(config.dataset, data_dir=config.data_dir, cache_dir=config.cache_dir,
+                      num_classes=config.num_classes, image_size=config.image_size,
+                      skip_corrupt=config.corrupt_images == "skip")
+
+
+def load_dataset(name: str, *, data_dir: str = "", cache_dir: str = "", num_classes: int = 0,
+                 image_size: int = 0, skip_corrupt: bool = False) -> Dataset:
+  """The dataset `name` (see the module docstring); num_classes 0 means infer it."""
+  module, spec = _source(name)
+  options = Options(data_dir, cache_dir, image_size, skip_corrupt)
+  dataset = importlib.import_module(f"{__name__}.{module}").load(spec, options)
+  if num_classes:
+    seen = int(max(dataset.train.labels.max(), dataset.test.labels.max())) + 1
+    if num_classes < seen:
+      raise DatasetError(f"num_classes={num_classes} but {name} has labels up to {seen - 1}")
+    dataset.num_classes = num_classes
+  return dataset
+
+
+def _source(name: str) -> tuple[str, str]:
+  """(module, what it reads) of the dataset `name`."""
+  if name in NAMES:
+    return NAMES[name], name
+  for prefix, module in PREFIXES.items():
+    if name.startswith(prefix):
+      return module, name[len(prefix):]
+  known = ", ".join(list(NAMES) + [f"{p}..." for p in PREFIXES])
+  raise DatasetError(f"unknown dataset {name!r}: use one of {known}")

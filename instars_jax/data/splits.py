@@ -1,0 +1,128 @@
+"""What every source yields: splits of images addressable by index, a dataset of two of them
+with its normalisation stats, and deterministic batches.
+
+Every example carries its index in its split; shuffling is a pure function of (seed, epoch);
+each host reads only its own slice of every global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+
+class DatasetError(ValueError):
+  """A dataset that cannot be found or read; the message says what to install or set."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """How a source reads: where from (data_dir, cache_dir), the side on-demand images are
+  resized and centre-cropped to (image_size, 0: as stored), and whether an unreadable image is
+  skipped (the next readable one stands in) instead of stopping."""
+  data_dir: str = ""
+  cache_dir: str = ""
+  image_size: int = 0
+  skip_corrupt: bool = False
+
+
+def stats_for(mode: str, shape: tuple) -> str:
+  """The models.DATASET_STATS normalisation of images of `mode` ('L' or 'RGB') and stored
+  `shape`: Fashion-MNIST's for grayscale, CIFAR-10's for small colour images, ImageNet's for
+  the rest. Every source decides its stats here, once."""
+  if mode == "L":
+    return "fashion_mnist"
+  return "cifar10" if max(shape[:2]) <= 64 else "imagenet"
+
+
+def mode_of(shape: tuple) -> str:
+  """'L' for [H, W] or [H, W, 1] images, else 'RGB'."""
+  return "L" if len(shape) == 2 or shape[-1] == 1 else "RGB"
+
+
+def default_cache_dir() -> Path:
+  base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+  return Path(base) / "instars_jax"
+
+
+@dataclass
+class Split:
+  """Images (uint8, [N, H, W] or [N, H, W, C]) and labels, addressable by index.
+
+  `images` is an array, or a sources.EncodedImages decoded example by example.
+  """
+  images: object
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def read(self, index: int, raw: bool = False) -> tuple[np.ndarray, int]:
+    """(uint8 pixels, j): example `index`'s image (with skip_corrupt, that of the example j
+    standing in for an unreadable one); as stored if `raw`, else its fixed-size view."""
+    if isinstance(self.images, np.ndarray):
+      return self.images[index], int(index)
+    return self.images.read(index, raw)
+
+  def take(self, indices: np.ndarray) -> dict:
+    """The examples at `indices`: float32 pixels in [0, 1], labels and their split indices."""
+    if isinstance(self.images, np.ndarray):
+      images, origins = self.images[indices], indices
+    else:
+      read = [self.read(int(i)) for i in indices]
+      images, origins = np.stack([r[0] for r in read]), np.array([r[1] for r in read])
+    return {"image": images.astype(np.float32) / 255.0, "label": self.labels[origins],
+            "index": np.asarray(indices, np.int32)}
+
+
+@dataclass
+class Dataset:
+  name: str
+  train: Split
+  test: Split
+  num_classes: int
+  stats: str  # the models.DATASET_STATS entry its normalization uses
+  classes: tuple = ()  # class names, when the source has them
+
+  @property
+  def image_shape(self) -> tuple:
+    return self.train.read(0)[0].shape
+
+
+# ---------------------------------------------------------------------------
+# Batches
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+  """The example order of one epoch: a pure function of (seed, epoch)."""
+  if not shuffle:
+    return np.arange(num_examples)
+  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def batches(split: Split, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = False,
+            drop_remainder: bool = False, host_id: int = 0, host_count: int = 1,
+            order=None) -> Iterator[dict]:
+  """Global batches of `batch_size` examples, of which this host yields its contiguous slice.
+
+  The examples come in `order` (split indices) when given, else in the epoch's order."""
+  if batch_size % host_count:
+    raise ValueError(f"batch size {batch_size} must divide by the host count {host_count}")
+  if order is None:
+    order = epoch_order(len(split), seed, epoch, shuffle)
+  stop = len(order) - len(order) % batch_size if drop_remainder else len(order)
+  per_host = batch_size // host_count
+  for start in range(0, stop, batch_size):
+    indices = order[start: min(start + batch_size, stop)]
+    mine = indices[host_id * per_host: (host_id + 1) * per_host] if len(indices) == batch_size \
+        else np.array_split(indices, host_count)[host_id]
+    yield split.take(mine)
+
+
+def num_batches(num_examples: int, batch_size: int, drop_remainder: bool) -> int:
+  return num_examples // batch_size if drop_remainder else -(-num_examples // batch_size)

@@ -1,0 +1,149 @@
+"""A run's directory, owned in one place: its paths, its two JSON files, its checkpoint
+managers, its locks, and whether a config may resume it.
+
+  config.json              the run's config
+  run.json                 RunInfo: what the train state's shapes depend on
+  checkpoints/<epochs>/    orbax, one per finished epoch (fine-tuning continues the numbers)
+  interim/checkpoints/     mid-epoch checkpoints, numbered by global step
+  estimator/               the σ-estimator: checkpoints/, estimator.json, labels.npz
+  certify/<name>.tsv       results, each with a .json sidecar (run/results.py)
+  metrics.jsonl, tensorboard/, train.lock
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import ml_collections
+
+from instars_jax.run import checkpoints, locks
+from instars_jax.run.files import write_json_atomic
+
+CONFIG_FILE = "config.json"
+RUN_FILE = "run.json"
+INTERIM_DIR = "interim"
+ESTIMATOR_DIR = "estimator"
+METRICS_FILE = "metrics.jsonl"
+# Config keys added after runs were made, with the value that means what those runs did
+# (a run that never diverged trained the same under the divergence watch).
+LATER_KEYS = {"image_size": 0, "corrupt_images": "fail", "train.checkpoint_every_steps": 0,
+              "train.divergence.nonfinite": True, "train.divergence.chance_steps": 200,
+              "train.divergence.chance_fraction": 0.98, "train.table.explore": 0.0}
+# Sections a run may resume with changed: certification, the estimator (which checks its own
+# settings, so a finished run can get one) and the input settings (they never change batches).
+RESUMABLE_SECTIONS = ("certify", "estimator", "input")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+  """run.json: what the shapes of a run's train state depend on, and where it came from."""
+  image_shape: tuple
+  num_classes: int
+  stats: str  # the models.DATASET_STATS entry of its Normalize layer
+  num_train: int
+  steps_per_epoch: int
+  dataset: str
+  imported_from: str | None = None  # import_torch: the checkpoint file
+  torch_arch: str | None = None
+
+  def to_json(self) -> dict:
+    fields = dataclasses.asdict(self) | {"image_shape": list(self.image_shape)}
+    return {k: v for k, v in fields.items() if v is not None}
+
+  @classmethod
+  def from_json(cls, fields: dict) -> "RunInfo":
+    return cls(**fields | {"image_shape": tuple(fields["image_shape"])})
+
+
+class Workdir:
+  """The directory of one training run and of everything certified with it."""
+
+  def __init__(self, path):
+    self.path = Path(path)
+
+  def __repr__(self) -> str:
+    return f"Workdir({str(self.path)!r})"
+
+  def __fspath__(self) -> str:
+    return str(self.path)
+
+  @property
+  def config_path(self) -> Path:
+    return self.path / CONFIG_FILE
+
+  @property
+  def metrics_path(self) -> Path:
+    return self.path / METRICS_FILE
+
+  @property
+  def estimator_dir(self) -> Path:
+    return self.path / ESTIMATOR_DIR
+
+  def results_path(self, stem: str) -> Path:
+    return self.path / "certify" / f"{stem}.tsv"
+
+  def read_config(self) -> ml_collections.ConfigDict:
+    if not self.config_path.exists():
+      raise FileNotFoundError(f"no training run in {self.path}: {CONFIG_FILE} is missing "
+                              "(train first with train.py --workdir)")
+    return ml_collections.ConfigDict(json.loads(self.config_path.read_text()))
+
+  def write_config(self, config) -> None:
+    write_json_atomic(self.config_path, json.loads(config.to_json()))
+
+  def read_run(self) -> RunInfo:
+    return RunInfo.from_json(json.loads((self.path / RUN_FILE).read_text()))
+
+  def write_run(self, info: RunInfo) -> None:
+    write_json_atomic(self.path / RUN_FILE, info.to_json())
+
+  def check_resumable(self, config) -> None:
+    """Refuses a config that differs from the saved one outside RESUMABLE_SECTIONS (keys
+    added later count as their LATER_KEYS value)."""
+    if not self.config_path.exists():
+      return
+    saved = LATER_KEYS | _dotted(json.loads(self.config_path.read_text()))
+    current = _dotted(json.loads(config.to_json()))
+    differing = sorted(k for k in set(saved) | set(current)
+                       if k.split(".")[0] not in RESUMABLE_SECTIONS
+                       and saved.get(k) != current.get(k))
+    if differing:
+      raise ValueError(f"{self.path} holds a run with a different config "
+                       f"({', '.join(differing)}): rerun with the same config to resume, or "
+                       "choose a new --workdir")
+
+  def checkpoints(self):
+    """The epoch checkpoints of the base model (and its fine-tuning)."""
+    return checkpoints.manager(self.path)
+
+  def interim(self):
+    """Mid-epoch checkpoints of the base model, by global step; the latest one only."""
+    return checkpoints.manager(self.path / INTERIM_DIR, max_to_keep=1)
+
+  def estimator_checkpoints(self):
+    return checkpoints.manager(self.estimator_dir, max_to_keep=1)
+
+  def estimator_interim(self):
+    return checkpoints.manager(self.estimator_dir / INTERIM_DIR, max_to_keep=1)
+
+  def training_lock(self):
+    """One train.py per workdir (a second one exits naming the holder)."""
+    return locks.exclusive(self.path / "train.lock", f"the training run in {self.path}")
+
+  @staticmethod
+  def results_lock(path: Path):
+    """One writer per results file."""
+    return locks.exclusive(path.with_name(path.name + ".lock"), f"the results file {path}")
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict:
+  """{"a.b": value} for every leaf of a nested dict."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat |= _dotted(value, f"{prefix}{key}.")
+    else:
+      flat[prefix + key] = value
+  return flat

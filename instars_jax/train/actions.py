@@ -1,0 +1,150 @@
+"""Small objects the training loop calls after every step and at every epoch end, in the
+manner of CLU's periodic actions: the divergence watch, the metrics log, epoch and interim
+checkpoints with the stop request, and TensorBoard. (CLU's `PeriodicAction` is called with
+the step alone; these need the step's metrics and the state, so they keep its shape but not
+its class.)
+
+Each has `after_step(step, state, metrics)` (step: the stage's steps done) and
+`after_epoch(epoch, state, row)`, called in list order; either may raise to end training.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from instars_jax.run import checkpoints
+from instars_jax.run import events as events_lib
+
+
+class Action:
+  """Does nothing; actions override what they need."""
+
+  def after_step(self, step: int, state, metrics) -> None:
+    pass
+
+  def after_epoch(self, epoch: int, state, row: dict) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+class DivergenceWatch(Action):
+  """Stops training that has diverged: a non-finite loss at any step, or, from
+  `start_step` on, a mean loss over a window of `chance_steps` steps at or above
+  `chance_fraction` × ln(num_classes), the loss of a guess (the net has collapsed to chance).
+
+  Losses stay on the device and are summed there; the host looks once per window (and at
+  every epoch end for a non-finite loss), so the watch costs no per-step synchronisation."""
+
+  def __init__(self, settings, num_classes: int, start_step: int, chance: bool = True):
+    self.settings, self.start_step = settings, start_step
+    self.window = settings.chance_steps or 100
+    self.check_chance = chance and settings.chance_steps > 0
+    self.chance = float(np.log(num_classes))
+    self.step, self.sum, self.nonfinite = 0, 0.0, None
+
+  def after_step(self, step: int, state, metrics) -> None:
+    del state
+    loss = metrics["loss"]
+    self.step = step
+    self.sum = self.sum + loss
+    if self.settings.nonfinite:
+      bad = jnp.logical_not(jnp.isfinite(loss))
+      self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
+    if step % self.window:
+      return
+    self._check_nonfinite("")
+    mean, self.sum, self.nonfinite = float(self.sum) / self.window, 0.0, None
+    threshold = self.settings.chance_fraction * self.chance
+    if self.check_chance and step - self.window >= self.start_step and mean >= threshold:
+      raise ValueError(f"training diverged by step {step}: mean train_loss {mean:.4g} over "
+                       f"{self.window} steps is at chance level (>= {threshold:.4g} = "
+                       f"{self.settings.chance_fraction:g} x ln {round(np.exp(self.chance))}); "
+                       "see train.divergence")
+
+  def after_epoch(self, epoch: int, state, row) -> None:
+    del state, row
+    self._check_nonfinite(f" (epoch {epoch + 1})")
+
+  def _check_nonfinite(self, where: str) -> None:
+    if self.nonfinite is not None and bool(self.nonfinite):
+      raise ValueError(f"training diverged by step {self.step}{where}: train_loss is not finite "
+                       "(NaN or inf); lower train.learning_rate or set train.grad_clip")
+
+
+class InterimCheckpoints(Action):
+  """An interim checkpoint every `every` steps (0: none), and, when the stop request says so
+  (SIGTERM, SIGINT), one of the state after the step it arrived in, then
+  `checkpoints.Interrupted`."""
+
+  def __init__(self, manager, every: int, stop: checkpoints.StopRequest, steps_per_epoch: int):
+    self.manager, self.every, self.stop = manager, every, stop
+    self.steps_per_epoch = steps_per_epoch
+
+  def after_step(self, step: int, state, metrics) -> None:
+    del metrics
+    stopping = self.stop.due()
+    if stopping or (self.every and step % self.every == 0):
+      checkpoints.save(self.manager, step, state)
+    if stopping:
+      epoch, batch = divmod(step - 1, self.steps_per_epoch)
+      raise checkpoints.Interrupted(
+          f"stopped at step {step} (epoch {epoch + 1}, batch {batch + 1} of "
+          f"{self.steps_per_epoch}): saved in {self.manager.directory}; rerun the same command "
+          "to resume")
+
+
+
+class EpochCheckpoints(Action):
+  """A checkpoint numbered epoch + 1 at every epoch end."""
+
+  def __init__(self, manager):
+    self.manager = manager
+
+  def after_epoch(self, epoch: int, state, row: dict) -> None:
+    checkpoints.save(self.manager, epoch + 1, state)
+
+
+class MetricsLog(Action):
+  """Prints each epoch's row (process 0) and, with `rows` and `path`, appends it to them and
+  rewrites the JSONL file (metrics.jsonl)."""
+
+  def __init__(self, prefix: str = "", rows: list | None = None, path=None):
+    self.prefix, self.rows, self.path = prefix, rows, path
+
+  def after_epoch(self, epoch: int, state, row: dict) -> None:
+    if self.rows is not None:
+      self.rows.append(row)
+    if jax.process_index() != 0:
+      return
+    if self.path is not None:
+      write_rows(self.path, self.rows)
+    tqdm.write(self.prefix + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in row.items()))
+
+
+def write_rows(path, rows) -> None:
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+class TensorBoard(Action):
+  """Each epoch's metrics row, and with `histogram` the σ table's histogram, as TensorBoard
+  events at step epoch + 1 (process 0; run/events.py)."""
+
+  def __init__(self, workdir, part: str, histogram: bool = False):
+    self.writer = events_lib.EventWriter(workdir, part)
+    self.histogram = histogram
+
+  def after_epoch(self, epoch: int, state, row) -> None:
+    self.writer.scalars(epoch + 1, row)
+    if self.histogram:
+      self.writer.histogram(epoch + 1, "sigma_table", state.sigma_table)
+
+  def close(self) -> None:
+    self.writer.close()

@@ -1,0 +1,154 @@
+"""train.py's library function: one loop over global steps, running the run's stages in turn
+(flax's imagenet example's train_and_evaluate, big_vision's one flat loop).
+
+The stages (train/stages.py and train/estimator.py):
+  base       Gaussian augmentation (Cohen et al.), or Insta-RS Train: stage 1 at one σ (or a
+             grid σ per example), stage 2 at each example's σ-table entry, the table
+             re-estimated before every `table.update_every`-th stage-2 epoch (sigma_table.py)
+  estimator  the σ-estimator of the sound instance-wise certificate (estimator.epochs > 0)
+  finetune   the base model again, each example at the σ the estimator picks for it
+             (estimator.finetune_epochs > 0, DualRS's last step)
+After every step and epoch, small actions (train/actions.py): the divergence watch, interim
+checkpoints and the stop request, TensorBoard. Every stage checkpoints each epoch; rerunning
+the same command resumes where the last checkpoint left off.
+
+The noise and augmentation of example i in epoch e depend only on (seed, e, i), and the
+table update of epoch e only on (seed, e, i) and the state: a resumed run continues exactly
+as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from instars_jax import data, models, parallel
+from instars_jax.data import pipeline
+from instars_jax.run import checkpoints
+from instars_jax.run.workdir import Workdir
+from instars_jax.train import actions, estimator, sigma_table, stages
+
+
+def train_and_evaluate(config, workdir):
+  """Trains per `config` in `workdir` and returns the base model's final TrainState; rerunning
+  the same command resumes from the latest checkpoint."""
+  workdir = Workdir(workdir)
+  validate_config(config, jax.device_count())
+  dataset = data.from_config(config)
+  workdir.check_resumable(config)
+  workdir.path.mkdir(parents=True, exist_ok=True)
+  # One writer per workdir: process 0 of a run holds the lock (the other hosts write nothing).
+  lock = workdir.training_lock() if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock, checkpoints.StopRequest(sync_hosts=True) as stop:
+    context = stages.Context.start(config, workdir, dataset, parallel.Sharder(), stop)
+    state = None
+    for stage in stages.for_config(context):
+      state = run_stage(stage, state, context)
+  return state
+
+
+def run_stage(stage, base_state, context):
+  """The one loop: steps [first, stage.last_step) of `stage`, from where `stage.start`
+  resumes it, with the stage's actions after every step and epoch; returns what the stage
+  hands on (`stage.finish`): the base model's state."""
+  state, step = stage.start(base_state)
+  if step >= stage.last_step:
+    return stage.finish(state, base_state)
+  hooks = stage_actions(stage, context)
+  with stage.stream(step) as stream:
+    while step < stage.last_step:
+      epoch, resume_at = divmod(step, stage.steps_per_epoch)
+      if resume_at == 0:
+        state = stage.begin_epoch(state, epoch)
+      began = time.perf_counter()
+      state, row, seconds = _run_epoch(stage, state, stream, step, hooks)
+      step = (epoch + 1) * stage.steps_per_epoch
+      row = stage.end_epoch(state, epoch, row, seconds)
+      row["seconds"] = time.perf_counter() - began
+      for hook in hooks:
+        hook.after_epoch(epoch, state, row)
+  for hook in hooks:
+    hook.close()
+  return stage.finish(state, base_state)
+
+
+def stage_actions(stage, context) -> list:
+  """The divergence watch, the metrics log, the epoch checkpoint, interim checkpoints with
+  the stop request and TensorBoard, for `stage`, in the order they run."""
+  t = context.config.train
+  log = (actions.MetricsLog(rows=context.history, path=context.workdir.metrics_path)
+         if stage.metrics_file else actions.MetricsLog(prefix=f"{stage.name} "))
+  return [actions.DivergenceWatch(t.divergence, stage.num_classes, stage.steps_per_epoch,
+                                  chance=stage.watch_chance),
+          log, actions.EpochCheckpoints(stage.checkpoints),
+          actions.InterimCheckpoints(stage.interim, t.checkpoint_every_steps, context.stop,
+                                     stage.steps_per_epoch),
+          actions.TensorBoard(context.workdir, stage.events_part, histogram=stage.histogram)]
+
+
+def _run_epoch(stage, state, stream, step, hooks):
+  """The rest of the epoch that `step` is in: the state, the epoch's metrics row (the means of
+  the step metrics over the batches run here, throughput, and the share of time spent waiting
+  for a batch) and its seconds."""
+  epoch, resume_at = divmod(step, stage.steps_per_epoch)
+  todo = stage.steps_per_epoch - resume_at
+  began, waited = time.perf_counter(), pipeline.WaitClock()
+  sums = {}
+  for done, batch in enumerate(tqdm(waited(itertools.islice(stream, todo)), total=todo,
+                                    desc=stage.describe(epoch), leave=False,
+                                    disable=None if jax.process_index() == 0 else True), 1):
+    state, metrics = stage.step(state, batch, epoch)
+    for hook in hooks:
+      hook.after_step(step + done, state, metrics)
+    for k, v in metrics.items():
+      sums[k] = sums.get(k, 0.0) + v
+  jax.block_until_ready(state.params)
+  seconds = time.perf_counter() - began
+  means = {k: float(v) / todo for k, v in sums.items()}
+  row = {"epoch": epoch, "step": int(state.step), "stage": stage.label(epoch),
+         "sigma": stage.sigma, "train_loss": means.pop("loss")}
+  row.update({f"train_{k}": v for k, v in means.items()})
+  row.update({"images_per_s": todo * stage.batch_size / seconds,
+              "input_wait_share": waited.seconds / seconds})
+  if resume_at:
+    row["resumed_at_batch"] = resume_at  # the means above cover the batches after it
+  return state, row, seconds
+
+
+def validate_config(config, devices: int) -> None:
+  """Rejects bad training knobs with one clear error, before anything compiles."""
+  t = config.train
+  checks = [
+      (t.epochs >= 1, f"train.epochs must be >= 1; got {t.epochs}"),
+      (t.batch_size >= 1 and t.batch_size % devices == 0,
+       f"train.batch_size must be a positive multiple of the device count {devices}; "
+       f"got {t.batch_size}"),
+      (t.learning_rate > 0, f"train.learning_rate must be > 0; got {t.learning_rate}"),
+      (0 <= t.momentum < 1, f"train.momentum must lie in [0, 1); got {t.momentum}"),
+      (t.weight_decay >= 0, f"train.weight_decay must be >= 0; got {t.weight_decay}"),
+      (np.isfinite(t.sigma) and t.sigma > 0, f"train.sigma must be finite and > 0; got {t.sigma}"),
+      (t.schedule in ("step", "cosine"), f"train.schedule must be 'step' or 'cosine'; got {t.schedule!r}"),
+      (config.model.name in models.ARCHITECTURES,
+       f"model.name must be one of {models.ARCHITECTURES}; got {config.model.name!r}"),
+      (config.model.dtype in models.DTYPES,
+       f"model.dtype must be one of {sorted(models.DTYPES)}; got {config.model.dtype!r}"),
+  ]
+  d = t.divergence
+  checks += [(d.chance_steps >= 0, f"train.divergence.chance_steps must be >= 0; got {d.chance_steps}"),
+             (0 < d.chance_fraction, f"train.divergence.chance_fraction must be > 0; "
+                                     f"got {d.chance_fraction}")]
+  if t.stage1_noise not in ("sigma", "grid"):
+    checks.append((False, f"train.stage1_noise must be 'sigma' or 'grid'; got {t.stage1_noise!r}"))
+  checks += pipeline.validate(config)
+  if t.insta or t.stage1_noise == "grid" or config.estimator.epochs:
+    checks += sigma_table.validate(config, devices)
+  if config.estimator.epochs or config.estimator.finetune_epochs:
+    checks += estimator.validate(config)
+  for ok, message in checks:
+    if not ok:
+      raise ValueError(message)
