@@ -20,13 +20,14 @@ import math
 import numpy as np
 from PIL import Image
 
+from instars_jax.smoothing.streams import Stream, numpy_rng
+
 AUGMENTATIONS = ("none", "crop_flip", "random_resized_crop")
-PURPOSE_AUGMENT = 12
 CIFAR_PAD = 4
 
 
 def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-  return np.random.default_rng([seed, PURPOSE_AUGMENT, epoch, index])
+  return numpy_rng(seed, Stream.AUGMENT, epoch, index)
 
 
 def crop_flip(image: np.ndarray, rng: np.random.Generator, pad: int = CIFAR_PAD) -> np.ndarray:

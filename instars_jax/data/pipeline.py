@@ -83,6 +83,20 @@ def train_stream(batches: StepBatches, first_step: int, total_steps: int, settin
     iterator.close()
     del iterator, stream
     gc.collect()  # worker handles left to interpreter shutdown print spurious errors
+    _release_shared_memory()
+
+
+def _release_shared_memory() -> None:
+  """Waits for grain's background unlinking of the shared memory that carried the workers'
+  batches, and unlinks what is left in the foreground from then on: a batch still held when
+  training fails would otherwise outlive the unlinking thread, and the resource tracker
+  would report it as leaked at exit, after the run's one-line error."""
+  from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+  deleter = SharedMemoryArray._del_thread_pool  # noqa: SLF001 (grain has no public hook)
+  if deleter is not None:
+    deleter.close()
+    deleter.join()
+    SharedMemoryArray._disable_async_del()  # noqa: SLF001
 
 
 class WaitClock:

@@ -15,6 +15,8 @@ from typing import Iterator
 
 import numpy as np
 
+from instars_jax.smoothing.streams import Stream, numpy_rng
+
 
 class DatasetError(ValueError):
   """A dataset that cannot be found or read; the message says what to install or set."""
@@ -102,7 +104,7 @@ def epoch_order(num_examples: int, seed: int, epoch: int, shuffle: bool) -> np.n
   """The example order of one epoch: a pure function of (seed, epoch)."""
   if not shuffle:
     return np.arange(num_examples)
-  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+  return numpy_rng(seed, Stream.EPOCH_ORDER, epoch).permutation(num_examples)
 
 
 def batches(split: Split, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = False,

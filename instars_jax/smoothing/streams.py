@@ -9,6 +9,13 @@ from __future__ import annotations
 
 import enum
 
+import numpy as np
+
+# numpy_rng's entropy has this many ids after (seed, stream), padded with zeros: numpy's
+# SeedSequence ignores trailing zeros, so keys of different lengths could otherwise coincide
+# ([seed, s] and [seed, s, 0, 0] give the same generator).
+NUMPY_IDS = 2
+
 
 @enum.unique
 class Stream(enum.IntEnum):
@@ -21,9 +28,20 @@ class Stream(enum.IntEnum):
   TRAIN_NOISE = 10  # Gaussian augmentation of a training step
   EVAL_NOISE = 11  # noisy test accuracy after an epoch
   TABLE_UPDATE = 12  # the σ table's profile noise and the slice each update visits
+  AUGMENT = 13  # crop, flip and resized crop of a training example (numpy)
+  EPOCH_ORDER = 14  # the order of the training examples in an epoch (numpy)
   CERTIFY = 20  # the key of a certification run
   ESTIMATOR_TEST = 30  # locally_constant: the estimator's CERTIFY
   CLASS_TEST = 31  # locally_constant: the class's CERTIFY
   ESTIMATOR_LABELS = 40  # the estimator's label profile
   ESTIMATOR_NOISE = 41  # the estimator's training noise and example order
   ESTIMATOR_ASSIGN = 42  # the σ the estimator assigns each training example (fine-tuning)
+
+
+def numpy_rng(seed: int, stream: Stream, *ids: int) -> np.random.Generator:
+  """A numpy generator that is a pure function of (seed, stream, ids), for up to NUMPY_IDS
+  non-negative ids; distinct arguments give distinct generators."""
+  if len(ids) > NUMPY_IDS:
+    raise ValueError(f"numpy_rng takes at most {NUMPY_IDS} ids; got {len(ids)}")
+  padded = [int(i) for i in ids] + [0] * (NUMPY_IDS - len(ids))
+  return np.random.default_rng([int(seed), int(stream), *padded])

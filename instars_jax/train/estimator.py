@@ -41,7 +41,7 @@ from instars_jax import data, models
 from instars_jax.run import checkpoints
 from instars_jax.run.files import write_json_atomic
 from instars_jax.run.workdir import Workdir
-from instars_jax.smoothing.streams import Stream
+from instars_jax.smoothing.streams import Stream, numpy_rng
 from instars_jax.train import sigma_table
 from instars_jax.train import state as state_lib
 
@@ -243,7 +243,7 @@ class EstimatorStage:
 
     def batches():
       for epoch in range(first_epoch, self.settings["epochs"]):
-        rng = np.random.default_rng([seed, Stream.ESTIMATOR_NOISE, epoch])
+        rng = numpy_rng(seed, Stream.ESTIMATOR_NOISE, epoch)
         order = self.kept[rng.permutation(len(self.kept))]
         yield from data.batches(self.split, self.batch_size, drop_remainder=True,
                                 host_id=jax.process_index(), host_count=jax.process_count(),

@@ -31,7 +31,7 @@ import numpy as np
 
 from instars_jax import analyze, data, parallel
 from instars_jax.smoothing import bounds
-from instars_jax.smoothing.streams import Stream
+from instars_jax.smoothing.streams import Stream, numpy_rng
 from instars_jax.train.state import logits_fn
 
 CP_POINTS = 4097
@@ -93,7 +93,7 @@ def update_indices(num_examples: int, fraction: float, update_number: int,
   if fraction >= 1.0:
     return np.arange(num_examples)
   size = math.ceil(fraction * num_examples)
-  permutation = np.random.default_rng([seed, Stream.TABLE_UPDATE]).permutation(num_examples)
+  permutation = numpy_rng(seed, Stream.TABLE_UPDATE).permutation(num_examples)
   return np.take(permutation, np.arange(update_number * size, (update_number + 1) * size),
                  mode="wrap")
 
