@@ -50,7 +50,8 @@ def settings(workers: int):
 
 
 def throughput(split, augmentation, image_size, workers, batch, steps) -> dict:
-  batches = pipeline.StepBatches(split, batch, len(split) // batch, 0, augmentation, image_size)
+  batches = pipeline.StepBatches(split, pipeline.Batching(batch, len(split) // batch, 0,
+                                                         augmentation, image_size))
   with pipeline.train_stream(batches, 0, steps + 2, settings(workers)) as stream:
     next(stream)  # workers started and the first batch decoded
     began = time.perf_counter()
@@ -79,7 +80,8 @@ def training_share(split, workers, steps, batch=128) -> dict:
   config.model.name = "resnet20"
   state = create_train_state(config, RunInfo((32, 32, 3), 10, "cifar10", len(split), 100,
                                              "synthetic"))
-  batches = pipeline.StepBatches(split, batch, len(split) // batch, 0, "crop_flip", 0)
+  batches = pipeline.StepBatches(split, pipeline.Batching(batch, len(split) // batch, 0,
+                                                         "crop_flip"))
   key = jax.random.PRNGKey(0)
   cached = batches(0)
   states = [state]
@@ -104,7 +106,8 @@ def training_share(split, workers, steps, batch=128) -> dict:
 
 
 def memory(split, batch=500) -> dict:
-  batches = pipeline.StepBatches(split, batch, len(split) // batch, 0, "crop_flip", 0)
+  batches = pipeline.StepBatches(split, pipeline.Batching(batch, len(split) // batch, 0,
+                                                         "crop_flip"))
   before = rss_mb()
   peak = before
   with pipeline.train_stream(batches, 0, len(split) // batch, settings(0)) as stream:

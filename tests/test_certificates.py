@@ -114,9 +114,8 @@ def test_memory_round_trips_in_appended_parts(tmp_path):
 
 def test_locally_constant_never_certifies_intersecting_balls(island_points):
   run = Run(Island(), 2, jax.random.PRNGKey(0), n0=64, n=2000, alpha=0.001, batch_size=8192)
-  cert = locally_constant.certify_locally_constant(
-      run, half_space_estimator, island_points, None, sigma_grid=(0.1, 2.0), sigma_estimator=0.1,
-      n_estimator=2000, beta=0.0005)
+  chooser = locally_constant.Estimator(half_space_estimator, (0.1, 2.0), sigma=0.1, n=2000)
+  cert = locally_constant.certify_locally_constant(run, chooser, island_points, None, 0.0005)
   assert certificates.intersecting_pairs(island_points, cert.prediction, cert.radius) == 0
   certified = cert.prediction != ij.ABSTAIN
   assert certified.sum() > 60
@@ -144,24 +143,21 @@ def test_sound_modes_never_exceed_the_true_radius_of_G(linear):
     assert r <= truth[i] + 1e-6
   estimator = lambda z: jnp.stack([-z[:, 7], z[:, 7]], axis=-1) * 100.0
   run = Run(linear, 2, jax.random.PRNGKey(3), n0=64, n=1000, alpha=0.001, batch_size=65536)
-  local = locally_constant.certify_locally_constant(
-      run, estimator, x, None, sigma_grid=(0.25, 0.5), sigma_estimator=0.25, n_estimator=1000,
-      beta=0.0005)
+  chooser = locally_constant.Estimator(estimator, (0.25, 0.5), sigma=0.25, n=1000)
+  local = locally_constant.certify_locally_constant(run, chooser, x, None, 0.0005)
   assert np.all(local.radius <= truth + 1e-6)
   assert np.mean(local.prediction != ij.ABSTAIN) > 0.5
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(sigma_grid=(0.5,)), "sigma_grid"),
-    (dict(beta=0.01), "beta must lie in"),
-    (dict(beta=0.0), "beta must lie in"),
-])
-def test_bad_grid_or_alpha_split_is_rejected(linear, change, message):
+def test_bad_grid_or_alpha_split_is_rejected(linear):
+  with pytest.raises(ValueError, match="sigma_grid"):
+    locally_constant.Estimator(linear, (0.5,), sigma=0.25, n=8)
   run = Run(linear, 2, jax.random.PRNGKey(0), n0=8, n=8, alpha=0.01, batch_size=8)
-  args = dict(sigma_grid=(0.25, 0.5), sigma_estimator=0.25, n_estimator=8, beta=0.005)
-  with pytest.raises(ValueError, match=message):
-    locally_constant.certify_locally_constant(run, linear, np.zeros((1, 8), np.float32), None,
-                                              **dict(args, **change))
+  chooser = locally_constant.Estimator(linear, (0.25, 0.5), sigma=0.25, n=8)
+  for beta in (0.01, 0.0):
+    with pytest.raises(ValueError, match="beta must lie in"):
+      locally_constant.certify_locally_constant(run, chooser, np.zeros((1, 8), np.float32), None,
+                                                beta)
 
 
 def test_every_kind_declares_the_interface_and_answers_through_it(linear, tmp_path, monkeypatch):
@@ -206,9 +202,10 @@ def test_estimator_routes_never_exceed_the_exact_radius_of_its_choice():
   z = np.linspace(-1.5, 1.5, 61)
   x = np.zeros((len(z), 4), np.float32)
   x[:, 0] = z
-  bins, radius = locally_constant.certify_estimator(
-      Bands(), x, jax.random.PRNGKey(0), sigma_estimator=1.0, n0=64, n=20_000, beta=0.001,
-      batch_size=65536, num_bins=3)
+  run = Run(Bands(), 3, jax.random.PRNGKey(0), n0=64, n=20_000, alpha=0.002, batch_size=65536)
+  chooser = locally_constant.Estimator(Bands(), (0.25, 0.5, 1.0), sigma=1.0, n=20_000)
+  bins, radius = locally_constant.certify_estimator(run, chooser, x, None, jax.random.PRNGKey(0),
+                                                    0.001)
   exact = np.abs(np.abs(z) - Bands.a)
   certified = bins != ij.ABSTAIN
   assert np.all(radius[certified] <= exact[certified] + 1e-6)

@@ -200,7 +200,8 @@ def collect(step_batches, first, total, settings):
 def test_batches_do_not_depend_on_workers_threads_hosts_or_resumption(tmp_path):
   write_tree(tmp_path / "tree", per_class=8, suffix=".jpg")
   split = data.load_dataset(f"folder:{tmp_path / 'tree'}").train
-  make = lambda host=0, hosts=1: pipeline.StepBatches(split, 8, 3, 5, "crop_flip", 0, host, hosts)
+  batching = pipeline.Batching(8, 3, seed=5, augmentation="crop_flip")
+  make = lambda host=0, hosts=1: pipeline.StepBatches(split, batching, host, hosts)
   straight = collect(make(), 0, 6, grain_settings(threads=0))
   assert len(straight) == 6 and straight[0]["image"].dtype == np.uint8
   for epoch in (0, 1):  # every example once per epoch

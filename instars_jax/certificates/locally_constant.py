@@ -11,7 +11,8 @@ trained by train.py (`estimator.epochs`; train/estimator.py).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -61,17 +62,30 @@ def metadata(config, workdir) -> dict:
 
 
 def prepare(run, config):
-  estimator_fn, saved = estimator.load(run.workdir)
+  fn, saved = estimator.load(run.workdir)
+  chooser = Estimator(fn, tuple(saved["grid"]), saved["sigma"], config.certify.estimator.n or run.n)
   beta = alpha_split(config)[1]
-  n_estimator = config.certify.estimator.n or run.n
 
   def certify(x, ids) -> Certified:
-    cert = certify_locally_constant(run, estimator_fn, x, ids, sigma_grid=saved["grid"],
-                                    sigma_estimator=saved["sigma"], n_estimator=n_estimator,
-                                    beta=beta)
+    cert = certify_locally_constant(run, chooser, x, ids, beta)
     return Certified(cert.prediction, cert.radius, cert.sigma, cert.num_samples)
 
   return certify
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+  """A σ-estimator: `fn` maps inputs to logits over the bins of `grid` (σ values, smallest
+  first); it is smoothed at `sigma` and certified with `n` samples."""
+  fn: Callable
+  grid: tuple
+  sigma: float
+  n: int
+
+  def __post_init__(self):
+    grid = np.asarray(self.grid, np.float64)
+    if grid.ndim != 1 or len(grid) < 2 or np.any(grid <= 0):
+      raise ValueError(f"sigma_grid must list at least two positive σ; got {self.grid}")
 
 
 class LocallyConstantCertificate(NamedTuple):
@@ -83,10 +97,9 @@ class LocallyConstantCertificate(NamedTuple):
   num_samples: np.ndarray  # int64[B]: the class test's estimation samples
 
 
-def certify_estimator(estimator_fn, x, key, *, sigma_estimator, n0, n, beta, batch_size,
-                      num_bins, ids=None):
+def certify_estimator(run, chooser: Estimator, x, ids, key, beta):
   """(bin int32[B], radius float32[B]) on which the smoothed estimator's choice ẽ is constant,
-  bin = ABSTAIN where neither route below certifies it.
+  bin = ABSTAIN where neither route below certifies it (n0 and batch size from `run`).
 
   ẽ(x) is the bin whose probability under N(0, σ_e²I) noise exceeds 1/2, or bin 0 (the
   smallest σ) when no bin's does. Two routes on the same n samples, with the failure budget β
@@ -98,27 +111,25 @@ def certify_estimator(estimator_fn, x, key, *, sigma_estimator, n0, n, beta, bat
                ẽ(x') = 0, for ‖x' − x‖ < σ_e Φ⁻¹(1 − max_k u_k).
   The routes cannot both hold (a lower bound never exceeds an upper bound), and an input
   whose estimator is unsure gets the smallest σ with a radius instead of an abstention."""
-  decided = sampler.certify(estimator_fn, x, sigma_estimator, key, n0=n0, n=n, alpha=beta / 2,
-                            batch_size=batch_size, num_classes=num_bins, ids=ids)
+  num_bins, n = len(chooser.grid), chooser.n
+  decided = sampler.certify(chooser.fn, x, chooser.sigma, key, n0=run.n0, n=n, alpha=beta / 2,
+                            batch_size=run.batch_size, num_classes=num_bins, ids=ids)
   counts = np.asarray(decided.counts)
   upper = bounds.clopper_pearson_upper(counts, n, beta / (2 * num_bins))
   undecided = upper.max(axis=1) < 0.5
   bin_ = np.where(decided.prediction != sampler.ABSTAIN, decided.prediction,
                   np.where(undecided, 0, sampler.ABSTAIN)).astype(np.int32)
-  undecided_radius = sigma_estimator * stats.norm.ppf(1.0 - np.minimum(upper.max(axis=1), 0.5))
+  undecided_radius = chooser.sigma * stats.norm.ppf(1.0 - np.minimum(upper.max(axis=1), 0.5))
   radius = np.where(decided.prediction != sampler.ABSTAIN, decided.radius,
                     np.where(undecided, undecided_radius, 0.0))
   return bin_, radius.astype(np.float32)
 
 
-def certify_locally_constant(run, estimator_fn, x, ids, *, sigma_grid, sigma_estimator,
-                             n_estimator, beta) -> LocallyConstantCertificate:
+def certify_locally_constant(run, chooser: Estimator, x, ids, beta) -> LocallyConstantCertificate:
   """A sound certificate for the input-dependent classifier G(x) = g_{σ_{ẽ(x)}}(x), with the
-  base model and CERTIFY settings of `run` (certificates.Run).
-
-  `estimator_fn` maps inputs to logits over the K bins of `sigma_grid`; ẽ is its smoothed
-  version at `sigma_estimator` (`certify_estimator`: the bin of probability above 1/2 under
-  that noise, else the smallest σ).
+  base model and CERTIFY settings of `run` (certificates.Run) and the σ-estimator `chooser`
+  (ẽ: `certify_estimator`, the bin of probability above 1/2 under its noise, else the
+  smallest σ).
 
   Guarantee (Sun, Mao & Vechev, ICLR 2026, Theorem: min of the two radii, failure α + β).
   run.alpha is the failure probability of the whole certificate; the estimator's tests run
@@ -129,19 +140,14 @@ def certify_locally_constant(run, estimator_fn, x, ids, *, sigma_grid, sigma_est
   ≥ 1 − α, and then for every ‖x' − x‖ < min(R_e, R_c): G(x') = g_{σ_{ẽ(x')}}(x') =
   g_{σ_k}(x') = c. If either test abstains, so does G's certificate. The tests use
   independent noise. The run's stopping rule applies to the class test; the estimator's test
-  draws its fixed n_estimator samples.
+  draws its fixed chooser.n samples.
   """
-  sigma_grid = np.asarray(sigma_grid, np.float32)
-  if sigma_grid.ndim != 1 or len(sigma_grid) < 2 or np.any(sigma_grid <= 0):
-    raise ValueError(f"sigma_grid must list at least two positive σ; got {sigma_grid}")
   if not 0 < beta < run.alpha:
     raise ValueError(f"beta must lie in (0, alpha={run.alpha}); got {beta}")
   bin_, estimator_radius = certify_estimator(
-      estimator_fn, x, jax.random.fold_in(run.key, Stream.ESTIMATOR_TEST),
-      sigma_estimator=sigma_estimator, n0=run.n0, n=n_estimator, beta=beta,
-      batch_size=run.batch_size, num_bins=len(sigma_grid), ids=ids)
+      run, chooser, x, ids, jax.random.fold_in(run.key, Stream.ESTIMATOR_TEST), beta)
   selected = bin_ != sampler.ABSTAIN
-  sigma = sigma_grid[np.where(selected, bin_, 0)]
+  sigma = np.asarray(chooser.grid, np.float32)[np.where(selected, bin_, 0)]
   cls = run.certify(x, sigma, ids, key=jax.random.fold_in(run.key, Stream.CLASS_TEST),
                     alpha=run.alpha - beta)
   certified = selected & (cls.prediction != sampler.ABSTAIN)

@@ -17,6 +17,7 @@ rows) and uint8 images; the train step scales them to [0, 1] on the device.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import os
 import threading
@@ -28,16 +29,35 @@ from instars_jax.data import augment
 from instars_jax.data.splits import Split, epoch_order
 
 
+@dataclasses.dataclass(frozen=True)
+class Batching:
+  """How global steps map to training batches: `batch_size` examples per step (all hosts),
+  `steps_per_epoch`, the epoch orders and augmentations of `seed`, and the augmentation
+  (augment.AUGMENTATIONS) with its output side `image_size`."""
+  batch_size: int
+  steps_per_epoch: int
+  seed: int
+  augmentation: str = "none"
+  image_size: int = 0
+
+  @classmethod
+  def from_config(cls, config, steps_per_epoch: int) -> "Batching":
+    return cls(config.train.batch_size, steps_per_epoch, config.seed, config.train.augment,
+               config.image_size)
+
+
 class StepBatches:
   """grain map function: global step -> this host's batch of it (uint8 image, label, index)."""
 
-  def __init__(self, split: Split, batch_size: int, steps_per_epoch: int, seed: int,
-               augmentation: str, image_size: int, host_id: int = 0, host_count: int = 1):
-    if batch_size % host_count:
-      raise ValueError(f"batch size {batch_size} must divide by the host count {host_count}")
-    self.split, self.batch_size, self.steps_per_epoch = split, batch_size, steps_per_epoch
-    self.seed, self.augmentation, self.image_size = seed, augmentation, image_size
-    self.per_host, self.host_id = batch_size // host_count, host_id
+  def __init__(self, split: Split, batching: Batching, host_id: int = 0, host_count: int = 1):
+    if batching.batch_size % host_count:
+      raise ValueError(f"batch size {batching.batch_size} must divide by the host count "
+                       f"{host_count}")
+    self.split, self.batching = split, batching
+    self.batch_size, self.steps_per_epoch = batching.batch_size, batching.steps_per_epoch
+    self.seed, self.augmentation, self.image_size = (batching.seed, batching.augmentation,
+                                                     batching.image_size)
+    self.per_host, self.host_id = batching.batch_size // host_count, host_id
     self._order = (None, None)  # (epoch, its order): one permutation per epoch per process
 
   def order(self, epoch: int) -> np.ndarray:

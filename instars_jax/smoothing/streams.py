@@ -23,7 +23,7 @@ class Stream(enum.IntEnum):
   SELECT = 0  # CERTIFY's n0 selection samples
   ESTIMATE = 1  # CERTIFY's n estimation samples
   PREDICT = 2  # PREDICT's samples
-  SEARCH = 3  # the σ search's samples (per_sigma, memory)
+  SEARCH = 3  # the σ search's samples
   # Folded into PRNGKey(seed), or the first id of a numpy generator of the seed.
   TRAIN_NOISE = 10  # Gaussian augmentation of a training step
   EVAL_NOISE = 11  # noisy test accuracy after an epoch
@@ -31,8 +31,8 @@ class Stream(enum.IntEnum):
   AUGMENT = 13  # crop, flip and resized crop of a training example (numpy)
   EPOCH_ORDER = 14  # the order of the training examples in an epoch (numpy)
   CERTIFY = 20  # the key of a certification run
-  ESTIMATOR_TEST = 30  # locally_constant: the estimator's CERTIFY
-  CLASS_TEST = 31  # locally_constant: the class's CERTIFY
+  ESTIMATOR_TEST = 30  # the σ-estimator's CERTIFY (an instance-wise certificate)
+  CLASS_TEST = 31  # the class's CERTIFY at the σ the estimator chose
   ESTIMATOR_LABELS = 40  # the estimator's label profile
   ESTIMATOR_NOISE = 41  # the estimator's training noise and example order
   ESTIMATOR_ASSIGN = 42  # the σ the estimator assigns each training example (fine-tuning)

@@ -3,7 +3,7 @@
 
 A classifier over the K noise levels of `train.table.grid`, smoothed at σ_e (default: the top
 of the grid) and certified by CERTIFY like any base classifier
-(certificates/locally_constant.py). It learns from the trained base model:
+(instars_jax/certificates/). It learns from the trained base model:
 
 1. Labels. Each training example's radius profile R_k at every grid σ (`sigma_table.update`
    with `estimator.label_samples` noise vectors, on the final base model) becomes the soft
@@ -158,8 +158,9 @@ def labels_from_base(config, dataset, base_state, sharder):
   the training split (on a copy of its state: the base model's own table is left as is)."""
   order = np.arange(len(dataset.train))
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), Stream.ESTIMATOR_LABELS)
+  visit = sigma_table.Visit(order, key, config.estimator.label_samples)
   profiled = sigma_table.update(jax.tree_util.tree_map(jnp.copy, base_state), dataset.train,
-                                sharder, config, key, order, config.estimator.label_samples)
+                                sharder, config, visit)
   labels, keep = soft_labels(np.asarray(profiled.sigma_profile), config.estimator.temperature)
   kept = np.flatnonzero(keep)
   weighted = np.zeros_like(labels)

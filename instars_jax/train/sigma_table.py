@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,10 +51,11 @@ def grid_radii(p, grid, factors):
   return jnp.asarray(grid, jnp.float32) * jnp.interp(p, points, factors)
 
 
-def true_label_probability(apply_fn, x, labels, ids, key, grid, samples):
-  """float32[b, K]: mean softmax probability of `labels` under noise at each grid σ, on the
-  same `samples` noise vectors per example for every σ (noise of example i, sample j from
-  (key, ids[i], j), as in bounds.instance_noise)."""
+def true_label_probability(apply_fn, batch, key, grid, samples):
+  """float32[b, K]: mean softmax probability of each example's label under noise at each grid
+  σ, on the same `samples` noise vectors per example for every σ (noise of example i, sample
+  j from (key, index_i, j), as in bounds.instance_noise)."""
+  x, labels, ids = batch["image"], batch["label"], batch["index"]
   shape = x.shape[1:]
   eps = jax.vmap(bounds.instance_noise, in_axes=(None, 0, None, None))(
       key, ids, jnp.arange(samples), shape)  # [b, m, ...]
@@ -68,8 +70,7 @@ def true_label_probability(apply_fn, x, labels, ids, key, grid, samples):
 @functools.partial(jax.jit, static_argnames=("grid", "samples"), donate_argnames="state")
 def profile_step(state, batch, key, factors, *, grid, samples):
   """The profile and training σ of the examples in `batch`, written into the state's table."""
-  p = true_label_probability(logits_fn(state), batch["image"], batch["label"],
-                             batch["index"], key, grid, samples)
+  p = true_label_probability(logits_fn(state), batch, key, grid, samples)
   radii = grid_radii(p, grid, factors)
   best = jnp.where(jnp.max(radii, axis=1) > 0, jnp.argmax(radii, axis=1), 0)
   sigma = jnp.asarray(grid, jnp.float32)[best]
@@ -103,10 +104,19 @@ def update_key(seed: int, epoch: int):
                             epoch)
 
 
-def update(state, split, sharder, config, key, order, samples):
-  """One pass of `profile_step` over the examples `order` of the training split, in chunks
-  of `train.table.chunk` (all devices)."""
+class Visit(NamedTuple):
+  """One profile pass: the training examples it visits (in order), the key of their noise,
+  and the noise vectors per example."""
+  order: np.ndarray
+  key: jax.Array
+  samples: int
+
+
+def update(state, split, sharder, config, visit: Visit):
+  """One pass of `profile_step` over the examples `visit.order` of the training split, in
+  chunks of `train.table.chunk` (all devices)."""
   table = config.train.table
+  key, order, samples = visit.key, visit.order, visit.samples
   per_host = table.chunk // jax.process_count()
   grid = tuple(float(s) for s in table.grid)
   factors = radius_factor_table(config.certify.n, config.certify.alpha)
@@ -123,8 +133,8 @@ def update_before_epoch(state, split, sharder, config, epoch):
   table = config.train.table
   number = (epoch - config.train.stage1_epochs) // table.update_every
   order = update_indices(len(split), table.fraction, number, config.seed)
-  return update(state, split, sharder, config, update_key(config.seed, epoch), order,
-                table.samples)
+  return update(state, split, sharder, config,
+                Visit(order, update_key(config.seed, epoch), table.samples))
 
 
 def validate(config, devices: int) -> list:

@@ -108,9 +108,9 @@ class BaseStage:
 
   def stream(self, first_step: int):
     c = self.context
-    batches = pipeline.StepBatches(c.dataset.train, self.batch_size, self.steps_per_epoch,
-                                   c.config.seed, c.config.train.augment, c.config.image_size,
-                                   jax.process_index(), jax.process_count())
+    batches = pipeline.StepBatches(
+        c.dataset.train, pipeline.Batching.from_config(c.config, self.steps_per_epoch),
+        jax.process_index(), jax.process_count())
     return pipeline.train_stream(batches, first_step, self.last_step, c.config.input)
 
   def label(self, epoch: int):
