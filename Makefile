@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml requirements.txt bench/requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]' -r bench/requirements.txt
 	touch $(STAMP)
 
+# Two workers, the two cores of the CI machine; tests of one xdist_group share a worker (and
+# its fixtures); torch is installed here, so its tests must not be skipped.
 test: setup
-	$(PY) -m pytest -q -n 2  # two workers: the two cores of the CI machine
+	INSTARS_REQUIRE_TORCH=1 $(PY) -m pytest -q -n 2 --dist loadgroup --durations=10
 
 fashion-mnist:
 	@test -f $(FASHION_MNIST) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }

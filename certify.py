@@ -6,7 +6,7 @@ Writes --workdir/certify/<name>.tsv (Cohen's format plus a sigma column) and a .
 rerunning the same command resumes after the last written row.
 """
 
-from instars_jax import certification, cli
+from instars_jax import cli
 
 if __name__ == "__main__":
-  cli.main(certification.certify_test_set)
+  cli.main("instars_jax.certification:certify_test_set")

@@ -6,7 +6,6 @@ Rerunning the same command resumes from the latest checkpoint in --workdir.
 """
 
 from instars_jax import cli
-from instars_jax.train import loop
 
 if __name__ == "__main__":
-  cli.main(loop.train_and_evaluate)
+  cli.main("instars_jax.train.loop:train_and_evaluate")

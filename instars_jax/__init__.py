@@ -8,17 +8,36 @@
   data/           dataset sources by name or prefix, the grain input pipeline, augmentation
   run/            a run's directory (Workdir), checkpoints, results files, locks, events
   certification.py, analyze.py, models.py, parallel.py, import_torch.py, convert.py, cli.py
+
+The public API below is imported on first use, so that the command lines can parse their
+flags (and reject bad ones) before JAX and orbax load.
 """
 
-from instars_jax.smoothing.bounds import clopper_pearson_lower
-from instars_jax.smoothing.sampler import (ABSTAIN, Certificate, certify, predict,
-                                           sample_counts)
-from instars_jax.smoothing.search import search_sigma
-from instars_jax.smoothing.sequential.rules import DecisionRule, RadiusRule
-from instars_jax.train.state import load_train_state, logits_fn
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["ABSTAIN", "Certificate", "DecisionRule", "RadiusRule", "certify",
-           "clopper_pearson_lower", "load_train_state", "logits_fn", "predict", "sample_counts",
-           "search_sigma", "__version__"]
+_PUBLIC = {
+    "ABSTAIN": "instars_jax.smoothing.sampler", "Certificate": "instars_jax.smoothing.sampler",
+    "certify": "instars_jax.smoothing.sampler", "predict": "instars_jax.smoothing.sampler",
+    "sample_counts": "instars_jax.smoothing.sampler",
+    "clopper_pearson_lower": "instars_jax.smoothing.bounds",
+    "search_sigma": "instars_jax.smoothing.search",
+    "DecisionRule": "instars_jax.smoothing.sequential.rules",
+    "RadiusRule": "instars_jax.smoothing.sequential.rules",
+    "load_train_state": "instars_jax.train.state", "logits_fn": "instars_jax.train.state",
+}
+
+__all__ = sorted(_PUBLIC) + ["__version__"]
+
+
+def __getattr__(name):
+  if name in _PUBLIC:
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module 'instars_jax' has no attribute {name!r}")
+
+
+def __dir__():
+  return __all__

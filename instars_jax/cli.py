@@ -1,14 +1,15 @@
-"""What train.py and certify.py share: the --config / --workdir flags and clean failure."""
+"""What train.py and certify.py share: the --config / --workdir flags and clean failure.
 
+Only absl and ml_collections load before the flags are parsed, so a bad flag is refused in a
+fraction of a second; the library (JAX, orbax, ...) loads when the run starts.
+"""
+
+import importlib
 import os
 import sys
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
-
-from instars_jax import parallel
-from instars_jax.run import checkpoints
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                          lock_config=True)
@@ -21,7 +22,8 @@ EXPECTED_ERRORS = (ValueError, FileNotFoundError)
 def _fail(message, status: int = 2, prefix: str = "error: ") -> None:
   sys.stdout.flush()
   sys.stderr.flush()
-  stream = checkpoints.error_stream()
+  checkpoints = sys.modules.get("instars_jax.run.checkpoints")  # loaded only if a run started
+  stream = checkpoints.error_stream() if checkpoints else 2
   os.write(stream, f"{prefix}{message}\n".encode())
   if stream != 2:
     # After a failed restore, orbax's background event-loop threads can fail the interpreter's
@@ -41,9 +43,11 @@ def _parse_flags(argv):
     _fail(f"unknown config key {detail.replace(chr(92) + 'n', ' ')}")
 
 
-def main(main_fn) -> None:
-  """Parses flags and calls main_fn(config, workdir). A bad flag, config value, path or dataset
-  ends the process with one line naming the problem (exit status 2), not a traceback."""
+def main(target: str) -> None:
+  """Parses flags, then imports `target` ("package.module:function") and calls
+  function(config, workdir). A bad flag, config value, path or dataset ends the process with
+  one line naming the problem (exit status 2), not a traceback; a stop request that was
+  checkpointed ends it with status 143 (128 + SIGTERM)."""
 
   def run(argv):
     if len(argv) > 1:
@@ -55,7 +59,11 @@ def main(main_fn) -> None:
     except OSError as error:  # config_flags reports a config file it could not load lazily
       _fail(f"cannot load --config: {str(error).strip().splitlines()[-1].strip()}")
     if distributed:
+      from instars_jax import parallel
       parallel.initialize_distributed()
+    module, function = target.split(":")
+    main_fn = getattr(importlib.import_module(module), function)
+    from instars_jax.run import checkpoints
     try:
       main_fn(config, WORKDIR.value)
     except EXPECTED_ERRORS as error:
@@ -64,6 +72,7 @@ def main(main_fn) -> None:
       _fail(stopped, status=128 + 15, prefix="")
     finally:
       if distributed:
+        import jax
         jax.distributed.shutdown()
 
   app.run(run, flags_parser=_parse_flags)

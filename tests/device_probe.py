@@ -1,5 +1,7 @@
-"""Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=N: prints the device
-count, counts and certificate of a fixed problem as JSON, for comparison across N."""
+"""Counts, certificates (fixed and sequential) and the σ search of a fixed problem as a dict,
+for comparison across device counts: `results()` in the test's process (one device), and as
+a script in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=N, where it
+prints the same dict as JSON."""
 
 import json
 
@@ -10,7 +12,7 @@ import numpy as np
 import instars_jax as ij
 
 
-def main():
+def results() -> dict:
   rng = np.random.default_rng(0)
   w1 = rng.normal(size=(12, 16)).astype(np.float32)
   w2 = rng.normal(size=(16, 4)).astype(np.float32)
@@ -26,7 +28,7 @@ def main():
   sigma_chosen = ij.search_sigma(model, x, key, sigma_min=0.1, sigma_max=2.0, starts=3, steps=4,
                                  samples_per_step=32, n=2000, alpha=0.001, batch_size=128,
                                  num_classes=4)
-  print(json.dumps({
+  return {
       "search": sigma_chosen.tolist(),
       "devices": jax.local_device_count(),
       "counts": np.asarray(counts).tolist(),
@@ -34,8 +36,8 @@ def main():
       "radius": cert.radius.tolist(),
       "sequential": [sequential.prediction.tolist(), sequential.radius.tolist(),
                      sequential.num_samples.tolist(), np.asarray(sequential.counts).tolist()],
-  }))
+  }
 
 
 if __name__ == "__main__":
-  main()
+  print(json.dumps(results()))

@@ -2,6 +2,7 @@
 JAX_NUM_PROCESSES, JAX_PROCESS_ID set by the caller): trains the train_probe run and certifies
 it across hosts; process 0 prints the same JSON as train_probe."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -14,5 +15,7 @@ import jax  # noqa: E402
 import train_probe  # noqa: E402
 
 if __name__ == "__main__":
-  train_probe.main(sys.argv[1], quiet=jax.process_index() != 0)
+  outcome = train_probe.run(sys.argv[1])
+  if outcome is not None:
+    print(json.dumps(outcome))
   jax.distributed.shutdown()

@@ -88,12 +88,19 @@ def test_printed_radii_are_rounded_down(tmp_path):
   assert printed[1] == 2.99999  # not 3
 
 
-def test_cli_errors(tmp_path, capsys):
-  with pytest.raises(SystemExit):
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_:
     analyze.main([str(tmp_path / "missing.tsv")])
-  assert "results file not found" in capsys.readouterr().err
-  with pytest.raises(SystemExit):
+  assert exit_.value.code == 2
+  assert f"results file not found: {tmp_path / 'missing.tsv'}" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as exit_:
     analyze.main([str(tmp_path / "x.tsv"), "--radii", "a,b"])
+  assert exit_.value.code == 2
+  assert "--radii must be comma-separated numbers; got 'a,b'" in capsys.readouterr().err
+  (tmp_path / "bad.tsv").write_text("a\tb\n1\t2\n")
+  with pytest.raises(SystemExit):
+    analyze.main([str(tmp_path / "bad.tsv")])
+  assert "is not a certification TSV" in capsys.readouterr().err
 
 
 def test_writer_resumes_and_drops_a_torn_line(small_results):

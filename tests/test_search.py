@@ -168,7 +168,7 @@ def test_bad_parameters_are_rejected(linear, change, message, monkeypatch):
 
 
 def _near_boundary_linear():
-  from conftest import LinearClassifier
+  from helpers import LinearClassifier
   w = np.zeros(8, np.float32)
   w[0] = 1.0
   return LinearClassifier(w, 0.0)

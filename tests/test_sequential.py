@@ -387,3 +387,54 @@ def test_decision_mode_gives_up_a_provable_radius_with_probability_at_most_delta
   _, wrongly = giving_up_rates(proof_count / n_max + 0.002, plug_in, rule, n_max, sigma,
                                proof_count)
   assert wrongly > 0.5
+
+
+class NaiveDecisionRule(rules.DecisionRule):
+  """The unsound control: proves "R ≥ r" once the Clopper–Pearson bound at the whole α, at
+  whichever look the engine is at, clears Φ(r/σ), so every look spends α afresh."""
+
+  def tables(self, n_max, alpha):
+    looks = self.looks(n_max, alpha)
+    counts = np.concatenate([np.arange(t + 1) for t in looks])
+    offsets = np.concatenate([[0], np.cumsum(looks + 1)[:-1]]).astype(np.int32)
+    lower = bounds.clopper_pearson_lower(counts, np.repeat(looks, looks + 1), alpha)
+    return offsets, lower.astype(np.float32)
+
+  def stop(self, tables, look, successes, trials, n_max, sigma, level):
+    offsets, lower = tables
+    bound = lower[offsets[look] + successes]
+    thresholds = jax.scipy.stats.norm.cdf(jnp.asarray(self.radii)[None, :] / sigma[:, None])
+    proven = jnp.concatenate([(bound > 0.5)[:, None], bound[:, None] >= thresholds], axis=1)
+    level = jnp.maximum(level, jnp.sum(jnp.cumprod(proven, axis=1), axis=1).astype(jnp.int32))
+    return level == len(self.radii) + 1, level
+
+
+def test_the_engine_is_sound_end_to_end_where_full_alpha_at_every_look_is_not(linear):
+  # 2,000 inputs at distance 0.245 < r = 0.25 (p_A = Φ(0.49) just under Φ(0.5)): "R ≥ 0.25"
+  # is false for every one. Through the same engine, the decision test proves it in at most
+  # α of them; a test spending the whole α at each of its ~50 looks, in far more.
+  x = linear.points_at_distance(np.full(2000, 0.245))
+  slack = 3 * np.sqrt(0.05 * 0.95 / 2000)
+  certify = lambda rule: ij.certify(linear, x, 0.5, jax.random.PRNGKey(3), n0=50, n=4000,
+                                    alpha=0.05, batch_size=4000, num_classes=2, rule=rule)
+  assert np.mean(certify(ij.DecisionRule((0.25,))).radius > 0.245) <= 0.05 + slack
+  assert np.mean(certify(NaiveDecisionRule((0.25,))).radius > 0.245) > 0.05 + slack
+
+
+def test_the_reported_radius_is_the_bound_at_the_stopping_looks_level(linear):
+  # Radius mode's certificate: σ·Φ⁻¹ of the Clopper–Pearson bound at level α_l of the look l
+  # it stopped at (the union bound's share of that look), recomputed here in float64.
+  cert = certify_linear(linear, ij.RadiusRule(0.05), n=20_000)
+  looks = rules.look_schedule(20_000, 0.001, 0.05)
+  levels = rules.look_alphas(0.001, looks)
+  stopped = np.searchsorted(looks, cert.num_samples)
+  np.testing.assert_array_equal(looks[stopped], cert.num_samples)
+  assert len(set(cert.num_samples)) >= 3  # several stopping looks are checked
+  certified = cert.prediction != ij.ABSTAIN
+  assert certified.sum() >= 8 and np.all(cert.radius[~certified] == 0)
+  successes = cert.counts[certified, cert.prediction[certified]]
+  bound = bounds.clopper_pearson_lower(successes, cert.num_samples[certified],
+                                       levels[stopped[certified]])
+  np.testing.assert_allclose(cert.p_lower[certified], bound, rtol=1e-12)
+  np.testing.assert_allclose(cert.radius[certified],
+                             (0.5 * stats.norm.ppf(bound)).astype(np.float32), rtol=1e-6)

@@ -1,5 +1,6 @@
-"""Run in a subprocess with N fake CPU devices: trains one short Insta-RS run on toy data and
-certifies it, then prints parameters, σ table and TSV rows as JSON for comparison across N."""
+"""One short Insta-RS run on toy data, trained and certified, as a dict of parameters, σ table
+and TSV rows, for comparison across device and host counts: `run(workdir)` in the test's
+process, and as a script in a subprocess (N fake CPU devices), where it prints the JSON."""
 
 import json
 import sys
@@ -13,10 +14,11 @@ from configs import default  # noqa: E402
 from instars_jax import certification  # noqa: E402
 from instars_jax.run import results  # noqa: E402
 from instars_jax.train import loop  # noqa: E402
-from test_data_models import write_npz  # noqa: E402
+from helpers import write_npz  # noqa: E402
 
 
-def main(workdir: str, quiet: bool = False):
+def run(workdir) -> dict | None:
+  """The run's outcome (None on processes other than 0 of a multi-host run)."""
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   config = default.get_config()
@@ -29,17 +31,17 @@ def main(workdir: str, quiet: bool = False):
   config.certify.update(n0=16, n=128, batch=64, instances=2, skip=2)
   state = loop.train_and_evaluate(config, workdir / "run")
   path = certification.certify_test_set(config, workdir / "run")
-  if quiet:
-    return
+  if jax.process_index() != 0:
+    return None
   table = results.read_results(path)
-  print(json.dumps({
+  return {
       "devices": jax.device_count(),
       "params": [np.asarray(p, np.float64).ravel().tolist()
                  for p in jax.tree_util.tree_leaves(state.params)],
       "sigma_table": np.asarray(state.sigma_table).tolist(),
       "rows": {k: v.tolist() for k, v in table.items() if k != "time"},
-  }))
+  }
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  print(json.dumps(run(sys.argv[1])))

@@ -1,111 +1,30 @@
-"""Insta-RS Train: the per-example σ table in the train state, its update and its persistence."""
+"""train.py's loop: the stages and their switch, resuming bit-identically after a kill or a
+SIGTERM, the estimator and fine-tuning stages, the divergence watch, the training lock,
+damaged checkpoints, TensorBoard values, and bad settings."""
 
+import errno
 import json
+import os
+import shutil
+import signal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+import orbax.checkpoint as ocp
 import pytest
-from scipy import stats
 
+import instars_jax as ij
+from helpers import (Killed, event_values, make_toy_config, metrics_without_timing, read_metrics,
+                     stop_after, write_npz)
 from configs import default
 from instars_jax import data
 from instars_jax.run import checkpoints
-from instars_jax.smoothing import bounds
+from instars_jax.run.workdir import CONFIG_FILE, INTERIM_DIR, Workdir
 from instars_jax.train import estimator, loop, sigma_table, steps
 from instars_jax.train import state as state_lib
-from test_data_models import write_npz
-from test_pipeline import Killed, stop_after
-
 
 GRID = (0.25, 0.5, 1.0)
-N, ALPHA = 10_000, 0.001
-
-
-def linear_state(num_examples, sigma=0.25, scale=1000.0):
-  """A TrainState whose model is the linear classifier sign(x_0) (logits ±scale·x_0, so its
-  softmax is a hard vote and p_A = Φ(x_0 / σ) for class 0)."""
-  def apply_fn(variables, x, train=False):
-    z = x.reshape(x.shape[0], -1) @ variables["params"]["w"]
-    return jnp.stack([z, -z], axis=-1) * scale
-  w = np.zeros(4, np.float32)
-  w[0] = 1.0
-  return state_lib.TrainState.create(
-      apply_fn=apply_fn, params={"w": w}, tx=optax.sgd(0.1), batch_stats={},
-      sigma_table=jnp.full((num_examples,), sigma, jnp.float32),
-      sigma_profile=jnp.zeros((num_examples, len(GRID)), jnp.float32))
-
-
-def profile_once(state, x, labels, samples=256, key=0):
-  batch = {"image": jnp.asarray(x), "label": jnp.asarray(labels, jnp.int32),
-           "index": jnp.arange(len(x), dtype=jnp.int32)}
-  return sigma_table.profile_step(state, batch, jax.random.PRNGKey(key),
-                                  sigma_table.radius_factor_table(N, ALPHA), grid=GRID,
-                                  samples=samples)
-
-
-def analytic_radius(distance, sigma):
-  """R of CERTIFY (n, α) at σ when p_A = Φ(distance / σ) exactly."""
-  p = stats.norm.cdf(distance / sigma)
-  return sigma * stats.norm.ppf(bounds.clopper_pearson_lower(p * N, N, ALPHA))
-
-
-def points(distances):
-  x = np.zeros((len(distances), 4), np.float32)
-  x[:, 0] = distances
-  return x
-
-
-def test_profile_matches_the_analytic_radius_and_picks_the_best_grid_sigma():
-  distances = np.array([0.02, -0.02, 3.0, 5.0, -0.5])  # near, near, far, far, wrong side
-  state = profile_once(linear_state(5), points(distances), [0] * 5, samples=1024)
-  profile, table = np.asarray(state.sigma_profile), np.asarray(state.sigma_table)
-  assert profile.shape == (5, 3)
-  truth = np.stack([analytic_radius(distances, s) for s in GRID], axis=1)
-  # 1,024 samples: p̂ within a few standard errors of Φ(d / σ); compare where R is informative.
-  informative = truth > 0.02
-  np.testing.assert_allclose(profile[informative], truth[informative], rtol=0.25, atol=0.05)
-  np.testing.assert_array_equal(table, [0.25, 0.25, 1.0, 1.0, 0.25])
-  assert np.all(profile[[1, 4]] < 0)  # misclassified: no σ certifies it; trains at the smallest
-  best = np.asarray(GRID)[np.argmax(truth, axis=1)]
-  np.testing.assert_array_equal(table[:4], best[:4])
-
-
-def test_profile_uses_the_same_noise_at_every_grid_sigma():
-  # Common random numbers: for a point on the boundary p̂ is the same at every σ (the sign of
-  # ε_0 decides the vote whatever the scale), exactly.
-  state = profile_once(linear_state(1), points([0.0]), [0], samples=8)
-  profile = np.asarray(state.sigma_profile)[0]
-  factors = profile / np.asarray(GRID)
-  np.testing.assert_allclose(factors, factors[0], rtol=1e-6)
-
-
-def test_estimator_soft_labels_follow_the_per_sigma_radii():
-  # Per example, the best grid σ is known (the analytic profile above); the soft labels put
-  # their mass there, sharper as τ falls, and drop examples no σ certifies.
-  distances = np.array([0.05, 3.0, 5.0, -0.5, 0.3])
-  truth = np.stack([analytic_radius(distances, s) for s in GRID], axis=1)
-  labels, keep = estimator.soft_labels(truth, temperature=0.1)
-  np.testing.assert_array_equal(keep, [True, True, True, False, True])
-  np.testing.assert_array_equal(np.argmax(labels[keep], 1), np.argmax(truth[keep], 1))
-  np.testing.assert_allclose(labels.sum(1), 1.0, rtol=1e-6)
-  expected = np.exp(np.maximum(truth[1], 0) / 0.1)
-  np.testing.assert_allclose(labels[1], expected / expected.sum(), rtol=1e-5)
-  soft, _ = estimator.soft_labels(truth, temperature=10.0)
-  assert soft[1].max() < labels[1].max()
-  # Rare top bins weigh more: 1 / frequency, mean 1.
-  weights = estimator.bin_weights(labels[keep])
-  np.testing.assert_allclose(weights.mean(), 1.0, rtol=1e-6)
-  top = np.argmax(np.array([[0.9, 0.1, 0], [0, 0.2, 0.8], [0, 0, 1], [0.1, 0, 0.9]]), 1)
-  weights = estimator.bin_weights(np.eye(3)[top])
-  # bin 0 holds 1 example, bin 2 holds 3: each bin weighs the same in total
-  np.testing.assert_allclose(weights, [2, 2 / 3, 2 / 3, 2 / 3], rtol=1e-6)
-  # On the trained state: labels from a profile pass of the linear base model.
-  state = profile_once(linear_state(5), points(distances), [0] * 5)
-  labels_state, keep_state = estimator.soft_labels(np.asarray(state.sigma_profile), 0.1)
-  np.testing.assert_array_equal(keep_state, keep)
-  np.testing.assert_array_equal(np.argmax(labels_state[keep], 1)[:3], np.argmax(truth[keep], 1)[:3])
 
 
 @pytest.fixture
@@ -121,8 +40,25 @@ def insta_config(tmp_path):
   return config
 
 
-def read_metrics(workdir):
-  return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+def same_params(a, b) -> None:
+  for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_killed_training_resumes_to_the_same_parameters_and_metrics(tmp_path, monkeypatch):
+  config = make_toy_config(tmp_path)
+  straight = loop.train_and_evaluate(config, tmp_path / "straight")
+  with monkeypatch.context() as m:  # killed in the middle of epoch 2
+    stop_after(steps, "train_step", 3 + 2, m)
+    with pytest.raises(Killed):
+      loop.train_and_evaluate(config, tmp_path / "resumed")
+  assert checkpoints.manager(tmp_path / "resumed").latest_step() == 1
+  resumed = loop.train_and_evaluate(config, tmp_path / "resumed")
+  assert metrics_without_timing(tmp_path / "resumed") == metrics_without_timing(tmp_path / "straight")
+  same_params(straight, resumed)
+  loaded = ij.load_train_state(tmp_path / "resumed")
+  same_params(loaded, straight)
+  assert int(loaded.step) == 2 * 3 and loaded.sigma_table.shape == (96,)
 
 
 def test_stages_switch_at_e1_and_the_table_round_trips(insta_config, tmp_path):
@@ -196,16 +132,13 @@ def test_explore_trains_a_share_of_stage_2_examples_at_a_random_grid_sigma(insta
                             jax.tree_util.tree_leaves(plain.params)[0])
 
 
-def test_a_fractional_update_visits_a_rotating_slice(insta_config, tmp_path):
-  slices = [sigma_table.update_indices(96, 0.25, u, seed=0) for u in range(4)]
-  assert all(len(s) == 24 for s in slices)
-  np.testing.assert_array_equal(np.sort(np.concatenate(slices)), np.arange(96))
-  np.testing.assert_array_equal(sigma_table.update_indices(96, 1.0, 3, seed=0), np.arange(96))
+def test_a_fractional_update_profiles_only_its_slice(insta_config, tmp_path):
   insta_config.train.epochs = 2
   insta_config.train.table.fraction = 0.25
   state = loop.train_and_evaluate(insta_config, tmp_path / "run")
   visited = np.flatnonzero(np.any(np.asarray(state.sigma_profile) != 0, axis=1))
-  np.testing.assert_array_equal(np.sort(visited), np.sort(slices[0]))
+  np.testing.assert_array_equal(np.sort(visited),
+                                np.sort(sigma_table.update_indices(96, 0.25, 0, seed=0)))
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -281,3 +214,143 @@ def test_finetuning_at_the_estimator_sigma_trains_each_example_there_and_resumes
   np.testing.assert_array_equal(straight.sigma_table, resumed.sigma_table)
   again = loop.train_and_evaluate(insta_config, tmp_path / "straight")  # finished: no-op
   np.testing.assert_array_equal(np.asarray(again.sigma_table), assigned)
+
+
+def test_sigterm_in_stage_2_checkpoints_the_step_and_resumes_bit_identically(toy_config, tmp_path,
+                                                                           monkeypatch):
+  toy_config.train.update(insta=True, stage1_epochs=1, epochs=3, checkpoint_every_steps=2)
+  straight = loop.train_and_evaluate(toy_config, tmp_path / "straight")
+  # TensorBoard events: every epoch's metrics, with the values of metrics.jsonl, and the
+  # σ-table histogram.
+  events = event_values(tmp_path / "straight" / "tensorboard" / "train")
+  rows = read_metrics(tmp_path / "straight")
+  for tag in ("train_loss", "test_noisy_accuracy", "sigma_mean"):
+    assert [step for step, _ in events[tag]] == [1, 2, 3]
+    np.testing.assert_allclose([v for _, v in events[tag]], [r[tag] for r in rows], rtol=1e-6)
+  assert [step for step, _ in events["sigma_table"]] == [1, 2, 3]
+  original, calls = steps.train_step, [0]
+
+  def step_then_sigterm(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 5:  # epoch 2 (stage 2), batch 2: the signal arrives during the step
+      os.kill(os.getpid(), signal.SIGTERM)
+    return original(*args, **kwargs)
+
+  with monkeypatch.context() as m:
+    m.setattr(steps, "train_step", step_then_sigterm)
+    with pytest.raises(checkpoints.Interrupted, match=r"stopped at step 5 \(epoch 2, batch 2 of 3\)"):
+      loop.train_and_evaluate(toy_config, tmp_path / "resumed")
+  interim = checkpoints.manager(tmp_path / "resumed" / INTERIM_DIR)
+  assert interim.latest_step() == 5  # nothing lost: the step the signal interrupted is saved
+  assert checkpoints.manager(tmp_path / "resumed").latest_step() == 1
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone again
+  resumed = loop.train_and_evaluate(toy_config, tmp_path / "resumed")
+  for a, b in zip(jax.tree_util.tree_leaves(straight.params), jax.tree_util.tree_leaves(resumed.params)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(straight.sigma_table, resumed.sigma_table)
+  np.testing.assert_array_equal(straight.sigma_profile, resumed.sigma_profile)
+  assert int(resumed.step) == 9
+
+
+def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(toy_config, tmp_path):
+  toy_config.train.learning_rate = 1e4  # NaN within the first epoch
+  with pytest.raises(ValueError, match=r"diverged by step 3 \(epoch 1\): train_loss is not finite"):
+    loop.train_and_evaluate(toy_config, tmp_path / "nan")
+  assert checkpoints.manager(tmp_path / "nan").latest_step() is None
+  # Barely learning: the loss stays at ln 3 (chance for 3 classes) after the first epoch.
+  toy_config.train.update(learning_rate=1e-7, epochs=3)
+  toy_config.train.divergence.update(chance_steps=2, chance_fraction=0.9)
+  with pytest.raises(ValueError, match=r"by step 6: mean train_loss .* is at chance level"):
+    loop.train_and_evaluate(toy_config, tmp_path / "chance")
+  assert checkpoints.manager(tmp_path / "chance").latest_step() == 1
+  toy_config.train.divergence.chance_steps = 0  # switched off: the same run trains to the end
+  loop.train_and_evaluate(toy_config, tmp_path / "off")
+  assert checkpoints.manager(tmp_path / "off").latest_step() == 3
+
+
+def test_training_refuses_a_workdir_with_another_config(toy_config, tmp_path):
+  toy_config.train.epochs = 1
+  loop.train_and_evaluate(toy_config, tmp_path / "run")
+  toy_config.train.learning_rate = 0.5
+  with pytest.raises(ValueError, match=r"different config \(train\.learning_rate\)"):
+    loop.train_and_evaluate(toy_config, tmp_path / "run")
+
+
+def test_a_run_saved_before_later_keys_existed_still_resumes(toy_config, tmp_path):
+  toy_config.train.epochs = 1
+  loop.train_and_evaluate(toy_config, tmp_path / "run")
+  saved_path = tmp_path / "run" / CONFIG_FILE
+  saved = json.loads(saved_path.read_text())
+  for key in ("image_size", "corrupt_images"):
+    del saved[key]
+  del saved["train"]["checkpoint_every_steps"], saved["train"]["divergence"]
+  saved_path.write_text(json.dumps(saved))
+  toy_config.train.epochs = 2
+  with pytest.raises(ValueError, match=r"different config \(train\.epochs\)"):
+    loop.train_and_evaluate(toy_config, tmp_path / "run")
+  saved["train"]["epochs"] = 2
+  saved_path.write_text(json.dumps(saved))
+  loop.train_and_evaluate(toy_config, tmp_path / "run")
+  assert checkpoints.manager(tmp_path / "run").latest_step() == 2
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("train", "sigma", 0.0, "train.sigma must be finite and > 0"),
+    ("train", "epochs", 0, "train.epochs must be >= 1"),
+    ("train", "batch_size", 0, "train.batch_size must be a positive multiple"),
+    ("train", "schedule", "linear", "train.schedule"),
+    ("model", "name", "vgg", "model.name"),
+])
+def test_bad_training_config(toy_config, tmp_path, section, key, value, message):
+  toy_config[section][key] = value
+  with pytest.raises(ValueError, match=message):
+    loop.train_and_evaluate(toy_config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_full_disk_gives_one_error_and_keeps_the_checkpoints_before(toy_config, tmp_path,
+                                                                     monkeypatch):
+  full = OSError(errno.ENOSPC, "No space left on device")
+  original_save = ocp.CheckpointManager.save
+
+  def save_until_full(self, step, *args, **kwargs):
+    if step == 2:
+      raise full
+    return original_save(self, step, *args, **kwargs)
+
+  with monkeypatch.context() as m:
+    m.setattr(ocp.CheckpointManager, "save", save_until_full)
+    with pytest.raises(ValueError, match=r"cannot write checkpoint 2 to .*: No space left on "
+                                         r"device \(errno 28\); what was written before is intact"):
+      loop.train_and_evaluate(toy_config, tmp_path / "run")
+  assert checkpoints.manager(tmp_path / "run").latest_step() == 1
+  ij.load_train_state(tmp_path / "run")  # the checkpoint before restores
+  loop.train_and_evaluate(toy_config, tmp_path / "run")  # and the rerun finishes
+
+
+def test_a_second_trainer_on_the_workdir_is_refused_naming_the_first(toy_config, tmp_path):
+  workdir = Workdir(tmp_path / "run")
+  with workdir.training_lock():  # stands for a train.py that is running
+    with pytest.raises(ValueError, match=r"the training run in .* is in use by pid \d+"):
+      loop.train_and_evaluate(toy_config, workdir.path)
+  assert checkpoints.manager(workdir.path).latest_step() is None
+  loop.train_and_evaluate(toy_config, workdir.path)  # once it is gone, training runs
+
+
+def test_a_damaged_interim_checkpoint_is_named_and_the_one_before_still_resumes(
+    toy_config, tmp_path, monkeypatch):
+  toy_config.train.checkpoint_every_steps = 1
+  straight = loop.train_and_evaluate(toy_config, tmp_path / "straight")
+  with monkeypatch.context() as m:  # killed in epoch 2, after interim checkpoint 4
+    stop_after(steps, "train_step", 3 + 2, m)
+    with pytest.raises(Killed):
+      loop.train_and_evaluate(toy_config, tmp_path / "run")
+  interim = tmp_path / "run" / INTERIM_DIR / "checkpoints"
+  assert sorted(int(p.name) for p in interim.iterdir() if p.name.isdigit()) == [4]
+  for chunk in (interim / "4").glob("default/ocdbt.process_0/d/*"):
+    chunk.write_bytes(b"\0" * 100)
+  with pytest.raises(ValueError, match=r"checkpoint 4 in .* is corrupt or incomplete .*: remove "
+                                       r".*4 to fall back to the one before it"):
+    loop.train_and_evaluate(toy_config, tmp_path / "run")
+  shutil.rmtree(interim / "4")
+  same_params(loop.train_and_evaluate(toy_config, tmp_path / "run"), straight)

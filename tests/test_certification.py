@@ -1,0 +1,313 @@
+"""certify.py's run: resuming to the same rows, refusing other settings, the certificate kinds
+through it (with a soundness check that per_sigma fails), sequential sampling, several
+hosts, a full disk, and bad settings."""
+
+import errno
+import os
+import shutil
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import instars_jax as ij
+from helpers import Killed, event_values, make_toy_config, rows_without_time, stop_after
+from instars_jax import analyze, certificates, certification, data
+from instars_jax.certificates import locally_constant
+from instars_jax.run import checkpoints, results
+from instars_jax.smoothing.streams import Stream
+from instars_jax.train import loop
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """One toy run (1 epoch, a 1-epoch σ-estimator) that the tests certify; each test copies
+  it, so none sees another's results."""
+  root = tmp_path_factory.mktemp("trained")
+  config = make_toy_config(root)
+  config.train.epochs = 1
+  config.estimator.update(epochs=1, label_samples=4)
+  loop.train_and_evaluate(config, root / "run")
+  return config, root / "run"
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+  """(config, workdir): a copy of the trained toy run, the config free to change."""
+  config, source = trained
+  shutil.copytree(source, tmp_path / "run")
+  return config.copy_and_resolve_references(), tmp_path / "run"
+
+
+def test_killed_certification_resumes_to_the_same_rows(run, monkeypatch):
+  config, workdir = run
+  straight = certification.certify_test_set(config, workdir)
+  config.certify.name = "resumed"
+  with monkeypatch.context() as m:  # killed after the first batch of rows was written
+    stop_after(results.ResultsWriter, "write", 2, m)
+    with pytest.raises(Killed):
+      certification.certify_test_set(config, workdir)
+  resumed = certification.output_path(config, workdir)
+  assert 0 < len(results.read_results(resumed)["idx"]) < 12
+  certification.certify_test_set(config, workdir)
+  assert rows_without_time(resumed) == rows_without_time(straight)
+  assert len(results.read_results(straight)["idx"]) == 12  # every 2nd of 24 test images
+
+
+def test_certification_refuses_other_settings_and_missing_checkpoints(run, tmp_path):
+  config, workdir = run
+  with pytest.raises(FileNotFoundError, match="no training run"):
+    certification.certify_test_set(config, tmp_path / "empty")
+  path = certification.certify_test_set(config, workdir)
+  before = path.read_text()
+  config.certify.n = 300
+  with pytest.raises(ValueError, match=r"made with other settings \(n\)"):
+    certification.certify_test_set(config, workdir)
+  assert path.read_text() == before
+  meta = results.read_metadata(path)
+  assert meta["certificate"] == "fixed_sigma" and meta["n"] == 200
+  events = event_values(workdir / "tensorboard" / "certify" / "sigma_0.25")
+  summary = analyze.summarize(path)
+  assert events["acr"] == [(0, pytest.approx(summary["acr"]))]
+  assert events["certified_accuracy/r_0.5"] == [
+      (0, pytest.approx(summary["certified_accuracy"]["0.5"]))]
+
+
+def test_instance_sigma_mode(run):
+  config, workdir = run
+  config.certify.sigma_mode = "instance"
+  config.certify.certificate = "per_sigma"
+  config.certify.search.update(sigma_min=0.1, sigma_max=1.0, starts=2, steps=3,
+                                   samples_per_step=16)
+  path = certification.certify_test_set(config, workdir)
+  assert path.name == "instance_0.1-1.tsv"
+  table = results.read_results(path)
+  assert np.all((table["sigma"] >= 0.1) & (table["sigma"] <= 1.0))
+  meta = results.read_metadata(path)
+  assert meta["certificate"] == "per_sigma" and meta["sigma_mode"] == "instance"
+  assert "not a certificate of the input-dependent classifier" in meta["certificate_meaning"]
+  assert meta["search_samples_per_instance"] == 2 * 3 * 16
+  assert meta["search"]["samples_per_step"] == 16
+  # The bound comes from CERTIFY's own fresh samples at the chosen σ: certifying again at
+  # those σ with the run's key reproduces every row.
+  state = ij.load_train_state(workdir)
+  dataset = data.load_dataset(config.dataset)
+  batch = dataset.test.take(table["idx"])
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), Stream.CERTIFY)
+  again = ij.certify(ij.logits_fn(state), batch["image"], table["sigma"], key,
+                            n0=16, n=200, alpha=0.001, batch_size=64, num_classes=3,
+                            ids=batch["index"])
+  np.testing.assert_array_equal(again.prediction, table["predict"])
+  np.testing.assert_allclose(again.radius, table["radius"], rtol=1e-5, atol=1e-6)
+  config.certify.search.steps = 2
+  with pytest.raises(ValueError, match="steps must be an integer >= 3"):
+    certification.certify_test_set(config, workdir)
+
+
+def test_sequential_sampling_through_certify_py(run, monkeypatch):
+  config, workdir = run
+  config.certify.update(n=2000, skip=1, name="fixed")
+  fixed = results.read_results(certification.certify_test_set(config, workdir))
+  assert np.all(fixed["samples"] == 2000)
+  config.certify.update(sampling="sequential", radii=(0.1, 0.2), name="decision", instances=1)
+  with monkeypatch.context() as m:  # killed after the first block of rows was written
+    stop_after(results.ResultsWriter, "write", 2, m)
+    with pytest.raises(Killed):
+      certification.certify_test_set(config, workdir)
+  path = certification.certify_test_set(config, workdir)
+  decision = results.read_results(path)
+  np.testing.assert_array_equal(decision["idx"], fixed["idx"])
+  assert set(decision["radius"]) <= {0.0, 0.1, 0.2}
+  assert np.all(decision["samples"] <= 2000) and decision["samples"].sum() < 0.5 * 24 * 2000
+  meta = results.read_metadata(path)
+  assert meta["sampling"] == "sequential"
+  assert meta["sequential"] == {"mode": "decision", "radii": [0.1, 0.2],
+                                "test": "mixture_likelihood_ratio", "tolerance_alpha": 0.05,
+                                "n_max": 2000}
+  # Resumed rows equal a straight run's.
+  config.certify.name = "decision_straight"
+  straight = certification.certify_test_set(config, workdir)
+  assert rows_without_time(straight) == rows_without_time(path)
+  # SIGTERM while a block is certified: its rows are written, then the run stops cleanly.
+  config.certify.name = "sigterm"
+  original = results.ResultsWriter.write
+  def write_then_sigterm(self, rows):
+    os.kill(os.getpid(), signal.SIGTERM)
+    original(self, rows)
+  with monkeypatch.context() as m:
+    m.setattr(results.ResultsWriter, "write", write_then_sigterm)
+    with pytest.raises(checkpoints.Interrupted, match="stopped after 2 of 24 images"):
+      certification.certify_test_set(config, workdir)
+  certification.certify_test_set(config, workdir)
+  assert rows_without_time(workdir / "certify" / "sigterm.tsv") == rows_without_time(path)
+  # Instance σ: search, then sequential CERTIFY at the searched σ (radius mode).
+  config.certify.update(radii=(), sigma_mode="instance", certificate="per_sigma", name="")
+  config.certify.search.update(sigma_min=0.1, sigma_max=1.0, starts=2, steps=3,
+                                   samples_per_step=16)
+  path = certification.certify_test_set(config, workdir)
+  table = results.read_results(path)
+  assert len(table["idx"]) == 24 and np.all(table["samples"] <= 2000)
+  assert results.read_metadata(path)["sequential"] == {
+      "mode": "radius", "tolerance": 0.05, "bound": "clopper_pearson_alpha_by_samples",
+      "looks": "geometric_and_saturation", "tolerance_alpha": 0.05, "n_max": 2000}
+
+
+def test_memory_resumes_to_the_same_rows_and_answers_no_intersecting_balls(run, tmp_path,
+                                                                         monkeypatch):
+  config, straight = run
+  config.certify.update(sigma_mode="instance", certificate="memory")
+  config.certify.search.update(sigma_min=0.1, sigma_max=1.0, starts=2, steps=3,
+                               samples_per_step=16)
+  resumed = tmp_path / "resumed"
+  shutil.copytree(straight, resumed)
+  path = certification.certify_test_set(config, straight)
+  assert path.name == "instance_0.1-1_memory.tsv"
+  assert list(path.with_suffix(".memory").glob("part_*.npz"))
+  with monkeypatch.context() as m:  # killed after the memory of batch 2 was saved
+    stop_after(results.ResultsWriter, "write", 2, m)
+    with pytest.raises(Killed):
+      certification.certify_test_set(config, resumed)
+  certification.certify_test_set(config, resumed)
+  assert rows_without_time(certification.output_path(config, resumed)) == rows_without_time(path)
+  table = results.read_results(path)
+  assert certificates.intersecting_pairs(
+      data.load_dataset(config.dataset).test.take(table["idx"])["image"], table["predict"],
+      table["radius"]) == 0
+  assert results.read_metadata(path)["certificate"] == "memory"
+  with pytest.raises(ValueError, match="run it on a single host"):
+    certification.certify_test_set(config, straight, host=0, hosts=2)
+
+
+def test_locally_constant_records_its_estimator_and_alpha_split(run, tmp_path):
+  config, workdir = run
+  config.certify.update(sigma_mode="instance", certificate="locally_constant")
+  config.certify.estimator.n = 64
+  path = certification.certify_test_set(config, workdir)
+  assert path.name == "locally_constant.tsv"
+  table = results.read_results(path)
+  assert set(table["sigma"]) <= {np.float32(g) for g in (0.25, 0.5, 1.0)}
+  meta = results.read_metadata(path)
+  assert meta["certificate"] == "locally_constant" and meta["sound"]
+  assert meta["estimator"]["n"] == 64 and meta["estimator"]["sigma"] == 1.0
+  assert meta["alpha_split"] == {"alpha_class": 0.0005, "beta_estimator": 0.0005, "total": 0.001}
+  shutil.rmtree(workdir / "estimator")
+  with pytest.raises(FileNotFoundError, match="no σ-estimator"):
+    certification.certify_test_set(config, workdir)
+  config.certify.certificate = "typo"
+  with pytest.raises(ValueError, match=r"certify.certificate must be one of \('locally_constant'"):
+    certification.certify_test_set(config, workdir)
+
+
+# A base classifier on 2×2 images on which Insta-RS's search certifies intersecting balls of
+# different classes: class 0 on a small ball around the centre (seen only at a small σ),
+# else class 1 or 2 by the side of a hyperplane through the centre. At a small σ an image near
+# the centre is class 0 with a small radius; at a large σ it is a coin flip between 1 and 2,
+# so the search picks a small σ there, while images a little to the side get a large σ and
+# a radius reaching over the centre.
+CENTRE, ISLAND = np.full(4, 0.5, np.float32), 0.12
+
+
+def island_classifier(z):
+  z = z.reshape(z.shape[0], -1)
+  inside = jnp.linalg.norm(z - CENTRE, axis=1) < ISLAND
+  return jax.nn.one_hot(jnp.where(inside, 0, jnp.where(z[:, 0] > 0.5, 1, 2)), 3) * 10.0
+
+
+def side_estimator(z):
+  """σ bins for (0.03, 0.2): the small σ within 0.1 of the hyperplane, the large one beyond."""
+  near = jnp.abs(z.reshape(z.shape[0], -1)[:, 0] - 0.5) < 0.1
+  return jax.nn.one_hot(jnp.where(near, 0, 1), 2) * 10.0
+
+
+def island_npz(path):
+  rng = np.random.default_rng(0)
+  offsets = np.concatenate([rng.uniform(-0.015, 0.015, (12, 4)),
+                            np.c_[rng.uniform(0.2, 0.3, 12), rng.uniform(-0.05, 0.05, (12, 3))],
+                            np.c_[-rng.uniform(0.2, 0.3, 12), rng.uniform(-0.05, 0.05, (12, 3))]])
+  images = np.round((CENTRE + offsets) * 255).astype(np.uint8).reshape(-1, 2, 2)
+  labels = np.repeat([0, 1, 2], 12)
+  np.savez(path, x_train=images, y_train=labels, x_test=images, y_test=labels)
+  return path
+
+
+@pytest.mark.parametrize("kind", certificates.INSTANCE_KINDS)
+def test_sound_kinds_through_certification_never_certify_intersecting_balls(kind, tmp_path,
+                                                                            monkeypatch):
+  # The check can fail: per_sigma, the certificate Insta-RS published, fails it on these
+  # images; every sound kind passes it and still certifies most of them.
+  from configs import default
+  monkeypatch.setattr(certification, "load_train_state", lambda workdir: None)
+  monkeypatch.setattr(certification, "logits_fn", lambda state: island_classifier)
+  settings = {"grid": [0.03, 0.2], "sigma": 0.2}
+  monkeypatch.setattr(locally_constant.estimator, "saved_settings", lambda workdir: settings)
+  monkeypatch.setattr(locally_constant.estimator, "load",
+                      lambda workdir: (side_estimator, settings))
+  config = default.get_config()
+  config.dataset = f"npz:{island_npz(tmp_path / 'island.npz')}"
+  config.certify.update(sigma_mode="instance", certificate=kind, n0=64, n=2000, batch=8000,
+                        instances=12)
+  config.certify.search.update(sigma_min=0.02, sigma_max=0.5, starts=3, steps=5)
+  path = certification.certify_test_set(config, tmp_path / "run")
+  table = results.read_results(path)
+  images = data.load_dataset(config.dataset).test.take(table["idx"])["image"]
+  clashes = certificates.intersecting_pairs(images, table["predict"], table["radius"])
+  if certificates.get(kind).SOUND:
+    assert clashes == 0
+    assert np.mean(table["radius"] > 0) > 0.5
+  else:
+    assert clashes > 20
+
+
+def test_hosts_split_the_test_set_and_merge_one_tsv(run):
+  config, workdir = run
+  single = certification.certify_test_set(config, workdir)
+  expected = rows_without_time(single)
+  config.certify.name = "two_hosts"
+  for host in (1, 0):  # host 0 merges, after every host has written its part
+    merged = certification.certify_test_set(config, workdir, host=host, hosts=2)
+  parts = sorted(merged.parent.glob("two_hosts.host*of2.tsv"))
+  assert [len(results.read_results(p)["idx"]) for p in parts] == [6, 6]
+  assert rows_without_time(merged) == expected
+  assert results.read_metadata(merged)["certificate"] == "fixed_sigma"
+
+
+def test_a_full_disk_gives_one_error_and_keeps_the_rows_before(run, monkeypatch):
+  config, workdir = run
+  full = OSError(errno.ENOSPC, "No space left on device")
+  fsyncs, original_fsync = [0], os.fsync
+  def fsync_until_full(fd):
+    fsyncs[0] += 1
+    if fsyncs[0] == 2:
+      raise full
+    return original_fsync(fd)
+  with monkeypatch.context() as m:
+    m.setattr(results.os, "fsync", fsync_until_full)
+    with pytest.raises(ValueError, match=r"cannot write .*sigma_0.25.tsv: No space left"):
+      certification.certify_test_set(config, workdir)
+  assert len(results.read_results(certification.output_path(config, workdir))["idx"]) >= 4
+  path = certification.certify_test_set(config, workdir)
+  assert sorted(results.read_results(path)["idx"]) == list(range(0, 24, 2))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("sigma", -0.5, "certify.sigma"), ("n", 0, "certify.n must"), ("n0", 0, "certify.n0"),
+    ("alpha", 1.5, "certify.alpha"), ("skip", 0, "certify.skip"),
+    ("sampling", "adaptive", "certify.sampling must be one of"),
+])
+def test_bad_certify_config(toy_config, tmp_path, key, value, message):
+  toy_config.certify[key] = value
+  with pytest.raises(ValueError, match=message):
+    certification.certify_test_set(toy_config, tmp_path)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(tolerance=1.5), "certify.tolerance must lie in"),
+    (dict(radii=(0.5, 0.25)), "certify.radii must be sorted"),
+    (dict(n=10, n0=100), "certify.n must be >= n0 with sequential"),
+])
+def test_bad_sequential_config(toy_config, tmp_path, changes, message):
+  toy_config.certify.update(sampling="sequential", **changes)
+  with pytest.raises(ValueError, match=message):
+    certification.certify_test_set(toy_config, tmp_path)

@@ -1,0 +1,116 @@
+"""train.py and certify.py as a user runs them, in subprocesses: a run end to end, two writers
+on one workdir, one line and exit status 2 for every kind of bad input, 143 after SIGTERM."""
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+
+from helpers import ROOT, run_cli, start_cli, write_npz, write_tree
+from instars_jax.run.workdir import Workdir
+
+CONFIG = f"--config={ROOT / 'configs' / 'fashion_mnist.py'}"
+
+
+def toy_flags(tmp_path, workdir):
+  npz = write_npz(tmp_path / "toy.npz", n_train=64, n_test=16)
+  return [CONFIG, f"--workdir={workdir}", f"--config.dataset=npz:{npz}",
+          "--config.train.epochs=1", "--config.train.batch_size=32",
+          "--config.train.stage1_epochs=0", "--config.estimator.epochs=1",
+          "--config.estimator.label_samples=2", "--config.certify.n=100",
+          "--config.certify.skip=1", "--config.certify.instances=8"]
+
+
+def one_line_error(done, expected: str) -> None:
+  """Exit status 2 and a single line on stderr that contains `expected`, no traceback."""
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+  assert expected in done.stderr, done.stderr
+
+
+def test_train_then_certify_and_one_writer_per_results_file(tmp_path):
+  common = toy_flags(tmp_path, tmp_path / "run")
+  done = run_cli("train.py", *common)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["epoch"] == 0
+  # Two certify.py on one results file at once: one writes it, the other stops at the lock.
+  pair = [start_cli("certify.py", *common, "--config.certify.n=2000", stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE) for _ in range(2)]
+  outputs = [p.communicate(timeout=300) for p in pair]
+  codes = [p.returncode for p in pair]
+  assert sorted(codes) == [0, 2], [err[-2000:] for _, err in outputs]
+  written, refused = outputs[codes.index(0)][0], outputs[codes.index(2)][1]
+  assert "| r = 0.25 |" in written and "| fixed_sigma |" in written
+  assert refused.count("\n") == 1 and "is in use by pid" in refused
+  # The sound instance-wise certificate, with the estimator train.py trained, headlines
+  # instance mode.
+  done = run_cli("certify.py", *common, "--config.certify.sigma_mode=instance")
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "| locally_constant |" in done.stdout and "UNSOUND" not in done.stdout
+
+
+def test_bad_input_ends_with_one_line_and_exit_status_2(tmp_path):
+  """Every case in parallel, each in its own process: flags, config keys and values, missing,
+  stale or damaged runs, a second train.py on a busy workdir, a corrupt training image."""
+  common = toy_flags(tmp_path, tmp_path / "run")
+  assert run_cli("train.py", *common, "--config.estimator.epochs=0").returncode == 0
+  stale = tmp_path / "stale"
+  (stale / "checkpoints").mkdir(parents=True)
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  del saved["train"]["table"]["grid"]
+  (stale / "config.json").write_text(json.dumps(saved))
+  damaged = tmp_path / "damaged"
+  shutil.copytree(tmp_path / "run", damaged)
+  for chunk in (damaged / "checkpoints").glob("*/default/ocdbt.process_0/d/*"):
+    chunk.write_bytes(b"\0" * 100)
+  write_tree(tmp_path / "tree", suffix=".jpg")
+  bad_image = tmp_path / "tree" / "train" / "emu" / "0001.jpg"
+  bad_image.write_bytes(b"not a jpeg at all")
+  cases = {
+      "unknown config key 'epoch'": ("train.py", *common, "--config.train.epoch=2"),
+      "invalid literal for int() with base 10: 'two'": ("train.py", *common,
+                                                        "--config.train.epochs=two"),
+      "unexpected arguments: extra": ("certify.py", *common, "extra"),
+      "Flag --config must have a value other than None": ("certify.py", f"--workdir={stale}"),
+      "Flag --workdir must have a value other than None": ("train.py", CONFIG),
+      "certify.alpha must lie in (0, 1)": ("certify.py", *common, "--config.certify.alpha=1.5"),
+      "no training run in": ("certify.py", CONFIG, f"--workdir={tmp_path / 'none'}"),
+      "older instars_jax": ("certify.py", CONFIG, f"--workdir={stale}"),
+      "is corrupt or incomplete": ("certify.py", CONFIG, f"--workdir={damaged}"),
+      f"corrupt image {bad_image}": ("train.py", "--config=configs/default.py",
+                                     f"--workdir={tmp_path / 'images'}",
+                                     f"--config.dataset=folder:{tmp_path / 'tree'}",
+                                     "--config.train.epochs=1", "--config.train.batch_size=4",
+                                     "--config.input.workers=1",
+                                     "--config.train.eval_examples=4"),
+      "the training run in": ("train.py", *common),
+  }
+  with Workdir(tmp_path / "run").training_lock():  # stands for a train.py that is running
+    started = {expected: start_cli(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+               for expected, args in cases.items()}
+    finished = {expected: p.communicate(timeout=300) + (p.returncode,)
+                for expected, p in started.items()}
+  for expected, (out, err, code) in finished.items():
+    one_line_error(subprocess.CompletedProcess((), code, out, err), expected)
+  assert not (stale / "certify").exists() and not (damaged / "certify").exists()
+
+
+def test_sigterm_stops_train_py_at_a_checkpointed_step_with_status_143(tmp_path):
+  common = toy_flags(tmp_path, tmp_path / "run")
+  trainer = start_cli("train.py", *common, "--config.train.epochs=50",
+                      "--config.train.checkpoint_every_steps=1", stdout=subprocess.DEVNULL,
+                      stderr=subprocess.PIPE)
+  interim = tmp_path / "run" / "interim" / "checkpoints"
+  deadline = time.monotonic() + 240
+  while trainer.poll() is None and time.monotonic() < deadline:
+    if interim.exists() and any(p.name.isdigit() for p in interim.iterdir()):
+      trainer.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.05)
+  _, err = trainer.communicate(timeout=120)
+  assert trainer.returncode == 128 + signal.SIGTERM, err[-2000:]
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("stopped at step ") and "rerun the same command to resume" in last
+  step = int(last.split()[3])
+  assert (interim / str(step)).is_dir()
