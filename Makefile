@@ -17,10 +17,11 @@ $(STAMP): pyproject.toml requirements.txt bench/requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]' -r bench/requirements.txt
 	touch $(STAMP)
 
-# Two workers, the two cores of the CI machine; tests of one xdist_group share a worker (and
-# its fixtures); torch is installed here, so its tests must not be skipped.
+# Two workers, the two cores of the CI machine, each taking whole test files (so a file's
+# module fixtures, such as a trained toy run, are made once); torch is installed here, so
+# its tests must not be skipped.
 test: setup
-	INSTARS_REQUIRE_TORCH=1 $(PY) -m pytest -q -n 2 --dist loadgroup --durations=10
+	INSTARS_REQUIRE_TORCH=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=10
 
 fashion-mnist:
 	@test -f $(FASHION_MNIST) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }

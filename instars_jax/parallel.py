@@ -38,20 +38,44 @@ def map_instances(local_fn, sharded: tuple, replicated: tuple = (), **static):
   devices: the `sharded` host arrays are padded on axis 0 to a multiple of the device count
   (`pad_rows`), each device gets its contiguous share, the `replicated` arguments are given
   whole to every device, and the outputs (split like the inputs) are cut back to the
-  instances given. One compiled program per shape and `static` (hashable) settings."""
-  devices = jax.local_device_count()
-  padded = tuple(pad_rows(a, devices) for a in sharded)
-  outputs = _mapped(padded, tuple(replicated), local_fn=local_fn,
-                    static=tuple(sorted(static.items())), mesh=local_data_mesh())
+  instances given. One compiled program per shape and `static` settings (hashable).
+
+  A `static` value that is a jax.tree_util.Partial (a model with its weights, as
+  train.state.logits_fn returns) travels as an argument instead: its weights are not baked
+  into the program as constants, so one program serves every set of weights of a shape, and
+  JAX's persistent compilation cache finds it again in the next run."""
+  mesh = local_data_mesh()
+  padded = tuple(pad_rows(a, mesh.devices.size) for a in sharded)
+  traced = {k: v for k, v in static.items() if isinstance(v, jax.tree_util.Partial)}
+  fixed = tuple(sorted((k, v) for k, v in static.items() if k not in traced))
+  whole = local_replicas((tuple(replicated), traced), mesh)
+  outputs = _mapped(padded, *whole, local_fn=local_fn, static=fixed, mesh=mesh)
   return jax.tree_util.tree_map(lambda a: a[: len(sharded[0])], outputs)
 
 
+def local_replicas(tree, mesh: Mesh):
+  """`tree` replicated on every device of `mesh` (this host's): arrays already there stay,
+  others are copied there; a global array replicated across hosts gives its local copy."""
+  target = NamedSharding(mesh, PartitionSpec())
+
+  def place(leaf):
+    if isinstance(leaf, jax.Array):
+      if leaf.sharding == target:
+        return leaf
+      if not leaf.is_fully_addressable:
+        leaf = leaf.addressable_data(0)
+    return jax.device_put(leaf, target)
+
+  return jax.tree_util.tree_map(place, tree)
+
+
 @functools.partial(jax.jit, static_argnames=("local_fn", "static", "mesh"))
-def _mapped(sharded, replicated, *, local_fn, static, mesh):
+def _mapped(sharded, replicated, traced, *, local_fn, static, mesh):
   local = functools.partial(local_fn, **dict(static))
-  return jax.shard_map(lambda s, r: local(*s, *r), mesh=mesh,
-                       in_specs=(PartitionSpec(DATA_AXIS), PartitionSpec()),
-                       out_specs=PartitionSpec(DATA_AXIS), check_vma=False)(sharded, replicated)
+  return jax.shard_map(lambda s, r, t: local(*s, *r, **t), mesh=mesh,
+                       in_specs=(PartitionSpec(DATA_AXIS), PartitionSpec(), PartitionSpec()),
+                       out_specs=PartitionSpec(DATA_AXIS), check_vma=False)(
+                           sharded, replicated, traced)
 
 
 class Sharder:

@@ -36,3 +36,14 @@ def shared_dir():
     pytest.skip(f"{SHARED} is absent: the shared fixtures (Cohen et al.'s published outputs) "
                 "are not available on this machine")
   return SHARED
+
+
+# The files that take longest go first, so that the two xdist workers (--dist loadfile, whole
+# files) do not end with one of them alone on a long file; the rest keep their order.
+LONGEST_FIRST = ("test_training.py", "test_cli.py", "test_sequential.py", "test_devices.py",
+                 "test_certification.py", "test_import_torch.py", "test_input_pipeline.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

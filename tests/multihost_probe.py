@@ -1,6 +1,8 @@
-"""One of several processes joined with jax.distributed (JAX_COORDINATOR_ADDRESS,
-JAX_NUM_PROCESSES, JAX_PROCESS_ID set by the caller): trains the train_probe run and certifies
-it across hosts; process 0 prints the same JSON as train_probe."""
+"""One of two processes joined with jax.distributed (JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID set by the caller), each with the local devices XLA_FLAGS
+gives it. Process 0 prints, as JSON lines, device_probe's results on its local devices, then
+the train_probe run trained and certified across both hosts; then both train a long toy run
+until it is stopped, and print the stop line (or "finished")."""
 
 import json
 import sys
@@ -11,11 +13,27 @@ from instars_jax import parallel  # noqa: E402
 
 parallel.initialize_distributed()
 
+import device_probe  # noqa: E402
 import jax  # noqa: E402
 import train_probe  # noqa: E402
+from configs import default  # noqa: E402
+from instars_jax.run import checkpoints  # noqa: E402
+from instars_jax.train import loop  # noqa: E402
 
 if __name__ == "__main__":
-  outcome = train_probe.run(sys.argv[1])
+  workdir = Path(sys.argv[1])
+  local = device_probe.results()
+  if jax.process_index() == 0:
+    print(json.dumps({"sampler": local}), flush=True)
+  outcome = train_probe.run(workdir)
   if outcome is not None:
-    print(json.dumps(outcome))
+    print(json.dumps(outcome), flush=True)
+  config = default.get_config()
+  config.dataset = f"npz:{workdir / 'toy.npz'}"
+  config.train.update(epochs=500, batch_size=32, learning_rate=0.01)
+  try:
+    loop.train_and_evaluate(config, workdir / "long")
+    print("finished", flush=True)
+  except checkpoints.Interrupted as stopped:
+    print(stopped, flush=True)
   jax.distributed.shutdown()

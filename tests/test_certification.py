@@ -108,9 +108,9 @@ def test_instance_sigma_mode(run):
 
 def test_sequential_sampling_through_certify_py(run, monkeypatch):
   config, workdir = run
-  config.certify.update(n=2000, skip=1, name="fixed")
+  config.certify.update(n=1000, name="fixed")
   fixed = results.read_results(certification.certify_test_set(config, workdir))
-  assert np.all(fixed["samples"] == 2000)
+  assert np.all(fixed["samples"] == 1000)
   config.certify.update(sampling="sequential", radii=(0.1, 0.2), name="decision", instances=1)
   with monkeypatch.context() as m:  # killed after the first block of rows was written
     stop_after(results.ResultsWriter, "write", 2, m)
@@ -120,12 +120,12 @@ def test_sequential_sampling_through_certify_py(run, monkeypatch):
   decision = results.read_results(path)
   np.testing.assert_array_equal(decision["idx"], fixed["idx"])
   assert set(decision["radius"]) <= {0.0, 0.1, 0.2}
-  assert np.all(decision["samples"] <= 2000) and decision["samples"].sum() < 0.5 * 24 * 2000
+  assert np.all(decision["samples"] <= 1000) and decision["samples"].sum() < 0.5 * 12 * 1000
   meta = results.read_metadata(path)
   assert meta["sampling"] == "sequential"
   assert meta["sequential"] == {"mode": "decision", "radii": [0.1, 0.2],
                                 "test": "mixture_likelihood_ratio", "tolerance_alpha": 0.05,
-                                "n_max": 2000}
+                                "n_max": 1000}
   # Resumed rows equal a straight run's.
   config.certify.name = "decision_straight"
   straight = certification.certify_test_set(config, workdir)
@@ -138,20 +138,20 @@ def test_sequential_sampling_through_certify_py(run, monkeypatch):
     original(self, rows)
   with monkeypatch.context() as m:
     m.setattr(results.ResultsWriter, "write", write_then_sigterm)
-    with pytest.raises(checkpoints.Interrupted, match="stopped after 2 of 24 images"):
+    with pytest.raises(checkpoints.Interrupted, match="stopped after 2 of 12 images"):
       certification.certify_test_set(config, workdir)
   certification.certify_test_set(config, workdir)
   assert rows_without_time(workdir / "certify" / "sigterm.tsv") == rows_without_time(path)
   # Instance σ: search, then sequential CERTIFY at the searched σ (radius mode).
   config.certify.update(radii=(), sigma_mode="instance", certificate="per_sigma", name="")
   config.certify.search.update(sigma_min=0.1, sigma_max=1.0, starts=2, steps=3,
-                                   samples_per_step=16)
+                               samples_per_step=16)
   path = certification.certify_test_set(config, workdir)
   table = results.read_results(path)
-  assert len(table["idx"]) == 24 and np.all(table["samples"] <= 2000)
+  assert len(table["idx"]) == 12 and np.all(table["samples"] <= 1000)
   assert results.read_metadata(path)["sequential"] == {
       "mode": "radius", "tolerance": 0.05, "bound": "clopper_pearson_alpha_by_samples",
-      "looks": "geometric_and_saturation", "tolerance_alpha": 0.05, "n_max": 2000}
+      "looks": "geometric_and_saturation", "tolerance_alpha": 0.05, "n_max": 1000}
 
 
 def test_memory_resumes_to_the_same_rows_and_answers_no_intersecting_balls(run, tmp_path,

@@ -7,6 +7,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from helpers import ROOT, run_cli, start_cli, write_npz, write_tree
 from instars_jax.run.workdir import Workdir
 
@@ -16,7 +18,7 @@ CONFIG = f"--config={ROOT / 'configs' / 'fashion_mnist.py'}"
 def toy_flags(tmp_path, workdir):
   npz = write_npz(tmp_path / "toy.npz", n_train=64, n_test=16)
   return [CONFIG, f"--workdir={workdir}", f"--config.dataset=npz:{npz}",
-          "--config.train.epochs=1", "--config.train.batch_size=32",
+          "--config.train.batch_size=32",
           "--config.train.stage1_epochs=0", "--config.estimator.epochs=1",
           "--config.estimator.label_samples=2", "--config.certify.n=100",
           "--config.certify.skip=1", "--config.certify.instances=8"]
@@ -29,13 +31,46 @@ def one_line_error(done, expected: str) -> None:
   assert expected in done.stderr, done.stderr
 
 
-def test_train_then_certify_and_one_writer_per_results_file(tmp_path):
-  common = toy_flags(tmp_path, tmp_path / "run")
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """One toy run that train.py trained (with its σ-estimator): stopped once by a SIGTERM once
+  it had written an interim checkpoint, then resumed by the same command. Returns its flags,
+  its workdir and what the stopped train.py ended with."""
+  root = tmp_path_factory.mktemp("cli")
+  common = toy_flags(root, root / "run") + ["--config.train.epochs=3",
+                                           "--config.train.checkpoint_every_steps=1"]
+  trainer = start_cli("train.py", *common, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  interim = root / "run" / "interim" / "checkpoints"
+  deadline = time.monotonic() + 240
+  while trainer.poll() is None and time.monotonic() < deadline:
+    if interim.exists() and any(p.name.isdigit() for p in interim.iterdir()):
+      trainer.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.05)
+  _, stopped = trainer.communicate(timeout=120)
   done = run_cli("train.py", *common)
   assert done.returncode == 0, done.stderr[-2000:]
-  assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["epoch"] == 0
+  return common, root / "run", (trainer.returncode, stopped)
+
+
+def test_sigterm_stops_train_py_at_a_checkpointed_step_with_status_143(trained):
+  _, workdir, (code, stderr) = trained
+  assert code == 128 + signal.SIGTERM, stderr[-2000:]
+  last = stderr.strip().splitlines()[-1]
+  assert last.startswith("stopped at step ") and "rerun the same command to resume" in last
+  step = int(last.split()[3])
+  assert 1 <= step < 6  # three epochs of two steps: the stop came before the end
+  metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [row["epoch"] for row in metrics] == [0, 1, 2]  # the rerun finished the run
+  resumed = [row.get("resumed_at_batch") for row in metrics]
+  assert resumed[step // 2] == (step % 2 or None)  # mid-epoch: the rerun skipped what was done
+
+
+def test_train_then_certify_and_one_writer_per_results_file(trained):
+  common, workdir, _ = trained
+  assert (workdir / "estimator" / "estimator.json").exists()
   # Two certify.py on one results file at once: one writes it, the other stops at the lock.
-  pair = [start_cli("certify.py", *common, "--config.certify.n=2000", stdout=subprocess.PIPE,
+  pair = [start_cli("certify.py", *common, "--config.certify.n=500", stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE) for _ in range(2)]
   outputs = [p.communicate(timeout=300) for p in pair]
   codes = [p.returncode for p in pair]
@@ -50,18 +85,17 @@ def test_train_then_certify_and_one_writer_per_results_file(tmp_path):
   assert "| locally_constant |" in done.stdout and "UNSOUND" not in done.stdout
 
 
-def test_bad_input_ends_with_one_line_and_exit_status_2(tmp_path):
+def test_bad_input_ends_with_one_line_and_exit_status_2(trained, tmp_path):
   """Every case in parallel, each in its own process: flags, config keys and values, missing,
   stale or damaged runs, a second train.py on a busy workdir, a corrupt training image."""
-  common = toy_flags(tmp_path, tmp_path / "run")
-  assert run_cli("train.py", *common, "--config.estimator.epochs=0").returncode == 0
+  common, workdir, _ = trained
   stale = tmp_path / "stale"
   (stale / "checkpoints").mkdir(parents=True)
-  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  saved = json.loads((workdir / "config.json").read_text())
   del saved["train"]["table"]["grid"]
   (stale / "config.json").write_text(json.dumps(saved))
   damaged = tmp_path / "damaged"
-  shutil.copytree(tmp_path / "run", damaged)
+  shutil.copytree(workdir, damaged, ignore=shutil.ignore_patterns("certify", "*.lock"))
   for chunk in (damaged / "checkpoints").glob("*/default/ocdbt.process_0/d/*"):
     chunk.write_bytes(b"\0" * 100)
   write_tree(tmp_path / "tree", suffix=".jpg")
@@ -86,7 +120,7 @@ def test_bad_input_ends_with_one_line_and_exit_status_2(tmp_path):
                                      "--config.train.eval_examples=4"),
       "the training run in": ("train.py", *common),
   }
-  with Workdir(tmp_path / "run").training_lock():  # stands for a train.py that is running
+  with Workdir(workdir).training_lock():  # stands for a train.py that is running
     started = {expected: start_cli(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                for expected, args in cases.items()}
     finished = {expected: p.communicate(timeout=300) + (p.returncode,)
@@ -94,23 +128,3 @@ def test_bad_input_ends_with_one_line_and_exit_status_2(tmp_path):
   for expected, (out, err, code) in finished.items():
     one_line_error(subprocess.CompletedProcess((), code, out, err), expected)
   assert not (stale / "certify").exists() and not (damaged / "certify").exists()
-
-
-def test_sigterm_stops_train_py_at_a_checkpointed_step_with_status_143(tmp_path):
-  common = toy_flags(tmp_path, tmp_path / "run")
-  trainer = start_cli("train.py", *common, "--config.train.epochs=50",
-                      "--config.train.checkpoint_every_steps=1", stdout=subprocess.DEVNULL,
-                      stderr=subprocess.PIPE)
-  interim = tmp_path / "run" / "interim" / "checkpoints"
-  deadline = time.monotonic() + 240
-  while trainer.poll() is None and time.monotonic() < deadline:
-    if interim.exists() and any(p.name.isdigit() for p in interim.iterdir()):
-      trainer.send_signal(signal.SIGTERM)
-      break
-    time.sleep(0.05)
-  _, err = trainer.communicate(timeout=120)
-  assert trainer.returncode == 128 + signal.SIGTERM, err[-2000:]
-  last = err.strip().splitlines()[-1]
-  assert last.startswith("stopped at step ") and "rerun the same command to resume" in last
-  step = int(last.split()[3])
-  assert (interim / str(step)).is_dir()

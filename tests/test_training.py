@@ -354,3 +354,25 @@ def test_a_damaged_interim_checkpoint_is_named_and_the_one_before_still_resumes(
     loop.train_and_evaluate(toy_config, tmp_path / "run")
   shutil.rmtree(interim / "4")
   same_params(loop.train_and_evaluate(toy_config, tmp_path / "run"), straight)
+
+
+def test_a_stop_in_an_epoch_s_last_step_keeps_that_epoch_s_row_and_checkpoint(toy_config,
+                                                                              tmp_path,
+                                                                              monkeypatch):
+  straight = loop.train_and_evaluate(toy_config, tmp_path / "straight")
+  original, calls = steps.train_step, [0]
+
+  def step_then_sigterm(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 3:  # the last of epoch 1's three steps
+      os.kill(os.getpid(), signal.SIGTERM)
+    return original(*args, **kwargs)
+
+  with monkeypatch.context() as m:
+    m.setattr(steps, "train_step", step_then_sigterm)
+    with pytest.raises(checkpoints.Interrupted, match=r"stopped at step 3 \(epoch 1, batch 3 of 3\)"):
+      loop.train_and_evaluate(toy_config, tmp_path / "resumed")
+  assert checkpoints.manager(tmp_path / "resumed").latest_step() == 1
+  assert [row["epoch"] for row in read_metrics(tmp_path / "resumed")] == [0]
+  same_params(loop.train_and_evaluate(toy_config, tmp_path / "resumed"), straight)
+  assert metrics_without_timing(tmp_path / "resumed") == metrics_without_timing(tmp_path / "straight")

@@ -6,6 +6,7 @@ never leaves a half-written checkpoint behind.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import threading
@@ -24,20 +25,20 @@ class Interrupted(Exception):
 
 class StopRequest:
   """Turns SIGTERM (what a preemption sends) and SIGINT into a request to stop at the next
-  safe point, for the duration of a `with` block. With `sync_hosts` and several hosts, each
-  `due()` is JAX's preemption sync point (numbered by this object's calls, which every host
-  makes alike), so that every host stops at the same step."""
+  safe point, for the duration of a `with` block. With several hosts, SIGTERM belongs to
+  JAX's preemption notifier (a Python handler, or restoring the one Python saw at start-up,
+  would disable it), and with `sync_hosts` each `due()` is JAX's preemption sync point,
+  numbered by a count of such calls in this process (which every host makes alike, and which
+  only grows, as the sync protocol needs), so that every host stops at the same step."""
 
   def __init__(self, sync_hosts: bool = False):
     self.sync_hosts = sync_hosts
     self.requested = False
-    self.calls = 0
 
   def __enter__(self):
     handler = lambda signum, frame: setattr(self, "requested", True)
     self.previous = {}
-    # Several hosts: JAX's preemption notifier owns SIGTERM (a Python handler would hide it).
-    signals = (signal.SIGINT,) if self._synced() else (signal.SIGTERM, signal.SIGINT)
+    signals = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
     if threading.current_thread() is threading.main_thread():  # elsewhere signals can't be set
       self.previous = {sig: signal.signal(sig, handler) for sig in signals}
     return self
@@ -50,10 +51,12 @@ class StopRequest:
       signal.signal(sig, previous)
 
   def due(self) -> bool:
-    self.calls += 1
     if self._synced():
-      return multihost_utils.reached_preemption_sync_point(self.calls) or self.requested
+      return multihost_utils.reached_preemption_sync_point(next(_SYNC_POINTS)) or self.requested
     return self.requested
+
+
+_SYNC_POINTS = itertools.count(1)
 
 
 class _Manager(ocp.CheckpointManager):

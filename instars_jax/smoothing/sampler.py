@@ -41,8 +41,9 @@ class Certificate(NamedTuple):
 # Monte Carlo sampling
 
 
-def local_counts(x, sigma, ids, key, *, apply_fn, num, chunk, num_classes):
-  """Counts for the instances on one device, `chunk` samples per instance per forward pass.
+def local_counts(x, sigma, ids, key, num, *, apply_fn, chunk, num_classes):
+  """Counts for the instances on one device over `num` samples each (a traced scalar, so one
+  program serves every sample count), `chunk` samples per instance per forward pass.
 
   `sigma` is float32[b], or float32[K, b] for K noise levels that share every ε (common
   random numbers, one noise draw for all K); the counts are then int32[K, b, C].
@@ -59,7 +60,7 @@ def local_counts(x, sigma, ids, key, *, apply_fn, num, chunk, num_classes):
     hits = jax.nn.one_hot(predictions, num_classes, dtype=jnp.int32)
     return counts + jnp.sum(hits * (sample_ids < num)[None, None, :, None], axis=2)
 
-  num_chunks = -(-num // chunk)
+  num_chunks = (num + chunk - 1) // chunk
   initial = jnp.zeros((levels.shape[0], b, num_classes), jnp.int32)
   counts = jax.lax.fori_loop(0, num_chunks, add_chunk, initial)
   return counts.reshape(sigma.shape + (num_classes,))
@@ -73,8 +74,8 @@ def samples_per_pass(batch_size: int, instances_per_device: int, num: int) -> in
 def counts(apply_fn, x, sigma, ids, key, *, num, batch_size, num_classes):
   """`sample_counts` on validated host arrays, sharded over this host's devices."""
   chunk = samples_per_pass(batch_size, parallel.per_device(len(x)), num)
-  return parallel.map_instances(local_counts, (x, sigma, ids), (key,), apply_fn=apply_fn,
-                                num=num, chunk=chunk, num_classes=num_classes)
+  return parallel.map_instances(local_counts, (x, sigma, ids), (key, np.int32(num)),
+                                apply_fn=apply_fn, chunk=chunk, num_classes=num_classes)
 
 
 def sample_counts(apply_fn: Callable, x, sigma, key, *, num: int, batch_size: int,

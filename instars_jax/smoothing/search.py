@@ -33,8 +33,8 @@ def objective(x, sigma, ids, key, factors, *, apply_fn, samples, chunk, num_clas
 
   Noise depends on (key, id, j) only, so calls with the same key use the same ε at every σ
   (common random numbers)."""
-  counts = sampler.local_counts(x, sigma, ids, key, apply_fn=apply_fn, num=samples,
-                                chunk=chunk, num_classes=num_classes)
+  counts = sampler.local_counts(x, sigma, ids, key, samples, apply_fn=apply_fn, chunk=chunk,
+                                num_classes=num_classes)
   return sigma * factors[jnp.max(counts, axis=-1)]
 
 

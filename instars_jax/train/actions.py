@@ -81,11 +81,13 @@ class DivergenceWatch(Action):
 class InterimCheckpoints(Action):
   """An interim checkpoint every `every` steps (0: none), and, when the stop request says so
   (SIGTERM, SIGINT), one of the state after the step it arrived in, then
-  `checkpoints.Interrupted`."""
+  `checkpoints.Interrupted`. A stop that arrives in an epoch's last step waits for the epoch's
+  end (its metrics row and epoch checkpoint), so this action runs after those."""
 
   def __init__(self, manager, every: int, stop: checkpoints.StopRequest, steps_per_epoch: int):
     self.manager, self.every, self.stop = manager, every, stop
     self.steps_per_epoch = steps_per_epoch
+    self.stopped_at = None
 
   def after_step(self, step: int, state, metrics) -> None:
     del metrics
@@ -93,12 +95,20 @@ class InterimCheckpoints(Action):
     if stopping or (self.every and step % self.every == 0):
       checkpoints.save(self.manager, step, state)
     if stopping:
-      epoch, batch = divmod(step - 1, self.steps_per_epoch)
-      raise checkpoints.Interrupted(
-          f"stopped at step {step} (epoch {epoch + 1}, batch {batch + 1} of "
-          f"{self.steps_per_epoch}): saved in {self.manager.directory}; rerun the same command "
-          "to resume")
+      self.stopped_at = step
+      if step % self.steps_per_epoch:
+        self._interrupt()
 
+  def after_epoch(self, epoch: int, state, row: dict) -> None:
+    if self.stopped_at is not None:
+      self._interrupt()
+
+  def _interrupt(self):
+    epoch, batch = divmod(self.stopped_at - 1, self.steps_per_epoch)
+    raise checkpoints.Interrupted(
+        f"stopped at step {self.stopped_at} (epoch {epoch + 1}, batch {batch + 1} of "
+        f"{self.steps_per_epoch}): saved in {self.manager.directory}; rerun the same command "
+        "to resume")
 
 
 class EpochCheckpoints(Action):

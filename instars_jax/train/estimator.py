@@ -284,7 +284,7 @@ def load(workdir):
   model = models.create_model(saved["model"], len(saved["grid"]), saved["dtype"],
                               workdir.read_run().stats)
   variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
-  return functools.partial(model.apply, variables, train=False), saved
+  return state_lib.bind_variables(model.apply, variables), saved
 
 
 def assigned_sigmas(workdir, split: data.Split, config) -> np.ndarray:

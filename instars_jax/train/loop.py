@@ -78,17 +78,17 @@ def run_stage(stage, base_state, context):
 
 
 def stage_actions(stage, context) -> list:
-  """The divergence watch, the metrics log, the epoch checkpoint, interim checkpoints with
-  the stop request and TensorBoard, for `stage`, in the order they run."""
+  """The divergence watch, the metrics log, the epoch checkpoint, TensorBoard and interim
+  checkpoints with the stop request, for `stage`, in the order they run."""
   t = context.config.train
   log = (actions.MetricsLog(rows=context.history, path=context.workdir.metrics_path)
          if stage.metrics_file else actions.MetricsLog(prefix=f"{stage.name} "))
   return [actions.DivergenceWatch(t.divergence, stage.num_classes, stage.steps_per_epoch,
                                   chance=stage.watch_chance),
           log, actions.EpochCheckpoints(stage.checkpoints),
+          actions.TensorBoard(context.workdir, stage.events_part, histogram=stage.histogram),
           actions.InterimCheckpoints(stage.interim, t.checkpoint_every_steps, context.stop,
-                                     stage.steps_per_epoch),
-          actions.TensorBoard(context.workdir, stage.events_part, histogram=stage.histogram)]
+                                     stage.steps_per_epoch)]
 
 
 def _run_epoch(stage, state, stream, step, hooks):

@@ -75,10 +75,16 @@ def create_train_state(config, run: RunInfo) -> TrainState:
                            sigma_profile=jnp.zeros((run.num_train, grid), jnp.float32))
 
 
-def logits_fn(state: ModelState):
-  """x -> logits with running BatchNorm statistics (certification)."""
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  return functools.partial(state.apply_fn, variables, train=False)
+def logits_fn(state: ModelState) -> jax.tree_util.Partial:
+  """x -> logits with running BatchNorm statistics (certification). A jax.tree_util.Partial:
+  the sampler passes the weights to its compiled programs as arguments, not as constants."""
+  return bind_variables(state.apply_fn, {"params": state.params,
+                                         "batch_stats": state.batch_stats})
+
+
+def bind_variables(apply, variables) -> jax.tree_util.Partial:
+  """x -> apply(variables, x, train=False), the variables a pytree of the result."""
+  return jax.tree_util.Partial(functools.partial(apply, train=False), variables)
 
 
 def example_keys(key, indices):
