@@ -1,10 +1,18 @@
-"""Certified accuracy and average certified radius (ACR) of certification results.
+"""Certified accuracy and average certified radius (ACR) of certification results, and the
+label-oracle ceiling of a set of them.
 
-    python -m instars_jax.analyze FILE [FILE ...] [--radii 0,0.25,0.5] [--format markdown|json]
-                                  [--plot out.png] [--sigma-hist sigmas.png]
+    python -m instars_jax.analyze [FILE ...] [--oracle FILE FILE ...] [--radii 0,0.25,0.5]
+                                  [--format markdown|json] [--plot out.png]
+                                  [--sigma-hist sigmas.png]
 
 Certified accuracy at r is the fraction of rows with correct == 1 and radius >= r; the ACR is
 the mean over all rows of radius * correct (abstentions count 0).
+
+--oracle takes files certified on the same test images (one base model at each grid σ, or
+one model per σ) and adds the label oracle: for each image, the largest radius among the
+files where it is correct. It knows the label, so it is no certificate; it bounds what any
+choice among those files can reach. Every row then shows its share of the oracle's ACR gain
+over the best of the oracle's files: (ACR − best) / (oracle − best).
 """
 
 from __future__ import annotations
@@ -58,14 +66,55 @@ def summarize(path, radii=DEFAULT_RADII) -> dict:
   }
 
 
+ORACLE = "label oracle (knows the label: not a certificate)"
+
+
+def oracle_summary(paths, radii=DEFAULT_RADII) -> dict:
+  """summarize's dict for the label oracle over `paths`, which must hold the same test images
+  with the same labels: per image the largest radius among the files where it is correct."""
+  tables = [results.read_results(p) for p in paths]
+  order = [np.argsort(t["idx"]) for t in tables]
+  idx = [t["idx"][o] for t, o in zip(tables, order)]
+  for path, i in zip(paths[1:], idx[1:]):
+    if not np.array_equal(i, idx[0]):
+      raise ValueError(f"--oracle needs files certified on the same test images: {path} and "
+                       f"{paths[0]} differ")
+  labels = [t["label"][o] for t, o in zip(tables, order)]
+  if any(not np.array_equal(label, labels[0]) for label in labels[1:]):
+    raise ValueError("--oracle needs files with the same labels for each test image")
+  correct = np.stack([t["correct"][o] == 1 for t, o in zip(tables, order)])
+  radius = np.stack([t["radius"][o] for t, o in zip(tables, order)])
+  best = np.max(np.where(correct, radius, -np.inf), axis=0)
+  hit = correct.any(axis=0)
+  radius, hit = np.where(hit, best, 0.0), hit.astype(int)
+  return {"file": "oracle over " + ", ".join(Path(p).name for p in paths), "n": len(idx[0]),
+          "certificate": ORACLE, "sound": True, "certificate_meaning": "",
+          "certified_accuracy": {radius_key(r): float(a) for r, a in
+                                 zip(radii, certified_accuracy(radius, hit, radii))},
+          "acr": average_certified_radius(radius, hit)}
+
+
+def with_oracle_shares(summaries, oracle: dict, pool) -> list:
+  """The summaries with each one's `oracle_gain_share`: (ACR − best of `pool`) / (oracle ACR −
+  best of `pool`), `pool` being the summaries of the oracle's files."""
+  best = max(s["acr"] for s in pool)
+  gain = oracle["acr"] - best
+  return [s | {"oracle_gain_share": (s["acr"] - best) / gain if gain > 0 else float("nan")}
+          for s in summaries]
+
+
 def markdown_table(summaries, radii=DEFAULT_RADII) -> str:
-  """Certified accuracy at each radius, the ACR and the certificate kind, one row per file."""
-  header = ["file", "n"] + [f"r = {radius_key(r)}" for r in radii] + ["ACR", "certificate"]
+  """Certified accuracy at each radius, the ACR and the certificate kind, one row per file
+  (and each one's share of the oracle's gain, when the summaries have it)."""
+  shares = all("oracle_gain_share" in s for s in summaries)
+  header = (["file", "n"] + [f"r = {radius_key(r)}" for r in radii] + ["ACR"]
+            + (["share of oracle gain"] if shares else []) + ["certificate"])
   lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
   for s in summaries:
     cells = [s["file"], str(s["n"])]
     cells += [f"{s['certified_accuracy'][radius_key(r)]:.3f}" for r in radii]
-    cells += [f"{s['acr']:.3f}", shown_kind(s["certificate"], s["sound"])]
+    cells += [f"{s['acr']:.3f}"] + ([f"{s['oracle_gain_share']:+.2f}"] if shares else [])
+    cells += [shown_kind(s["certificate"], s["sound"])]
     lines.append("| " + " | ".join(cells) + " |")
   meanings = {shown_kind(s["certificate"], s["sound"]): s["certificate_meaning"]
               for s in summaries if s["certificate_meaning"]}
@@ -155,14 +204,23 @@ def parse_radii(text: str) -> tuple[float, ...]:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m instars_jax.analyze", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("files", nargs="+", help="certification TSV files")
+  parser.add_argument("files", nargs="*", help="certification TSV files")
+  parser.add_argument("--oracle", nargs="+", default=[], metavar="FILE",
+                      help="files on the same test images whose label oracle to add")
   parser.add_argument("--radii", type=parse_radii, default=DEFAULT_RADII)
   parser.add_argument("--format", choices=("markdown", "json"), default="markdown")
   parser.add_argument("--plot", help="write certified accuracy against radius to this PNG")
   parser.add_argument("--sigma-hist", help="write a histogram of the sigma column to this PNG")
   args = parser.parse_args(argv)
+  if not args.files and not args.oracle:
+    parser.error("give results files, --oracle files, or both")
   try:
-    summaries = [summarize(f, args.radii) for f in args.files]
+    files = args.oracle + [f for f in args.files if f not in args.oracle]
+    summaries = [summarize(f, args.radii) for f in files]
+    if args.oracle:
+      oracle = oracle_summary(args.oracle, args.radii)
+      summaries = with_oracle_shares(summaries + [oracle], oracle,
+                                     summaries[: len(args.oracle)])
   except (FileNotFoundError, ValueError) as error:
     parser.error(str(error))
   if args.format == "json":
@@ -170,9 +228,9 @@ def main(argv=None) -> int:
   else:
     print(markdown_table(summaries, args.radii))
   if args.plot:
-    plot_certified_accuracy(args.files, args.plot)
+    plot_certified_accuracy(files, args.plot)
   if args.sigma_hist:
-    plot_sigma_histogram(args.files, args.sigma_hist)
+    plot_sigma_histogram(files, args.sigma_hist)
   return 0
 
 

@@ -112,3 +112,40 @@ def test_writer_resumes_and_drops_a_torn_line(small_results):
   table = results.read_results(small_results)
   np.testing.assert_array_equal(table["idx"], [0, 1, 2, 3, 4])
   np.testing.assert_allclose(table["radius"], [0.8, 0.3, 0.0, 0.9, 0.5])
+
+
+def write_rows(path, rows, metadata):
+  writer = results.ResultsWriter(path)
+  writer.write([dict(idx=i, label=y, predict=p, radius=r, correct=int(p == y), time=0.1,
+                     sigma=0.5, samples=100) for i, y, p, r in rows])
+  results.write_metadata(path, metadata)
+  return path
+
+
+def test_the_label_oracle_takes_the_largest_correct_radius_per_image(tmp_path, capsys):
+  # Image 0: right at both σ (0.3 and 0.8: oracle 0.8); 1: right only at the small σ (0.4);
+  # 2: right only at the large one (1.2); 3: wrong at both (0). ACRs 0.175, 0.5; oracle 0.6.
+  small = write_rows(tmp_path / "small.tsv", [(0, 1, 1, 0.3), (1, 2, 2, 0.4), (2, 0, 1, 0.2),
+                                              (3, 1, 0, 0.1)], {"certificate": "fixed_sigma"})
+  large = write_rows(tmp_path / "large.tsv", [(3, 1, 2, 0.9), (0, 1, 1, 0.8), (1, 2, 0, 0.5),
+                                              (2, 0, 0, 1.2)], {"certificate": "fixed_sigma"})
+  chooser = write_rows(tmp_path / "chooser.tsv", [(0, 1, 1, 0.5), (1, 2, 2, 0.4),
+                                                  (2, 0, 0, 0.7), (3, 1, 2, 0.0)],
+                       {"certificate": "locally_constant"})
+  oracle = analyze.oracle_summary([small, large], radii=(0.0, 0.5, 1.0))
+  assert oracle["acr"] == pytest.approx((0.8 + 0.4 + 1.2) / 4)
+  assert oracle["certified_accuracy"] == {"0": 0.75, "0.5": 0.5, "1": 0.25}
+  assert analyze.main([str(chooser), "--oracle", str(small), str(large), "--radii", "0,0.5",
+                       "--format", "json"]) == 0
+  rows = json.loads(capsys.readouterr().out)
+  assert [r["file"] for r in rows] == [str(small), str(large), str(chooser),
+                                       "oracle over small.tsv, large.tsv"]
+  shares = [r["oracle_gain_share"] for r in rows]
+  assert shares == pytest.approx([(0.175 - 0.5) / 0.1, 0.0, (0.4 - 0.5) / 0.1, 1.0])
+  analyze.main(["--oracle", str(small), str(large), "--radii", "0"])
+  table = capsys.readouterr().out
+  assert "| share of oracle gain |" in table and "| +1.00 | label oracle" in table
+  other = write_rows(tmp_path / "other.tsv", [(0, 1, 1, 0.3), (5, 2, 2, 0.4)], {})
+  with pytest.raises(SystemExit):
+    analyze.main(["--oracle", str(small), str(other)])
+  assert "same test images" in capsys.readouterr().err
