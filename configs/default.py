@@ -109,14 +109,22 @@ def get_config() -> ml_collections.ConfigDict:
   config.certify.sigma_mode = "fixed"  # fixed: certify.sigma for all | instance: Insta-RS search
 
   # With sigma_mode = instance: locally_constant (sound: σ from the smoothed σ-estimator;
-  # needs estimator.epochs > 0 at training) | memory (sound for one fixed query order) |
-  # per_sigma (Insta-RS as published: NOT a certificate of the input-dependent classifier).
+  # needs estimator.epochs > 0 at training) | cascade (sound: cascaded smoothing over the
+  # grid, no estimator) | memory (sound for one fixed query order) | per_sigma (Insta-RS as
+  # published: NOT a certificate of the input-dependent classifier).
   config.certify.certificate = "locally_constant"
   config.certify.estimator = ml_collections.ConfigDict()  # for locally_constant
   config.certify.estimator.n = 0  # estimator CERTIFY samples; 0: certify.n
   # certify.alpha is the failure probability of the whole certificate: the estimator's test
   # gets beta = beta_share * alpha, the class's alpha - beta (union bound).
   config.certify.estimator.beta_share = 0.5
+
+  # With certificate = cascade (cascaded smoothing, no estimator): levels from the largest σ
+  # of `grid` (empty: train.table.grid) down; a level answers where its top class is
+  # certifiably above `threshold` (p0, in (1/2, 1)), the lowest at 1/2.
+  config.certify.cascade = ml_collections.ConfigDict()
+  config.certify.cascade.threshold = 0.6
+  config.certify.cascade.grid = ()
 
   config.certify.search = ml_collections.ConfigDict()  # the per-instance σ search
   config.certify.search.sigma_min = 0.05

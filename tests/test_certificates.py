@@ -5,9 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats
 
 import instars_jax as ij
 from instars_jax import certificates
+from instars_jax.smoothing import bounds
 from instars_jax.certificates import Run, locally_constant
 from instars_jax.certificates import memory as memory_kind
 
@@ -220,3 +222,25 @@ def test_estimator_routes_never_exceed_the_exact_radius_of_its_choice():
   assert np.all(bins[inside] == 0) and np.all(radius[inside] > 0)
   # Near the edges of the undecided band nothing may be claimed across them.
   assert np.all(radius[np.abs(np.abs(z) - Bands.a) < 0.02] < 0.05)
+
+
+def test_cascade_never_exceeds_the_true_radius_and_answers_at_every_level(linear):
+  # A linear f is its own smoothed classifier at every σ: p_{σ,0}(x) = Φ(d/σ) for a point at
+  # distance d. The cascade over (0.25, 0.5, 1.0) at p0 = 0.6 answers far points at σ = 1,
+  # nearer ones lower down, and its radius never passes the hyperplane.
+  from instars_jax.certificates import cascade
+  distances = np.array([0.02, 0.06, 0.15, 0.3, 0.6, 1.2, 10.0, -0.4])
+  x = linear.points_at_distance(distances)
+  run = Run(linear, 2, jax.random.PRNGKey(4), n0=64, n=20_000, alpha=0.001, batch_size=65536)
+  cert = cascade.certify_cascade(run, x, np.arange(len(x)), (0.25, 0.5, 1.0), 0.6)
+  truth = linear.distance(x)
+  assert np.all(cert.radius <= truth + 1e-6)
+  assert set(cert.sigma[cert.prediction != ij.ABSTAIN]) == {0.25, 0.5, 1.0}
+  np.testing.assert_array_equal(cert.prediction[2:7], 0)
+  assert cert.prediction[-1] == 1 and cert.radius[-1] > 0.05  # the other side: class 1
+  assert np.all(cert.num_samples[cert.sigma == 1.0] == 20_000)
+  assert np.all(cert.num_samples[cert.sigma == 0.25] == 60_000)  # three levels evaluated
+  # Far from the hyperplane (every sample agrees) the top level answers with
+  # σ(Φ⁻¹(L) − Φ⁻¹(p0)), L the Clopper–Pearson bound at α/(2K) = α/6.
+  lower = bounds.clopper_pearson_lower(20_000, 20_000, 0.001 / 6)
+  assert cert.radius[6] == pytest.approx(stats.norm.ppf(lower) - stats.norm.ppf(0.6), rel=1e-5)

@@ -249,6 +249,7 @@ def test_sound_kinds_through_certification_never_certify_intersecting_balls(kind
   config.certify.update(sigma_mode="instance", certificate=kind, n0=64, n=2000, batch=8000,
                         instances=12)
   config.certify.search.update(sigma_min=0.02, sigma_max=0.5, starts=3, steps=5)
+  config.certify.cascade.grid = (0.03, 0.2)
   path = certification.certify_test_set(config, tmp_path / "run")
   table = results.read_results(path)
   images = data.load_dataset(config.dataset).test.take(table["idx"])["image"]
@@ -293,11 +294,15 @@ def test_a_full_disk_gives_one_error_and_keeps_the_rows_before(run, monkeypatch)
 
 @pytest.mark.parametrize("key, value, message", [
     ("sigma", -0.5, "certify.sigma"), ("n", 0, "certify.n must"), ("n0", 0, "certify.n0"),
+    ("cascade.threshold", 0.5, r"certify.cascade.threshold must lie in \(1/2, 1\)"),
+    ("cascade.grid", (0.5,), "certify.cascade.grid"),
     ("alpha", 1.5, "certify.alpha"), ("skip", 0, "certify.skip"),
     ("sampling", "adaptive", "certify.sampling must be one of"),
 ])
 def test_bad_certify_config(toy_config, tmp_path, key, value, message):
-  toy_config.certify[key] = value
+  if key.startswith("cascade."):
+    toy_config.certify.update(sigma_mode="instance", certificate="cascade")
+  toy_config.certify.update_from_flattened_dict({key: value})
   with pytest.raises(ValueError, match=message):
     certification.certify_test_set(toy_config, tmp_path)
 

@@ -36,6 +36,7 @@ class Stream(enum.IntEnum):
   ESTIMATOR_LABELS = 40  # the estimator's label profile
   ESTIMATOR_NOISE = 41  # the estimator's training noise and example order
   ESTIMATOR_ASSIGN = 42  # the σ the estimator assigns each training example (fine-tuning)
+  CASCADE = 50  # a cascade's levels, each folded in by its index
 
 
 def numpy_rng(seed: int, stream: Stream, *ids: int) -> np.random.Generator:
