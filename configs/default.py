@@ -79,6 +79,17 @@ def get_config() -> ml_collections.ConfigDict:
   # Lower than a base model's: at σ_e = 1 and lr 0.05 the LeNet estimator collapsed to one bin
   # on Fashion-MNIST (holdout agreement with its labels 0.63 = the majority share); 0.01 learns.
   config.estimator.learning_rate = 0.01
+  # init: scratch | base (every layer but the head from the base model, which already sees
+  # through every grid σ). DualRS's loss options: entropy η (η·H of the copies' mean
+  # prediction), radius_weight w_r (examples weigh their best radius to the power w_r),
+  # balance_bins (1 / frequency-of-top-bin weights; DualRS has none when ACR is the goal).
+  config.estimator.init = "scratch"
+  config.estimator.entropy = 0.0
+  config.estimator.radius_weight = 0.0
+  config.estimator.balance_bins = True
+  # router: instead of one estimator over the grid, a router tree of binary nodes, node k
+  # deciding grid σ_k against the lower ones, smoothed at σ_k (the `router` certificate).
+  config.estimator.router = False
   # DualRS's last step: then fine-tune the base model this many epochs (cosine from
   # finetune_learning_rate), each training example at the σ the estimator picks for it.
   config.estimator.finetune_epochs = 0
@@ -109,11 +120,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.certify.sigma_mode = "fixed"  # fixed: certify.sigma for all | instance: Insta-RS search
 
   # With sigma_mode = instance: locally_constant (sound: σ from the smoothed σ-estimator;
-  # needs estimator.epochs > 0 at training) | cascade (sound: cascaded smoothing over the
-  # grid, no estimator) | memory (sound for one fixed query order) | per_sigma (Insta-RS as
-  # published: NOT a certificate of the input-dependent classifier).
+  # needs estimator.epochs > 0 at training) | router (sound: σ from a tree of binary
+  # estimators; needs estimator.router = True at training) | cascade (sound: cascaded
+  # smoothing over the grid, no estimator) | memory (sound for one fixed query order) |
+  # per_sigma (Insta-RS as published: NOT a certificate of the input-dependent classifier).
   config.certify.certificate = "locally_constant"
-  config.certify.estimator = ml_collections.ConfigDict()  # for locally_constant
+  config.certify.estimator = ml_collections.ConfigDict()  # for locally_constant and router
   config.certify.estimator.n = 0  # estimator CERTIFY samples; 0: certify.n
   # certify.alpha is the failure probability of the whole certificate: the estimator's test
   # gets beta = beta_share * alpha, the class's alpha - beta (union bound).

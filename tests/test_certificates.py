@@ -176,9 +176,10 @@ def test_every_kind_declares_the_interface_and_answers_through_it(linear, tmp_pa
                                samples_per_step=16)
   estimator = lambda z: jnp.stack([-z[:, 0], z[:, 0]], axis=-1) * 100.0
   monkeypatch.setattr(locally_constant.estimator, "load",
-                      lambda workdir: (estimator, {"grid": [0.25, 0.5], "sigma": 0.5}))
+                      lambda directory, workdir: (estimator, {"grid": [0.25, 0.5], "sigma": 0.5}))
+  from instars_jax.run.workdir import Workdir
   run = Run(linear, 2, jax.random.PRNGKey(0), n0=32, n=500, alpha=0.001, batch_size=4096,
-            results_path=tmp_path / "results.tsv", image_size=8)
+            workdir=Workdir(tmp_path), results_path=tmp_path / "results.tsv", image_size=8)
   x = linear.points_at_distance(np.array([0.5, 1.0, -0.3]))
   for name in certificates.KINDS:
     kind = certificates.get(name)
@@ -244,3 +245,25 @@ def test_cascade_never_exceeds_the_true_radius_and_answers_at_every_level(linear
   # σ(Φ⁻¹(L) − Φ⁻¹(p0)), L the Clopper–Pearson bound at α/(2K) = α/6.
   lower = bounds.clopper_pearson_lower(20_000, 20_000, 0.001 / 6)
   assert cert.radius[6] == pytest.approx(stats.norm.ppf(lower) - stats.norm.ppf(0.6), rel=1e-5)
+
+
+def test_router_never_exceeds_the_true_radius_at_any_node(linear):
+  # Nodes on an unrelated feature x_7: node 2 (σ = 1.0 against lower) says "1.0" where
+  # x_7 > 0.5, node 1 (0.5 against 0.25) says "0.5" where x_7 > 0. The base model is linear in
+  # the other features, so G's exact radius is the distance to its hyperplane, whatever σ.
+  from instars_jax.certificates import router
+  rng = np.random.default_rng(5)
+  x = linear.points_at_distance(rng.uniform(-1.0, 1.0, 300))
+  x[:, 7] = rng.uniform(-1.5, 1.5, 300)
+  feature = lambda cut: (lambda z: jnp.stack([cut - z[:, 7], z[:, 7] - cut], axis=-1) * 100.0)
+  tree = [locally_constant.Estimator(feature(0.5), (0.5, 1.0), sigma=1.0, n=2000),
+          locally_constant.Estimator(feature(0.0), (0.25, 0.5), sigma=0.5, n=2000)]
+  run = Run(linear, 2, jax.random.PRNGKey(6), n0=64, n=2000, alpha=0.001, batch_size=65536)
+  cert = router.certify_router(run, tree, np.float32([0.25, 0.5, 1.0]), x, None, 0.0005)
+  assert np.all(cert.radius <= linear.distance(x) + 1e-6)
+  certified = cert.prediction != ij.ABSTAIN
+  assert set(cert.sigma[certified]) == {0.25, 0.5, 1.0} and certified.mean() > 0.5
+  # Where node 2 decides (x_7 well above 0.5) σ = 1.0, and its radius caps the certificate.
+  top = certified & (x[:, 7] > 0.8)
+  assert np.all(cert.sigma[top] == 1.0)
+  assert np.all(cert.radius[top] <= x[top, 7] - 0.5 + 1e-6)

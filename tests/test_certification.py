@@ -240,16 +240,16 @@ def test_sound_kinds_through_certification_never_certify_intersecting_balls(kind
   from configs import default
   monkeypatch.setattr(certification, "load_train_state", lambda workdir: None)
   monkeypatch.setattr(certification, "logits_fn", lambda state: island_classifier)
-  settings = {"grid": [0.03, 0.2], "sigma": 0.2}
-  monkeypatch.setattr(locally_constant.estimator, "saved_settings", lambda workdir: settings)
+  settings = {"grid": [0.03, 0.2], "sigma": 0.2, "node": 1}  # the estimator; the router's node
+  monkeypatch.setattr(locally_constant.estimator, "saved_settings", lambda directory: settings)
   monkeypatch.setattr(locally_constant.estimator, "load",
-                      lambda workdir: (side_estimator, settings))
+                      lambda directory, workdir: (side_estimator, settings))
   config = default.get_config()
   config.dataset = f"npz:{island_npz(tmp_path / 'island.npz')}"
   config.certify.update(sigma_mode="instance", certificate=kind, n0=64, n=2000, batch=8000,
                         instances=12)
   config.certify.search.update(sigma_min=0.02, sigma_max=0.5, starts=3, steps=5)
-  config.certify.cascade.grid = (0.03, 0.2)
+  config.train.table.grid = (0.03, 0.2)
   path = certification.certify_test_set(config, tmp_path / "run")
   table = results.read_results(path)
   images = data.load_dataset(config.dataset).test.take(table["idx"])["image"]

@@ -109,6 +109,8 @@ def test_bad_input_ends_with_one_line_and_exit_status_2(trained, tmp_path):
       "Flag --config must have a value other than None": ("certify.py", f"--workdir={stale}"),
       "Flag --workdir must have a value other than None": ("train.py", CONFIG),
       "certify.alpha must lie in (0, 1)": ("certify.py", *common, "--config.certify.alpha=1.5"),
+      "no router node in": ("certify.py", *common, "--config.certify.sigma_mode=instance",
+                            "--config.certify.certificate=router"),
       "certify.cascade.threshold must lie in (1/2, 1); got 0.4": (
           "certify.py", *common, "--config.certify.sigma_mode=instance",
           "--config.certify.certificate=cascade", "--config.certify.cascade.threshold=0.4"),

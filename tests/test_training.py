@@ -21,7 +21,8 @@ from configs import default
 from instars_jax import data
 from instars_jax.run import checkpoints
 from instars_jax.run.workdir import CONFIG_FILE, INTERIM_DIR, Workdir
-from instars_jax.train import estimator, loop, sigma_table, steps
+from instars_jax.parallel import Sharder
+from instars_jax.train import estimator, estimator_stage, loop, sigma_table, stages, steps
 from instars_jax.train import state as state_lib
 
 GRID = (0.25, 0.5, 1.0)
@@ -171,9 +172,10 @@ def test_estimator_stage_resumes_after_a_kill_to_the_same_estimator(insta_config
     stop_after(estimator, "train_step", 3 + 2, m)
     with pytest.raises(Killed):
       loop.train_and_evaluate(insta_config, tmp_path / "resumed")
-  assert (tmp_path / "resumed" / "estimator" / "labels.npz").exists()
+  assert (tmp_path / "resumed" / "estimator" / "profile.npz").exists()
   loop.train_and_evaluate(insta_config, tmp_path / "resumed")
-  (f, straight), (g, resumed) = (estimator.load(tmp_path / d) for d in ("straight", "resumed"))
+  (f, straight), (g, resumed) = (estimator.load(tmp_path / d / "estimator", tmp_path / d)
+                                 for d in ("straight", "resumed"))
   assert straight == resumed and straight["sigma"] == 1.0  # σ_e: the top of the grid
   x = np.random.default_rng(0).uniform(size=(4, 28, 28)).astype(np.float32)
   np.testing.assert_array_equal(np.asarray(f(x)), np.asarray(g(x)))
@@ -376,3 +378,36 @@ def test_a_stop_in_an_epoch_s_last_step_keeps_that_epoch_s_row_and_checkpoint(to
   assert [row["epoch"] for row in read_metrics(tmp_path / "resumed")] == [0]
   same_params(loop.train_and_evaluate(toy_config, tmp_path / "resumed"), straight)
   assert metrics_without_timing(tmp_path / "resumed") == metrics_without_timing(tmp_path / "straight")
+
+
+def test_a_router_tree_trains_one_node_per_grid_sigma_and_certifies(insta_config, tmp_path):
+  from instars_jax import certification
+  from instars_jax.run import results
+  insta_config.train.epochs = 2
+  insta_config.estimator.update(epochs=1, label_samples=4, router=True, init="base",
+                                balance_bins=False, entropy=0.1, radius_weight=1.0)
+  base = loop.train_and_evaluate(insta_config, tmp_path / "run")
+  for k, sigma in ((2, 1.0), (1, 0.5)):
+    fn, saved = estimator.load(tmp_path / "run" / "router" / f"node_{k}", tmp_path / "run")
+    assert (saved["node"], saved["sigma"], saved["init"]) == (k, sigma, "base")
+    assert fn(np.zeros((2, 28, 28), np.float32)).shape == (2, 2)  # two bins: lower, σ_k
+  assert not (tmp_path / "run" / "estimator" / "checkpoints").exists()  # no flat estimator
+  # init = base: every layer but the head started from the base model's weights.
+  context = stages.Context.start(insta_config, Workdir(tmp_path / "probe"),
+                                 data.from_config(insta_config), Sharder(), None)
+  stage = stages.for_config(context)[1]
+  stage.steps_per_epoch = 1
+  started = estimator_stage.from_base(stage.template(), base)
+  np.testing.assert_array_equal(started.params["Conv_0"]["kernel"], base.params["Conv_0"]["kernel"])
+  assert started.params["Dense_1"]["kernel"].shape == (128, 2)
+  insta_config.certify.update(sigma_mode="instance", certificate="router", n0=16, n=200,
+                              batch=64, skip=4)
+  path = certification.certify_test_set(insta_config, tmp_path / "run")
+  table = results.read_results(path)
+  assert path.name == "router.tsv" and set(table["sigma"]) <= {0.25, 0.5, 1.0}
+  meta = results.read_metadata(path)
+  assert meta["certificate"] == "router" and meta["router"]["beta_per_node"] == 0.00025
+  insta_config.train.table.grid = (0.25, 1.0)  # the trained nodes decide other σ
+  with pytest.raises(ValueError, match=r"node_1 was trained for grid \(0.25, 0.5, 1.0\) \(node 1\), "
+                                       r"not train.table.grid=\(0.25, 1.0\) \(node 1\)"):
+    certification.certify_test_set(insta_config, tmp_path / "run")

@@ -57,12 +57,13 @@ def metadata(config, workdir) -> dict:
   split of α."""
   alpha_class, beta = alpha_split(config)
   c = config.certify
-  return {"estimator": dict(estimator.saved_settings(workdir), n=c.estimator.n or c.n),
+  return {"estimator": dict(estimator.saved_settings(workdir.estimator_dir),
+                            n=c.estimator.n or c.n),
           "alpha_split": {"alpha_class": alpha_class, "beta_estimator": beta, "total": c.alpha}}
 
 
 def prepare(run, config):
-  fn, saved = estimator.load(run.workdir)
+  fn, saved = estimator.load(run.workdir.estimator_dir, run.workdir)
   chooser = Estimator(fn, tuple(saved["grid"]), saved["sigma"], config.certify.estimator.n or run.n)
   beta = alpha_split(config)[1]
 

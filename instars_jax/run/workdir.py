@@ -5,7 +5,8 @@ managers, its locks, and whether a config may resume it.
   run.json                 RunInfo: what the train state's shapes depend on
   checkpoints/<epochs>/    orbax, one per finished epoch (fine-tuning continues the numbers)
   interim/checkpoints/     mid-epoch checkpoints, numbered by global step
-  estimator/               the σ-estimator: checkpoints/, estimator.json, labels.npz
+  estimator/               the σ-estimator: checkpoints/, estimator.json, profile.npz
+  router/node_<k>/         the router tree's nodes (estimator.router)
   certify/<name>.tsv       results, each with a .json sidecar (run/results.py)
   metrics.jsonl, tensorboard/, train.lock
 """
@@ -25,6 +26,7 @@ CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
 INTERIM_DIR = "interim"
 ESTIMATOR_DIR = "estimator"
+ROUTER_DIR = "router"
 METRICS_FILE = "metrics.jsonl"
 # Config keys added after runs were made, with the value that means what those runs did
 # (a run that never diverged trained the same under the divergence watch).
@@ -81,6 +83,10 @@ class Workdir:
   def estimator_dir(self) -> Path:
     return self.path / ESTIMATOR_DIR
 
+  def router_dir(self, node: int) -> Path:
+    """The router-tree node that decides the grid's σ number `node` against the lower ones."""
+    return self.path / ROUTER_DIR / f"node_{node}"
+
   def results_path(self, stem: str) -> Path:
     return self.path / "certify" / f"{stem}.tsv"
 
@@ -121,12 +127,6 @@ class Workdir:
   def interim(self):
     """Mid-epoch checkpoints of the base model, by global step; the latest one only."""
     return checkpoints.manager(self.path / INTERIM_DIR, max_to_keep=1)
-
-  def estimator_checkpoints(self):
-    return checkpoints.manager(self.estimator_dir, max_to_keep=1)
-
-  def estimator_interim(self):
-    return checkpoints.manager(self.estimator_dir / INTERIM_DIR, max_to_keep=1)
 
   def training_lock(self):
     """One train.py per workdir (a second one exits naming the holder)."""

@@ -37,6 +37,7 @@ class Stream(enum.IntEnum):
   ESTIMATOR_NOISE = 41  # the estimator's training noise and example order
   ESTIMATOR_ASSIGN = 42  # the σ the estimator assigns each training example (fine-tuning)
   CASCADE = 50  # a cascade's levels, each folded in by its index
+  ROUTER = 60  # a router tree's nodes, each folded in by its grid index
 
 
 def numpy_rng(seed: int, stream: Stream, *ids: int) -> np.random.Generator:

@@ -17,8 +17,16 @@ of the grid) and certified by CERTIFY like any base classifier
    so that rare σ bins are learnt too.
 
 Works for Insta-RS and Cohen base models alike. Saved in WORKDIR/estimator/ (orbax, one
-checkpoint per epoch, resumable) with `estimator.json`, the settings certification reads, and
-`labels.npz`, the labels of step 1.
+checkpoint per epoch, resumable) with `estimator.json`, the settings certification reads; the
+profile of step 1 is kept in WORKDIR/estimator/profile.npz.
+
+With `estimator.router`, the same recipe trains a router tree instead (the `router`
+certificate): for the grid σ_1 < … < σ_K, node k (k = K … 2) decides "σ_k" against "a lower
+σ", smoothed at σ_k, from soft labels over (max_{j<k} R_j, R_k); saved in WORKDIR/router/
+node_k/. Options (DualRS's, `configs/default.py`): `estimator.init` = base starts each
+estimator from the base model's weights with a new head; `estimator.entropy` (η) adds η·H(p̄)
+of the copies' mean prediction; `estimator.radius_weight` (w_r) weighs each example by its
+best radius to the power w_r; `estimator.balance_bins` = False drops the 1/frequency weights.
 
 4. Optionally (`estimator.finetune_epochs`, DualRS's last step) the base model is fine-tuned
    with each training example at the σ the trained estimator picks for it (`assigned_sigmas`:
@@ -28,10 +36,10 @@ checkpoint per epoch, resumable) with `estimator.json`, the settings certificati
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import functools
-import itertools
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -39,14 +47,57 @@ import numpy as np
 
 from instars_jax import data, models
 from instars_jax.run import checkpoints
-from instars_jax.run.files import write_json_atomic
 from instars_jax.run.workdir import Workdir
-from instars_jax.smoothing.streams import Stream, numpy_rng
-from instars_jax.train import sigma_table
+from instars_jax.smoothing.streams import Stream
 from instars_jax.train import state as state_lib
 
 SETTINGS_FILE = "estimator.json"
-LABELS_FILE = "labels.npz"
+INITS = ("scratch", "base")
+# Settings added after estimators were trained, with the value that means what those did.
+LATER_SETTINGS = {"node": None, "init": "scratch", "entropy": 0.0, "radius_weight": 0.0,
+                  "balance_bins": True}
+
+
+@dataclasses.dataclass(frozen=True)
+class Chooser:
+  """One σ-estimator to train or load: its directory, the grid, the σ it is smoothed at, and
+  `node`: None for the estimator over the whole grid, else the index k of the grid σ that a
+  router node decides against every lower one (bins: 0 = lower, 1 = σ_k)."""
+  directory: Path
+  grid: tuple
+  sigma: float
+  node: int | None = None
+
+  @property
+  def name(self) -> str:
+    return "estimator" if self.node is None else f"router node {self.node}"
+
+  @property
+  def num_bins(self) -> int:
+    return len(self.grid) if self.node is None else 2
+
+  def bins(self, radii: np.ndarray) -> np.ndarray:
+    """[N, bins] of the radius profile [N, K] over the grid."""
+    if self.node is None:
+      return radii
+    return np.stack([radii[:, : self.node].max(axis=1), radii[:, self.node]], axis=1)
+
+
+def grid_of(config) -> tuple:
+  return tuple(float(s) for s in config.train.table.grid)
+
+
+def choosers(config, workdir: Workdir) -> list:
+  """The estimators `config` asks for: one over the grid, or with estimator.router the router
+  nodes from the top of the grid down."""
+  grid = grid_of(config)
+  if not config.estimator.router:
+    return [Chooser(workdir.estimator_dir, grid, smoothing_sigma(config))]
+  return [router_node(workdir, grid, k) for k in range(len(grid) - 1, 0, -1)]
+
+
+def router_node(workdir: Workdir, grid: tuple, node: int) -> Chooser:
+  return Chooser(workdir.router_dir(node), grid, grid[node], node)
 
 
 def soft_labels(radii, temperature: float):
@@ -67,29 +118,50 @@ def bin_weights(labels) -> np.ndarray:
   return (weights / weights.mean()).astype(np.float32)
 
 
+def training_labels(radii, chooser: Chooser, e):
+  """(weight × soft label float32[N, bins], kept indices) for `chooser` from the profile
+  [N, K] over the grid, with the estimator settings `e` (temperature, balance_bins,
+  radius_weight)."""
+  binned = chooser.bins(np.asarray(radii))
+  labels, keep = soft_labels(binned, e.temperature)
+  kept = np.flatnonzero(keep)
+  weights = np.ones(len(kept), np.float32)
+  if len(kept) and e.balance_bins:
+    weights *= bin_weights(labels[kept])
+  if len(kept) and e.radius_weight:
+    best = np.maximum(binned[kept].max(axis=1), 0.0) ** e.radius_weight
+    weights *= (best / best.mean()).astype(np.float32)
+  weighted = np.zeros_like(labels)
+  weighted[kept] = labels[kept] * weights[:, None]
+  return weighted, kept
+
+
 def smoothing_sigma(config) -> float:
   return float(config.estimator.sigma or max(config.train.table.grid))
 
 
-def settings(config) -> dict:
-  """What the estimator depends on; certification reads the grid and σ_e from here."""
+def settings(config, chooser: Chooser) -> dict:
+  """What an estimator depends on; certification reads the grid and σ_e from here."""
   e = config.estimator
-  return {"grid": [float(s) for s in config.train.table.grid], "sigma": smoothing_sigma(config),
+  return {"grid": list(chooser.grid), "sigma": chooser.sigma, "node": chooser.node,
           "model": e.model or config.model.name, "dtype": config.model.dtype,
           "epochs": e.epochs, "label_samples": e.label_samples, "temperature": e.temperature,
-          "consistency": e.consistency, "learning_rate": e.learning_rate, "seed": config.seed}
+          "consistency": e.consistency, "learning_rate": e.learning_rate, "init": e.init,
+          "entropy": e.entropy, "radius_weight": e.radius_weight,
+          "balance_bins": e.balance_bins, "seed": config.seed}
 
 
-def saved_settings(workdir) -> dict:
-  """The settings of the finished estimator in `workdir`; FileNotFoundError saying what to run
-  when there is none or it stopped early."""
-  workdir = Workdir(workdir)
-  directory = workdir.estimator_dir
+def saved_settings(directory) -> dict:
+  """The settings of the finished estimator in `directory` (those added later at their old
+  value); FileNotFoundError saying what to run when there is none or it stopped early."""
+  directory = Path(directory)
   settings_path = directory / SETTINGS_FILE
-  manager = workdir.estimator_checkpoints() if settings_path.exists() else None
+  manager = checkpoints.manager(directory, max_to_keep=1) if settings_path.exists() else None
   if manager is None or manager.latest_step() is None:
-    raise FileNotFoundError(f"no σ-estimator in {directory}: train one with train.py (same "
-                            "--config and --workdir) and --config.estimator.epochs=N")
+    what = "router node" if directory.parent.name == "router" else "σ-estimator"
+    option = " --config.estimator.router=True" if what == "router node" else ""
+    raise FileNotFoundError(f"no {what} in {directory}: train one with train.py (same "
+                            f"--config and --workdir) and --config.estimator.epochs=N{option}")
   saved = json.loads(settings_path.read_text())
   if manager.latest_step() != saved["epochs"]:
     raise FileNotFoundError(f"the σ-estimator in {directory} stopped after epoch "
@@ -106,22 +178,31 @@ def validate(config) -> list:
       (e.label_samples >= 1, f"estimator.label_samples must be >= 1; got {e.label_samples}"),
       (e.temperature > 0, f"estimator.temperature must be > 0; got {e.temperature}"),
       (e.consistency >= 0, f"estimator.consistency must be >= 0; got {e.consistency}"),
+      (e.entropy >= 0, f"estimator.entropy must be >= 0; got {e.entropy}"),
+      (e.radius_weight >= 0, f"estimator.radius_weight must be >= 0; got {e.radius_weight}"),
       (e.learning_rate > 0, f"estimator.learning_rate must be > 0; got {e.learning_rate}"),
+      (e.init in INITS, f"estimator.init must be one of {INITS}; got {e.init!r}"),
+      (e.init == "scratch" or e.model in ("", config.model.name),
+       f"estimator.init=base needs the base model's architecture; got estimator.model={e.model!r}"),
       (e.finetune_epochs >= 0, f"estimator.finetune_epochs must be >= 0; got {e.finetune_epochs}"),
       (e.finetune_learning_rate > 0,
        f"estimator.finetune_learning_rate must be > 0; got {e.finetune_learning_rate}"),
+      (not (e.router and e.finetune_epochs),
+       "estimator.finetune_epochs needs the estimator over the grid, not estimator.router"),
       ((e.model or config.model.name) in models.ARCHITECTURES,
        f"estimator.model must be one of {models.ARCHITECTURES}; got {e.model!r}"),
   ]
 
 
-@functools.partial(jax.jit, static_argnames=("sigma", "consistency"), donate_argnames="state")
-def train_step(state: state_lib.ModelState, batch, epoch_key, *, sigma, consistency):
-  """One SGD step: weighted soft-label cross-entropy on two noisy copies at σ_e plus
-  λ · mean KL(p̄ ‖ p_copy). `batch["label"]` holds weight × soft label."""
+@functools.partial(jax.jit, static_argnames=("sigma", "consistency", "entropy"),
+                   donate_argnames="state")
+def train_step(state: state_lib.ModelState, batch, epoch_key, *, sigma, consistency, entropy):
+  """One SGD step: weighted soft-label cross-entropy on two noisy copies at σ_e, plus
+  λ · mean KL(p̄ ‖ p_copy) (consistency), plus η · H(p̄) (entropy of the copies' mean
+  prediction). `batch["label"]` holds weight × soft label."""
   keys = state_lib.example_keys(epoch_key, batch["index"])
   copies = [state_lib.gaussian_noise(jax.vmap(lambda k: jax.random.fold_in(k, c))(keys),
-                                       batch["image"], jnp.full(keys.shape[:1], sigma))
+                                     batch["image"], jnp.full(keys.shape[:1], sigma))
             for c in range(2)]
   target = batch["label"]
 
@@ -132,8 +213,10 @@ def train_step(state: state_lib.ModelState, batch, epoch_key, *, sigma, consiste
     cross_entropy = -jnp.sum(target * log_p.mean(axis=0), axis=-1)
     log_mean = jnp.log(jnp.exp(log_p).mean(axis=0) + 1e-12)
     kl = jnp.sum(jnp.exp(log_mean) * (log_mean - log_p), axis=-1).mean(axis=0)
-    loss = jnp.mean(cross_entropy + consistency * kl)
-    return loss, (log_p, updates)
+    loss = cross_entropy + consistency * kl
+    if entropy:
+      loss = loss - entropy * jnp.sum(jnp.exp(log_mean) * log_mean, axis=-1)
+    return jnp.mean(loss), (log_p, updates)
 
   (loss, (log_p, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
@@ -141,148 +224,14 @@ def train_step(state: state_lib.ModelState, batch, epoch_key, *, sigma, consiste
   return state, {"loss": loss, "agreement": agreement}
 
 
-def _template(config, image_shape, stats, steps_per_epoch) -> state_lib.ModelState:
-  s = settings(config)
-  model, params, batch_stats = state_lib.init_model(s["model"], s["dtype"], len(s["grid"]),
-                                                    stats, image_shape, config.seed + 1)
-  t = config.train.copy_and_resolve_references()
-  with t.unlocked():
-    t.learning_rate, t.warmup_epochs, t.schedule = s["learning_rate"], 0.0, "cosine"
-  return state_lib.ModelState.create(
-      apply_fn=model.apply, params=params, batch_stats=batch_stats,
-      tx=state_lib.optimizer(t, steps_per_epoch, s["epochs"]))
-
-
-def labels_from_base(config, dataset, base_state, sharder):
-  """(labels × weights float32[N, K], kept indices) from a profile pass of the base model over
-  the training split (on a copy of its state: the base model's own table is left as is)."""
-  order = np.arange(len(dataset.train))
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), Stream.ESTIMATOR_LABELS)
-  visit = sigma_table.Visit(order, key, config.estimator.label_samples)
-  profiled = sigma_table.update(jax.tree_util.tree_map(jnp.copy, base_state), dataset.train,
-                                sharder, config, visit)
-  labels, keep = soft_labels(np.asarray(profiled.sigma_profile), config.estimator.temperature)
-  kept = np.flatnonzero(keep)
-  weighted = np.zeros_like(labels)
-  if len(kept):
-    weighted[kept] = labels[kept] * bin_weights(labels[kept])[:, None]
-  return weighted, kept
-
-
-def cached_labels(directory, config, dataset, base_state, sharder):
-  """labels_from_base, saved to DIR/labels.npz (atomically) and read back by a rerun with the
-  same label settings, so a resumed or re-tuned estimator stage skips the label pass."""
-  path = directory / LABELS_FILE
-  label_settings = json.dumps({k: settings(config)[k] for k in ("label_samples", "temperature",
-                                                                 "grid", "seed")} |
-                              {"n": config.certify.n, "alpha": config.certify.alpha},
-                              sort_keys=True)
-  if path.exists():
-    with np.load(path) as saved:
-      if str(saved["settings"]) == label_settings:
-        return saved["labels"], saved["kept"]
-  labels, kept = labels_from_base(config, dataset, base_state, sharder)
-  if jax.process_index() == 0:
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{LABELS_FILE}.tmp.npz"
-    np.savez(tmp, labels=labels, kept=kept, settings=label_settings)
-    tmp.replace(path)
-  return labels, kept
-
-
-class EstimatorStage:
-  """The estimator's training stage (train/stages.py's interface): labels from the base
-  model, then `estimator.epochs` epochs over the kept examples in an order drawn per epoch,
-  checkpointed after each in WORKDIR/estimator/. Leaves the base model as it is."""
-  name = "estimator"
-  watch_chance = False  # its soft-label loss has no chance level to stop at
-  events_part = "estimator"
-  metrics_file = False
-  histogram = False
-
-  def __init__(self, context):
-    self.context = context
-    self.settings = settings(context.config)
-    self.sigma = self.settings["sigma"]
-    self.directory = context.workdir.estimator_dir
-    self.checkpoints = context.workdir.estimator_checkpoints()
-    self.interim = context.workdir.estimator_interim()
-    self.batch_size, self.num_classes = context.config.train.batch_size, len(self.settings["grid"])
-    self.steps_per_epoch, self.last_step = 1, 0  # known once the labels are
-
-  def start(self, base_state):
-    settings_path = self.directory / SETTINGS_FILE
-    done = self.checkpoints.latest_step()
-    if done is not None and json.loads(settings_path.read_text()) != self.settings:
-      raise ValueError(f"{self.directory} holds an estimator trained with other settings: "
-                       "remove it, or rerun with the same estimator settings")
-    if done == self.settings["epochs"]:
-      return None, 0
-    c = self.context
-    labels, self.kept = cached_labels(self.directory, c.config, c.dataset, base_state, c.sharder)
-    self.steps_per_epoch = len(self.kept) // self.batch_size
-    if self.steps_per_epoch == 0:
-      raise ValueError(f"only {len(self.kept)} training examples have a positive radius at some "
-                       f"grid σ: too few for the estimator's batch of {self.batch_size}")
-    self.last_step = self.settings["epochs"] * self.steps_per_epoch
-    self.split = data.Split(c.dataset.train.images, labels)
-    template = c.sharder.replicate(_template(c.config, c.dataset.image_shape, c.dataset.stats,
-                                             self.steps_per_epoch))
-    state, epoch = checkpoints.restore_latest(self.checkpoints, template)
-    step = epoch * self.steps_per_epoch
-    if (self.interim.latest_step() or 0) > step:
-      state, step = checkpoints.restore_latest(self.interim, state)
-    if jax.process_index() == 0:
-      self.directory.mkdir(parents=True, exist_ok=True)
-      write_json_atomic(settings_path, self.settings)
-    return state, step
-
-  def stream(self, first_step: int):
-    """The batches of steps [first_step, last_step): each epoch the kept examples in the
-    order of its (seed, epoch) permutation, each host its slice."""
-    seed, first_epoch = self.context.config.seed, first_step // self.steps_per_epoch
-
-    def batches():
-      for epoch in range(first_epoch, self.settings["epochs"]):
-        rng = numpy_rng(seed, Stream.ESTIMATOR_NOISE, epoch)
-        order = self.kept[rng.permutation(len(self.kept))]
-        yield from data.batches(self.split, self.batch_size, drop_remainder=True,
-                                host_id=jax.process_index(), host_count=jax.process_count(),
-                                order=order)
-
-    skip = first_step - first_epoch * self.steps_per_epoch
-    return contextlib.nullcontext(itertools.islice(batches(), skip, None))
-
-  def label(self, epoch: int) -> str:
-    return self.name
-
-  def describe(self, epoch: int) -> str:
-    return f"estimator epoch {epoch + 1}/{self.settings['epochs']}"
-
-  def begin_epoch(self, state, epoch: int):
-    return state
-
-  def step(self, state, batch, epoch: int):
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(self.context.config.seed),
-                                                Stream.ESTIMATOR_NOISE), epoch)
-    return train_step(state, self.context.sharder.batch(batch), key, sigma=self.sigma,
-                      consistency=self.context.config.estimator.consistency)
-
-  def end_epoch(self, state, epoch: int, row: dict, seconds: float) -> dict:
-    return row | {"examples": len(self.kept)}
-
-  def finish(self, state, base_state):
-    return base_state
-
-
-def load(workdir):
-  """(x -> logits over the grid bins, settings) of the finished estimator in `workdir`."""
-  workdir = Workdir(workdir)
-  saved = saved_settings(workdir)
-  manager = workdir.estimator_checkpoints()
+def load(directory, workdir):
+  """(x -> logits over the estimator's bins, its settings) of the finished estimator in
+  `directory` of the run in `workdir`."""
+  saved = LATER_SETTINGS | saved_settings(directory)
+  manager = checkpoints.manager(directory, max_to_keep=1)
   restored = checkpoints.restore_as_saved(manager, manager.latest_step())
-  model = models.create_model(saved["model"], len(saved["grid"]), saved["dtype"],
-                              workdir.read_run().stats)
+  bins = len(saved["grid"]) if saved["node"] is None else 2
+  model = models.create_model(saved["model"], bins, saved["dtype"], Workdir(workdir).read_run().stats)
   variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
   return state_lib.bind_variables(model.apply, variables), saved
 
@@ -291,7 +240,7 @@ def assigned_sigmas(workdir, split: data.Split, config) -> np.ndarray:
   """float32[N]: for each example of `split`, the grid σ of the estimator's majority bin over
   `estimator.label_samples` copies at σ_e (noise keyed on (seed, example, copy); ties go to
   the smaller σ). Every host computes all of them, on its first local device."""
-  apply, saved = load(workdir)
+  apply, saved = load(Workdir(workdir).estimator_dir, workdir)
   grid, copies = np.asarray(saved["grid"], np.float32), config.estimator.label_samples
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), Stream.ESTIMATOR_ASSIGN)
 

@@ -11,7 +11,7 @@ epoch and interim checkpoints, and how their epochs are reported.
 
 Here the base model's two: `BaseStage` (Gaussian augmentation or Insta-RS Train) and
 `FinetuneStage` (the epochs after train.epochs, each example at the σ the estimator picks).
-The estimator's stage is in estimator.py.
+The σ-estimators' stage is in estimator_stage.py.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from instars_jax.data import pipeline
 from instars_jax.run import checkpoints
 from instars_jax.run.workdir import RunInfo, Workdir
 from instars_jax.smoothing.streams import Stream
-from instars_jax.train import actions, estimator, sigma_table, steps
+from instars_jax.train import actions, estimator, estimator_stage, sigma_table, steps
 from instars_jax.train import state as state_lib
 
 FINETUNE = "finetune"  # the `stage` of the epochs after train.epochs
@@ -70,7 +70,8 @@ class Context:
 def for_config(context: Context) -> list:
   """The stages `context.config` asks for, in order."""
   e = context.config.estimator
-  return ([BaseStage(context)] + ([estimator.EstimatorStage(context)] if e.epochs else [])
+  choosers = estimator.choosers(context.config, context.workdir) if e.epochs else []
+  return ([BaseStage(context)] + [estimator_stage.EstimatorStage(context, c) for c in choosers]
           + ([FinetuneStage(context)] if e.finetune_epochs else []))
 
 

@@ -1,0 +1,117 @@
+"""router: σ from a grid σ_1 < … < σ_K, picked by a tree of binary σ-estimators, each certified
+(train with --config.estimator.router=True). Sound for the input-dependent classifier
+G(x) = g_{σ(x)}(x).
+
+Node k (k = K … 2) decides "σ_k" against "a lower σ", smoothed at σ_k, the largest σ it
+decides between: node K first; where it says "lower", node K − 1; and so on down to σ_1. Each
+node is a smoothed classifier over two bins certified like locally_constant's estimator
+(`locally_constant.certify_estimator`: its decision, or "lower" where it is unsure, with the
+radius within which that decision holds). A node at σ_k sees the input through less noise than
+an estimator at the top of the grid, so it can tell apart inputs that only a small σ certifies
+well; its radius cap σ_k Φ⁻¹(β^(1/n)) never binds, since g_{σ_k}'s radii are capped alike.
+
+Guarantee. The radius is min(radii of the nodes on the path, class radius). With probability
+≥ 1 − β every node on the path decides as certified within its radius (each node's tests at
+β/(K − 1), fixed in advance: the union bound over the nodes that may be evaluated), so inside
+the smaller ball the path is the same at every x', hence σ(x') = σ(x) (the proof of
+locally_constant, node by node); and with probability ≥ 1 − (α − β), CERTIFY of the base
+model at that σ holds within the class radius. By the union bound, G(x') = c for every x'
+in the ball with probability ≥ 1 − α. A node that abstains makes the certificate abstain.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from instars_jax.certificates import Certified, locally_constant
+from instars_jax.smoothing import sampler
+from instars_jax.smoothing.streams import Stream
+from instars_jax.train import estimator
+
+NAME = "router"
+SOUND = True
+MULTI_HOST = True
+MEANING = ("sound for G(x) = g_sigma(x)(x) with sigma picked by a tree of smoothed, certified "
+           "binary sigma estimators, node k deciding sigma_k against lower, smoothed at sigma_k: "
+           "radius = min(radii of the nodes on the path, class radius); failure probability "
+           "alpha = beta (split equally over the nodes) + the class test's alpha")
+validate = locally_constant.validate
+alpha_split = locally_constant.alpha_split
+
+
+def file_stem(config) -> str:
+  del config
+  return NAME
+
+
+def nodes(config, workdir) -> list:
+  """[(Chooser, saved settings)] of the router nodes from the top of the grid down;
+  ValueError where the trained nodes were made for another grid, FileNotFoundError where one
+  is missing."""
+  grid = estimator.grid_of(config)
+  found = []
+  for k in range(len(grid) - 1, 0, -1):
+    chooser = estimator.router_node(workdir, grid, k)
+    saved = estimator.saved_settings(chooser.directory)
+    if tuple(saved["grid"]) != grid or saved.get("node") != k:
+      raise ValueError(f"the router node in {chooser.directory} was trained for grid "
+                       f"{tuple(saved['grid'])} (node {saved.get('node')}), not "
+                       f"train.table.grid={grid} (node {k})")
+    found.append((chooser, saved))
+  return found
+
+
+def metadata(config, workdir) -> dict:
+  alpha_class, beta = alpha_split(config)
+  c, trained = config.certify, nodes(config, workdir)
+  return {"grid": list(estimator.grid_of(config)),
+          "router": {"nodes": [saved for _, saved in trained], "n": c.estimator.n or c.n,
+                     "beta_per_node": beta / len(trained)},
+          "alpha_split": {"alpha_class": alpha_class, "beta_estimator": beta, "total": c.alpha}}
+
+
+def prepare(run, config):
+  n = config.certify.estimator.n or run.n
+  tree = []
+  for chooser, _ in nodes(config, run.workdir):
+    fn, saved = estimator.load(chooser.directory, run.workdir)
+    grid = chooser.grid
+    tree.append(locally_constant.Estimator(fn, (grid[chooser.node - 1], grid[chooser.node]),
+                                           saved["sigma"], n))
+  grid, beta = np.asarray(estimator.grid_of(config), np.float32), alpha_split(config)[1]
+
+  def certify(x, ids) -> Certified:
+    return certify_router(run, tree, grid, x, ids, beta)
+
+  return certify
+
+
+def certify_router(run, tree, grid, x, ids, beta) -> Certified:
+  """The router certificate (module doc): `tree` holds the nodes' Estimators from the top of
+  `grid` down (node for grid[k] at position K − 1 − k)."""
+  x, _, ids = sampler.validate_instances(x, 1.0, ids)
+  if not 0 < beta < run.alpha:
+    raise ValueError(f"beta must lie in (0, alpha={run.alpha}); got {beta}")
+  level = np.zeros(len(x), np.int32)  # the grid index chosen
+  path = np.full(len(x), np.inf)  # min radius over the nodes on the path
+  abstain = np.zeros(len(x), bool)
+  active = np.arange(len(x))
+  for depth, node in enumerate(tree):
+    k = len(grid) - 1 - depth
+    key = jax.random.fold_in(jax.random.fold_in(run.key, Stream.ROUTER), k)
+    decision, radius = locally_constant.certify_estimator(run, node, x[active], ids[active], key,
+                                                          beta / len(tree))
+    path[active] = np.minimum(path[active], radius)
+    abstain[active[decision == sampler.ABSTAIN]] = True
+    level[active[decision == 1]] = k
+    active = active[decision == 0]
+    if not len(active):
+      break
+  sigma = grid[level]
+  cls = run.certify(x, sigma, ids, key=jax.random.fold_in(run.key, Stream.CLASS_TEST),
+                    alpha=run.alpha - beta)
+  certified = ~abstain & (cls.prediction != sampler.ABSTAIN)
+  radius = np.where(certified, np.minimum(path, cls.radius), 0.0)
+  prediction = np.where(certified, cls.prediction, sampler.ABSTAIN).astype(np.int32)
+  return Certified(prediction, radius.astype(np.float32), sigma, cls.num_samples)

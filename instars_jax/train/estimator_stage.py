@@ -1,0 +1,167 @@
+"""The training stage of a σ-estimator or router node (estimator.py), in the loop of loop.py:
+the base model's radius profile of every training example (computed once, kept in
+WORKDIR/estimator/profile.npz), soft labels from it, then `estimator.epochs` epochs over the
+examples with a positive radius somewhere, checkpointed after each. Leaves the base model as
+it is."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from instars_jax import data
+from instars_jax.run import checkpoints
+from instars_jax.run.files import write_json_atomic
+from instars_jax.run.workdir import INTERIM_DIR
+from instars_jax.smoothing.streams import Stream, numpy_rng
+from instars_jax.train import estimator, sigma_table
+from instars_jax.train import state as state_lib
+
+PROFILE_FILE = "profile.npz"
+
+
+def profile_from_base(config, dataset, base_state, sharder) -> np.ndarray:
+  """float32[N, K]: the base model's radius profile of every training example over the grid,
+  with `estimator.label_samples` noise vectors (on a copy of its state: the base model's own
+  table is left as is)."""
+  order = np.arange(len(dataset.train))
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), Stream.ESTIMATOR_LABELS)
+  visit = sigma_table.Visit(order, key, config.estimator.label_samples)
+  profiled = sigma_table.update(jax.tree_util.tree_map(jnp.copy, base_state), dataset.train,
+                                sharder, config, visit)
+  return np.asarray(profiled.sigma_profile)
+
+
+def cached_profile(context, base_state) -> np.ndarray:
+  """profile_from_base, saved (atomically) and read back by a rerun with the same settings, so
+  a resumed or re-tuned estimator, and every router node, skip the profile pass."""
+  c = context
+  path = c.workdir.estimator_dir / PROFILE_FILE
+  key = json.dumps({"label_samples": c.config.estimator.label_samples, "seed": c.config.seed,
+                    "grid": list(estimator.grid_of(c.config)), "n": c.config.certify.n,
+                    "alpha": c.config.certify.alpha}, sort_keys=True)
+  if path.exists():
+    with np.load(path) as saved:
+      if str(saved["settings"]) == key:
+        return saved["profile"]
+  profile = profile_from_base(c.config, c.dataset, base_state, c.sharder)
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{PROFILE_FILE}.tmp.npz")
+    np.savez(tmp, profile=profile, settings=key)
+    tmp.replace(path)
+  return profile
+
+
+def from_base(template: state_lib.ModelState, base_state) -> state_lib.ModelState:
+  """`template` with every layer but its head (the last Dense) from the base model: the base
+  model already sees through every grid σ (estimator.init = base)."""
+  host = lambda tree: jax.tree_util.tree_map(
+      lambda a: np.asarray(a.addressable_data(0) if isinstance(a, jax.Array) else a), tree)
+  params, base = dict(host(template.params)), host(base_state.params)
+  head = max((k for k in params if k.startswith("Dense_")), key=lambda k: int(k.split("_")[1]))
+  params.update({k: v for k, v in base.items() if k != head})
+  return template.replace(params=params, batch_stats=host(base_state.batch_stats))
+
+
+class EstimatorStage:
+  """A σ-estimator's or router node's training stage (train/stages.py's interface)."""
+  watch_chance = False  # its soft-label loss has no chance level to stop at
+  metrics_file = False
+  histogram = False
+
+  def __init__(self, context, chooser: estimator.Chooser):
+    self.context, self.chooser = context, chooser
+    self.settings = estimator.settings(context.config, chooser)
+    self.name, self.sigma = chooser.name, chooser.sigma
+    self.events_part = "estimator" if chooser.node is None else f"router_node_{chooser.node}"
+    self.directory = chooser.directory
+    self.checkpoints = checkpoints.manager(self.directory, max_to_keep=1)
+    self.interim = checkpoints.manager(self.directory / INTERIM_DIR, max_to_keep=1)
+    self.batch_size, self.num_classes = context.config.train.batch_size, chooser.num_bins
+    self.steps_per_epoch, self.last_step = 1, 0  # known once the labels are
+
+  def start(self, base_state):
+    settings_path = self.directory / estimator.SETTINGS_FILE
+    done = self.checkpoints.latest_step()
+    if done is not None and (estimator.LATER_SETTINGS | json.loads(settings_path.read_text())
+                             != self.settings):
+      raise ValueError(f"{self.directory} holds an estimator trained with other settings: "
+                       "remove it, or rerun with the same estimator settings")
+    if done == self.settings["epochs"]:
+      return None, 0
+    c = self.context
+    labels, self.kept = estimator.training_labels(cached_profile(c, base_state), self.chooser,
+                                                  c.config.estimator)
+    self.steps_per_epoch = len(self.kept) // self.batch_size
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"only {len(self.kept)} training examples have a positive radius at some "
+                       f"grid σ: too few for the {self.name}'s batch of {self.batch_size}")
+    self.last_step = self.settings["epochs"] * self.steps_per_epoch
+    self.split = data.Split(c.dataset.train.images, labels)
+    template = self.template()
+    if self.settings["init"] == "base":
+      template = from_base(template, base_state)
+    state, epoch = checkpoints.restore_latest(self.checkpoints, c.sharder.replicate(template))
+    step = epoch * self.steps_per_epoch
+    if (self.interim.latest_step() or 0) > step:
+      state, step = checkpoints.restore_latest(self.interim, state)
+    if jax.process_index() == 0:
+      self.directory.mkdir(parents=True, exist_ok=True)
+      write_json_atomic(settings_path, self.settings)
+    return state, step
+
+  def template(self) -> state_lib.ModelState:
+    c, s = self.context, self.settings
+    model, params, batch_stats = state_lib.init_model(
+        s["model"], s["dtype"], self.num_classes, c.dataset.stats, c.dataset.image_shape,
+        c.config.seed + 1)
+    t = c.config.train.copy_and_resolve_references()
+    with t.unlocked():
+      t.learning_rate, t.warmup_epochs, t.schedule = s["learning_rate"], 0.0, "cosine"
+    return state_lib.ModelState.create(
+        apply_fn=model.apply, params=params, batch_stats=batch_stats,
+        tx=state_lib.optimizer(t, self.steps_per_epoch, s["epochs"]))
+
+  def stream(self, first_step: int):
+    """The batches of steps [first_step, last_step): each epoch the kept examples in the
+    order of its (seed, epoch) permutation, each host its slice."""
+    seed, first_epoch = self.context.config.seed, first_step // self.steps_per_epoch
+
+    def batches():
+      for epoch in range(first_epoch, self.settings["epochs"]):
+        rng = numpy_rng(seed, Stream.ESTIMATOR_NOISE, epoch)
+        order = self.kept[rng.permutation(len(self.kept))]
+        yield from data.batches(self.split, self.batch_size, drop_remainder=True,
+                                host_id=jax.process_index(), host_count=jax.process_count(),
+                                order=order)
+
+    skip = first_step - first_epoch * self.steps_per_epoch
+    return contextlib.nullcontext(itertools.islice(batches(), skip, None))
+
+  def label(self, epoch: int) -> str:
+    return self.name
+
+  def describe(self, epoch: int) -> str:
+    return f"{self.name} epoch {epoch + 1}/{self.settings['epochs']}"
+
+  def begin_epoch(self, state, epoch: int):
+    return state
+
+  def step(self, state, batch, epoch: int):
+    e = self.context.config.estimator
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(self.context.config.seed),
+                                                Stream.ESTIMATOR_NOISE), epoch)
+    return estimator.train_step(state, self.context.sharder.batch(batch), key, sigma=self.sigma,
+                                consistency=e.consistency, entropy=float(e.entropy))
+
+  def end_epoch(self, state, epoch: int, row: dict, seconds: float) -> dict:
+    return row | {"examples": len(self.kept)}
+
+  def finish(self, state, base_state):
+    return base_state
