@@ -13,60 +13,13 @@ import time
 import jax
 import numpy as np
 import torch
-from torch import nn
 
 import instars_jax as ij
 from common import INPUTS, device_info, emit, initialised_model, median_seconds
+from torch_models import MODELS
 
 
-class TorchLeNet(nn.Module):
-  """models.LeNet in PyTorch."""
-
-  def __init__(self):
-    super().__init__()
-    self.features = nn.Sequential(nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-                                  nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2))
-    self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(),
-                              nn.Linear(128, 10))
-
-  def forward(self, x):
-    return self.head(self.features(x))
-
-
-class TorchBlock(nn.Module):
-  def __init__(self, cin, cout, stride):
-    super().__init__()
-    self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-    self.bn1 = nn.BatchNorm2d(cout)
-    self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-    self.bn2 = nn.BatchNorm2d(cout)
-    self.shortcut = nn.Sequential()
-    if stride != 1 or cin != cout:
-      self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-  def forward(self, x):
-    y = torch.relu(self.bn1(self.conv1(x)))
-    return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
-
-
-class TorchResNet20(nn.Module):
-  """models.cifar_resnet(20) in PyTorch (Cohen et al.'s cifar_resnet layout)."""
-
-  def __init__(self):
-    super().__init__()
-    layers, cin = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()], 16
-    for stage, width in enumerate((16, 32, 64)):
-      for i in range(3):
-        layers.append(TorchBlock(cin, width, 2 if stage > 0 and i == 0 else 1))
-        cin = width
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)]
-    self.net = nn.Sequential(*layers)
-
-  def forward(self, x):
-    return self.net(x)
-
-
-TORCH_MODELS = {"lenet": TorchLeNet, "resnet20": TorchResNet20}
+TORCH_MODELS = {name: MODELS[name] for name in ("lenet", "resnet20")}
 
 
 def cohen_counts(model, image, sigma, num, batch):

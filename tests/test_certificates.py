@@ -1,6 +1,8 @@
 """Instance-wise certificates: per_sigma is unsound for the input-dependent classifier;
 memory and locally_constant are not; every kind answers through one interface."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,6 +179,9 @@ def test_every_kind_declares_the_interface_and_answers_through_it(linear, tmp_pa
   estimator = lambda z: jnp.stack([-z[:, 0], z[:, 0]], axis=-1) * 100.0
   monkeypatch.setattr(locally_constant.estimator, "load",
                       lambda directory, workdir: (estimator, {"grid": [0.25, 0.5], "sigma": 0.5}))
+  # The router's nodes: node k (directory router/node_k) trained for the config's grid.
+  monkeypatch.setattr(locally_constant.estimator, "saved_settings", lambda directory: {
+      "grid": list(config.train.table.grid), "node": int(Path(directory).name.split("_")[1])})
   from instars_jax.run.workdir import Workdir
   run = Run(linear, 2, jax.random.PRNGKey(0), n0=32, n=500, alpha=0.001, batch_size=4096,
             workdir=Workdir(tmp_path), results_path=tmp_path / "results.tsv", image_size=8)

@@ -39,9 +39,14 @@ def exclusive(path, what: str):
     os.close(fd)  # closing the descriptor releases the lock
 
 
-def _holder(fd) -> str:
-  try:
-    info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-    return f"pid {info['pid']} on {info['host']} (started {info['started']})"
-  except (ValueError, KeyError):
-    return "another process"
+def _holder(fd, wait_s: float = 2.0) -> str:
+  # The holder writes its record just after it takes the lock: give it a moment to appear.
+  deadline = time.monotonic() + wait_s
+  while True:
+    try:
+      info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+      return f"pid {info['pid']} on {info['host']} (started {info['started']})"
+    except (ValueError, KeyError):
+      if time.monotonic() > deadline:
+        return "another process"
+      time.sleep(0.05)
