@@ -26,6 +26,9 @@ test: setup
 fashion-mnist:
 	@test -f $(FASHION_MNIST) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 
+# The three processes share JAX's persistent compilation cache (certification's programs
+# are the same for both certify.py runs).
+demo: export JAX_COMPILATION_CACHE_DIR := $(abspath $(DEMO_DIR)/../.jax_cache)
 demo: setup fashion-mnist
 	$(PY) train.py --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR)
 	$(PY) certify.py --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR) --config.certify.sigma_mode=fixed
