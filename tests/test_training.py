@@ -2,6 +2,7 @@
 SIGTERM, the estimator and fine-tuning stages, the divergence watch, the training lock,
 damaged checkpoints, TensorBoard values, and bad settings."""
 
+import contextlib
 import errno
 import json
 import os
@@ -44,6 +45,22 @@ def insta_config(tmp_path):
 def same_params(a, b) -> None:
   for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
     np.testing.assert_array_equal(x, y)
+
+
+@contextlib.contextmanager
+def sigterm_during_step(monkeypatch, step: int):
+  """Sends this process SIGTERM during training step `step` (1-based) inside the block."""
+  original, calls = steps.train_step, [0]
+
+  def step_then_sigterm(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == step:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return original(*args, **kwargs)
+
+  with monkeypatch.context() as m:
+    m.setattr(steps, "train_step", step_then_sigterm)
+    yield
 
 
 def test_killed_training_resumes_to_the_same_parameters_and_metrics(tmp_path, monkeypatch):
@@ -230,16 +247,7 @@ def test_sigterm_in_stage_2_checkpoints_the_step_and_resumes_bit_identically(toy
     assert [step for step, _ in events[tag]] == [1, 2, 3]
     np.testing.assert_allclose([v for _, v in events[tag]], [r[tag] for r in rows], rtol=1e-6)
   assert [step for step, _ in events["sigma_table"]] == [1, 2, 3]
-  original, calls = steps.train_step, [0]
-
-  def step_then_sigterm(*args, **kwargs):
-    calls[0] += 1
-    if calls[0] == 5:  # epoch 2 (stage 2), batch 2: the signal arrives during the step
-      os.kill(os.getpid(), signal.SIGTERM)
-    return original(*args, **kwargs)
-
-  with monkeypatch.context() as m:
-    m.setattr(steps, "train_step", step_then_sigterm)
+  with sigterm_during_step(monkeypatch, 5):  # epoch 2 (stage 2), batch 2
     with pytest.raises(checkpoints.Interrupted, match=r"stopped at step 5 \(epoch 2, batch 2 of 3\)"):
       loop.train_and_evaluate(toy_config, tmp_path / "resumed")
   interim = checkpoints.manager(tmp_path / "resumed" / INTERIM_DIR)
@@ -362,16 +370,7 @@ def test_a_stop_in_an_epoch_s_last_step_keeps_that_epoch_s_row_and_checkpoint(to
                                                                               tmp_path,
                                                                               monkeypatch):
   straight = loop.train_and_evaluate(toy_config, tmp_path / "straight")
-  original, calls = steps.train_step, [0]
-
-  def step_then_sigterm(*args, **kwargs):
-    calls[0] += 1
-    if calls[0] == 3:  # the last of epoch 1's three steps
-      os.kill(os.getpid(), signal.SIGTERM)
-    return original(*args, **kwargs)
-
-  with monkeypatch.context() as m:
-    m.setattr(steps, "train_step", step_then_sigterm)
+  with sigterm_during_step(monkeypatch, 3):  # the last of epoch 1's three steps
     with pytest.raises(checkpoints.Interrupted, match=r"stopped at step 3 \(epoch 1, batch 3 of 3\)"):
       loop.train_and_evaluate(toy_config, tmp_path / "resumed")
   assert checkpoints.manager(tmp_path / "resumed").latest_step() == 1
