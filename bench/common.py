@@ -36,12 +36,15 @@ def emit(record: dict) -> None:
   print(json.dumps(record, indent=2))
 
 
+@functools.lru_cache(maxsize=None)
 def initialised_model(name: str, dtype: str = "float32"):
-  """(apply_fn: x -> logits, input shape, classes) of a freshly initialised architecture."""
+  """(apply_fn: x -> logits, input shape, classes) of a freshly initialised architecture.
+  apply_fn carries its weights as arguments (models.bind_variables, as certification does),
+  and one object per (name, dtype), so that calls of one shape share a compiled program."""
   shape, num_classes, stats = INPUTS[name]
   model = models.create_model(name, num_classes, dtype, stats)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape))
-  return functools.partial(model.apply, variables, train=False), shape, num_classes
+  return models.bind_variables(model.apply, variables), shape, num_classes
 
 
 def multiply_adds(name: str) -> int:

@@ -11,6 +11,7 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 # Per-channel statistics of the training sets, as used by Cohen et al.
@@ -164,3 +165,9 @@ def create_model(name: str, num_classes: int, dtype: str = "float32", stats: str
   if name == "resnet50":
     return resnet50(num_classes, DTYPES[dtype])
   raise ValueError(f"model.name must be one of {ARCHITECTURES}; got {name!r}")
+
+
+def bind_variables(apply, variables) -> jax.tree_util.Partial:
+  """x -> apply(variables, x, train=False), the variables a pytree of the result: the sampler
+  passes them to its compiled programs as arguments, not as constants."""
+  return jax.tree_util.Partial(functools.partial(apply, train=False), variables)

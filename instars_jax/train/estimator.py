@@ -233,7 +233,7 @@ def load(directory, workdir):
   bins = len(saved["grid"]) if saved["node"] is None else 2
   model = models.create_model(saved["model"], bins, saved["dtype"], Workdir(workdir).read_run().stats)
   variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
-  return state_lib.bind_variables(model.apply, variables), saved
+  return models.bind_variables(model.apply, variables), saved
 
 
 def assigned_sigmas(workdir, split: data.Split, config) -> np.ndarray:

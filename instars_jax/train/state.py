@@ -4,7 +4,6 @@ Gaussian noise."""
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -78,13 +77,8 @@ def create_train_state(config, run: RunInfo) -> TrainState:
 def logits_fn(state: ModelState) -> jax.tree_util.Partial:
   """x -> logits with running BatchNorm statistics (certification). A jax.tree_util.Partial:
   the sampler passes the weights to its compiled programs as arguments, not as constants."""
-  return bind_variables(state.apply_fn, {"params": state.params,
+  return models.bind_variables(state.apply_fn, {"params": state.params,
                                          "batch_stats": state.batch_stats})
-
-
-def bind_variables(apply, variables) -> jax.tree_util.Partial:
-  """x -> apply(variables, x, train=False), the variables a pytree of the result."""
-  return jax.tree_util.Partial(functools.partial(apply, train=False), variables)
 
 
 def example_keys(key, indices):
