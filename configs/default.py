@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from instars_jax.train import losses
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -37,6 +39,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.warmup_epochs = 0.0  # linear learning-rate warm-up before the schedule
   config.train.grad_clip = 0.0  # global gradient-norm clip; 0: none
   config.train.sigma = 0.25  # Gaussian augmentation noise level
+  # The training loss, a module of instars_jax/train/losses/ (gaussian | consistency | macer |
+  # smoothadv | stability); each module's settings are the section train.<loss>, with the
+  # published defaults that the module's docstring cites.
+  config.train.loss = losses.DEFAULT_LOSS
+  for name, section in losses.sections().items():
+    config.train[name] = ml_collections.ConfigDict(section)
   config.train.augment = "none"  # none | crop_flip | random_resized_crop (instars_jax/augment.py)
   config.train.eval_examples = 0  # test examples evaluated after each epoch; 0: all
   # Besides every epoch end, an interim checkpoint every this many steps (0: none), so a hard

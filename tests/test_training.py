@@ -237,13 +237,17 @@ def test_finetuning_at_the_estimator_sigma_trains_each_example_there_and_resumes
 
 def test_sigterm_in_stage_2_checkpoints_the_step_and_resumes_bit_identically(toy_config, tmp_path,
                                                                            monkeypatch):
-  toy_config.train.update(insta=True, stage1_epochs=1, epochs=3, checkpoint_every_steps=2)
+  # With the consistency loss (two noise copies per example, each at its table σ, a share of
+  # them exploring the grid): Insta-RS Train composes with a multi-copy loss.
+  toy_config.train.update(insta=True, stage1_epochs=1, epochs=3, checkpoint_every_steps=2,
+                          loss="consistency")
+  toy_config.train.table.explore = 0.5
   straight = loop.train_and_evaluate(toy_config, tmp_path / "straight")
   # TensorBoard events: every epoch's metrics, with the values of metrics.jsonl, and the
   # σ-table histogram.
   events = event_values(tmp_path / "straight" / "tensorboard" / "train")
   rows = read_metrics(tmp_path / "straight")
-  for tag in ("train_loss", "test_noisy_accuracy", "sigma_mean"):
+  for tag in ("train_loss", "train_consistency_kl", "test_noisy_accuracy", "sigma_mean"):
     assert [step for step, _ in events[tag]] == [1, 2, 3]
     np.testing.assert_allclose([v for _, v in events[tag]], [r[tag] for r in rows], rtol=1e-6)
   assert [step for step, _ in events["sigma_table"]] == [1, 2, 3]

@@ -21,6 +21,7 @@ import ml_collections
 
 from instars_jax.run import checkpoints, locks
 from instars_jax.run.files import write_json_atomic
+from instars_jax.train import losses
 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
@@ -32,7 +33,10 @@ METRICS_FILE = "metrics.jsonl"
 # (a run that never diverged trained the same under the divergence watch).
 LATER_KEYS = {"image_size": 0, "corrupt_images": "fail", "train.checkpoint_every_steps": 0,
               "train.divergence.nonfinite": True, "train.divergence.chance_steps": 200,
-              "train.divergence.chance_fraction": 0.98, "train.table.explore": 0.0}
+              "train.divergence.chance_fraction": 0.98, "train.table.explore": 0.0,
+              "train.loss": losses.DEFAULT_LOSS,
+              **{f"train.{name}.{key}": value for name, section in losses.sections().items()
+                 for key, value in section.items()}}
 # Sections a run may resume with changed: certification, the estimator (which checks its own
 # settings, so a finished run can get one) and the input settings (they never change batches).
 RESUMABLE_SECTIONS = ("certify", "estimator", "input")

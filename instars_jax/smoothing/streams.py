@@ -40,6 +40,16 @@ class Stream(enum.IntEnum):
   ROUTER = 60  # a router tree's nodes, each folded in by its grid index
 
 
+@enum.unique
+class ExampleStream(enum.IntEnum):
+  """Folded into one training example's key, fold_in(step's noise key, example index): the
+  draws each example makes in a training step. (Copy-free Gaussian augmentation draws its
+  noise from the example's key itself.)"""
+  GRID_SIGMA = 2  # the grid σ an exploring example trains at
+  EXPLORE = 3  # whether the example explores (trains at a random grid σ)
+  COPIES = 4  # the noise copies of a multi-copy loss, each then folded in by its index
+
+
 def numpy_rng(seed: int, stream: Stream, *ids: int) -> np.random.Generator:
   """A numpy generator that is a pure function of (seed, stream, ids), for up to NUMPY_IDS
   non-negative ids; distinct arguments give distinct generators."""

@@ -34,10 +34,16 @@ class Action:
     pass
 
 
+CHANCE_METRIC = "cross_entropy"
+
+
 class DivergenceWatch(Action):
   """Stops training that has diverged: a non-finite loss at any step, or, from
-  `start_step` on, a mean loss over a window of `chance_steps` steps at or above
-  `chance_fraction` × ln(num_classes), the loss of a guess (the net has collapsed to chance).
+  `start_step` on, a mean cross-entropy over a window of `chance_steps` steps at or above
+  `chance_fraction` × ln(num_classes), the cross-entropy of a guess (the net has collapsed to
+  chance). The cross-entropy is the step's `cross_entropy` metric where a loss reports one
+  (its other terms, such as MACER's hinge or consistency's entropy, are not on that scale),
+  else the loss itself.
 
   Losses stay on the device and are summed there; the host looks once per window (and at
   every epoch end for a non-finite loss), so the watch costs no per-step synchronisation."""
@@ -47,13 +53,14 @@ class DivergenceWatch(Action):
     self.window = settings.chance_steps or 100
     self.check_chance = chance and settings.chance_steps > 0
     self.chance = float(np.log(num_classes))
-    self.step, self.sum, self.nonfinite = 0, 0.0, None
+    self.step, self.sum, self.nonfinite, self.watched = 0, 0.0, None, "loss"
 
   def after_step(self, step: int, state, metrics) -> None:
     del state
     loss = metrics["loss"]
     self.step = step
-    self.sum = self.sum + loss
+    self.watched = CHANCE_METRIC if CHANCE_METRIC in metrics else "loss"
+    self.sum = self.sum + metrics[self.watched]
     if self.settings.nonfinite:
       bad = jnp.logical_not(jnp.isfinite(loss))
       self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
@@ -63,9 +70,10 @@ class DivergenceWatch(Action):
     mean, self.sum, self.nonfinite = float(self.sum) / self.window, 0.0, None
     threshold = self.settings.chance_fraction * self.chance
     if self.check_chance and step - self.window >= self.start_step and mean >= threshold:
-      raise ValueError(f"training diverged by step {step}: mean train_loss {mean:.4g} over "
-                       f"{self.window} steps is at chance level (>= {threshold:.4g} = "
-                       f"{self.settings.chance_fraction:g} x ln {round(np.exp(self.chance))}); "
+      raise ValueError(f"training diverged by step {step}: mean train_{self.watched} "
+                       f"{mean:.4g} over {self.window} steps is at chance level "
+                       f"(>= {threshold:.4g} = {self.settings.chance_fraction:g} x ln "
+                       f"{round(np.exp(self.chance))}); "
                        "see train.divergence")
 
   def after_epoch(self, epoch: int, state, row) -> None:

@@ -31,7 +31,7 @@ from instars_jax import data, models, parallel
 from instars_jax.data import pipeline
 from instars_jax.run import checkpoints
 from instars_jax.run.workdir import Workdir
-from instars_jax.train import actions, estimator, sigma_table, stages
+from instars_jax.train import actions, estimator, losses, sigma_table, stages
 
 
 def train_and_evaluate(config, workdir):
@@ -144,6 +144,7 @@ def validate_config(config, devices: int) -> None:
                                      f"got {d.chance_fraction}")]
   if t.stage1_noise not in ("sigma", "grid"):
     checks.append((False, f"train.stage1_noise must be 'sigma' or 'grid'; got {t.stage1_noise!r}"))
+  checks += losses.validate(t)
   checks += pipeline.validate(config)
   if t.insta or t.stage1_noise == "grid" or config.estimator.epochs:
     checks += sigma_table.validate(config, devices)

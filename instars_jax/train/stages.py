@@ -28,7 +28,7 @@ from instars_jax.data import pipeline
 from instars_jax.run import checkpoints
 from instars_jax.run.workdir import RunInfo, Workdir
 from instars_jax.smoothing.streams import Stream
-from instars_jax.train import actions, estimator, estimator_stage, sigma_table, steps
+from instars_jax.train import actions, estimator, estimator_stage, losses, sigma_table, steps
 from instars_jax.train import state as state_lib
 
 FINETUNE = "finetune"  # the `stage` of the epochs after train.epochs
@@ -91,6 +91,7 @@ class BaseStage:
     self.last_step = self.last_epoch * self.steps_per_epoch
     self.histogram = t.insta
     self.sigma = t.sigma  # the metrics rows' `sigma`
+    self.loss = losses.from_config(t)
     self.update_seconds = 0.0  # the σ-table update before the current epoch
 
   def start(self, base_state):
@@ -140,7 +141,8 @@ class BaseStage:
                2: t.table.explore}.get(self.label(epoch), 0.0)
     grid = tuple(float(s) for s in t.table.grid) if t.insta and explore > 0 else None
     return steps.train_step(state, self.context.sharder.batch(batch),
-                            epoch_key(self.context.config.seed, epoch), grid, float(explore))
+                            epoch_key(self.context.config.seed, epoch), grid, float(explore),
+                            self.loss, epoch)
 
   def end_epoch(self, state, epoch: int, row: dict, seconds: float) -> dict:
     """The row with the cost of the epoch's σ-table update against its `seconds` of training,

@@ -12,34 +12,39 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from instars_jax import data, parallel
-from instars_jax.smoothing.streams import Stream
+from instars_jax.smoothing.streams import ExampleStream, Stream
+from instars_jax.train import losses
 from instars_jax.train.state import TrainState, example_keys, gaussian_noise, logits_fn
 
+GAUSSIAN = losses.Loss(losses.DEFAULT_LOSS, ())
 
-@functools.partial(jax.jit, static_argnames=("grid", "explore"), donate_argnames="state")
+
+@functools.partial(jax.jit, static_argnames=("grid", "explore", "loss"), donate_argnames="state")
 def train_step(state: TrainState, batch, epoch_key, grid: tuple | None = None,
-               explore: float = 1.0):
-  """One SGD step on cross-entropy of the noisy batch (uint8 or [0, 1] images, augmented by
-  the input pipeline), each example at its table σ; with `grid`, a share `explore` of the
-  examples (drawn from each one's own key) at a random grid σ instead."""
+               explore: float = 1.0, loss: losses.Loss = GAUSSIAN, epoch=0):
+  """One SGD step on `loss` (losses/: Gaussian augmentation by default) over the batch (uint8
+  or [0, 1] images, augmented by the input pipeline), each example at its table σ; with
+  `grid`, a share `explore` of the examples (drawn from each one's own key) at a random grid
+  σ instead. The loss's inputs of every example go through one forward pass."""
   keys = example_keys(epoch_key, batch["index"])
   images = unit_range(batch["image"])
   sigma = training_sigmas(state.sigma_table[batch["index"]], keys, grid, explore)
-  noisy = gaussian_noise(keys, images, sigma)
+  inputs = loss.inputs(images, batch["label"], sigma, keys, predict=logits_fn(state),
+                       epoch=epoch)
 
   def loss_fn(params):
-    logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, noisy,
-                                     train=True, mutable=["batch_stats"])
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-    return loss, (logits, updates)
+    logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
+                                     inputs.reshape((-1,) + inputs.shape[2:]), train=True,
+                                     mutable=["batch_stats"])
+    logits = logits.reshape(inputs.shape[:2] + logits.shape[1:])
+    per_example, metrics = loss.objective(logits, batch["label"], sigma, epoch=epoch)
+    return per_example.mean(), (metrics, updates)
 
-  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (value, (metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
-  accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-  return state, {"loss": loss, "noisy_accuracy": accuracy}
+  return state, {"loss": value, **metrics}
 
 
 def training_sigmas(table_sigma, keys, grid: tuple | None, explore: float):
@@ -47,11 +52,13 @@ def training_sigmas(table_sigma, keys, grid: tuple | None, explore: float):
   from each one's key) a grid σ drawn uniformly from that key instead."""
   if grid is None:
     return table_sigma
-  pick = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 2), (), 0, len(grid)))
+  pick = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, ExampleStream.GRID_SIGMA),
+                                               (), 0, len(grid)))
   drawn = jnp.asarray(grid, jnp.float32)[pick(keys)]
   if explore >= 1.0:
     return drawn
-  chosen = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 3)) < explore)(keys)
+  chosen = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, ExampleStream.EXPLORE))
+                    < explore)(keys)
   return jnp.where(chosen, drawn, table_sigma)
 
 
