@@ -1,0 +1,13 @@
+"""configs/cifar10_gpu.py (ResNet-20, one GPU, Insta-RS Train) with SmoothAdv (Salman et al.
+2019) at a published CIFAR-10 setting for ResNet-20 at σ = 0.5: PGD ε = 1.0, 10 steps, m = 8,
+ε warmed up over 10 epochs. --config.train.insta=False --config.train.sigma=S gives the
+fixed-σ model."""
+
+from configs import cifar10_gpu
+
+
+def get_config():
+  config = cifar10_gpu.get_config()
+  config.train.loss = "smoothadv"
+  config.train.smoothadv.update(num_noise_vec=8, epsilon=1.0, num_steps=10, warmup=10)
+  return config
