@@ -83,18 +83,24 @@ def get_config() -> ml_collections.ConfigDict:
   config.estimator.sigma = 0.0  # its smoothing noise σ_e; 0: the top of train.table.grid
   config.estimator.label_samples = 16  # noise vectors per example for its labels' radius profile
   config.estimator.temperature = 0.1  # soft labels softmax(R_k / temperature)
-  config.estimator.consistency = 10.0  # λ of the consistency regularizer (Jeong & Shin 2020)
+  # The loss the estimators train with on their soft labels (a module of
+  # instars_jax/train/losses/ that takes soft targets: consistency | gaussian | stability),
+  # its settings estimator.<loss>. Consistency (Jeong & Shin 2020) with λ = 10, m = 2 makes
+  # the smoothed estimator confident, so its radius is rarely the smaller of the two;
+  # estimator.consistency.eta is DualRS's entropy term η · H(p̄).
+  config.estimator.loss = "consistency"
+  for name in losses.names():
+    config.estimator[name] = ml_collections.ConfigDict(losses.estimator_defaults(name))
   # Lower than a base model's: at σ_e = 1 and lr 0.05 the LeNet estimator collapsed to one bin
   # on Fashion-MNIST (holdout agreement with its labels 0.63 = the majority share); 0.01 learns.
   config.estimator.learning_rate = 0.01
   # init: scratch | base (every layer but the head from the base model, which already sees
-  # through every grid σ). DualRS's loss options: entropy η (η·H of the copies' mean
-  # prediction), radius_weight w_r (examples weigh their best radius to the power w_r),
-  # balance_bins (1 / frequency-of-top-bin weights; DualRS has none when ACR is the goal).
+  # through every grid σ). DualRS's loss options (besides estimator.consistency.eta):
+  # radius_weight w_r (examples weigh their best radius to the power w_r), balance_bins
+  # (1 / frequency-of-top-bin weights; DualRS has none when ACR is the goal).
   # init = base without the 1/frequency weights measured best in ACR on Fashion-MNIST
   # (docs/results.md: 1.190 against 1.083 from scratch with them, r = 0 0.770 against 0.810).
   config.estimator.init = "base"
-  config.estimator.entropy = 0.0
   config.estimator.radius_weight = 0.0
   config.estimator.balance_bins = False
   # router: instead of one estimator over the grid, a router tree of binary nodes, node k

@@ -207,3 +207,43 @@ def test_the_divergence_watch_reads_a_loss_s_cross_entropy_not_its_other_terms()
   with pytest.raises(ValueError, match="mean train_loss 8 over 2 steps is at chance level"):
     for step in range(1, 7):
       plain.after_step(step, None, {"loss": jnp.float32(8.0)})
+
+
+def test_consistency_takes_the_estimators_weighted_soft_labels():
+  targets = numpy_softmax(RNG.normal(size=(5, 4))) * np.array([[0.5], [1], [2], [1], [0]])
+  value, metrics = objective(loss_of("consistency", lbd=10.0, eta=0.0), LOGITS)
+  soft_value, soft_metrics = loss_of("consistency", lbd=10.0, eta=0.0).objective(
+      jnp.asarray(LOGITS), jnp.asarray(targets, jnp.float32), SIGMA, epoch=0)
+  log_p = np.log(numpy_softmax(LOGITS))
+  cross_entropy = -(targets[None] * log_p).sum(-1).mean(0)
+  kl = float(metrics["consistency_kl"])
+  np.testing.assert_allclose(np.asarray(soft_value) - cross_entropy,
+                             value - numpy_cross_entropy(LOGITS, LABELS).mean(0), rtol=1e-4,
+                             atol=1e-5)
+  assert float(soft_metrics["consistency_kl"]) == pytest.approx(kl)
+  top = np.argmax(targets, -1)
+  assert float(soft_metrics["noisy_accuracy"]) == pytest.approx(
+      np.mean(np.argmax(LOGITS, -1) == top))
+
+
+def test_the_estimator_trains_with_a_loss_module_that_takes_soft_labels():
+  from instars_jax.train import estimator
+  config = default.get_config()
+  config.estimator.epochs = 1
+  assert config.estimator.loss == "consistency"
+  assert config.estimator.consistency.to_dict() == {"num_noise_vec": 2, "lbd": 10.0, "eta": 0.0}
+  assert [m for ok, m in estimator.validate(config) if not ok] == []
+  config.estimator.loss = "macer"
+  assert [m for ok, m in estimator.validate(config) if not ok] == [
+      "estimator.loss=macer needs class labels; the σ-estimators train on soft labels: use one "
+      "of ['consistency', 'gaussian', 'stability']"]
+  config.estimator.loss = "stability"
+  config.estimator.consistency.eta = 0.5
+  assert [m for ok, m in estimator.validate(config) if not ok] == [
+      "estimator.consistency.eta is set but estimator.loss is 'stability': it would be ignored "
+      "(set estimator.loss=consistency, or leave estimator.consistency at its defaults)"]
+  # Settings an estimator saved before: the float λ and η are the consistency loss's.
+  old = {"grid": [0.25, 1.0], "consistency": 20.0, "entropy": 0.1, "epochs": 2}
+  assert estimator.upgrade(old) == {"grid": [0.25, 1.0], "epochs": 2, "loss": "consistency",
+                                    "loss_settings": {"num_noise_vec": 2, "lbd": 20.0,
+                                                      "eta": 0.1}}

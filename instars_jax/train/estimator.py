@@ -9,10 +9,11 @@ of the grid) and certified by CERTIFY like any base classifier
    with `estimator.label_samples` noise vectors, on the final base model) becomes the soft
    label softmax(R_k / τ), R clipped at 0; examples whose R is 0 at every σ are dropped (no
    σ certifies them, so they say nothing about which σ is best).
-2. Loss. Soft-label cross-entropy on two noisy copies at σ_e, plus λ times the consistency
-   regularizer of Jeong & Shin (NeurIPS 2020): the KL divergence of each copy's prediction
-   from the copies' mean, which makes the smoothed estimator confident, so its certified
-   radius is rarely the smaller of the two.
+2. Loss. `estimator.loss`, a module of train/losses/ that takes soft targets, by default
+   the consistency loss (Jeong & Shin, NeurIPS 2020) with λ = 10, m = 2: soft-label
+   cross-entropy on two noisy copies at σ_e plus λ times the KL divergence of each copy's
+   prediction from the copies' mean, which makes the smoothed estimator confident, so its
+   certified radius is rarely the smaller of the two.
 3. Weights. Each example weighs 1 / (frequency of its label's top bin), normalised to mean 1,
    so that rare σ bins are learnt too.
 
@@ -24,9 +25,10 @@ With `estimator.router`, the same recipe trains a router tree instead (the `rout
 certificate): for the grid σ_1 < … < σ_K, node k (k = K … 2) decides "σ_k" against "a lower
 σ", smoothed at σ_k, from soft labels over (max_{j<k} R_j, R_k); saved in WORKDIR/router/
 node_k/. Options (DualRS's, `configs/default.py`): `estimator.init` = base starts each
-estimator from the base model's weights with a new head; `estimator.entropy` (η) adds η·H(p̄)
-of the copies' mean prediction; `estimator.radius_weight` (w_r) weighs each example by its
-best radius to the power w_r; `estimator.balance_bins` = False drops the 1/frequency weights.
+estimator from the base model's weights with a new head; `estimator.consistency.eta` (η)
+adds η·H(p̄) of the copies' mean prediction; `estimator.radius_weight` (w_r) weighs each
+example by its best radius to the power w_r; `estimator.balance_bins` = False drops the
+1/frequency weights.
 
 4. Optionally (`estimator.finetune_epochs`, DualRS's last step) the base model is fine-tuned
    with each training example at the σ the trained estimator picks for it (`assigned_sigmas`:
@@ -49,12 +51,13 @@ from instars_jax import data, models
 from instars_jax.run import checkpoints
 from instars_jax.run.workdir import Workdir
 from instars_jax.smoothing.streams import Stream
+from instars_jax.train import losses, steps
 from instars_jax.train import state as state_lib
 
 SETTINGS_FILE = "estimator.json"
 INITS = ("scratch", "base")
 # Settings added after estimators were trained, with the value that means what those did.
-LATER_SETTINGS = {"node": None, "init": "scratch", "entropy": 0.0, "radius_weight": 0.0,
+LATER_SETTINGS = {"node": None, "init": "scratch", "radius_weight": 0.0,
                   "balance_bins": True}
 
 
@@ -146,9 +149,20 @@ def settings(config, chooser: Chooser) -> dict:
   return {"grid": list(chooser.grid), "sigma": chooser.sigma, "node": chooser.node,
           "model": e.model or config.model.name, "dtype": config.model.dtype,
           "epochs": e.epochs, "label_samples": e.label_samples, "temperature": e.temperature,
-          "consistency": e.consistency, "learning_rate": e.learning_rate, "init": e.init,
-          "entropy": e.entropy, "radius_weight": e.radius_weight,
-          "balance_bins": e.balance_bins, "seed": config.seed}
+          "loss": e.loss, "loss_settings": e[e.loss].to_dict(), "learning_rate": e.learning_rate,
+          "init": e.init, "radius_weight": e.radius_weight, "balance_bins": e.balance_bins,
+          "seed": config.seed}
+
+
+def upgrade(saved: dict) -> dict:
+  """Settings saved before the estimators took their loss from losses/ (a float
+  `consistency` λ and `entropy` η), as the consistency loss's settings; others unchanged."""
+  if "consistency" not in saved:
+    return saved
+  saved = dict(saved)
+  settings = {"num_noise_vec": 2, "lbd": saved.pop("consistency"),
+              "eta": saved.pop("entropy", 0.0)}
+  return saved | {"loss": "consistency", "loss_settings": settings}
 
 
 def saved_settings(directory) -> dict:
@@ -162,7 +176,7 @@ def saved_settings(directory) -> dict:
     option = " --config.estimator.router=True" if what == "router node" else ""
     raise FileNotFoundError(f"no {what} in {directory}: train one with train.py (same "
                             f"--config and --workdir) and --config.estimator.epochs=N{option}")
-  saved = json.loads(settings_path.read_text())
+  saved = upgrade(json.loads(settings_path.read_text()))
   if manager.latest_step() != saved["epochs"]:
     raise FileNotFoundError(f"the σ-estimator in {directory} stopped after epoch "
                             f"{manager.latest_step()} of {saved['epochs']}: rerun train.py to "
@@ -177,8 +191,6 @@ def validate(config) -> list:
       (e.sigma >= 0, f"estimator.sigma must be > 0 (or 0: the top of the grid); got {e.sigma}"),
       (e.label_samples >= 1, f"estimator.label_samples must be >= 1; got {e.label_samples}"),
       (e.temperature > 0, f"estimator.temperature must be > 0; got {e.temperature}"),
-      (e.consistency >= 0, f"estimator.consistency must be >= 0; got {e.consistency}"),
-      (e.entropy >= 0, f"estimator.entropy must be >= 0; got {e.entropy}"),
       (e.radius_weight >= 0, f"estimator.radius_weight must be >= 0; got {e.radius_weight}"),
       (e.learning_rate > 0, f"estimator.learning_rate must be > 0; got {e.learning_rate}"),
       (e.init in INITS, f"estimator.init must be one of {INITS}; got {e.init!r}"),
@@ -191,37 +203,20 @@ def validate(config) -> list:
        "estimator.finetune_epochs needs the estimator over the grid, not estimator.router"),
       ((e.model or config.model.name) in models.ARCHITECTURES,
        f"estimator.model must be one of {models.ARCHITECTURES}; got {e.model!r}"),
-  ]
+  ] + losses.validate(e, "estimator", losses.estimator_defaults, soft_targets=True)
 
 
-@functools.partial(jax.jit, static_argnames=("sigma", "consistency", "entropy"),
-                   donate_argnames="state")
-def train_step(state: state_lib.ModelState, batch, epoch_key, *, sigma, consistency, entropy):
-  """One SGD step: weighted soft-label cross-entropy on two noisy copies at σ_e, plus
-  λ · mean KL(p̄ ‖ p_copy) (consistency), plus η · H(p̄) (entropy of the copies' mean
-  prediction). `batch["label"]` holds weight × soft label."""
+@functools.partial(jax.jit, static_argnames=("sigma", "loss"), donate_argnames="state")
+def train_step(state: state_lib.ModelState, batch, epoch_key, epoch=0, *, sigma, loss):
+  """One SGD step of `loss` (estimator.loss: consistency by default, the losses/ module the
+  base model can train with too) at σ_e on `batch["label"]`, weight × soft label; its
+  "agreement" is the share of noisy copies whose top bin is the label's."""
   keys = state_lib.example_keys(epoch_key, batch["index"])
-  copies = [state_lib.gaussian_noise(jax.vmap(lambda k: jax.random.fold_in(k, c))(keys),
-                                     batch["image"], jnp.full(keys.shape[:1], sigma))
-            for c in range(2)]
-  target = batch["label"]
-
-  def loss_fn(params):
-    logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
-                                     jnp.concatenate(copies), train=True, mutable=["batch_stats"])
-    log_p = jax.nn.log_softmax(logits).reshape((2, -1) + logits.shape[1:])
-    cross_entropy = -jnp.sum(target * log_p.mean(axis=0), axis=-1)
-    log_mean = jnp.log(jnp.exp(log_p).mean(axis=0) + 1e-12)
-    kl = jnp.sum(jnp.exp(log_mean) * (log_mean - log_p), axis=-1).mean(axis=0)
-    loss = cross_entropy + consistency * kl
-    if entropy:
-      loss = loss - entropy * jnp.sum(jnp.exp(log_mean) * log_mean, axis=-1)
-    return jnp.mean(loss), (log_p, updates)
-
-  (loss, (log_p, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
-  agreement = jnp.mean(jnp.argmax(log_p[0], -1) == jnp.argmax(target, -1))
-  return state, {"loss": loss, "agreement": agreement}
+  state, metrics = steps.loss_step(state, batch["image"], batch["label"],
+                                   jnp.full(keys.shape[:1], sigma, jnp.float32), keys, loss,
+                                   epoch)
+  metrics["agreement"] = metrics.pop("noisy_accuracy")
+  return state, metrics
 
 
 def load(directory, workdir):

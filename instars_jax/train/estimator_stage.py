@@ -19,7 +19,7 @@ from instars_jax.run import checkpoints
 from instars_jax.run.files import write_json_atomic
 from instars_jax.run.workdir import INTERIM_DIR
 from instars_jax.smoothing.streams import Stream, numpy_rng
-from instars_jax.train import estimator, sigma_table
+from instars_jax.train import estimator, losses, sigma_table
 from instars_jax.train import state as state_lib
 
 PROFILE_FILE = "profile.npz"
@@ -78,6 +78,7 @@ class EstimatorStage:
   def __init__(self, context, chooser: estimator.Chooser):
     self.context, self.chooser = context, chooser
     self.settings = estimator.settings(context.config, chooser)
+    self.loss = losses.from_config(context.config.estimator)
     self.name, self.sigma = chooser.name, chooser.sigma
     self.events_part = "estimator" if chooser.node is None else f"router_node_{chooser.node}"
     self.directory = chooser.directory
@@ -89,10 +90,11 @@ class EstimatorStage:
   def start(self, base_state):
     settings_path = self.directory / estimator.SETTINGS_FILE
     done = self.checkpoints.latest_step()
-    if done is not None and (estimator.LATER_SETTINGS | json.loads(settings_path.read_text())
-                             != self.settings):
-      raise ValueError(f"{self.directory} holds an estimator trained with other settings: "
-                       "remove it, or rerun with the same estimator settings")
+    if done is not None:
+      saved = json.loads(settings_path.read_text())
+      if estimator.LATER_SETTINGS | estimator.upgrade(saved) != self.settings:
+        raise ValueError(f"{self.directory} holds an estimator trained with other settings: "
+                         "remove it, or rerun with the same estimator settings")
     if done == self.settings["epochs"]:
       return None, 0
     c = self.context
@@ -154,11 +156,10 @@ class EstimatorStage:
     return state
 
   def step(self, state, batch, epoch: int):
-    e = self.context.config.estimator
     key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(self.context.config.seed),
                                                 Stream.ESTIMATOR_NOISE), epoch)
-    return estimator.train_step(state, self.context.sharder.batch(batch), key, sigma=self.sigma,
-                                consistency=e.consistency, entropy=float(e.entropy))
+    return estimator.train_step(state, self.context.sharder.batch(batch), key, epoch,
+                                sigma=self.sigma, loss=self.loss)
 
   def end_epoch(self, state, epoch: int, row: dict, seconds: float) -> dict:
     return row | {"examples": len(self.kept)}

@@ -144,7 +144,7 @@ def validate_config(config, devices: int) -> None:
                                      f"got {d.chance_fraction}")]
   if t.stage1_noise not in ("sigma", "grid"):
     checks.append((False, f"train.stage1_noise must be 'sigma' or 'grid'; got {t.stage1_noise!r}"))
-  checks += losses.validate(t)
+  checks += losses.validate(t, "train")
   checks += pipeline.validate(config)
   if t.insta or t.stage1_noise == "grid" or config.estimator.epochs:
     checks += sigma_table.validate(config, devices)

@@ -29,17 +29,21 @@ def train_step(state: TrainState, batch, epoch_key, grid: tuple | None = None,
   `grid`, a share `explore` of the examples (drawn from each one's own key) at a random grid
   σ instead. The loss's inputs of every example go through one forward pass."""
   keys = example_keys(epoch_key, batch["index"])
-  images = unit_range(batch["image"])
   sigma = training_sigmas(state.sigma_table[batch["index"]], keys, grid, explore)
-  inputs = loss.inputs(images, batch["label"], sigma, keys, predict=logits_fn(state),
-                       epoch=epoch)
+  return loss_step(state, unit_range(batch["image"]), batch["label"], sigma, keys, loss, epoch)
+
+
+def loss_step(state, images, labels, sigma, keys, loss: losses.Loss, epoch):
+  """One SGD step of `state` on `loss` over examples (images, labels, their σ and keys): the
+  loss's inputs of every example in one forward pass; the state and the step's metrics."""
+  inputs = loss.inputs(images, labels, sigma, keys, predict=logits_fn(state), epoch=epoch)
 
   def loss_fn(params):
     logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
                                      inputs.reshape((-1,) + inputs.shape[2:]), train=True,
                                      mutable=["batch_stats"])
     logits = logits.reshape(inputs.shape[:2] + logits.shape[1:])
-    per_example, metrics = loss.objective(logits, batch["label"], sigma, epoch=epoch)
+    per_example, metrics = loss.objective(logits, labels, sigma, epoch=epoch)
     return per_example.mean(), (metrics, updates)
 
   (value, (metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -6,6 +6,8 @@ arguments. A new loss is one new file here; `configs/default.py` finds its secti
 A loss module has
   DEFAULTS                a literal dict: its config section, with the published defaults
                           (read without importing the module, so flags parse before JAX loads)
+  SOFT_TARGETS            whether it trains on targets over the classes too (the
+                          σ-estimators' weighted soft labels), not only on class indices
   validate(**settings)    -> messages naming each bad value (none when all are good)
   inputs(images, labels, sigma, keys, *, predict, epoch, **settings) -> float32[m, B, ...]
         the m inputs of each example that the step's one forward pass sees: its noise
@@ -19,7 +21,11 @@ the explore rule's grid σ), so every loss composes with Insta-RS Train; `keys` 
 examples' keys, fold_in(step's noise key, index), whose sub-streams are
 streams.ExampleStream; `predict` maps inputs to the logits of the current model in evaluation
 mode, with no gradient to the weights (SmoothAdv's attack); `epoch` is a traced int32
-(SmoothAdv's ε warm-up, MACER's deferral); `labels` are int32[B].
+(SmoothAdv's ε warm-up, MACER's deferral); `labels` are int32[B], or float32[B, C] targets
+for a loss with SOFT_TARGETS.
+
+The base model trains with `train.loss` and its section `train.<loss>`; the σ-estimators and
+router nodes with `estimator.loss` and `estimator.<loss>` (consistency by default).
 """
 
 from __future__ import annotations
@@ -53,6 +59,16 @@ def sections() -> dict:
   return {name: defaults(name) for name in names()}
 
 
+# The σ-estimators' settings where they differ from the published ones of a base model: the
+# consistency λ = 10 without the entropy term, as the estimator was tuned (docs/results.md).
+ESTIMATOR_DEFAULTS = {"consistency": {"lbd": 10.0, "eta": 0.0}}
+
+
+def estimator_defaults(name: str) -> dict:
+  """The defaults of loss `name`'s section under `estimator`."""
+  return defaults(name) | ESTIMATOR_DEFAULTS.get(name, {})
+
+
 @dataclasses.dataclass(frozen=True)
 class Loss:
   """One loss with its settings: hashable, so the jitted step takes it as a static argument
@@ -72,28 +88,34 @@ class Loss:
     return self.module.objective(logits, labels, sigma, epoch=epoch, **dict(self.settings))
 
 
-def from_config(train_config) -> Loss:
-  """The loss `train.loss` names, with its section `train.<loss>`."""
-  name = train_config.loss
-  return Loss(name, tuple(sorted(train_config[name].to_dict().items())))
+def from_config(section) -> Loss:
+  """The loss `section.loss` names (section: config.train or config.estimator), with its
+  settings `section.<loss>`."""
+  name = section.loss
+  return Loss(name, tuple(sorted(section[name].to_dict().items())))
 
 
-def validate(train_config) -> list:
-  """(ok, message) checks of the loss settings: a known loss, good values of its own
-  section, and no other loss's section changed from its defaults (an option given for
-  another loss would be silently ignored)."""
-  name = train_config.loss
+def validate(section, prefix: str, defaults_of=defaults, soft_targets: bool = False) -> list:
+  """(ok, message) checks of the loss settings of `section` (config.train, or
+  config.estimator with `soft_targets`): a known loss, good values of its own settings, and
+  no other loss's settings changed from `defaults_of(loss)` (an option given for another
+  loss would be silently ignored)."""
+  name = section.loss
   if name not in names():
-    return [(False, f"train.loss must be one of {names()}; got {name!r}")]
+    return [(False, f"{prefix}.loss must be one of {names()}; got {name!r}")]
   module = importlib.import_module(f"{__name__}.{name}")
-  checks = [(False, f"train.{name}.{message}")
-            for message in module.validate(**train_config[name].to_dict())]
+  if soft_targets and not module.SOFT_TARGETS:
+    trainable = [n for n in names() if importlib.import_module(f"{__name__}.{n}").SOFT_TARGETS]
+    return [(False, f"{prefix}.loss={name} needs class labels; the σ-estimators train on soft "
+                    f"labels: use one of {trainable}")]
+  checks = [(False, f"{prefix}.{name}.{message}")
+            for message in module.validate(**section[name].to_dict())]
   for other in names():
     if other == name:
       continue
-    changed = sorted(k for k, v in defaults(other).items()
-                     if train_config[other].get(k) != v)
-    checks += [(False, f"train.{other}.{k} is set but train.loss is {name!r}: it would be "
-                       f"ignored (set train.loss={other}, or leave train.{other} at its defaults)")
+    changed = sorted(k for k, v in defaults_of(other).items() if section[other].get(k) != v)
+    checks += [(False, f"{prefix}.{other}.{k} is set but {prefix}.loss is {name!r}: it would "
+                       f"be ignored (set {prefix}.loss={other}, or leave {prefix}.{other} at "
+                       "its defaults)")
                for k in changed]
   return checks

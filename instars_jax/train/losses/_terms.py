@@ -20,15 +20,24 @@ def noise_copies(keys, images, sigma, copies: int):
   return jnp.swapaxes(jax.vmap(example)(keys, sigma), 0, 1)
 
 
+def soft(labels) -> bool:
+  """Whether `labels` are targets over the classes (float [B, C], such as the σ-estimators'
+  weighted soft labels) rather than class indices (int [B])."""
+  return jnp.issubdtype(labels.dtype, jnp.floating)
+
+
 def cross_entropy(logits, labels):
-  """float32[...]: −log softmax(logits)[label], over the leading axes of `logits`."""
-  labels = jnp.broadcast_to(labels, logits.shape[:-1])
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  """float32[...]: −Σ_c t_c log softmax(logits)_c over the leading axes of `logits`, t the
+  one-hot label or the given targets."""
+  if soft(labels):
+    return optax.softmax_cross_entropy(logits, jnp.broadcast_to(labels, logits.shape))
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits, jnp.broadcast_to(labels, logits.shape[:-1]))
 
 
 def accuracy(logits, labels):
-  """The share of the copies [m, B] whose top logit is the label."""
-  return jnp.mean(jnp.argmax(logits, -1) == labels)
+  """The share of the copies [m, B] whose top logit is the label (the targets' top class)."""
+  return jnp.mean(jnp.argmax(logits, -1) == (jnp.argmax(labels, -1) if soft(labels) else labels))
 
 
 def consistency_terms(logits):

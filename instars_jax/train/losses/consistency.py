@@ -17,6 +17,7 @@ from instars_jax.train.losses._terms import (accuracy, consistency_terms, cross_
                                              noise_copies)
 
 DEFAULTS = {"num_noise_vec": 2, "lbd": 5.0, "eta": 0.5}
+SOFT_TARGETS = True
 
 
 def validate(num_noise_vec, lbd, eta) -> list:

@@ -11,6 +11,7 @@ from instars_jax.train.losses._terms import accuracy, cross_entropy
 from instars_jax.train.state import gaussian_noise
 
 DEFAULTS = {}
+SOFT_TARGETS = True
 
 
 def validate() -> list:

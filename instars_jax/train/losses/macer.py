@@ -22,6 +22,7 @@ from jax.scipy.special import ndtri
 from instars_jax.train.losses._terms import accuracy, noise_copies
 
 DEFAULTS = {"num_noise_vec": 16, "lbd": 16.0, "gamma": 8.0, "beta": 16.0, "deferred_epochs": 30}
+SOFT_TARGETS = False  # its radius hinge needs the true class
 
 
 def validate(num_noise_vec, lbd, gamma, beta, deferred_epochs) -> list:

@@ -24,6 +24,7 @@ from instars_jax.train.losses._terms import (accuracy, consistency_terms, cross_
 
 DEFAULTS = {"num_noise_vec": 4, "epsilon": 1.0, "num_steps": 10, "warmup": 10, "lbd": 0.0,
             "eta": 0.0}
+SOFT_TARGETS = False  # its attack raises the loss of the true class
 
 
 def validate(num_noise_vec, epsilon, num_steps, warmup, lbd, eta) -> list:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from instars_jax.train.losses._terms import accuracy, cross_entropy, noise_copies
 
 DEFAULTS = {"lbd": 2.0}
+SOFT_TARGETS = True
 
 
 def validate(lbd) -> list:
