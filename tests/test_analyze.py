@@ -135,6 +135,7 @@ def test_the_label_oracle_takes_the_largest_correct_radius_per_image(tmp_path, c
   oracle = analyze.oracle_summary([small, large], radii=(0.0, 0.5, 1.0))
   assert oracle["acr"] == pytest.approx((0.8 + 0.4 + 1.2) / 4)
   assert oracle["certified_accuracy"] == {"0": 0.75, "0.5": 0.5, "1": 0.25}
+  assert oracle["sound"] is False  # it knows the label: no certificate
   assert analyze.main([str(chooser), "--oracle", str(small), str(large), "--radii", "0,0.5",
                        "--format", "json"]) == 0
   rows = json.loads(capsys.readouterr().out)
@@ -149,3 +150,4 @@ def test_the_label_oracle_takes_the_largest_correct_radius_per_image(tmp_path, c
   with pytest.raises(SystemExit):
     analyze.main(["--oracle", str(small), str(other)])
   assert "same test images" in capsys.readouterr().err
+

@@ -272,3 +272,117 @@ def test_router_never_exceeds_the_true_radius_at_any_node(linear):
   top = certified & (x[:, 7] > 0.8)
   assert np.all(cert.sigma[top] == 1.0)
   assert np.all(cert.radius[top] <= x[top, 7] - 0.5 + 1e-6)
+
+
+def test_router_and_cascade_certify_no_intersecting_balls_where_per_sigma_does(island_points):
+  # The island is seen at σ = 0.1 and drowned at σ = 2, and the per-σ rule picks σ by side of
+  # a hyperplane: per_sigma's balls intersect by the thousand (test above). A router whose
+  # node decides σ = 2 on the same side, and the cascade over the grid, certify none.
+  from instars_jax.certificates import cascade, router
+  run = Run(Island(), 2, jax.random.PRNGKey(0), n0=64, n=2000, alpha=0.001, batch_size=8192)
+  node = locally_constant.Estimator(half_space_estimator, (0.1, 2.0), sigma=0.1, n=2000)
+  routed = router.certify_router(run, [node], np.float32([0.1, 2.0]), island_points, None,
+                                 0.0005)
+  cascaded = cascade.certify_cascade(run, island_points, np.arange(len(island_points)),
+                                     (0.1, 2.0), 0.6)
+  for cert in (routed, cascaded):
+    assert (cert.prediction != ij.ABSTAIN).sum() > 40
+    assert certificates.intersecting_pairs(island_points, cert.prediction, cert.radius) == 0
+
+
+def recorded_alphas(monkeypatch, module, name):
+  """The `alpha` (or third positional argument) of every call of module.name, as a list."""
+  calls, original = [], getattr(module, name)
+
+  def record(*args, **kwargs):
+    calls.append(kwargs["alpha"] if "alpha" in kwargs else args[2])
+    return original(*args, **kwargs)
+  monkeypatch.setattr(module, name, record)
+  return calls
+
+
+def test_alpha_splits_are_pinned_for_every_instance_wise_kind(linear, monkeypatch):
+  # A variant running the class test at the full α, a router node at the whole β, or a
+  # cascade level at the whole α would change one of these numbers.
+  from instars_jax.certificates import cascade, router
+  from instars_jax.smoothing import sampler
+  x = linear.points_at_distance(np.array([0.3, 2.0, -0.5]))
+  run = Run(linear, 2, jax.random.PRNGKey(1), n0=32, n=2000, alpha=0.004, batch_size=8192)
+  certify_calls = recorded_alphas(monkeypatch, sampler, "certify")  # estimator, then class
+  three = locally_constant.Estimator(Bands(), (0.25, 0.5, 1.0), sigma=1.0, n=2000)
+  locally_constant.certify_locally_constant(run, three, x, None, 0.001)
+  assert certify_calls == [pytest.approx(0.0005), pytest.approx(0.003)]
+  certify_calls.clear()
+  # Node 2 sends x_7 > 0 to σ = 1.0 and the rest to node 1. Binary nodes give each node's
+  # whole β/(K − 1) to CERTIFY (they have no undecided route).
+  feature = lambda z: jnp.stack([-z[:, 7], z[:, 7]], axis=-1) * 100.0
+  x[:, 7] = [1.0, -1.0, -1.0]
+  tree = [locally_constant.Estimator(feature, (0.5, 1.0), sigma=0.1, n=2000),
+          locally_constant.Estimator(feature, (0.25, 0.5), sigma=0.1, n=2000)]
+  router.certify_router(run, tree, np.float32([0.25, 0.5, 1.0]), x, None, 0.001)
+  assert certify_calls == [pytest.approx(0.0005)] * 2 + [pytest.approx(0.003)]
+  lower = recorded_alphas(monkeypatch, bounds, "clopper_pearson_lower")
+  upper = recorded_alphas(monkeypatch, bounds, "clopper_pearson_upper")
+  cascade.certify_cascade(run, linear.points_at_distance(np.zeros(2)), np.arange(2),
+                          (0.25, 0.5, 1.0), 0.6)
+  k, classes = 3, 2  # every input reaches the lowest level: p = 1/2 everywhere
+  assert upper == [pytest.approx(0.004 / (2 * k * classes))] * 2
+  own = [a for a in lower if not np.isclose(a, upper[0])]  # the upper bounds call it too
+  assert own == [pytest.approx(0.004 / (2 * k))] * 2 + [pytest.approx(0.004 / k)]
+
+
+def test_cascade_bounds_only_the_other_classes_above_and_abstains_on_every_level(linear):
+  # At d = 0.2533, p_{1.0,0} = Φ(0.2533) ≈ 0.6 = p0: level 1.0 cannot tell whether class 0
+  # answers there, but class 1 (0.4) certifiably stays below p0, and at σ = 0.5 class 0 is at
+  # 0.69: the cascade answers 0 there. Requiring every class to stay below p0 above (the
+  # previous rule) abstains. At d = 0 every level is at 1/2: all three abstain.
+  from instars_jax.certificates import cascade
+  x = linear.points_at_distance(np.array([0.2533, 0.0]))
+  run = Run(linear, 2, jax.random.PRNGKey(7), n0=64, n=20_000, alpha=0.001, batch_size=65536)
+  cert = cascade.certify_cascade(run, x, np.arange(2), (0.25, 0.5, 1.0), 0.6)
+  assert cert.prediction[0] == 0 and cert.sigma[0] == 0.5
+  assert 0.05 < cert.radius[0] <= linear.distance(x)[0]
+  assert cert.prediction[1] == ij.ABSTAIN and cert.radius[1] == 0
+  assert cert.num_samples[1] == 60_000
+
+
+def test_written_radii_never_exceed_the_radius_computed():
+  # Radii stay float64 up to the results file, whose format_radius rounds down; a float32
+  # radius on the way would round about half of them up (by half a float32 step).
+  from instars_jax.run.results import format_radius
+  rng = np.random.default_rng(0)
+  radii = bounds.certified_radius(rng.uniform(0.5, 1.0, 20_000), rng.uniform(0.05, 2.0, 20_000))
+  assert all(float(format_radius(r)) <= r for r in radii)
+  assert np.mean(radii.astype(np.float32).astype(np.float64) > radii) > 0.3
+  x = np.random.default_rng(1).uniform(size=(4, 3)).astype(np.float32)
+  cert = ij.certify(lambda z: jnp.stack([z[:, 0] - 0.5, 0.5 - z[:, 0]], -1), x, 0.25,
+                    jax.random.PRNGKey(0), n0=16, n=500, alpha=0.01, batch_size=256,
+                    num_classes=2)
+  assert cert.radius.dtype == np.float64
+
+
+@pytest.mark.parametrize("value, text", [
+    (0.0, "0"), (0.5, "0.5"), (1.0, "1"), (0.9999996, "0.999999"), (1.2345675, "1.23456"),
+    (123456.7, "123456"), (1e-7, "1e-07"), (2.5e-9, "2.5e-09"), (3.999999999, "3.99999")])
+def test_format_radius_rounds_down_to_six_digits(value, text):
+  from instars_jax.run.results import format_radius
+  assert format_radius(value) == text and float(text) <= value
+
+
+def test_memory_balls_stay_apart_in_the_radii_written():
+  from instars_jax.run.results import format_radius
+  rng = np.random.default_rng(3)
+  for trial in range(200):
+    memory = memory_kind.Memory.empty(4)
+    written = []
+    points = rng.normal(size=(6, 4)).astype(np.float32)
+    for i, point in enumerate(points):
+      prediction, radius, memory = memory_kind.answer_with_memory(
+          memory, point, i % 2, float(rng.uniform(0.5, 3.0)), i)
+      written.append((point, prediction, float(format_radius(radius))))
+    for a in range(len(written)):
+      for b in range(a):
+        (pa, ca, ra), (pb, cb, rb) = written[a], written[b]
+        if ca != cb and ra > 0 and rb > 0:
+          distance = np.linalg.norm(pa.astype(np.float64) - pb.astype(np.float64))
+          assert ra + rb <= distance, trial

@@ -35,8 +35,9 @@ FIXED = "fixed_sigma"  # what sigma_mode = fixed certifies
 INSTANCE_KINDS = tuple(kind for kind in KINDS if kind != FIXED)
 SIGMA_MODES = ("fixed", "instance")
 
-# Radii derived from distances are shrunk by one part in a million, so that floating-point
-# rounding can never turn two touching balls into overlapping ones.
+# Radii derived from distances are shrunk by one part in a million of the lengths involved
+# (the distance and the stored radius), so that floating-point rounding can never turn two
+# touching balls into overlapping ones.
 ROUNDING_MARGIN = 1e-6
 
 

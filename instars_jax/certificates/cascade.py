@@ -3,22 +3,26 @@ Denoised Smoothing", NeurIPS 2023, arXiv 2310.16779). Needs no σ-estimator: any
 works, Cohen models included.
 
 The classifier G tries the levels from the largest σ down. Level k answers class c where its
-smoothed classifier's probability p_{k,c}(x) exceeds the threshold p₀ (`certify.cascade.
-threshold`); otherwise it passes x down. The lowest level answers its top class where it is
-above 1/2 (Cohen et al.'s g), and abstains otherwise.
+smoothed classifier's probability p_{k,c}(x) is at least the threshold p₀
+(`certify.cascade.threshold`); otherwise it passes x down. The lowest level answers its top
+class where it is at least 1/2 (Cohen et al.'s g), and abstains otherwise. (The package's one
+tie rule: a probability exactly at the threshold answers, with radius 0.)
 
 Certificate. At the level k that answers, with class c, a lower bound L ≤ p_{k,c}(x); at every
-level j above it, upper bounds U_j ≥ p_{j,c'}(x) for every class c'. Then
+level j above it, upper bounds U_{j,c'} ≥ p_{j,c'}(x) for every class c' ≠ c. Then
 
-    R = min( σ_k (Φ⁻¹(L) − Φ⁻¹(p₀_k)),  min over levels j above k of σ_j (Φ⁻¹(p₀) − Φ⁻¹(U_j)) ),
+    R = min( σ_k (Φ⁻¹(L) − Φ⁻¹(p₀_k)),  min over j above k of σ_j (Φ⁻¹(p₀) − Φ⁻¹(max_{c'≠c} U_{j,c'})) ),
 
-p₀_k = p₀ above the lowest level and 1/2 at it. Proof (Jeong & Shin, Theorem 3.1, in the form
+p₀_k = p₀ above the lowest level and 1/2 at it, and the certificate abstains where that
+minimum is not positive for a level above. Proof (Jeong & Shin, Theorem 3.1, in the form
 below): for every σ and class, x ↦ Φ⁻¹(p_{σ,c}(x)) is 1/σ-Lipschitz (Salman et al., NeurIPS
 2019, Lemma 2; the statement behind Cohen et al.'s Theorem 1). So for ‖x' − x‖ < R,
 p_{k,c}(x') > p₀_k, and level k answers c at x' (a class above p₀_k ≥ 1/2 is the top one),
-while every class at every level above stays below p₀, so those levels still pass: G(x') = c.
-Where a level above neither answers (L ≤ p₀) nor certifiably passes (max U ≥ p₀), the
-certificate abstains.
+while at every level above no other class reaches p₀: such a level either passes x' down or
+answers c itself. Either way G(x') = c. Only the other classes need bounding above: the
+class answered may rise above p₀ at a higher level without changing the answer (the official
+code's `off_class_upper_radius`). Every input not answered at a level goes on down; whether
+its certificate holds is decided at the level that answers.
 
 Failure probability. The bounds of the K levels are all taken at levels fixed in advance,
 α/K per level (the union bound over the levels that may be evaluated; an input's certificate
@@ -95,30 +99,40 @@ def certify_cascade(run, x, ids, grid, threshold) -> Certified:
   radius = np.zeros(len(x))
   sigma = np.full(len(x), levels[-1], np.float32)
   samples = np.zeros(len(x), np.int64)
-  margin = np.full(len(x), np.inf)  # min over the levels passed of their margin below p0
+  margin = None  # [B, C]: min over the levels passed of the margin below p0 of the classes but c
   active = np.arange(len(x))
   for k, level_sigma in enumerate(levels):
-    lowest = k == len(levels) - 1
+    lowest, level_sigma = k == len(levels) - 1, float(np.float32(level_sigma))
     guess, counts = level_counts(run, x[active], ids[active], level_sigma, k)
+    if margin is None:
+      margin = np.full((len(x), counts.shape[1]), np.inf)
     samples[active] += run.n
     sigma[active] = level_sigma
     top = counts[np.arange(len(active)), guess]
     target = 0.5 if lowest else threshold
     lower = bounds.clopper_pearson_lower(top, run.n, alpha_level if lowest else alpha_level / 2)
-    answers = lower > target
+    above = margin[active, guess]  # > 0: no other class reaches p0 at a level above
+    answers = (lower >= target) & (above > 0)
     own = level_sigma * (stats.norm.ppf(np.where(answers, lower, 0.5)) - stats.norm.ppf(target))
     prediction[active[answers]] = guess[answers]
-    radius[active[answers]] = np.minimum(own[answers], margin[active[answers]])
+    radius[active[answers]] = np.minimum(own[answers], above[answers])
     if lowest:
       break
     upper = bounds.clopper_pearson_upper(counts, run.n, alpha_level / (2 * counts.shape[1]))
-    passes = ~answers & (upper.max(axis=1) < threshold)
-    below = level_sigma * (stats.norm.ppf(threshold) - stats.norm.ppf(upper.max(axis=1)))
-    margin[active[passes]] = np.minimum(margin[active[passes]], below[passes])
-    active = active[passes]
+    margin[active] = np.minimum(margin[active], level_sigma * (
+        stats.norm.ppf(threshold) - stats.norm.ppf(off_class_max(upper))))
+    active = active[~answers & (lower < target)]
     if not len(active):
       break
-  return Certified(prediction, radius.astype(np.float32), sigma, samples)
+  return Certified(prediction, radius, sigma, samples)
+
+
+def off_class_max(values):
+  """[B, C]: for each class c, the largest value over the other classes."""
+  order = np.argsort(values, axis=1)
+  first = np.take_along_axis(values, order[:, -1:], axis=1)
+  second = np.take_along_axis(values, order[:, -2:-1], axis=1)
+  return np.where(np.arange(values.shape[1]) == order[:, -1:], second, first)
 
 
 def level_counts(run, x, ids, sigma, level):

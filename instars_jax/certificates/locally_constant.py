@@ -91,7 +91,7 @@ class Estimator:
 
 class LocallyConstantCertificate(NamedTuple):
   prediction: np.ndarray  # int32[B], ABSTAIN where either test fails
-  radius: np.ndarray  # float32[B]: min(estimator radius, class radius)
+  radius: np.ndarray  # float64[B]: min(estimator radius, class radius)
   sigma: np.ndarray  # float32[B]: the grid σ the estimator certified (bin 0 on abstention)
   estimator_radius: np.ndarray
   class_radius: np.ndarray
@@ -99,31 +99,40 @@ class LocallyConstantCertificate(NamedTuple):
 
 
 def certify_estimator(run, chooser: Estimator, x, ids, key, beta):
-  """(bin int32[B], radius float32[B]) on which the smoothed estimator's choice ẽ is constant,
+  """(bin int32[B], radius float64[B]) on which the smoothed estimator's choice ẽ is constant,
   bin = ABSTAIN where neither route below certifies it (n0 and batch size from `run`).
 
-  ẽ(x) is the bin whose probability under N(0, σ_e²I) noise exceeds 1/2, or bin 0 (the
-  smallest σ) when no bin's does. Two routes on the same n samples, with the failure budget β
-  split by the union bound:
+  ẽ(x) is the bin whose probability under N(0, σ_e²I) noise is at least 1/2, or bin 0 (the
+  smallest σ) when every bin's is below 1/2 (the package's one tie rule: a probability of
+  exactly 1/2 answers, with radius 0). Two routes on the same n samples, with the failure
+  budget β split by the union bound:
     decided    CERTIFY at β/2: bin k with p_k ≥ p_lower ≥ 1/2 and, by Cohen et al.'s
                Theorem 1, p_k(x') > 1/2 (so ẽ(x') = k) for ‖x' − x‖ < σ_e Φ⁻¹(p_lower);
     undecided  one-sided Clopper–Pearson upper bounds u_k, each at β/(2K): if every u_k < 1/2,
                the same theorem applied to each bin gives p_k(x') < 1/2 for all k, so
                ẽ(x') = 0, for ‖x' − x‖ < σ_e Φ⁻¹(1 − max_k u_k).
   The routes cannot both hold (a lower bound never exceeds an upper bound), and an input
-  whose estimator is unsure gets the smallest σ with a radius instead of an abstention."""
+  whose estimator is unsure gets the smallest σ with a radius instead of an abstention.
+  With two bins the undecided route can never fire (the larger upper bound is at least the
+  larger frequency, ≥ 1/2), so CERTIFY gets the whole β. Radii use float32(σ_e), the σ the
+  noise was drawn at."""
   num_bins, n = len(chooser.grid), chooser.n
-  decided = sampler.certify(chooser.fn, x, chooser.sigma, key, n0=run.n0, n=n, alpha=beta / 2,
+  undecided_route = num_bins > 2
+  decided = sampler.certify(chooser.fn, x, chooser.sigma, key, n0=run.n0, n=n,
+                            alpha=beta / 2 if undecided_route else beta,
                             batch_size=run.batch_size, num_classes=num_bins, ids=ids)
+  if not undecided_route:
+    return decided.prediction, decided.radius
   counts = np.asarray(decided.counts)
   upper = bounds.clopper_pearson_upper(counts, n, beta / (2 * num_bins))
   undecided = upper.max(axis=1) < 0.5
   bin_ = np.where(decided.prediction != sampler.ABSTAIN, decided.prediction,
                   np.where(undecided, 0, sampler.ABSTAIN)).astype(np.int32)
-  undecided_radius = chooser.sigma * stats.norm.ppf(1.0 - np.minimum(upper.max(axis=1), 0.5))
+  undecided_radius = float(np.float32(chooser.sigma)) * stats.norm.ppf(
+      1.0 - np.minimum(upper.max(axis=1), 0.5))
   radius = np.where(decided.prediction != sampler.ABSTAIN, decided.radius,
                     np.where(undecided, undecided_radius, 0.0))
-  return bin_, radius.astype(np.float32)
+  return bin_, radius
 
 
 def certify_locally_constant(run, chooser: Estimator, x, ids, beta) -> LocallyConstantCertificate:
@@ -154,5 +163,5 @@ def certify_locally_constant(run, chooser: Estimator, x, ids, beta) -> LocallyCo
   certified = selected & (cls.prediction != sampler.ABSTAIN)
   radius = np.where(certified, np.minimum(estimator_radius, cls.radius), 0.0)
   prediction = np.where(certified, cls.prediction, sampler.ABSTAIN).astype(np.int32)
-  return LocallyConstantCertificate(prediction, radius.astype(np.float32), sigma,
+  return LocallyConstantCertificate(prediction, radius, sigma,
                                     estimator_radius, cls.radius, cls.num_samples)

@@ -48,7 +48,7 @@ def prepare(run, config):
       answers.append((p, r))
     append_memory(directory, memory, stored)
     prediction, radius = (np.asarray(column) for column in zip(*answers))
-    return Certified(prediction.astype(np.int32), radius.astype(np.float32), answer.sigma,
+    return Certified(prediction.astype(np.int32), radius.astype(np.float64), answer.sigma,
                      answer.num_samples)
 
   return certify
@@ -84,15 +84,15 @@ def answer_with_memory(memory: Memory, x, prediction: int, radius: float, idx: i
   x = np.asarray(x, np.float32).reshape(-1)
   distance = np.linalg.norm(memory.points.astype(np.float64) - x, axis=1)
   inside = (memory.predictions != prediction) & (distance < memory.radii)
+  slack = ROUNDING_MARGIN * (distance + memory.radii)  # relative to the lengths involved
   if inside.any():
     j = np.flatnonzero(inside)[np.argmax((memory.radii - distance)[inside])]
     prediction = int(memory.predictions[j])
-    radius = float(memory.radii[j] - distance[j]) * (1 - ROUNDING_MARGIN)
+    radius = float(memory.radii[j] - distance[j] - slack[j])
   elif prediction != ABSTAIN:
     other = memory.predictions != prediction
     if other.any():
-      gap = float(np.min(distance[other] - memory.radii[other])) * (1 - ROUNDING_MARGIN)
-      radius = min(radius, gap)
+      radius = min(radius, float(np.min((distance - memory.radii - slack)[other])))
   if prediction == ABSTAIN:
     return prediction, 0.0, memory
   radius = max(radius, 0.0)

@@ -5,10 +5,13 @@ G(x) = g_{σ(x)}(x).
 Node k (k = K … 2) decides "σ_k" against "a lower σ", smoothed at σ_k, the largest σ it
 decides between: node K first; where it says "lower", node K − 1; and so on down to σ_1. Each
 node is a smoothed classifier over two bins certified like locally_constant's estimator
-(`locally_constant.certify_estimator`: its decision, or "lower" where it is unsure, with the
-radius within which that decision holds). A node at σ_k sees the input through less noise than
-an estimator at the top of the grid, so it can tell apart inputs that only a small σ certifies
-well; its radius cap σ_k Φ⁻¹(β^(1/n)) never binds, since g_{σ_k}'s radii are capped alike.
+(`locally_constant.certify_estimator`: its decision with the radius within which it holds,
+or an abstention where the node is unsure: with two bins there is no undecided route, so a
+node's whole budget goes to CERTIFY). A node at σ_k sees the input through less noise than
+an estimator at the top of the grid, so it can tell apart inputs that only a small σ
+certifies well. Its radius is at most σ_k Φ⁻¹((β/(K−1))^(1/n)) (all n samples in one bin),
+below the class test's cap σ_k Φ⁻¹((α−β)^(1/n)) whenever β/(K−1) < α − β: on inputs whose
+class radius reaches the cap, the node's cap binds.
 
 Guarantee. The radius is min(radii of the nodes on the path, class radius). With probability
 ≥ 1 − β every node on the path decides as certified within its radius (each node's tests at
@@ -114,4 +117,4 @@ def certify_router(run, tree, grid, x, ids, beta) -> Certified:
   certified = ~abstain & (cls.prediction != sampler.ABSTAIN)
   radius = np.where(certified, np.minimum(path, cls.radius), 0.0)
   prediction = np.where(certified, cls.prediction, sampler.ABSTAIN).astype(np.int32)
-  return Certified(prediction, radius.astype(np.float32), sigma, cls.num_samples)
+  return Certified(prediction, radius, sigma, cls.num_samples)

@@ -29,7 +29,8 @@ ABSTAIN = -1
 class Certificate(NamedTuple):
   """The result of `certify` for a batch of instances (host numpy arrays)."""
   prediction: np.ndarray  # int32[B], ABSTAIN where no class could be certified
-  radius: np.ndarray  # float32[B], 0 on abstention
+  radius: np.ndarray  # float64[B], 0 on abstention (float64 to the results file: a float32
+  #                    radius could round up above the one proven)
   p_lower: np.ndarray  # float64[B], lower confidence bound on p_A (decision mode: Φ(r/σ) of the
   #                      radius proven, 0 where none is)
   sigma: np.ndarray  # float32[B], the noise level certified at
@@ -105,6 +106,10 @@ def certify(apply_fn: Callable, x, sigma, key, *, n0: int = 100, n: int = 100_00
   prediction is not ABSTAIN then the smoothed classifier g at that σ returns `prediction`
   at every x' with ‖x' − x‖₂ < radius.
 
+  Ties: a lower bound of exactly 1/2 answers, with radius 0 (the package's one tie rule;
+  the instance-wise kinds follow it). Radii are float64 up to the results file, which rounds
+  them down.
+
   Without a `rule`, n estimation samples per instance and a one-sided Clopper–Pearson bound.
   With a stopping rule (sequential/rules.py: RadiusRule, DecisionRule) up to n (n_max),
   stopping early; its bounds and tests hold at every look it may stop at (a union bound, or
@@ -140,7 +145,7 @@ def certify(apply_fn: Callable, x, sigma, key, *, n0: int = 100, n: int = 100_00
   certified = p_lower >= 0.5
   prediction = np.where(certified, guess, ABSTAIN).astype(np.int32)
   radius = np.where(certified, radius, 0.0)
-  return Certificate(prediction, radius.astype(np.float32), p_lower, sigma, estimation,
+  return Certificate(prediction, np.asarray(radius, np.float64), p_lower, sigma, estimation,
                      num_samples.astype(np.int64))
 
 
