@@ -232,11 +232,9 @@ def island_npz(path):
   return path
 
 
-@pytest.mark.parametrize("kind", certificates.INSTANCE_KINDS)
-def test_sound_kinds_through_certification_never_certify_intersecting_balls(kind, tmp_path,
-                                                                            monkeypatch):
-  # The check can fail: per_sigma, the certificate Insta-RS published, fails it on these
-  # images; every sound kind passes it and still certifies most of them.
+def island_config(kind, tmp_path, monkeypatch):
+  """A config certifying the island images with `kind`, the base model island_classifier and
+  side_estimator as its σ-estimator (and as the router's one node)."""
   from configs import default
   monkeypatch.setattr(certification, "load_train_state", lambda workdir: None)
   monkeypatch.setattr(certification, "logits_fn", lambda state: island_classifier)
@@ -250,15 +248,49 @@ def test_sound_kinds_through_certification_never_certify_intersecting_balls(kind
                         instances=12)
   config.certify.search.update(sigma_min=0.02, sigma_max=0.5, starts=3, steps=5)
   config.train.table.grid = (0.03, 0.2)
-  path = certification.certify_test_set(config, tmp_path / "run")
+  return config
+
+
+def island_clashes(config, path) -> int:
   table = results.read_results(path)
   images = data.load_dataset(config.dataset).test.take(table["idx"])["image"]
-  clashes = certificates.intersecting_pairs(images, table["predict"], table["radius"])
+  return certificates.intersecting_pairs(images, table["predict"], table["radius"])
+
+
+@pytest.mark.parametrize("kind", certificates.INSTANCE_KINDS)
+def test_sound_kinds_through_certification_never_certify_intersecting_balls(kind, tmp_path,
+                                                                            monkeypatch):
+  # The check can fail: per_sigma, the certificate Insta-RS published, fails it on these
+  # images; every sound kind passes it and still certifies most of them.
+  config = island_config(kind, tmp_path, monkeypatch)
+  path = certification.certify_test_set(config, tmp_path / "run")
+  clashes = island_clashes(config, path)
   if certificates.get(kind).SOUND:
     assert clashes == 0
-    assert np.mean(table["radius"] > 0) > 0.5
+    assert np.mean(results.read_results(path)["radius"] > 0) > 0.5
   else:
     assert clashes > 20
+
+
+@pytest.mark.parametrize("kind", ["locally_constant", "router"])
+def test_sequential_sampling_with_a_sound_instance_kind_resumes_to_the_same_rows(kind, tmp_path,
+                                                                                monkeypatch):
+  # The class test stops early (radius mode); killed after its first block of 12 images, the
+  # rerun writes the straight run's rows, and no two balls of different classes intersect.
+  config = island_config(kind, tmp_path, monkeypatch)
+  config.certify.update(sampling="sequential", name="straight")
+  straight = certification.certify_test_set(config, tmp_path / "run")
+  config.certify.name = "resumed"
+  with monkeypatch.context() as m:
+    stop_after(results.ResultsWriter, "write", 1, m)
+    with pytest.raises(Killed):
+      certification.certify_test_set(config, tmp_path / "run")
+  resumed = certification.certify_test_set(config, tmp_path / "run")
+  assert rows_without_time(resumed) == rows_without_time(straight)
+  table = results.read_results(straight)
+  assert island_clashes(config, straight) == 0 and np.mean(table["radius"] > 0) > 0.5
+  assert np.all(table["samples"] <= 2000) and table["samples"].mean() < 2000
+  assert results.read_metadata(straight)["sampling"] == "sequential"
 
 
 def test_hosts_split_the_test_set_and_merge_one_tsv(run):
