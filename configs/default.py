@@ -137,11 +137,13 @@ def get_config() -> ml_collections.ConfigDict:
 
   # With sigma_mode = instance: locally_constant (sound: σ from the smoothed σ-estimator;
   # needs estimator.epochs > 0 at training) | router (sound: σ from a tree of binary
-  # estimators; needs estimator.router = True at training) | cascade (sound: cascaded
+  # estimators; needs estimator.router = True at training) | thresholded (sound: the
+  # router's nodes as a chain that moves an input lower only above a threshold; needs
+  # estimator.router = True at training) | cascade (sound: cascaded
   # smoothing over the grid, no estimator) | memory (sound for one fixed query order) |
   # per_sigma (Insta-RS as published: NOT a certificate of the input-dependent classifier).
   config.certify.certificate = "locally_constant"
-  config.certify.estimator = ml_collections.ConfigDict()  # for locally_constant and router
+  config.certify.estimator = ml_collections.ConfigDict()  # locally_constant, router, thresholded
   config.certify.estimator.n = 0  # estimator CERTIFY samples; 0: certify.n
   # certify.alpha is the failure probability of the whole certificate: the estimator's test
   # gets beta = beta_share * alpha, the class's alpha - beta (union bound).
@@ -150,6 +152,12 @@ def get_config() -> ml_collections.ConfigDict:
   # With certificate = cascade (cascaded smoothing, no estimator): levels from the largest σ
   # of `grid` (empty: train.table.grid) down; a level answers where its top class is
   # certifiably above `threshold` (p0, in (1/2, 1)), the lowest at 1/2.
+  # With certificate = thresholded (the router's trained nodes as a chain from the largest σ
+  # down): a node moves an input lower only where its probability of "lower" is at least
+  # `threshold` (τ, in (1/2, 1)); both routes take their radius from the distance to τ.
+  config.certify.thresholded = ml_collections.ConfigDict()
+  config.certify.thresholded.threshold = 0.8
+
   config.certify.cascade = ml_collections.ConfigDict()
   config.certify.cascade.threshold = 0.6
   config.certify.cascade.grid = ()

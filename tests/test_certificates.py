@@ -386,3 +386,54 @@ def test_memory_balls_stay_apart_in_the_radii_written():
         if ca != cb and ra > 0 and rb > 0:
           distance = np.linalg.norm(pa.astype(np.float64) - pb.astype(np.float64))
           assert ra + rb <= distance, trial
+
+
+def test_thresholded_chain_never_exceeds_the_exact_radius_and_takes_the_min_over_its_path(
+    linear, monkeypatch):
+  # Nodes on an unrelated feature x_7, logits (cut − x_7, x_7 − cut) · 100: under noise σ_k
+  # node k's probability of "lower" is q = Φ((cut − x_7)/σ_k), so it moves x exactly where
+  # x_7 ≤ cut − σ_k Φ⁻¹(τ), and the radius within which it decides alike is the distance
+  # to that boundary. Node 2 (σ 1.0 against lower) has cut 0.5, node 1 (0.5 against 0.25)
+  # cut 0. The base model is linear in the other features: G's radius is at most its
+  # distance to the hyperplane, and at most every exact node margin on the path; a variant
+  # keeping only the deciding node's radius exceeds node 2's margin on moved points.
+  from instars_jax.certificates import thresholded
+  tau, rng = 0.8, np.random.default_rng(8)
+  x = linear.points_at_distance(rng.uniform(-1.0, 1.0, 400))
+  x[:, 7] = rng.uniform(-1.5, 1.5, 400)
+  feature = lambda cut: (lambda z: jnp.stack([cut - z[:, 7], z[:, 7] - cut], axis=-1) * 100.0)
+  chain = [locally_constant.Estimator(feature(0.5), (0.5, 1.0), sigma=0.3, n=4000),
+           locally_constant.Estimator(feature(0.0), (0.25, 0.5), sigma=0.2, n=4000)]
+  boundary = [0.5 - 0.3 * stats.norm.ppf(tau), 0.0 - 0.2 * stats.norm.ppf(tau)]
+  # Each input's certificate may fail with probability α (a node's bound, the class test):
+  # at α = 1e-4 over 400 inputs, a violation below has probability under 4%.
+  run = Run(linear, 2, jax.random.PRNGKey(9), n0=64, n=4000, alpha=1e-4, batch_size=65536)
+  certify_calls = recorded_alphas(monkeypatch, sampler_module(), "certify")
+  lower = recorded_alphas(monkeypatch, bounds, "clopper_pearson_lower")
+  cert = thresholded.certify_thresholded(run, chain, np.float32([0.25, 0.5, 1.0]), x, None,
+                                         5e-5, tau)
+  assert certify_calls == [pytest.approx(5e-5)]  # the class test at α − β
+  assert pytest.approx(5e-5 / 2 / 2) in lower  # each node's bound at β/(2(K − 1))
+  certified = cert.prediction != ij.ABSTAIN
+  assert set(cert.sigma[certified]) == {0.25, 0.5, 1.0} and certified.mean() > 0.5
+  assert np.all(cert.radius <= linear.distance(x) + 1e-6)
+  node2 = np.abs(x[:, 7] - boundary[0])
+  assert np.all(cert.radius <= node2 + 1e-6)  # every certified input passed node 2
+  moved = certified & (cert.sigma < 1.0)
+  assert np.all(cert.radius[moved] <= np.minimum(node2, np.abs(x[:, 7] - boundary[1]))[moved]
+                + 1e-6)
+  # Inputs node 2 keeps are at σ = 1.0 exactly where x_7 is beyond its boundary.
+  assert np.all(x[certified & (cert.sigma == 1.0), 7] > boundary[0])
+
+
+def sampler_module():
+  from instars_jax.smoothing import sampler
+  return sampler
+
+
+def test_thresholded_refuses_a_threshold_outside_one_half_to_one(toy_config):
+  from instars_jax.certificates import thresholded
+  for tau in (0.5, 1.0, 0.3):
+    toy_config.certify.thresholded.threshold = tau
+    with pytest.raises(ValueError, match=r"certify.thresholded.threshold must lie in \(1/2, 1\)"):
+      thresholded.validate(toy_config)

@@ -30,7 +30,8 @@ import numpy as np
 
 from instars_jax.smoothing import sampler
 
-KINDS = ("fixed_sigma", "locally_constant", "router", "cascade", "memory", "per_sigma")
+KINDS = ("fixed_sigma", "locally_constant", "router", "thresholded", "cascade", "memory",
+         "per_sigma")
 FIXED = "fixed_sigma"  # what sigma_mode = fixed certifies
 INSTANCE_KINDS = tuple(kind for kind in KINDS if kind != FIXED)
 SIGMA_MODES = ("fixed", "instance")

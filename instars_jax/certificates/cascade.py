@@ -47,9 +47,9 @@ SOUND = True
 MULTI_HOST = True
 MEANING = ("sound for the cascade classifier G (Jeong & Shin, NeurIPS 2023): levels tried "
            "from the largest sigma down, a level answering where its top class is certifiably "
-           "above the threshold p0, the lowest at 1/2; radius = min(answering level's margin "
-           "above p0, every level above it's margin below p0); alpha split equally over the "
-           "levels")
+           "at or above the threshold p0, the lowest at 1/2; radius = min(answering level's "
+           "margin above p0, every level above it's margin of the other classes below p0); "
+           "alpha split equally over the levels")
 
 
 def grid_of(config) -> tuple:

@@ -1,0 +1,125 @@
+"""thresholded: σ from a grid σ_1 < … < σ_K by a chain of thresholded binary selectors, the
+router's trained nodes (train with --config.estimator.router=True). Sound for the
+input-dependent classifier G(x) = g_{σ(x)}(x).
+
+The largest σ is the default. Node k (k = K … 2), smoothed at σ_k, gives q_k(x), the
+probability under N(0, σ_k²I) noise of its bin "a lower σ". The chain moves x down from σ_k
+only where q_k(x) ≥ τ (`certify.thresholded.threshold`, τ ∈ (1/2, 1)): node K first, then,
+where it moved, node K − 1, and so on; the first node that keeps x fixes σ(x) = σ_k, and x
+that every node moves gets σ_1. (The package's one tie rule: q_k = τ moves, with radius 0.)
+A high τ moves an input only where the selector is sure, and keeps a large radius where it
+does not move it: both routes take their radius from the distance to τ, not to 1/2.
+
+Certificate. For each node on the path, a two-sided Clopper–Pearson interval L ≤ q_k(x) ≤ U
+from n samples. The node moved x with radius σ_k (Φ⁻¹(L) − Φ⁻¹(τ)) where L ≥ τ, kept it with
+radius σ_k (Φ⁻¹(τ) − Φ⁻¹(U)) where U < τ, and the certificate abstains otherwise. Then
+
+    R = min(the radii of the nodes on the path, the class radius of CERTIFY at σ(x)).
+
+Proof. x ↦ Φ⁻¹(q_k(x)) is 1/σ_k-Lipschitz (Salman et al., NeurIPS 2019, Lemma 2; the
+statement behind Cohen et al.'s Theorem 1), so within its radius each node on the path
+decides at x' as it did at x, the path is the same and σ(x') = σ(x); within the class radius
+g_{σ(x)}(x') = c (Cohen et al., Theorem 1). So G(x') = c for ‖x' − x‖ < R.
+
+Failure probability. β = `certify.estimator.beta_share` · α for the selector: β/(K − 1) per
+node, fixed in advance for every node that may be evaluated, split β/(2(K − 1)) for each of
+its two bounds; α − β for the class test (union bound). Each node draws its own n samples
+(`certify.estimator.n`, 0: certify.n) from its own stream.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from scipy import stats
+
+from instars_jax.certificates import Certified, locally_constant, router
+from instars_jax.smoothing import bounds, sampler
+from instars_jax.smoothing.streams import Stream
+from instars_jax.train import estimator
+
+NAME = "thresholded"
+SOUND = True
+MULTI_HOST = True
+MEANING = ("sound for G(x) = g_sigma(x)(x) with sigma from the largest down, moved lower by "
+           "binary smoothed selectors only where their probability of 'lower' is at least the "
+           "threshold tau: radius = min(each node's distance to tau on the path, class "
+           "radius); failure probability alpha = beta (split over the nodes and their two "
+           "bounds) + the class test's alpha")
+alpha_split = locally_constant.alpha_split
+
+
+def validate(config) -> None:
+  locally_constant.validate(config)
+  tau = config.certify.thresholded.threshold
+  if not 0.5 < tau < 1.0:
+    raise ValueError(f"certify.thresholded.threshold must lie in (1/2, 1); got {tau}")
+
+
+def file_stem(config) -> str:
+  return f"{NAME}_{config.certify.thresholded.threshold:g}"
+
+
+def metadata(config, workdir) -> dict:
+  return router.metadata(config, workdir) | {
+      "thresholded": {"threshold": config.certify.thresholded.threshold}}
+
+
+def prepare(run, config):
+  n = config.certify.estimator.n or run.n
+  chain = []
+  for chooser, _ in router.nodes(config, run.workdir):
+    fn, saved = estimator.load(chooser.directory, run.workdir)
+    chain.append(locally_constant.Estimator(fn, (chooser.grid[chooser.node - 1],
+                                                 chooser.grid[chooser.node]), saved["sigma"], n))
+  grid, beta = np.asarray(estimator.grid_of(config), np.float32), alpha_split(config)[1]
+  tau = config.certify.thresholded.threshold
+
+  def certify(x, ids) -> Certified:
+    return certify_thresholded(run, chain, grid, x, ids, beta, tau)
+
+  return certify
+
+
+def node_radius(run, node, x, ids, key, beta_node, tau):
+  """(moves bool[b], keeps bool[b], radius float64[b]) of one node: its interval on q (the
+  probability of bin 0, "lower") at β_node, and its distance to τ on the side it decided."""
+  sigma = float(np.float32(node.sigma))
+  counts = np.asarray(sampler.counts(node.fn, x, np.full(len(x), sigma, np.float32), ids, key,
+                                     num=node.n, batch_size=run.batch_size, num_classes=2))
+  lower = bounds.clopper_pearson_lower(counts[:, 0], node.n, beta_node / 2)
+  upper = bounds.clopper_pearson_upper(counts[:, 0], node.n, beta_node / 2)
+  moves, keeps = lower >= tau, upper < tau
+  margin = np.where(moves, stats.norm.ppf(lower) - stats.norm.ppf(tau),
+                    stats.norm.ppf(tau) - stats.norm.ppf(np.minimum(upper, tau)))
+  return moves, keeps, np.where(moves | keeps, sigma * margin, 0.0)
+
+
+def certify_thresholded(run, chain, grid, x, ids, beta, tau) -> Certified:
+  """The thresholded chain's certificate (module doc): `chain` holds the nodes' Estimators
+  from the top of `grid` down (the node for grid[k] at position K − 1 − k)."""
+  x, _, ids = sampler.validate_instances(x, 1.0, ids)
+  if not 0 < beta < run.alpha:
+    raise ValueError(f"beta must lie in (0, alpha={run.alpha}); got {beta}")
+  level = np.zeros(len(x), np.int32)  # moved past every node: σ_1
+  path = np.full(len(x), np.inf)
+  abstain = np.zeros(len(x), bool)
+  active = np.arange(len(x))
+  for depth, node in enumerate(chain):
+    k = len(grid) - 1 - depth
+    key = jax.random.fold_in(jax.random.fold_in(run.key, Stream.THRESHOLDED), k)
+    moves, keeps, radius = node_radius(run, node, x[active], ids[active], key,
+                                       beta / len(chain), tau)
+    path[active] = np.minimum(path[active], radius)
+    abstain[active[~moves & ~keeps]] = True
+    level[active[keeps]] = k
+    active = active[moves]
+    if not len(active):
+      break
+  sigma = grid[level]
+  cls = run.certify(x, sigma, ids, key=jax.random.fold_in(run.key, Stream.CLASS_TEST),
+                    alpha=run.alpha - beta)
+  certified = ~abstain & (cls.prediction != sampler.ABSTAIN)
+  radius = np.where(certified, np.minimum(path, cls.radius), 0.0)
+  prediction = np.where(certified, cls.prediction, sampler.ABSTAIN).astype(np.int32)
+  return Certified(prediction, radius, sigma, cls.num_samples)
