@@ -29,7 +29,7 @@ from configs import default
 from instars_jax import data
 from instars_jax.data import pipeline
 from instars_jax.run.workdir import RunInfo
-from instars_jax.train import steps
+from instars_jax.train import steps as train_steps
 from instars_jax.train.state import create_train_state
 from common import device_info, emit
 
@@ -89,7 +89,7 @@ def training_share(split, workers, steps, batch=128) -> dict:
   def run(feed) -> float:
     began = time.perf_counter()
     for b in feed:
-      states[0], metrics = steps.train_step(states[0], b, key)
+      states[0], metrics = train_steps.train_step(states[0], b, key)
     jax.block_until_ready(states[0].params)
     return time.perf_counter() - began
 

@@ -93,22 +93,33 @@ def prepare(run, config):
 def certify_router(run, tree, grid, x, ids, beta) -> Certified:
   """The router certificate (module doc): `tree` holds the nodes' Estimators from the top of
   `grid` down (node for grid[k] at position K − 1 − k)."""
+  def decide(node, x, ids, key, beta_node):
+    decision, radius = locally_constant.certify_estimator(run, node, x, ids, key, beta_node)
+    return decision == 0, decision == 1, radius
+  return certify_chain(run, tree, grid, x, ids, beta, Stream.ROUTER, decide)
+
+
+def certify_chain(run, nodes, grid, x, ids, beta, stream, decide) -> Certified:
+  """A certificate of G(x) = g_{σ(x)}(x) with σ(x) from a chain of binary selectors over
+  `grid`, node K (for grid[K − 1]) first: `decide(node, x, ids, key, β_node)` gives, for each
+  input at a node, (goes lower, stays at the node's σ, radius within which that decision
+  holds), neither where it abstains. Radius = min(radii on the path, class radius); the nodes
+  share β equally, each with its own stream, and the class test gets α − β."""
   x, _, ids = sampler.validate_instances(x, 1.0, ids)
   if not 0 < beta < run.alpha:
     raise ValueError(f"beta must lie in (0, alpha={run.alpha}); got {beta}")
-  level = np.zeros(len(x), np.int32)  # the grid index chosen
+  level = np.zeros(len(x), np.int32)  # the grid index chosen: σ_1 unless a node keeps x
   path = np.full(len(x), np.inf)  # min radius over the nodes on the path
   abstain = np.zeros(len(x), bool)
   active = np.arange(len(x))
-  for depth, node in enumerate(tree):
+  for depth, node in enumerate(nodes):
     k = len(grid) - 1 - depth
-    key = jax.random.fold_in(jax.random.fold_in(run.key, Stream.ROUTER), k)
-    decision, radius = locally_constant.certify_estimator(run, node, x[active], ids[active], key,
-                                                          beta / len(tree))
+    key = jax.random.fold_in(jax.random.fold_in(run.key, stream), k)
+    lower, stays, radius = decide(node, x[active], ids[active], key, beta / len(nodes))
     path[active] = np.minimum(path[active], radius)
-    abstain[active[decision == sampler.ABSTAIN]] = True
-    level[active[decision == 1]] = k
-    active = active[decision == 0]
+    abstain[active[~lower & ~stays]] = True
+    level[active[stays]] = k
+    active = active[lower]
     if not len(active):
       break
   sigma = grid[level]

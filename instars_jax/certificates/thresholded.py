@@ -29,7 +29,6 @@ its two bounds; α − β for the class test (union bound). Each node draws its 
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 from scipy import stats
 
@@ -98,28 +97,6 @@ def node_radius(run, node, x, ids, key, beta_node, tau):
 def certify_thresholded(run, chain, grid, x, ids, beta, tau) -> Certified:
   """The thresholded chain's certificate (module doc): `chain` holds the nodes' Estimators
   from the top of `grid` down (the node for grid[k] at position K − 1 − k)."""
-  x, _, ids = sampler.validate_instances(x, 1.0, ids)
-  if not 0 < beta < run.alpha:
-    raise ValueError(f"beta must lie in (0, alpha={run.alpha}); got {beta}")
-  level = np.zeros(len(x), np.int32)  # moved past every node: σ_1
-  path = np.full(len(x), np.inf)
-  abstain = np.zeros(len(x), bool)
-  active = np.arange(len(x))
-  for depth, node in enumerate(chain):
-    k = len(grid) - 1 - depth
-    key = jax.random.fold_in(jax.random.fold_in(run.key, Stream.THRESHOLDED), k)
-    moves, keeps, radius = node_radius(run, node, x[active], ids[active], key,
-                                       beta / len(chain), tau)
-    path[active] = np.minimum(path[active], radius)
-    abstain[active[~moves & ~keeps]] = True
-    level[active[keeps]] = k
-    active = active[moves]
-    if not len(active):
-      break
-  sigma = grid[level]
-  cls = run.certify(x, sigma, ids, key=jax.random.fold_in(run.key, Stream.CLASS_TEST),
-                    alpha=run.alpha - beta)
-  certified = ~abstain & (cls.prediction != sampler.ABSTAIN)
-  radius = np.where(certified, np.minimum(path, cls.radius), 0.0)
-  prediction = np.where(certified, cls.prediction, sampler.ABSTAIN).astype(np.int32)
-  return Certified(prediction, radius, sigma, cls.num_samples)
+  def decide(node, x, ids, key, beta_node):
+    return node_radius(run, node, x, ids, key, beta_node, tau)
+  return router.certify_chain(run, chain, grid, x, ids, beta, Stream.THRESHOLDED, decide)
