@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The training-recipe figures of docs/results.md on one GPU, in one go: the Fashion-MNIST table
 # of every loss (bench/losses_table.py) and, beside it on the same device, ResNet-20 on
-# CIFAR-10-JPEG at σ = 0.5 with the Gaussian and the consistency loss (configs/cifar10_gpu.py,
-# Cohen-style training, EPOCHS epochs; consistency: configs/cifar10_consistency.py), each certified on 500 test images at n = 10,000.
+# CIFAR-10-JPEG at σ = 0.5 with the Gaussian and the consistency loss (configs/cifar10_gpu.py
+# and configs/cifar10_consistency.py, Cohen-style training, EPOCHS epochs), each certified on
+# 500 test images at n = 10,000. Runs with the machine's python3 (the device image's).
 #   bench/gpu_recipes.sh OUT_DIR [FASHION_MNIST_DIR] [CIFAR_ARCHIVE]
 set -u
 out=$1

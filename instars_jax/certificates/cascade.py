@@ -99,13 +99,12 @@ def certify_cascade(run, x, ids, grid, threshold) -> Certified:
   radius = np.zeros(len(x))
   sigma = np.full(len(x), levels[-1], np.float32)
   samples = np.zeros(len(x), np.int64)
-  margin = None  # [B, C]: min over the levels passed of the margin below p0 of the classes but c
+  margin = np.full((len(x), run.num_classes), np.inf)  # [B, C]: over the levels passed, the
+  #                    margin below p0 of every class but c, for each class c answered later
   active = np.arange(len(x))
   for k, level_sigma in enumerate(levels):
     lowest, level_sigma = k == len(levels) - 1, float(np.float32(level_sigma))
     guess, counts = level_counts(run, x[active], ids[active], level_sigma, k)
-    if margin is None:
-      margin = np.full((len(x), counts.shape[1]), np.inf)
     samples[active] += run.n
     sigma[active] = level_sigma
     top = counts[np.arange(len(active)), guess]

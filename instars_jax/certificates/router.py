@@ -74,14 +74,20 @@ def metadata(config, workdir) -> dict:
           "alpha_split": {"alpha_class": alpha_class, "beta_estimator": beta, "total": c.alpha}}
 
 
-def prepare(run, config):
-  n = config.certify.estimator.n or run.n
-  tree = []
+def loaded_nodes(run, config) -> list:
+  """The trained nodes as Estimators from the top of the grid down, each tested with
+  certify.estimator.n samples (0: certify.n)."""
+  n, found = config.certify.estimator.n or run.n, []
   for chooser, _ in nodes(config, run.workdir):
     fn, saved = estimator.load(chooser.directory, run.workdir)
     grid = chooser.grid
-    tree.append(locally_constant.Estimator(fn, (grid[chooser.node - 1], grid[chooser.node]),
-                                           saved["sigma"], n))
+    found.append(locally_constant.Estimator(fn, (grid[chooser.node - 1], grid[chooser.node]),
+                                            saved["sigma"], n))
+  return found
+
+
+def prepare(run, config):
+  tree = loaded_nodes(run, config)
   grid, beta = np.asarray(estimator.grid_of(config), np.float32), alpha_split(config)[1]
 
   def certify(x, ids) -> Certified:

@@ -65,12 +65,7 @@ def metadata(config, workdir) -> dict:
 
 
 def prepare(run, config):
-  n = config.certify.estimator.n or run.n
-  chain = []
-  for chooser, _ in router.nodes(config, run.workdir):
-    fn, saved = estimator.load(chooser.directory, run.workdir)
-    chain.append(locally_constant.Estimator(fn, (chooser.grid[chooser.node - 1],
-                                                 chooser.grid[chooser.node]), saved["sigma"], n))
+  chain = router.loaded_nodes(run, config)
   grid, beta = np.asarray(estimator.grid_of(config), np.float32), alpha_split(config)[1]
   tau = config.certify.thresholded.threshold
 

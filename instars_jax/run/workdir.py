@@ -21,7 +21,6 @@ import ml_collections
 
 from instars_jax.run import checkpoints, locks
 from instars_jax.run.files import write_json_atomic
-from instars_jax.train import losses
 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
@@ -33,10 +32,7 @@ METRICS_FILE = "metrics.jsonl"
 # (a run that never diverged trained the same under the divergence watch).
 LATER_KEYS = {"image_size": 0, "corrupt_images": "fail", "train.checkpoint_every_steps": 0,
               "train.divergence.nonfinite": True, "train.divergence.chance_steps": 200,
-              "train.divergence.chance_fraction": 0.98, "train.table.explore": 0.0,
-              "train.loss": losses.DEFAULT_LOSS,
-              **{f"train.{name}.{key}": value for name, section in losses.sections().items()
-                 for key, value in section.items()}}
+              "train.divergence.chance_fraction": 0.98, "train.table.explore": 0.0}
 # Sections a run may resume with changed: certification, the estimator (which checks its own
 # settings, so a finished run can get one) and the input settings (they never change batches).
 RESUMABLE_SECTIONS = ("certify", "estimator", "input")
@@ -109,12 +105,12 @@ class Workdir:
   def write_run(self, info: RunInfo) -> None:
     write_json_atomic(self.path / RUN_FILE, info.to_json())
 
-  def check_resumable(self, config) -> None:
+  def check_resumable(self, config, later_keys=None) -> None:
     """Refuses a config that differs from the saved one outside RESUMABLE_SECTIONS (keys
-    added later count as their LATER_KEYS value)."""
+    added later count as their LATER_KEYS value, or their `later_keys` one)."""
     if not self.config_path.exists():
       return
-    saved = LATER_KEYS | _dotted(json.loads(self.config_path.read_text()))
+    saved = LATER_KEYS | (later_keys or {}) | _dotted(json.loads(self.config_path.read_text()))
     current = _dotted(json.loads(config.to_json()))
     differing = sorted(k for k in set(saved) | set(current)
                        if k.split(".")[0] not in RESUMABLE_SECTIONS
