@@ -29,6 +29,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.train = ml_collections.ConfigDict()
   config.train.epochs = 10
+  # A share of the training set that no stage trains on (a fixed draw by seed), where the
+  # selection settings (certify.thresholded.threshold, certify.cascade.threshold, ...) are
+  # tuned: certify.split=holdout certifies it, and python -m instars_jax.tune sweeps τ there.
+  config.train.holdout = 0.0
   config.train.batch_size = 256
   config.train.learning_rate = 0.1
   config.train.momentum = 0.9
@@ -133,6 +137,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.certify.tolerance_alpha = 0.05
   config.certify.radii = ()
   config.certify.name = ""  # output DIR/certify/<name>.tsv; default sigma_<sigma> / instance_<range>
+  # σ experts: one fixed-σ run per train.table.grid σ, smallest first, commas between (e.g.
+  # runs/cohen_0.25,runs/cohen_0.5,runs/cohen_1.0); the class test at σ_k uses expert k
+  # (instars_jax/experts.py). Empty: this run's model at every σ. Default file names gain
+  # "_experts".
+  config.certify.experts = ""
+  config.certify.split = "test"  # test | holdout (the training examples train.holdout kept out)
   config.certify.sigma_mode = "fixed"  # fixed: certify.sigma for all | instance: Insta-RS search
 
   # With sigma_mode = instance: locally_constant (sound: σ from the smoothed σ-estimator;
@@ -157,6 +167,7 @@ def get_config() -> ml_collections.ConfigDict:
   # `threshold` (τ, in (1/2, 1)); both routes take their radius from the distance to τ.
   config.certify.thresholded = ml_collections.ConfigDict()
   config.certify.thresholded.threshold = 0.8
+  config.certify.thresholded.sweep = (0.55, 0.6, 0.7, 0.8, 0.9, 0.95)  # τ tried by instars_jax.tune
 
   config.certify.cascade = ml_collections.ConfigDict()
   config.certify.cascade.threshold = 0.6

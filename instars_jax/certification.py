@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 import instars_jax
-from instars_jax import analyze, certificates, data
+from instars_jax import analyze, certificates, data, experts
 from instars_jax.run import checkpoints, events, results
 from instars_jax.run.workdir import Workdir
 from instars_jax.smoothing.sequential import rules
@@ -31,6 +31,7 @@ from instars_jax.train.state import load_train_state, logits_fn
 # full to the end either way, as the instances still running take over freed samples), and
 # a kill loses at most one call's finished rows.
 SEQUENTIAL_QUEUE_DEPTH = 2
+SPLITS = ("test", "holdout")
 
 
 def validate_config(config):
@@ -45,12 +46,36 @@ def validate_config(config):
       (c.max == -1 or c.max >= 1, f"certify.max must be -1 (all) or >= 1; got {c.max}"),
       (c.batch >= 1, f"certify.batch must be >= 1; got {c.batch}"),
       (c.instances >= 1, f"certify.instances must be >= 1; got {c.instances}"),
+      (c.split in SPLITS, f"certify.split must be one of {SPLITS}; got {c.split!r}"),
+      (c.split == "test" or config.train.holdout > 0,
+       "certify.split=holdout needs the run's train.holdout > 0"),
   ]
   for ok, message in checks:
     if not ok:
       raise ValueError(message)
   rules.from_config(c)
   return certificates.for_config(config)
+
+
+def smoothing_run(config, workdir, state, dataset, metadata, **more) -> certificates.Run:
+  """What every kind gets: the run's model (and the σ experts `metadata` names), its key and
+  the CERTIFY settings of config.certify; `more` fills the rest of certificates.Run."""
+  c = config.certify
+  return certificates.Run(
+      apply_fn=logits_fn(state), num_classes=dataset.num_classes,
+      key=jax.random.fold_in(jax.random.PRNGKey(config.seed), Stream.CERTIFY), n0=c.n0, n=c.n,
+      alpha=c.alpha, batch_size=c.batch, rule=rules.from_config(c), workdir=workdir,
+      image_size=int(np.prod(dataset.image_shape)),
+      experts=experts.load(metadata.get("experts", [])), **more)
+
+
+def check_holdout(config, workdir) -> None:
+  """ValueError unless train.holdout is the trained run's: the held-out examples must be the
+  ones its training never saw."""
+  saved = workdir.read_config().train.get("holdout", 0.0)
+  if config.train.holdout != saved:
+    raise ValueError(f"train.holdout={config.train.holdout} differs from the trained run's "
+                     f"{saved} in {workdir.path}")
 
 
 def selected_indices(num_test: int, skip: int, maximum: int) -> np.ndarray:
@@ -60,13 +85,18 @@ def selected_indices(num_test: int, skip: int, maximum: int) -> np.ndarray:
 
 
 def output_path(config, workdir) -> Path:
-  """DIR/certify/<certify.name, or the kind's own file name>.tsv."""
+  """DIR/certify/<certify.name, or the kind's own file name (+ "_experts" with σ experts,
+  + "_holdout" on the held-out split)>.tsv."""
   kind = certificates.get(certificates.name_of(config))
-  return Workdir(workdir).results_path(config.certify.name or kind.file_stem(config))
+  stem = (kind.file_stem(config) + ("_experts" if experts.workdirs(config) else "")
+          + ("_holdout" if config.certify.split == "holdout" else ""))
+  return Workdir(workdir).results_path(config.certify.name or stem)
 
 
 def run_metadata(config, kind, workdir) -> dict:
-  """What the numbers in a results file depend on; a resumed run must match it exactly."""
+  """What the numbers in a results file depend on; a resumed run must match it exactly. With
+  σ experts, "experts" lists them (σ, workdir, checkpoint step); without, the run's own
+  model certifies at every σ."""
   c = config.certify
   metadata = {"certificate": kind.NAME, "certificate_meaning": kind.MEANING,
               "sound": kind.SOUND, "sigma_mode": c.sigma_mode, "n0": c.n0, "n": c.n,
@@ -76,6 +106,11 @@ def run_metadata(config, kind, workdir) -> dict:
   rule = rules.from_config(c)
   if rule is not None:
     metadata["sequential"] = rule.metadata(c.n)
+  checked = experts.check(config, workdir, kind.sigmas(config), c.split == "holdout")
+  if checked:
+    metadata["experts"] = checked
+  if c.split != "test":
+    metadata |= {"split": c.split, "holdout": config.train.holdout}
   return metadata | kind.metadata(config, workdir)
 
 
@@ -118,8 +153,9 @@ def _certify_rows(config, certify_batch, test, todo, writer) -> None:
 
 
 def certify_test_set(config, workdir, host: int | None = None, hosts: int | None = None) -> Path:
-  """Certifies the selected test images with the latest checkpoint in `workdir`, appending to
-  DIR/certify/<name>.tsv; prints the analysis table and returns the file's path.
+  """Certifies the selected test images (with certify.split=holdout: the held-out training
+  examples) with the latest checkpoint in `workdir`, appending to DIR/certify/<name>.tsv;
+  prints the analysis table and returns the file's path.
 
   With several hosts (jax.distributed), host k certifies every hosts-th selected image into
   <name>.host<k>of<hosts>.tsv, and host 0 merges the parts into <name>.tsv at the end.
@@ -132,22 +168,20 @@ def certify_test_set(config, workdir, host: int | None = None, hosts: int | None
                      "it on a single host")
   workdir = Workdir(workdir)
   state = load_train_state(workdir)  # before the data: a wrong workdir fails fast
+  if config.certify.split == "holdout":
+    check_holdout(config, workdir)
   metadata = run_metadata(config, kind, workdir)
   dataset = data.from_config(config)
+  images = dataset.test if config.certify.split == "test" else dataset.holdout
   path = output_path(config, workdir)
   part = path if hosts == 1 else path.with_name(f"{path.stem}.host{host}of{hosts}.tsv")
   with workdir.results_lock(part):
     writer = _open_results(part, metadata)
-    mine = selected_indices(len(dataset.test), config.certify.skip, config.certify.max)
+    mine = selected_indices(len(images), config.certify.skip, config.certify.max)
     todo = [i for i in mine[host::hosts] if i not in writer.done]
-    c = config.certify
-    run = certificates.Run(
-        apply_fn=logits_fn(state), num_classes=dataset.num_classes,
-        key=jax.random.fold_in(jax.random.PRNGKey(config.seed), Stream.CERTIFY), n0=c.n0,
-        n=c.n, alpha=c.alpha, batch_size=c.batch, rule=rules.from_config(c), workdir=workdir,
-        results_path=path, done=frozenset(writer.done),
-        image_size=int(np.prod(dataset.image_shape)))
-    _certify_rows(config, kind.prepare(run, config), dataset.test, todo, writer)
+    run = smoothing_run(config, workdir, state, dataset, metadata, results_path=path,
+                        done=frozenset(writer.done))
+    _certify_rows(config, kind.prepare(run, config), images, todo, writer)
   if hosts > 1:
     multihost_utils.sync_global_devices(f"certified {path.name}")
     if host != 0:

@@ -10,6 +10,7 @@ import pytest
 from scipy import stats
 
 import instars_jax as ij
+from helpers import LinearClassifier
 from instars_jax import certificates
 from instars_jax.smoothing import bounds
 from instars_jax.certificates import Run, locally_constant
@@ -191,6 +192,7 @@ def test_every_kind_declares_the_interface_and_answers_through_it(linear, tmp_pa
     assert kind.NAME == name and isinstance(kind.SOUND, bool) and kind.MEANING
     kind.validate(config)
     assert kind.file_stem(config)
+    assert kind.sigmas(config) in {None, (0.25,), tuple(config.train.table.grid)}
     out = kind.prepare(run, config)(x, np.arange(3))
     assert out.prediction.shape == out.radius.shape == out.sigma.shape == (3,)
     assert np.all(out.radius <= linear.distance(x) + 1e-6)  # sound for a linear f, any kind
@@ -437,3 +439,50 @@ def test_thresholded_refuses_a_threshold_outside_one_half_to_one(toy_config):
     toy_config.certify.thresholded.threshold = tau
     with pytest.raises(ValueError, match=r"certify.thresholded.threshold must lie in \(1/2, 1\)"):
       thresholded.validate(toy_config)
+
+
+def test_experts_certify_each_sigma_with_their_own_classifier(linear):
+  # Expert k is the classifier behind σ_k: inputs at σ = 1.0 go to a classifier of the
+  # opposite sign, so their predictions flip, and each group's rows are CERTIFY of its expert
+  # alone (the noise of input i depends only on (key, i), not on the grouping).
+  flipped = LinearClassifier(-linear.w, -linear.b)
+  run = Run(linear, 2, jax.random.PRNGKey(5), n0=32, n=400, alpha=0.001, batch_size=4096,
+            experts={np.float32(0.25): linear, np.float32(1.0): flipped})
+  x = linear.points_at_distance(np.linspace(0.4, 2.0, 7))
+  sigma = np.float32([0.25, 1.0, 1.0, 0.25, 1.0, 0.25, 0.25])
+  ids = np.arange(10, 17)
+  cert = run.certify(x, sigma, ids)
+  for s, fn, label in ((0.25, linear, 0), (1.0, flipped, 1)):
+    mine = sigma == np.float32(s)
+    alone = ij.certify(fn, x[mine], s, jax.random.PRNGKey(5), n0=32, n=400, alpha=0.001,
+                       batch_size=4096, num_classes=2, ids=ids[mine])
+    np.testing.assert_array_equal(cert.prediction[mine], alone.prediction)
+    np.testing.assert_array_equal(cert.radius[mine], alone.radius)
+    np.testing.assert_array_equal(cert.counts[mine], alone.counts)
+    assert set(cert.prediction[mine]) == {label}
+  assert run.model_at(0.25) is linear and Run(linear, 2, None, 1, 1, 0.1, 1).model_at(7.0) is linear
+  with pytest.raises(ValueError, match="no σ expert for σ = 0.5"):
+    run.certify(x, 0.5, ids)
+
+
+def test_the_threshold_sweep_gives_each_tau_the_rows_of_the_chain_itself(linear):
+  # One pass of every node and one class test at every σ: each τ's rows must be the ones
+  # certify_thresholded draws for that τ alone (the same streams, by input id), and a higher
+  # τ moves no more inputs.
+  from instars_jax.certificates import thresholded
+  rng = np.random.default_rng(3)
+  x = linear.points_at_distance(rng.uniform(-1.0, 1.0, 60))
+  x[:, 7] = rng.uniform(-1.5, 1.5, 60)
+  feature = lambda cut: (lambda z: jnp.stack([cut - z[:, 7], z[:, 7] - cut], axis=-1) * 3.0)
+  chain = [locally_constant.Estimator(feature(0.5), (0.5, 1.0), sigma=0.3, n=300),
+           locally_constant.Estimator(feature(0.0), (0.25, 0.5), sigma=0.2, n=300)]
+  grid, ids = np.float32([0.25, 0.5, 1.0]), np.arange(100, 160)
+  run = Run(linear, 2, jax.random.PRNGKey(4), n0=32, n=300, alpha=1e-3, batch_size=65536)
+  swept = thresholded.sweep(run, chain, grid, x, ids, 5e-4, (0.6, 0.8, 0.95))
+  moved = []
+  for tau, cert in swept.items():
+    alone = thresholded.certify_thresholded(run, chain, grid, x, ids, 5e-4, tau)
+    for field in ("prediction", "radius", "sigma", "num_samples"):
+      np.testing.assert_array_equal(getattr(cert, field), getattr(alone, field))
+    moved.append(np.sum(cert.sigma < 1.0))
+  assert moved[0] >= moved[1] >= moved[2] and moved[0] > moved[2]

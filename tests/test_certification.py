@@ -3,6 +3,7 @@ through it (with a soundness check that per_sigma fails), sequential sampling, s
 hosts, a full disk, and bad settings."""
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -348,3 +349,69 @@ def test_bad_sequential_config(toy_config, tmp_path, changes, message):
   toy_config.certify.update(sampling="sequential", **changes)
   with pytest.raises(ValueError, match=message):
     certification.certify_test_set(toy_config, tmp_path)
+
+
+def as_experts(config, workdir, root) -> str:
+  """certify.experts naming three copies of the trained toy run, each recorded as a fixed-σ
+  model at its grid σ (same weights as the run itself)."""
+  paths = []
+  for sigma in config.train.table.grid:
+    expert = root / f"expert_{sigma}"
+    shutil.copytree(workdir, expert, ignore=shutil.ignore_patterns("certify", "estimator"))
+    saved = json.loads((expert / "config.json").read_text())
+    saved["train"].update(insta=False, sigma=sigma)
+    (expert / "config.json").write_text(json.dumps(saved))
+    paths.append(str(expert))
+  return ",".join(paths)
+
+
+def test_experts_with_the_run_s_own_weights_write_its_rows_and_are_named(run, tmp_path):
+  # Grouping the class test by σ does not change its noise: experts that are the run's own
+  # model give the rows of the run without experts, in a file of their own that names them.
+  config, workdir = run
+  config.certify.update(sigma_mode="instance", certificate="locally_constant")
+  alone = certification.certify_test_set(config, workdir)
+  config.certify.experts = as_experts(config, workdir, tmp_path)
+  path = certification.certify_test_set(config, workdir)
+  assert path.name == "locally_constant_experts.tsv"
+  assert rows_without_time(path) == rows_without_time(alone)
+  named = results.read_metadata(path)["experts"]
+  assert [e["sigma"] for e in named] == [0.25, 0.5, 1.0]
+  assert named[1]["workdir"] == str((tmp_path / "expert_0.5").resolve()) and named[1]["step"] >= 1
+  assert "experts" not in results.read_metadata(alone)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda paths: paths[:2], r"names 2 workdirs; train.table.grid=\(0.25, 0.5, 1.0\)"),
+    (lambda paths: paths[::-1], r"not a fixed-σ model at grid σ = 0.25"),
+    (lambda paths: paths[:2] + ["/nonexistent/run"], "holds no trained run"),
+    ("dataset", "was trained with dataset npz:elsewhere.npz"),
+    ("per_sigma", "needs a certificate on the grid"),
+    ("sigma", r"also needs σ = 0.3"),
+    ("holdout", r"trained on other examples than the held-out ones"),
+])
+def test_experts_that_disagree_with_the_run_are_refused_before_any_row(run, tmp_path, edit,
+                                                                        message):
+  config, workdir = run
+  paths = as_experts(config, workdir, tmp_path).split(",")
+  if edit == "dataset":
+    saved = json.loads((tmp_path / "expert_0.5" / "config.json").read_text())
+    saved["dataset"] = "npz:elsewhere.npz"
+    (tmp_path / "expert_0.5" / "config.json").write_text(json.dumps(saved))
+  elif edit == "per_sigma":
+    config.certify.update(sigma_mode="instance", certificate="per_sigma")
+  elif edit == "sigma":
+    config.certify.sigma = 0.3
+  elif edit == "holdout":  # experts that trained on every example cannot be tuned against
+    config.certify.split = "holdout"
+    config.train.holdout = 0.25
+    saved = json.loads((workdir / "config.json").read_text())
+    saved["train"]["holdout"] = 0.25
+    (workdir / "config.json").write_text(json.dumps(saved))
+  else:
+    paths = edit(paths)
+  config.certify.experts = ",".join(paths)
+  error = FileNotFoundError if "no trained run" in message else ValueError
+  with pytest.raises(error, match=message):
+    certification.certify_test_set(config, workdir)
+  assert not (workdir / "certify").exists()

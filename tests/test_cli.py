@@ -124,6 +124,11 @@ def test_bad_input_ends_with_one_line_and_exit_status_2(trained, tmp_path):
                                      "--config.input.workers=1",
                                      "--config.train.eval_examples=4"),
       "the training run in": ("train.py", *common),
+      "train.holdout=1.0 must lie in [0, 1)": ("train.py", *common,
+                                               f"--workdir={tmp_path / 'holdout'}",
+                                               "--config.train.holdout=1.0"),
+      "certify.experts names 1 workdirs; train.table.grid=(0.25, 0.5, 1.0)": (
+          "certify.py", *common, f"--config.certify.experts={workdir}"),
   }
   with Workdir(workdir).training_lock():  # stands for a train.py that is running
     started = {expected: start_cli(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -217,3 +217,24 @@ def test_batches_split_over_hosts_cover_every_example():
   assert len(seen) == 48 and len(set(seen)) == 48
   whole = list(data.batches(split, 8, shuffle=False))
   assert sum(len(b["index"]) for b in whole) == 50
+
+
+def test_holdout_is_a_fixed_draw_kept_out_of_training(tmp_path):
+  # round(0.25 · 12) = 3 examples move from train to holdout, the same ones for the same
+  # seed, and the two parts partition the training set; on-demand images are read through.
+  written = write_tree(tmp_path / "tree")
+  full = data.load_dataset(f"folder:{tmp_path / 'tree'}")
+  split = data.hold_out(full, 0.25, seed=7)
+  assert (len(split.train), len(split.holdout)) == (9, 3)
+  again = data.hold_out(full, 0.25, seed=7)
+  np.testing.assert_array_equal(split.holdout.take(np.arange(3))["image"],
+                                again.holdout.take(np.arange(3))["image"])
+  pixels = lambda s: {s.read(i)[0].tobytes() for i in range(len(s))}
+  assert pixels(split.train) | pixels(split.holdout) == pixels(full.train)
+  assert not pixels(split.train) & pixels(split.holdout)
+  labels = sorted(np.concatenate([split.train.labels, split.holdout.labels]))
+  np.testing.assert_array_equal(labels, sorted(full.train.labels))
+  assert written and data.hold_out(full, 0.0, seed=7) is full
+  for fraction in (1.0, -0.1, 0.01):  # all, negative, rounds to none
+    with pytest.raises(ValueError, match=rf"train.holdout={fraction} must lie in \[0, 1\)"):
+      data.hold_out(full, fraction, seed=7)

@@ -387,6 +387,7 @@ def test_a_router_tree_trains_one_node_per_grid_sigma_and_certifies(insta_config
   from instars_jax import certification
   from instars_jax.run import results
   insta_config.train.epochs = 2
+  insta_config.train.holdout = 0.25  # 24 of the 96 training examples, kept for tuning
   insta_config.estimator.update(epochs=1, label_samples=4, router=True, init="base",
                                 balance_bins=False, entropy=0.1, radius_weight=1.0)
   base = loop.train_and_evaluate(insta_config, tmp_path / "run")
@@ -410,6 +411,26 @@ def test_a_router_tree_trains_one_node_per_grid_sigma_and_certifies(insta_config
   assert path.name == "router.tsv" and set(table["sigma"]) <= {0.25, 0.5, 1.0}
   meta = results.read_metadata(path)
   assert meta["certificate"] == "router" and meta["router"]["beta_per_node"] == 0.00025
+  assert Workdir(tmp_path / "run").read_run().num_train == 72
+  # τ tuned on the held-out examples: each τ's numbers are those of certify.py on that split.
+  from instars_jax import analyze, tune
+  insta_config.certify.update(certificate="thresholded", skip=2)
+  insta_config.certify.thresholded.sweep = (0.6, 0.8)
+  swept = tune.tune_thresholds(insta_config, tmp_path / "run")
+  insta_config.certify.split = "holdout"
+  for tau in (0.6, 0.8):
+    insta_config.certify.thresholded.threshold = tau
+    path = certification.certify_test_set(insta_config, tmp_path / "run")
+    assert path.name == f"thresholded_{tau:g}_holdout.tsv"
+    assert len(results.read_results(path)["idx"]) == 12
+    summary = analyze.summarize(path)
+    assert swept[tau]["acr"] == pytest.approx(summary["acr"], abs=1e-5)  # radii written 6 digits
+    assert swept[tau]["certified_accuracy"] == pytest.approx(summary["certified_accuracy"])
+  assert results.read_metadata(path)["split"] == "holdout"
+  insta_config.train.holdout = 0.5
+  with pytest.raises(ValueError, match=r"train.holdout=0.5 differs from the trained run's 0.25"):
+    certification.certify_test_set(insta_config, tmp_path / "run")
+  insta_config.train.holdout = 0.25
   insta_config.train.table.grid = (0.25, 1.0)  # the trained nodes decide other σ
   with pytest.raises(ValueError, match=r"node_1 was trained for grid \(0.25, 0.5, 1.0\) \(node 1\), "
                                        r"not train.table.grid=\(0.25, 1.0\) \(node 1\)"):

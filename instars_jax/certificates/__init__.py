@@ -12,6 +12,8 @@ A kind module declares
                              what the radius certifies (written into every results file)
   MULTI_HOST                 whether hosts may certify disjoint shares of the test set
   validate(config)           ValueError naming a bad value of its own settings
+  sigmas(config)             the σ its class test may certify at (None: any, found by search),
+                             which σ experts (instars_jax/experts.py) must cover
   file_stem(config)          its default results file name
   metadata(config, workdir)  its settings, recorded in the results' metadata
   prepare(run, config)       -> certify(x, ids) -> Certified, for one batch of test images
@@ -68,14 +70,53 @@ class Run:
   results_path: Path | None = None
   done: frozenset = frozenset()
   image_size: int = 0  # values per image (the memory's width)
+  experts: dict = dataclasses.field(default_factory=dict)  # {float32 σ: fn}; {}: apply_fn at every σ
+
+  def model_at(self, sigma) -> Callable:
+    """The classifier smoothed at `sigma`: its σ expert (instars_jax/experts.py), or the base
+    model when the run has none; ValueError for a σ off the experts' grid."""
+    if not self.experts:
+      return self.apply_fn
+    try:
+      return self.experts[np.float32(sigma)]
+    except KeyError:
+      raise ValueError(f"no σ expert for σ = {float(sigma):g}; the experts cover "
+                       f"{sorted(float(s) for s in self.experts)}") from None
 
   def certify(self, x, sigma, ids, *, key=None, alpha=None) -> sampler.Certificate:
-    """CERTIFY of the base classifier at `sigma` with this run's settings; `key` and `alpha`
-    default to the run's."""
-    return sampler.certify(self.apply_fn, x, sigma, self.key if key is None else key,
-                           n0=self.n0, n=self.n, alpha=self.alpha if alpha is None else alpha,
-                           batch_size=self.batch_size, num_classes=self.num_classes, ids=ids,
-                           rule=self.rule)
+    """CERTIFY at `sigma` (a scalar or one σ per input) with this run's settings, each input
+    by the classifier `model_at` its σ; `key` and `alpha` default to the run's. The noise of
+    input i depends only on (key, ids[i]), so certifying the inputs of each σ apart gives
+    the same counts as one call."""
+    x, sigma, ids = sampler.validate_instances(x, sigma, ids)
+    settings = dict(n0=self.n0, n=self.n, alpha=self.alpha if alpha is None else alpha,
+                    batch_size=self.batch_size, num_classes=self.num_classes, rule=self.rule)
+    key = self.key if key is None else key
+    if not self.experts:
+      return sampler.certify(self.apply_fn, x, sigma, key, ids=ids, **settings)
+    parts = {}
+    for s in np.unique(sigma):
+      rows = padded_rows(np.flatnonzero(sigma == s))
+      parts[s] = sampler.certify(self.model_at(s), x[rows], s, key, ids=ids[rows], **settings)
+    return sampler.Certificate(*(_stitch(sigma, {s: cert[i] for s, cert in parts.items()})
+                                 for i in range(len(sampler.Certificate._fields))))
+
+
+def padded_rows(rows: np.ndarray) -> np.ndarray:
+  """`rows` padded with copies of its first to a power-of-two length, so that the shrinking or
+  splitting sets of inputs that reach a sampler share a few compiled programs (cut the
+  results back to len(rows))."""
+  size = 1 << max(0, len(rows) - 1).bit_length()
+  return np.concatenate([rows, np.full(size - len(rows), rows[0], rows.dtype)])
+
+
+def _stitch(sigma, by_sigma: dict) -> np.ndarray:
+  """One array over all inputs from the per-σ arrays (padded) of the inputs at each σ."""
+  first = next(iter(by_sigma.values()))
+  out = np.zeros((len(sigma),) + first.shape[1:], first.dtype)
+  for s, values in by_sigma.items():
+    out[sigma == s] = values[: np.count_nonzero(sigma == s)]
+  return out
 
 
 def name_of(config) -> str:

@@ -38,7 +38,7 @@ import jax
 import numpy as np
 from scipy import stats
 
-from instars_jax.certificates import Certified
+from instars_jax.certificates import Certified, padded_rows
 from instars_jax.smoothing import bounds, sampler
 from instars_jax.smoothing.streams import Stream
 
@@ -68,6 +68,9 @@ def validate(config) -> None:
   if c.sampling != "fixed":
     raise ValueError("the cascade certificate draws a fixed n per level: use "
                      "certify.sampling=fixed")
+
+
+sigmas = grid_of
 
 
 def file_stem(config) -> str:
@@ -136,14 +139,12 @@ def off_class_max(values):
 
 def level_counts(run, x, ids, sigma, level):
   """(guess int[b], counts int[b, C]) at one level: the class of n0 selection samples and the
-  counts of n fresh estimation samples, from that level's own stream. The instances are
-  padded to a power of two (copies of the first), so that the shrinking sets that reach lower
-  levels share a few compiled programs."""
-  size = 1 << max(0, len(x) - 1).bit_length()
-  rows = np.concatenate([np.arange(len(x)), np.zeros(size - len(x), int)])
+  counts of n fresh estimation samples, from that level's own stream, by the classifier
+  run.model_at(σ) (instances padded: certificates.padded_rows)."""
+  rows = padded_rows(np.arange(len(x)))
   key = jax.random.fold_in(jax.random.fold_in(run.key, Stream.CASCADE), level)
   count = lambda stream, num: np.asarray(sampler.counts(
-      run.apply_fn, x[rows], np.full(size, sigma, np.float32), ids[rows],
+      run.model_at(sigma), x[rows], np.full(len(rows), sigma, np.float32), ids[rows],
       jax.random.fold_in(key, stream), num=num, batch_size=run.batch_size,
       num_classes=run.num_classes))[: len(x)]
   guess = np.argmax(count(Stream.SELECT, run.n0), axis=1).astype(np.int32)

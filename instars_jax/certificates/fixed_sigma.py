@@ -22,6 +22,10 @@ def validate(config) -> None:
     raise ValueError(f"certify.sigma must be finite and > 0; got {sigma}")
 
 
+def sigmas(config) -> tuple:
+  return (float(config.certify.sigma),)
+
+
 def file_stem(config) -> str:
   return f"sigma_{config.certify.sigma:g}"
 

@@ -40,6 +40,9 @@ def validate(config) -> None:
                      f"{e.n}, {e.beta_share}")
 
 
+sigmas = estimator.grid_of
+
+
 def file_stem(config) -> str:
   del config
   return NAME

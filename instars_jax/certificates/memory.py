@@ -26,6 +26,7 @@ MEANING = ("sound for the memory-based classifier that answers the test points i
            "classes never intersect")
 validate = per_sigma.validate
 metadata = per_sigma.metadata
+sigmas = per_sigma.sigmas
 
 
 def file_stem(config) -> str:

@@ -35,6 +35,10 @@ def validate(config) -> None:
   search.validate_search(**search_arguments(config), n=c.n, alpha=c.alpha, batch_size=c.batch)
 
 
+def sigmas(config) -> None:
+  del config  # σ anywhere in [sigma_min, sigma_max], found by the search
+
+
 def file_stem(config) -> str:
   s = config.certify.search
   return f"instance_{s.sigma_min:g}-{s.sigma_max:g}"

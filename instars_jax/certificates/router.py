@@ -40,6 +40,7 @@ MEANING = ("sound for G(x) = g_sigma(x)(x) with sigma picked by a tree of smooth
            "radius = min(radii of the nodes on the path, class radius); failure probability "
            "alpha = beta (split equally over the nodes) + the class test's alpha")
 validate = locally_constant.validate
+sigmas = locally_constant.sigmas
 alpha_split = locally_constant.alpha_split
 
 

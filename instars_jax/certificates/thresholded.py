@@ -29,6 +29,7 @@ its two bounds; α − β for the class test (union bound). Each node draws its 
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 from scipy import stats
 
@@ -46,6 +47,7 @@ MEANING = ("sound for G(x) = g_sigma(x)(x) with sigma from the largest down, mov
            "radius); failure probability alpha = beta (split over the nodes and their two "
            "bounds) + the class test's alpha")
 alpha_split = locally_constant.alpha_split
+sigmas = locally_constant.sigmas
 
 
 def validate(config) -> None:
@@ -75,14 +77,20 @@ def prepare(run, config):
   return certify
 
 
-def node_radius(run, node, x, ids, key, beta_node, tau):
-  """(moves bool[b], keeps bool[b], radius float64[b]) of one node: its interval on q (the
-  probability of bin 0, "lower") at β_node, and its distance to τ on the side it decided."""
+def node_counts(run, node, x, ids, key) -> np.ndarray:
+  """int[b]: how many of the node's n samples fall in bin 0 ("lower")."""
+  sigma = np.full(len(x), node.sigma, np.float32)
+  return np.asarray(sampler.counts(node.fn, x, sigma, ids, key, num=node.n,
+                                   batch_size=run.batch_size, num_classes=2))[:, 0]
+
+
+def node_decision(lower_counts, node, beta_node, tau):
+  """(moves bool[b], keeps bool[b], radius float64[b]) of one node from its bin-0 counts: its
+  interval on q (the probability of "lower") at β_node, and its distance to τ on the side it
+  decided."""
   sigma = float(np.float32(node.sigma))
-  counts = np.asarray(sampler.counts(node.fn, x, np.full(len(x), sigma, np.float32), ids, key,
-                                     num=node.n, batch_size=run.batch_size, num_classes=2))
-  lower = bounds.clopper_pearson_lower(counts[:, 0], node.n, beta_node / 2)
-  upper = bounds.clopper_pearson_upper(counts[:, 0], node.n, beta_node / 2)
+  lower = bounds.clopper_pearson_lower(lower_counts, node.n, beta_node / 2)
+  upper = bounds.clopper_pearson_upper(lower_counts, node.n, beta_node / 2)
   moves, keeps = lower >= tau, upper < tau
   margin = np.where(moves, stats.norm.ppf(lower) - stats.norm.ppf(tau),
                     stats.norm.ppf(tau) - stats.norm.ppf(np.minimum(upper, tau)))
@@ -93,5 +101,48 @@ def certify_thresholded(run, chain, grid, x, ids, beta, tau) -> Certified:
   """The thresholded chain's certificate (module doc): `chain` holds the nodes' Estimators
   from the top of `grid` down (the node for grid[k] at position K − 1 − k)."""
   def decide(node, x, ids, key, beta_node):
-    return node_radius(run, node, x, ids, key, beta_node, tau)
+    return node_decision(node_counts(run, node, x, ids, key), node, beta_node, tau)
   return router.certify_chain(run, chain, grid, x, ids, beta, Stream.THRESHOLDED, decide)
+
+
+def sweep(run, chain, grid, x, ids, beta, thresholds) -> dict:
+  """{τ: Certified}: certify_thresholded at each τ of `thresholds`, from one pass of every node
+  over every input and one class test of every input at every grid σ, on the same streams, so
+  each τ's rows are those certify_thresholded writes (a tuning aid: K − 1 + K passes for any
+  number of τ)."""
+  x, _, ids = sampler.validate_instances(x, 1.0, ids)
+  row = {int(i): r for r, i in enumerate(ids)}
+  lower = {}
+  for depth, node in enumerate(chain):
+    k = len(grid) - 1 - depth
+    key = jax.random.fold_in(jax.random.fold_in(run.key, Stream.THRESHOLDED), k)
+    lower[k] = node_counts(run, node, x, ids, key)
+  class_key = jax.random.fold_in(run.key, Stream.CLASS_TEST)
+  tests = {np.float32(s): run.certify(x, s, ids, key=class_key, alpha=run.alpha - beta)
+           for s in grid}
+  recorded = _Recorded(run.key, run.alpha, tests, row)
+  level_of = {id(node): len(grid) - 1 - depth for depth, node in enumerate(chain)}
+  found = {}
+  for tau in thresholds:
+    def decide(node, x_part, ids_part, key, beta_node, tau=tau):
+      del x_part, key
+      counts = lower[level_of[id(node)]][[row[int(i)] for i in ids_part]]
+      return node_decision(counts, node, beta_node, tau)
+    found[tau] = router.certify_chain(recorded, chain, grid, x, ids, beta, Stream.THRESHOLDED,
+                                      decide)
+  return found
+
+
+class _Recorded:
+  """A run whose class tests were all drawn before: `certify` looks up each input's
+  certificate at its σ (by id) in `tests` ({σ: sampler.Certificate over every input})."""
+
+  def __init__(self, key, alpha, tests, row):
+    self.key, self.alpha, self.tests, self.row = key, alpha, tests, row
+
+  def certify(self, x, sigma, ids, *, key, alpha) -> sampler.Certificate:
+    del x, key, alpha
+    rows = [self.row[int(i)] for i in ids]
+    fields = [np.stack([self.tests[np.float32(s)][f][r] for s, r in zip(sigma, rows)])
+              for f in range(len(sampler.Certificate._fields))]
+    return sampler.Certificate(*fields)

@@ -81,6 +81,31 @@ class Split:
     return {"image": images.astype(np.float32) / 255.0, "label": self.labels[origins],
             "index": np.asarray(indices, np.int32)}
 
+  def subset(self, rows: np.ndarray) -> "Split":
+    """The examples at `rows` (sorted), indexed 0 … len(rows) − 1."""
+    rows = np.asarray(rows)
+    if isinstance(self.images, np.ndarray):
+      return Split(self.images[rows], self.labels[rows])
+    return Split(_Rows(self.images, rows), self.labels[rows])
+
+
+class _Rows:
+  """Some rows of on-demand images, read as if they were the whole split."""
+
+  def __init__(self, images, rows: np.ndarray):
+    self.images, self.rows = images, rows
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def read(self, index: int, raw: bool = False) -> tuple[np.ndarray, int]:
+    pixels, origin = self.images.read(int(self.rows[index]), raw)
+    position = int(np.searchsorted(self.rows, origin))
+    if position == len(self.rows) or self.rows[position] != origin:
+      raise DatasetError(f"example {self.rows[index]} is unreadable and its stand-in "
+                         f"{origin} lies outside this part of the split")
+    return pixels, position
+
 
 @dataclass
 class Dataset:
@@ -90,10 +115,29 @@ class Dataset:
   num_classes: int
   stats: str  # the models.DATASET_STATS entry its normalization uses
   classes: tuple = ()  # class names, when the source has them
+  holdout: Split | None = None  # training examples held out from training (`hold_out`)
 
   @property
   def image_shape(self) -> tuple:
     return self.train.read(0)[0].shape
+
+
+def hold_out(dataset: Dataset, fraction: float, seed: int) -> Dataset:
+  """`dataset` with round(fraction · N) of its N training examples, drawn as a pure function
+  of `seed`, moved from `train` to `holdout` (for tuning selection settings on images no
+  stage trained on); unchanged at fraction 0. ValueError unless 0 <= fraction < 1 leaves at
+  least one example on each side."""
+  if fraction == 0:
+    return dataset
+  size = len(dataset.train)
+  count = int(round(fraction * size))
+  if not 0 < fraction < 1 or not 0 < count < size:
+    raise ValueError(f"train.holdout={fraction} must lie in [0, 1) and leave examples on both "
+                     f"sides of the {size} training examples (it holds out {count})")
+  held = np.zeros(size, bool)
+  held[numpy_rng(seed, Stream.HOLDOUT).permutation(size)[:count]] = True
+  return dataclasses.replace(dataset, train=dataset.train.subset(np.flatnonzero(~held)),
+                             holdout=dataset.train.subset(np.flatnonzero(held)))
 
 
 # ---------------------------------------------------------------------------

@@ -32,7 +32,8 @@ METRICS_FILE = "metrics.jsonl"
 # (a run that never diverged trained the same under the divergence watch).
 LATER_KEYS = {"image_size": 0, "corrupt_images": "fail", "train.checkpoint_every_steps": 0,
               "train.divergence.nonfinite": True, "train.divergence.chance_steps": 200,
-              "train.divergence.chance_fraction": 0.98, "train.table.explore": 0.0}
+              "train.divergence.chance_fraction": 0.98, "train.table.explore": 0.0,
+              "train.holdout": 0.0}
 # Sections a run may resume with changed: certification, the estimator (which checks its own
 # settings, so a finished run can get one) and the input settings (they never change batches).
 RESUMABLE_SECTIONS = ("certify", "estimator", "input")

@@ -1,0 +1,104 @@
+"""python -m instars_jax.tune --config=... --workdir=...: the thresholded chain's τ, chosen on
+held-out training examples, never on test images.
+
+The run must have been trained with train.holdout > 0 (and estimator.router = True, for the
+chain's nodes). The held-out examples (every certify.skip-th below certify.max) are sampled
+once per node and once per grid σ (certificates/thresholded.py's `sweep`: each τ's rows are
+exactly those certify.py would write with that τ), and for every τ of
+certify.thresholded.sweep the command prints the sound ACR and certified accuracy there, the
+share of examples moved off the largest σ and the share that abstain, and writes them to
+DIR/certify/tune_thresholded[_experts].json. Pass the best τ to certify.py as
+--config.certify.thresholded.threshold. σ experts (certify.experts) are used as certify.py
+would use them. A tuning aid: it does not resume; rerunning recomputes the same numbers.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from instars_jax import analyze, certification, cli, data, experts
+from instars_jax.certificates import router, thresholded
+from instars_jax.run.files import write_json_atomic
+from instars_jax.run.workdir import Workdir
+from instars_jax.smoothing import sampler
+from instars_jax.train import estimator
+from instars_jax.train.state import load_train_state
+
+
+def validate(config) -> None:
+  thresholded.validate(config)
+  taus = tuple(config.certify.thresholded.sweep)
+  if not taus or not all(0.5 < t < 1.0 for t in taus):
+    raise ValueError(f"certify.thresholded.sweep must list thresholds in (1/2, 1); got {taus}")
+  if config.train.holdout <= 0:
+    raise ValueError("tuning needs held-out training examples: train the run with "
+                     "--config.train.holdout > 0 (e.g. 0.1)")
+
+
+def tune_thresholds(config, workdir) -> dict:
+  """{τ: summary} of the thresholded chain on the held-out examples (module doc)."""
+  validate(config)
+  workdir = Workdir(workdir)
+  state = load_train_state(workdir)
+  certification.check_holdout(config, workdir)
+  checked = experts.check(config, workdir, thresholded.sigmas(config), on_holdout=True)
+  dataset = data.from_config(config)
+  run = certification.smoothing_run(config, workdir, state, dataset,
+                                    {"experts": checked} if checked else {})
+  chain = router.loaded_nodes(run, config)
+  grid = np.asarray(estimator.grid_of(config), np.float32)
+  beta, taus = thresholded.alpha_split(config)[1], tuple(config.certify.thresholded.sweep)
+  c = config.certify
+  todo = certification.selected_indices(len(dataset.holdout), c.skip, c.max)
+  per_call = c.instances * jax.local_device_count()
+  found = {tau: [] for tau in taus}
+  labels = []
+  for start in tqdm(range(0, len(todo), per_call), desc="tune", unit="call", disable=None):
+    batch = dataset.holdout.take(todo[start: start + per_call])
+    labels.append(batch["label"])
+    for tau, cert in thresholded.sweep(run, chain, grid, batch["image"], batch["index"], beta,
+                                       taus).items():
+      found[tau].append(cert)
+  label = np.concatenate(labels)
+  summaries = {tau: _summary(label, certs, grid) for tau, certs in found.items()}
+  out = workdir.results_path("tune_thresholded" + ("_experts" if checked else "")
+                             ).with_suffix(".json")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  write_json_atomic(out, {"held_out_examples": int(len(label)), "holdout": config.train.holdout,
+                          "experts": checked, "n": c.n, "alpha": c.alpha,
+                          "thresholds": {f"{t:g}": s for t, s in summaries.items()}})
+  print(table(summaries))
+  print(f"written: {out}")
+  return summaries
+
+
+def _summary(label, certs, grid) -> dict:
+  prediction = np.concatenate([c.prediction for c in certs])
+  radius = np.concatenate([c.radius for c in certs])
+  sigma = np.concatenate([c.sigma for c in certs])
+  correct = prediction == label
+  accuracy = analyze.certified_accuracy(radius, correct, analyze.DEFAULT_RADII)
+  return {"acr": analyze.average_certified_radius(radius, correct),
+          "certified_accuracy": {analyze.radius_key(r): float(a)
+                                 for r, a in zip(analyze.DEFAULT_RADII, accuracy)},
+          "moved": float(np.mean(sigma < grid[-1])),
+          "abstain": float(np.mean(prediction == sampler.ABSTAIN))}
+
+
+def table(summaries: dict) -> str:
+  """A markdown table: one row per τ, the best ACR in bold."""
+  best = max(summaries, key=lambda t: summaries[t]["acr"])
+  radii = list(next(iter(summaries.values()))["certified_accuracy"])
+  lines = ["| τ | " + " | ".join(f"r = {r}" for r in radii) + " | ACR | moved | abstain |",
+           "|---" * (len(radii) + 4) + "|"]
+  for tau, s in summaries.items():
+    acr = f"**{s['acr']:.3f}**" if tau == best else f"{s['acr']:.3f}"
+    lines.append(f"| {tau:g} | " + " | ".join(f"{a:.3f}" for a in s["certified_accuracy"].values())
+                 + f" | {acr} | {s['moved']:.1%} | {s['abstain']:.1%} |")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  cli.main("instars_jax.tune:tune_thresholds")
