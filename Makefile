@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench bench-accelerator clean fashion-mnist
+.PHONY: setup test test-slow demo bench bench-accelerator clean fashion-mnist
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_DIR ?= runs/demo
@@ -19,9 +19,14 @@ $(STAMP): pyproject.toml requirements.txt bench/requirements.txt
 
 # Two workers, the two cores of the CI machine, each taking whole test files (so a file's
 # module fixtures, such as a trained toy run, are made once); torch is installed here, so
-# its tests must not be skipped.
+# its tests must not be skipped. `make test` leaves out the tests marked slow (at least one
+# test of every file stays); `make test-slow` runs those, and .ci/run runs both.
+PYTEST := INSTARS_REQUIRE_TORCH=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=10
 test: setup
-	INSTARS_REQUIRE_TORCH=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=10
+	$(PYTEST) -m "not slow"
+
+test-slow: setup
+	$(PYTEST) -m slow
 
 fashion-mnist:
 	@test -f $(FASHION_MNIST) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }

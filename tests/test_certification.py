@@ -107,6 +107,7 @@ def test_instance_sigma_mode(run):
     certification.certify_test_set(config, workdir)
 
 
+@pytest.mark.slow
 def test_sequential_sampling_through_certify_py(run, monkeypatch):
   config, workdir = run
   config.certify.update(n=1000, name="fixed")
@@ -155,6 +156,7 @@ def test_sequential_sampling_through_certify_py(run, monkeypatch):
       "looks": "geometric_and_saturation", "tolerance_alpha": 0.05, "n_max": 1000}
 
 
+@pytest.mark.slow
 def test_memory_resumes_to_the_same_rows_and_answers_no_intersecting_balls(run, tmp_path,
                                                                          monkeypatch):
   config, straight = run

@@ -66,6 +66,7 @@ def test_sigterm_stops_train_py_at_a_checkpointed_step_with_status_143(trained):
   assert resumed[step // 2] == (step % 2 or None)  # mid-epoch: the rerun skipped what was done
 
 
+@pytest.mark.slow
 def test_train_then_certify_and_one_writer_per_results_file(trained):
   common, workdir, _ = trained
   assert (workdir / "estimator" / "estimator.json").exists()
@@ -85,10 +86,17 @@ def test_train_then_certify_and_one_writer_per_results_file(trained):
   assert "| locally_constant |" in done.stdout and "UNSOUND" not in done.stdout
 
 
-def test_bad_input_ends_with_one_line_and_exit_status_2(trained, tmp_path):
-  """Every case in parallel, each in its own process: flags, config keys and values, missing,
-  stale or damaged runs, a second train.py on a busy workdir, a corrupt training image."""
-  common, workdir, _ = trained
+# Cases whose failure comes from one mechanism each (flag parsing, config keys, a library
+# ValueError, a missing or damaged run, a busy workdir): `make test` runs these; the rest,
+# the same mechanisms on other inputs, run in the slow tier.
+QUICK = ("unknown config key 'epoch'", "invalid literal for int() with base 10: 'two'",
+         "unexpected arguments: extra", "Flag --config must have a value other than None",
+         "certify.alpha must lie in (0, 1)", "no training run in", "is corrupt or incomplete",
+         "the training run in")
+
+
+def bad_input_cases(common, workdir, tmp_path) -> dict:
+  """{expected line: (script, flags...)} for every kind of bad input."""
   stale = tmp_path / "stale"
   (stale / "checkpoints").mkdir(parents=True)
   saved = json.loads((workdir / "config.json").read_text())
@@ -101,7 +109,7 @@ def test_bad_input_ends_with_one_line_and_exit_status_2(trained, tmp_path):
   write_tree(tmp_path / "tree", suffix=".jpg")
   bad_image = tmp_path / "tree" / "train" / "emu" / "0001.jpg"
   bad_image.write_bytes(b"not a jpeg at all")
-  cases = {
+  return {
       "unknown config key 'epoch'": ("train.py", *common, "--config.train.epoch=2"),
       "invalid literal for int() with base 10: 'two'": ("train.py", *common,
                                                         "--config.train.epochs=two"),
@@ -130,6 +138,16 @@ def test_bad_input_ends_with_one_line_and_exit_status_2(trained, tmp_path):
       "certify.experts names 1 workdirs; train.table.grid=(0.25, 0.5, 1.0)": (
           "certify.py", *common, f"--config.certify.experts={workdir}"),
   }
+
+
+@pytest.mark.parametrize("quick", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_bad_input_ends_with_one_line_and_exit_status_2(trained, tmp_path, quick):
+  """The cases in parallel, each in its own process: flags, config keys and values, missing,
+  stale or damaged runs, a second train.py on a busy workdir, a corrupt training image, a
+  held-out share of all the training set, σ experts that do not fit the grid."""
+  common, workdir, _ = trained
+  cases = {expected: args for expected, args in bad_input_cases(common, workdir, tmp_path).items()
+           if (expected in QUICK) == quick}
   with Workdir(workdir).training_lock():  # stands for a train.py that is running
     started = {expected: start_cli(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                for expected, args in cases.items()}
@@ -137,4 +155,5 @@ def test_bad_input_ends_with_one_line_and_exit_status_2(trained, tmp_path):
                 for expected, p in started.items()}
   for expected, (out, err, code) in finished.items():
     one_line_error(subprocess.CompletedProcess((), code, out, err), expected)
-  assert not (stale / "certify").exists() and not (damaged / "certify").exists()
+  assert len(cases) == (len(QUICK) if quick else 7)
+  assert not any((tmp_path / name / "certify").exists() for name in ("stale", "damaged"))

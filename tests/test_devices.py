@@ -1,6 +1,6 @@
 """Results do not depend on the device or host count: the sampler and the search on 1 and 2
-(fake CPU) devices, a training run on 1 device and on 4 across 2 processes joined by
-jax.distributed, where a SIGTERM to one host stops both at the same step.
+(fake CPU) devices, and (slow tier) a training run on 1 device and on 4 across 2 processes
+joined by jax.distributed, where a SIGTERM to one host stops both at the same step.
 
 The one-device side runs in the test's own process; the other side is one pair of
 subprocesses.
@@ -57,6 +57,22 @@ def start_two_processes(script: str, *args, devices: int = 2) -> list:
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k in (0, 1)]
 
 
+def test_two_devices_give_one_device_s_counts_certificates_and_search():
+  """The sampler, CERTIFY (fixed and sequential) and the σ search on two fake CPU devices in
+  one process give the numbers of one device (11 instances: one padded). The slow tier's
+  two-host test checks this again across jax.distributed, with training."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  done = subprocess.run([sys.executable, str(HERE / "device_probe.py")], env=env, text=True,
+                        capture_output=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  two, one = json.loads(done.stdout.strip().splitlines()[-1]), device_probe.results()
+  assert (one.pop("devices"), two.pop("devices")) == (1, 2)
+  assert sum(map(sum, one["counts"])) == 11 * 500
+  assert two == one
+
+
+@pytest.mark.slow
 def test_two_hosts_of_two_devices_give_one_device_s_results_and_stop_together(
     one_device_run, tmp_path):
   """A real multi-controller run: two processes on this machine (gloo collectives), each with

@@ -44,7 +44,8 @@ def published(arch, path, seed=0):
   return model
 
 
-@pytest.mark.parametrize("arch", ["cifar_resnet20", "resnet50"])  # basic and bottleneck blocks
+@pytest.mark.parametrize("arch", ["cifar_resnet20",  # basic and bottleneck blocks
+                                  pytest.param("resnet50", marks=pytest.mark.slow)])
 def test_imported_logits_match_torch(arch, tmp_path):
   model = published(arch, tmp_path / "checkpoint.pth.tar")
   workdir = import_torch.import_checkpoint(tmp_path / "checkpoint.pth.tar", tmp_path / "run")
@@ -75,6 +76,7 @@ def test_import_then_certify_end_to_end(tmp_path):
   assert len(results.read_results(path)["idx"]) == 4
 
 
+@pytest.mark.slow
 def test_every_tensor_of_resnet110_finds_its_flax_parameter(tmp_path):
   # ResNet-110 is ResNet-20's blocks, 18 per stage: its mapping is checked key by key and
   # shape by shape (running it would only repeat the ResNet-20 check, at the cost of compiling

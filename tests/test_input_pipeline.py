@@ -9,6 +9,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from configs import default
 from helpers import alive, children, start_cli, write_tree
@@ -62,6 +63,7 @@ def collect(step_batches, first, total, settings):
     return list(stream)
 
 
+@pytest.mark.slow
 def test_batches_do_not_depend_on_workers_threads_hosts_or_resumption(tmp_path):
   write_tree(tmp_path / "tree", per_class=8, suffix=".jpg")
   split = data.load_dataset(f"folder:{tmp_path / 'tree'}").train
@@ -86,6 +88,7 @@ def test_batches_do_not_depend_on_workers_threads_hosts_or_resumption(tmp_path):
   assert not np.array_equal(straight[0]["image"], straight[3]["image"])
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_resumes_to_the_same_parameters_and_sigma_table(tmp_path):
   """A real kill -9 of train.py in stage 2 of Insta-RS Train on a folder source, input in a
   worker process; the rerun (here in the test's process, input in the trainer) ends where a

@@ -10,6 +10,17 @@ from helpers import ROOT
 IPython = pytest.importorskip("IPython", reason="the notebook test needs the test extra")
 
 
+def test_quickstart_notebook_cells_compile_and_name_the_sound_kind():
+  # The quick half of the notebook's check: every code cell is valid Python, and the notebook
+  # headlines the sound certificate (the slow tier runs it).
+  notebook = json.loads((ROOT / "docs" / "quickstart.ipynb").read_text())
+  code = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
+  for number, source in enumerate(code):
+    compile(source, f"quickstart.ipynb code cell {number}", "exec")
+  assert len(code) >= 3 and any("locally_constant" in source for source in code)
+
+
+@pytest.mark.slow
 def test_quickstart_notebook_runs(monkeypatch, tmp_path):
   import IPython.display
   shown = []

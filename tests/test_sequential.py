@@ -366,6 +366,7 @@ def giving_up_rates(p, tables, rule, n_max, sigma, proof_count, streams=10_000, 
   return gave_up.mean(), wrongly.mean()
 
 
+@pytest.mark.slow
 def test_decision_mode_gives_up_a_provable_radius_with_probability_at_most_delta():
   # p_A just above the rate a proof of R ≥ 0.5 needs by n_max: the rule may give up (it
   # often does: the proof is a coin flip), but at a look where the expected final count
@@ -408,6 +409,7 @@ class NaiveDecisionRule(rules.DecisionRule):
     return level == len(self.radii) + 1, level
 
 
+@pytest.mark.slow
 def test_the_engine_is_sound_end_to_end_where_full_alpha_at_every_look_is_not(linear):
   # 2,000 inputs at distance 0.245 < r = 0.25 (p_A = Φ(0.49) just under Φ(0.5)): "R ≥ 0.25"
   # is false for every one. Through the same engine, the decision test proves it in at most
