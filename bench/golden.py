@@ -5,7 +5,8 @@
 
 Trains the demo's LeNet recipe (configs/fashion_mnist_demo.py: Insta-RS Train, σ-estimator,
 plus one fine-tuning epoch) on a small synthetic npz through train.py, then certifies it
-through certify.py with every certificate kind and both sequential modes. It goes through
+through certify.py with every certificate kind (the router and the thresholded chain on
+router nodes trained by a second train.py) and both sequential modes. It goes through
 the command line and the public API only (`ij.load_train_state`), so the same script
 fingerprints the code before and after a refactor: SHA-256 of the parameters, the σ table and
 profile, the estimator's parameters, the metrics rows and each results TSV (timings
@@ -41,6 +42,10 @@ KINDS = {
                "--config.certify.name=radius"],
     "decision": ["--config.certify.sampling=sequential", "--config.certify.n=4000",
                  "--config.certify.radii=(0.25,0.5)", "--config.certify.name=decision"],
+    "cascade": ["--config.certify.sigma_mode=instance", "--config.certify.certificate=cascade"],
+    "router": ["--config.certify.sigma_mode=instance", "--config.certify.certificate=router"],
+    "thresholded": ["--config.certify.sigma_mode=instance",
+                    "--config.certify.certificate=thresholded"],
 }
 
 
@@ -86,12 +91,16 @@ def main() -> None:
   args.workdir.mkdir(parents=True, exist_ok=True)
   npz = synthetic_npz(args.workdir / "data.npz")
   run_dir = args.workdir / "run"
+  # The demo recipe as it was when these fingerprints began (every training example, the σ
+  # table's radii at n = 500, 2,000 test images evaluated: all 100 here).
   common = [f"--config={ROOT / 'configs' / 'fashion_mnist_demo.py'}", f"--workdir={run_dir}",
             f"--config.dataset=npz:{npz}", "--config.train.table.fraction=0.5",
+            "--config.train.examples=0", "--config.train.table.n=500",
             "--config.estimator.finetune_epochs=1", "--config.certify.n=500",
             "--config.certify.skip=4", "--config.certify.batch=500",
             "--config.certify.instances=5", "--config.certify.estimator.n=500"]
   run("train.py", common)
+  run("train.py", common + ["--config.estimator.router=True"])  # the router's nodes
   record = {}
   state = ij.load_train_state(run_dir)
   record["params"] = tree_digest(state.params)

@@ -24,6 +24,7 @@ def get_config():
   config.train.table.fraction = 0.35
   config.estimator.epochs = 4
   config.certify.n = 10_000
+  config.train.table.n = 10_000
   config.certify.skip = 20
   config.certify.max = -1
   config.certify.batch = 20_000

@@ -14,6 +14,7 @@ def get_config():
   config.train.augment = "crop_flip"
   config.train.eval_examples = 1000
   config.certify.n = 10_000
+  config.train.table.n = 10_000
   config.certify.skip = 20
   config.certify.max = 2000
   return config

@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   # image_size·256/224) and centre-cropped to image_size; 0: as stored (all one size).
   config.image_size = 0
   config.corrupt_images = "fail"  # fail | skip: an unreadable image is replaced by the next one
-  # The training input pipeline (instars_jax/pipeline.py); none of these changes the batches.
+  # The training input pipeline (instars_jax/data/pipeline.py); none of these changes the batches.
   config.input = ml_collections.ConfigDict()
   config.input.workers = 0  # processes that decode and augment batches (0: in the trainer)
   config.input.threads = 2  # threads per process reading ahead
@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   # selection settings (certify.thresholded.threshold, certify.cascade.threshold, ...) are
   # tuned: certify.split=holdout certifies it, and python -m instars_jax.tune sweeps τ there.
   config.train.holdout = 0.0
+  config.train.examples = 0  # train on this many of the rest (a fixed draw by seed); 0: all
   config.train.batch_size = 256
   config.train.learning_rate = 0.1
   config.train.momentum = 0.9
@@ -49,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.loss = losses.DEFAULT_LOSS
   for name, section in losses.sections().items():
     config.train[name] = ml_collections.ConfigDict(section)
-  config.train.augment = "none"  # none | crop_flip | random_resized_crop (instars_jax/augment.py)
+  config.train.augment = "none"  # none | crop_flip | random_resized_crop (instars_jax/data/augment.py)
   config.train.eval_examples = 0  # test examples evaluated after each epoch; 0: all
   # Besides every epoch end, an interim checkpoint every this many steps (0: none), so a hard
   # kill loses at most that many; SIGTERM/SIGINT always checkpoint the step they stop at.
@@ -63,7 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.divergence.chance_fraction = 0.98
   # Insta-RS Train: stage 1 is Gaussian augmentation; in stage 2 every training example
   # trains at its own σ, the grid σ where the table's radius profile of it is best
-  # (instars_jax/sigma_table.py), re-estimated between epochs.
+  # (instars_jax/train/sigma_table.py), re-estimated between epochs.
   config.train.insta = False
   config.train.stage1_epochs = 0  # E1: the first stage-2 epoch
   config.train.stage1_noise = "sigma"  # sigma: train.sigma | grid: a grid σ per example and step
@@ -78,8 +79,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Share of stage-2 examples (drawn per example and step) trained at a random grid σ instead
   # of their table σ, so the base model stays good at every σ an estimator may pick.
   config.train.table.explore = 0.0
+  # The CERTIFY sample count and failure probability the table's radii assume (and the
+  # σ-estimator's labels): training's own, so a certification setting never changes training.
+  config.train.table.n = 100_000
+  config.train.table.alpha = 0.001
 
-  # The σ-estimator of the sound instance-wise certificate (instars_jax/estimator.py), trained
+  # The σ-estimator of the sound instance-wise certificate (instars_jax/train/estimator.py), trained
   # after the base model in the same train.py run; 0 epochs: none.
   config.estimator = ml_collections.ConfigDict()
   config.estimator.epochs = 0
@@ -125,7 +130,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.certify.batch = 400  # noisy images per forward pass on one device
   config.certify.instances = 8  # test images sharing each forward pass, per device
   # fixed: n estimation samples per image | sequential: up to n, stopping early with an
-  # anytime-valid bound (instars_jax/sequential.py): with radii empty, once the radius is
+  # anytime-valid bound (instars_jax/smoothing/sequential/): with radii empty, once the radius is
   # within a factor (1 - tolerance) of the best still reachable; else once "radius >= r" is
   # decided for every r in radii (the radius written is the largest r proven).
   config.certify.sampling = "fixed"

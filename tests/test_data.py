@@ -238,3 +238,19 @@ def test_holdout_is_a_fixed_draw_kept_out_of_training(tmp_path):
   for fraction in (1.0, -0.1, 0.01):  # all, negative, rounds to none
     with pytest.raises(ValueError, match=rf"train.holdout={fraction} must lie in \[0, 1\)"):
       data.hold_out(full, fraction, seed=7)
+
+
+def test_fewer_examples_keeps_a_fixed_draw_in_order():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (20, 4, 4), np.uint8)
+  full = data.Dataset("toy", data.Split(images, np.arange(20) % 3), data.Split(images[:2],
+                      np.zeros(2, int)), 3, "fashion_mnist")
+  kept = data.fewer_examples(full, 8, seed=1)
+  assert len(kept.train) == 8 and data.fewer_examples(full, 0, seed=1) is full
+  rows = [int(np.flatnonzero((images == kept.train.images[i]).all(axis=(1, 2)))[0])
+          for i in range(8)]
+  assert rows == sorted(rows)  # in their original order
+  np.testing.assert_array_equal(kept.train.labels, np.arange(20)[rows] % 3)
+  assert data.fewer_examples(full, 8, seed=1).train.images.tobytes() == kept.train.images.tobytes()
+  with pytest.raises(ValueError, match=r"train.examples=21 must lie in \[0, 20\]"):
+    data.fewer_examples(full, 21, seed=1)

@@ -98,11 +98,18 @@ def test_stages_switch_at_e1_and_the_table_round_trips(insta_config, tmp_path):
 
 
 def test_killed_in_stage_2_resumes_to_the_same_table(insta_config, tmp_path, monkeypatch):
+  # Resumed with another certify.n (certification's, which training never reads): the same
+  # table and weights. With another train.table.n (the table's own): refused.
   straight = loop.train_and_evaluate(insta_config, tmp_path / "straight")
   with monkeypatch.context() as m:  # killed during the second table update
     stop_after(sigma_table, "profile_step", 2 + 1, m)
     with pytest.raises(Killed):
       loop.train_and_evaluate(insta_config, tmp_path / "resumed")
+  insta_config.train.table.n = 500
+  with pytest.raises(ValueError, match=r"different config \(train\.table\.n\)"):
+    loop.train_and_evaluate(insta_config, tmp_path / "resumed")
+  insta_config.train.table.n = 100_000
+  insta_config.certify.n = 37
   resumed = loop.train_and_evaluate(insta_config, tmp_path / "resumed")
   np.testing.assert_array_equal(np.asarray(resumed.sigma_table), np.asarray(straight.sigma_table))
   np.testing.assert_array_equal(np.asarray(resumed.sigma_profile),
@@ -301,8 +308,14 @@ def test_a_run_saved_before_later_keys_existed_still_resumes(toy_config, tmp_pat
   for key in ("image_size", "corrupt_images"):
     del saved[key]
   del saved["train"]["checkpoint_every_steps"], saved["train"]["divergence"]
+  # The σ table's n and α lived under certify: an old run's are its certify.n and alpha.
+  del saved["train"]["table"]["n"], saved["train"]["table"]["alpha"], saved["train"]["holdout"]
+  saved["certify"]["n"] = 300
   saved_path.write_text(json.dumps(saved))
   toy_config.train.epochs = 2
+  with pytest.raises(ValueError, match=r"different config \(train\.epochs, train\.table\.n\)"):
+    loop.train_and_evaluate(toy_config, tmp_path / "run")
+  toy_config.train.table.n = 300
   with pytest.raises(ValueError, match=r"different config \(train\.epochs\)"):
     loop.train_and_evaluate(toy_config, tmp_path / "run")
   saved["train"]["epochs"] = 2

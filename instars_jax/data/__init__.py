@@ -17,23 +17,25 @@ from __future__ import annotations
 import importlib
 
 from instars_jax.data.splits import (Dataset, DatasetError, Options, Split, batches,
-                                     epoch_order, hold_out, num_batches)
+                                     epoch_order, fewer_examples, hold_out, num_batches)
 
 NAMES = {"fashion_mnist": "fashion_mnist", "cifar10_jpeg": "cifar10_jpeg", "cifar10": "tfds",
          "imagenet2012": "tfds"}
 PREFIXES = {"npz:": "npz", "folder:": "folder", "array_record:": "array_record", "tfds:": "tfds"}
 
 __all__ = ["Dataset", "DatasetError", "Options", "Split", "batches", "epoch_order",
-           "from_config", "hold_out", "load_dataset", "num_batches"]
+           "fewer_examples", "from_config", "hold_out", "load_dataset", "num_batches"]
 
 
 def from_config(config) -> Dataset:
   """The dataset that `config` (dataset, data_dir, cache_dir, ...) names, with the share
-  train.holdout of its training examples held out (splits.hold_out)."""
+  train.holdout of its training examples held out (splits.hold_out) and, with
+  train.examples, only that many of the rest kept for training (splits.fewer_examples)."""
   dataset = load_dataset(config.dataset, data_dir=config.data_dir, cache_dir=config.cache_dir,
                          num_classes=config.num_classes, image_size=config.image_size,
                          skip_corrupt=config.corrupt_images == "skip")
-  return hold_out(dataset, config.train.holdout, config.seed)
+  dataset = hold_out(dataset, config.train.holdout, config.seed)
+  return fewer_examples(dataset, config.train.examples, config.seed)
 
 
 def load_dataset(name: str, *, data_dir: str = "", cache_dir: str = "", num_classes: int = 0,

@@ -53,7 +53,7 @@ class StepBatches:
     if batching.batch_size % host_count:
       raise ValueError(f"batch size {batching.batch_size} must divide by the host count "
                        f"{host_count}")
-    self.split, self.batching = split, batching
+    self.split = split
     self.batch_size, self.steps_per_epoch = batching.batch_size, batching.steps_per_epoch
     self.seed, self.augmentation, self.image_size = (batching.seed, batching.augmentation,
                                                      batching.image_size)

@@ -56,7 +56,7 @@ def default_cache_dir() -> Path:
 class Split:
   """Images (uint8, [N, H, W] or [N, H, W, C]) and labels, addressable by index.
 
-  `images` is an array, or a sources.EncodedImages decoded example by example.
+  `images` is an array, or an encoded.EncodedImages decoded example by example.
   """
   images: object
   labels: np.ndarray
@@ -138,6 +138,19 @@ def hold_out(dataset: Dataset, fraction: float, seed: int) -> Dataset:
   held[numpy_rng(seed, Stream.HOLDOUT).permutation(size)[:count]] = True
   return dataclasses.replace(dataset, train=dataset.train.subset(np.flatnonzero(~held)),
                              holdout=dataset.train.subset(np.flatnonzero(held)))
+
+
+def fewer_examples(dataset: Dataset, count: int, seed: int) -> Dataset:
+  """`dataset` training on `count` of its training examples (a draw that is a pure function
+  of `seed`, in their original order); unchanged at 0. ValueError unless 0 <= count <= N."""
+  size = len(dataset.train)
+  if count == 0:
+    return dataset
+  if not 0 < count <= size:
+    raise ValueError(f"train.examples={count} must lie in [0, {size}] (0: all the training "
+                     "examples)")
+  kept = np.sort(numpy_rng(seed, Stream.FEWER_EXAMPLES).permutation(size)[:count])
+  return dataclasses.replace(dataset, train=dataset.train.subset(kept))
 
 
 # ---------------------------------------------------------------------------

@@ -33,7 +33,9 @@ METRICS_FILE = "metrics.jsonl"
 LATER_KEYS = {"image_size": 0, "corrupt_images": "fail", "train.checkpoint_every_steps": 0,
               "train.divergence.nonfinite": True, "train.divergence.chance_steps": 200,
               "train.divergence.chance_fraction": 0.98, "train.table.explore": 0.0,
-              "train.holdout": 0.0}
+              "train.holdout": 0.0, "train.examples": 0}
+# Keys that moved, new name: old name. A run saved before the move used the old key's value.
+MOVED_KEYS = {"train.table.n": "certify.n", "train.table.alpha": "certify.alpha"}
 # Sections a run may resume with changed: certification, the estimator (which checks its own
 # settings, so a finished run can get one) and the input settings (they never change batches).
 RESUMABLE_SECTIONS = ("certify", "estimator", "input")
@@ -111,7 +113,9 @@ class Workdir:
     added later count as their LATER_KEYS value, or their `later_keys` one)."""
     if not self.config_path.exists():
       return
-    saved = LATER_KEYS | (later_keys or {}) | _dotted(json.loads(self.config_path.read_text()))
+    saved = _dotted(json.loads(self.config_path.read_text()))
+    saved = (LATER_KEYS | (later_keys or {})
+             | {new: saved[old] for new, old in MOVED_KEYS.items() if old in saved} | saved)
     current = _dotted(json.loads(config.to_json()))
     differing = sorted(k for k in set(saved) | set(current)
                        if k.split(".")[0] not in RESUMABLE_SECTIONS

@@ -97,7 +97,8 @@ def start_lattices(sigma_min: float, sigma_max: float, starts: int) -> np.ndarra
 
 def _local_search(x, ids, key, factors, lattices, *, apply_fn, samples, chunk, num_classes,
                   steps):
-  """Best (σ, R) per instance over all starts; start k uses its own common random numbers."""
+  """The best σ per instance over all starts (by R on fresh samples); start k uses its own
+  common random numbers."""
   b = x.shape[0]
 
   def one_start(best, start):
@@ -112,8 +113,8 @@ def _local_search(x, ids, key, factors, lattices, *, apply_fn, samples, chunk, n
     return (jnp.where(better, lattice[index], best[0]), jnp.where(better, radius, best[1])), None
 
   initial = (jnp.zeros((b,)), jnp.full((b,), -jnp.inf))
-  (sigma, radius), _ = jax.lax.scan(one_start, initial, (jnp.arange(len(lattices)), lattices))
-  return sigma, radius
+  (sigma, _), _ = jax.lax.scan(one_start, initial, (jnp.arange(len(lattices)), lattices))
+  return sigma
 
 
 def default_samples_per_step(n: int, starts: int, steps: int) -> int:
@@ -129,7 +130,7 @@ def search_budget(starts: int, steps: int, samples_per_step: int) -> int:
 def search_sigma(apply_fn, x, key, *, sigma_min: float, sigma_max: float, starts: int = 4,
                  steps: int = 6, samples_per_step: int | None = None, n: int = 100_000,
                  alpha: float = 0.001, estimate_alpha: float = ESTIMATE_ALPHA,
-                 batch_size: int, num_classes: int, ids=None, return_objective: bool = False):
+                 batch_size: int, num_classes: int, ids=None):
   """float32[B]: the σ in [sigma_min, sigma_max] chosen for each instance (Insta-RS).
 
   Multi-start search: `starts` brackets in log σ, centred geometrically over the range and
@@ -150,7 +151,6 @@ def search_sigma(apply_fn, x, key, *, sigma_min: float, sigma_max: float, starts
   keeps the noisiest σ (the largest) from winning by luck.
 
   Deterministic in (key, ids[i]); independent of batch size, grouping and device count.
-  With return_objective=True, also returns the search's estimate of R at the chosen σ.
   """
   x, _, ids = sampler.validate_instances(x, 1.0, ids)
   samples_per_step = samples_per_step or default_samples_per_step(n, starts, steps)
@@ -160,14 +160,13 @@ def search_sigma(apply_fn, x, key, *, sigma_min: float, sigma_max: float, starts
   sampler.check_model(apply_fn, x, num_classes)
 
   chunk = sampler.samples_per_pass(batch_size, parallel.per_device(len(x)), samples_per_step)
-  sigma, radius = parallel.map_instances(
+  sigma = parallel.map_instances(
       _local_search, (x, ids),
       (key, bounds.radius_factors(samples_per_step, n, alpha, estimate_alpha),
        start_lattices(sigma_min, sigma_max, starts)),
       apply_fn=apply_fn, samples=samples_per_step, chunk=chunk, num_classes=num_classes,
       steps=steps)
-  sigma = np.asarray(sigma, np.float32)
-  return (sigma, np.asarray(radius)) if return_objective else sigma
+  return np.asarray(sigma, np.float32)
 
 
 def validate_search(*, sigma_min, sigma_max, starts, steps, samples_per_step, n, alpha,

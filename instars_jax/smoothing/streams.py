@@ -31,6 +31,7 @@ class Stream(enum.IntEnum):
   AUGMENT = 13  # crop, flip and resized crop of a training example (numpy)
   EPOCH_ORDER = 14  # the order of the training examples in an epoch (numpy)
   HOLDOUT = 15  # which training examples are held out from training (numpy)
+  FEWER_EXAMPLES = 16  # which training examples train.examples keeps (numpy)
   CERTIFY = 20  # the key of a certification run
   ESTIMATOR_TEST = 30  # the σ-estimator's CERTIFY (an instance-wise certificate)
   CLASS_TEST = 31  # the class's CERTIFY at the σ the estimator chose

@@ -43,8 +43,8 @@ def cached_profile(context, base_state) -> np.ndarray:
   c = context
   path = c.workdir.estimator_dir / PROFILE_FILE
   key = json.dumps({"label_samples": c.config.estimator.label_samples, "seed": c.config.seed,
-                    "grid": list(estimator.grid_of(c.config)), "n": c.config.certify.n,
-                    "alpha": c.config.certify.alpha}, sort_keys=True)
+                    "grid": list(estimator.grid_of(c.config)), "n": c.config.train.table.n,
+                    "alpha": c.config.train.table.alpha}, sort_keys=True)
   if path.exists():
     with np.load(path) as saved:
       if str(saved["settings"]) == key:

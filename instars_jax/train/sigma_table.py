@@ -119,7 +119,7 @@ def update(state, split, sharder, config, visit: Visit):
   key, order, samples = visit.key, visit.order, visit.samples
   per_host = table.chunk // jax.process_count()
   grid = tuple(float(s) for s in table.grid)
-  factors = radius_factor_table(config.certify.n, config.certify.alpha)
+  factors = radius_factor_table(config.train.table.n, config.train.table.alpha)
   for batch in data.batches(split, table.chunk, host_id=jax.process_index(),
                             host_count=jax.process_count(), order=order):
     # The last chunk is padded with copies of its first example: same index, same values.
