@@ -112,6 +112,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.estimator.init = "base"
   config.estimator.radius_weight = 0.0
   config.estimator.balance_bins = False
+  config.estimator.gain_weight = False  # weigh examples by their radius gain (issue 29)
   # router: instead of one estimator over the grid, a router tree of binary nodes, node k
   # deciding grid σ_k against the lower ones, smoothed at σ_k (the `router` certificate).
   config.estimator.router = False

@@ -107,3 +107,28 @@ def test_a_fractional_update_visits_a_rotating_slice():
   np.testing.assert_array_equal(np.sort(np.concatenate(slices)), np.arange(96))
   np.testing.assert_array_equal(sigma_table.update_indices(96, 1.0, 3, seed=0), np.arange(96))
   assert not np.array_equal(slices[0], sigma_table.update_indices(96, 0.25, 0, seed=1))
+
+
+def test_gain_weights_follow_the_radius_gain_and_balance_the_bins():
+  # Hand-set profiles over a 3-σ grid. A router node for σ_3 bins (max(R_1, R_2), R_3); the
+  # gain is |R_3 − max(R_1, R_2)|, radii below 0 counting as 0; an example certified nowhere
+  # is dropped. With balance_bins too, each bin's examples weigh the same in total.
+  import types
+  radii = np.array([[0.2, 0.5, 1.5],   # bins (0.5, 1.5): gain 1.0, top bin 1
+                    [0.9, 0.1, 0.6],   # (0.9, 0.6): gain 0.3, top bin 0
+                    [0.0, 0.3, 0.4],   # (0.3, 0.4): gain 0.1, top bin 1
+                    [-1.0, -1.0, -1.0]])  # certified nowhere: dropped
+  node = estimator.Chooser(directory=None, grid=GRID, sigma=1.0, node=2)
+  settings = types.SimpleNamespace(temperature=0.1, balance_bins=False, radius_weight=0.0,
+                                   gain_weight=True)
+  weighted, kept = estimator.training_labels(radii, node, settings)
+  np.testing.assert_array_equal(kept, [0, 1, 2])
+  weights = weighted[kept].sum(axis=1)
+  np.testing.assert_allclose(weights, np.array([1.0, 0.3, 0.1]) / (1.4 / 3), rtol=1e-5)
+  settings.balance_bins = True
+  weighted, _ = estimator.training_labels(radii, node, settings)
+  balanced = weighted[kept].sum(axis=1)
+  # bin 1 holds examples 0 and 2 (1/frequency 1/2 each), bin 0 example 1 (1): mean-1 factors.
+  bins = np.array([0.5, 1.0, 0.5]) / (2 / 3)
+  gains = np.array([1.0, 0.3, 0.1]) / (1.4 / 3)
+  np.testing.assert_allclose(balanced, bins * gains, rtol=1e-5)

@@ -28,7 +28,9 @@ node_k/. Options (DualRS's, `configs/default.py`): `estimator.init` = base start
 estimator from the base model's weights with a new head; `estimator.consistency.eta` (η)
 adds η·H(p̄) of the copies' mean prediction; `estimator.radius_weight` (w_r) weighs each
 example by its best radius to the power w_r; `estimator.balance_bins` = False drops the
-1/frequency weights.
+1/frequency weights; `estimator.gain_weight` weighs each example by its radius gain, its best
+bin's radius minus the next bin's (what choosing wrong there costs), so that examples where
+the choice hardly matters teach little (with balance_bins: gain-weighted, bin-balanced).
 
 4. Optionally (`estimator.finetune_epochs`, DualRS's last step) the base model is fine-tuned
    with each training example at the σ the trained estimator picks for it (`assigned_sigmas`:
@@ -58,7 +60,7 @@ SETTINGS_FILE = "estimator.json"
 INITS = ("scratch", "base")
 # Settings added after estimators were trained, with the value that means what those did.
 LATER_SETTINGS = {"node": None, "init": "scratch", "radius_weight": 0.0,
-                  "balance_bins": True}
+                  "balance_bins": True, "gain_weight": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +126,7 @@ def bin_weights(labels) -> np.ndarray:
 def training_labels(radii, chooser: Chooser, e):
   """(weight × soft label float32[N, bins], kept indices) for `chooser` from the profile
   [N, K] over the grid, with the estimator settings `e` (temperature, balance_bins,
-  radius_weight)."""
+  radius_weight, gain_weight); each weight factor is normalised to mean 1."""
   binned = chooser.bins(np.asarray(radii))
   labels, keep = soft_labels(binned, e.temperature)
   kept = np.flatnonzero(keep)
@@ -134,6 +136,10 @@ def training_labels(radii, chooser: Chooser, e):
   if len(kept) and e.radius_weight:
     best = np.maximum(binned[kept].max(axis=1), 0.0) ** e.radius_weight
     weights *= (best / best.mean()).astype(np.float32)
+  if len(kept) and e.gain_weight:
+    top_two = -np.sort(-np.maximum(binned[kept], 0.0), axis=1)[:, :2]
+    gain = top_two[:, 0] - top_two[:, 1]
+    weights *= (gain / max(gain.mean(), np.finfo(np.float32).tiny)).astype(np.float32)
   weighted = np.zeros_like(labels)
   weighted[kept] = labels[kept] * weights[:, None]
   return weighted, kept
@@ -151,7 +157,7 @@ def settings(config, chooser: Chooser) -> dict:
           "epochs": e.epochs, "label_samples": e.label_samples, "temperature": e.temperature,
           "loss": e.loss, "loss_settings": e[e.loss].to_dict(), "learning_rate": e.learning_rate,
           "init": e.init, "radius_weight": e.radius_weight, "balance_bins": e.balance_bins,
-          "seed": config.seed}
+          "gain_weight": e.gain_weight, "seed": config.seed}
 
 
 def upgrade(saved: dict) -> dict:
