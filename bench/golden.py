@@ -100,7 +100,8 @@ def main() -> None:
             "--config.certify.skip=4", "--config.certify.batch=500",
             "--config.certify.instances=5", "--config.certify.estimator.n=500"]
   run("train.py", common)
-  run("train.py", common + ["--config.estimator.router=True"])  # the router's nodes
+  run("train.py", common + ["--config.estimator.router=True",  # the router's nodes
+                            "--config.estimator.finetune_epochs=0"])
   record = {}
   state = ij.load_train_state(run_dir)
   record["params"] = tree_digest(state.params)

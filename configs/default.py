@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from instars_jax import plugins
 from instars_jax.train import losses
 
 
@@ -142,7 +143,7 @@ def get_config() -> ml_collections.ConfigDict:
   # surely as the certificate, and sampling runs longer; the certificate never changes.
   config.certify.tolerance_alpha = 0.05
   config.certify.radii = ()
-  config.certify.name = ""  # output DIR/certify/<name>.tsv; default sigma_<sigma> / instance_<range>
+  config.certify.name = ""  # output DIR/certify/<name>.tsv; default sigma_<sigma> / the kind's own
   # σ experts: one fixed-σ run per train.table.grid σ, smallest first, commas between (e.g.
   # runs/cohen_0.25,runs/cohen_0.5,runs/cohen_1.0); the class test at σ_k uses expert k
   # (instars_jax/experts.py). Empty: this run's model at every σ. Default file names gain
@@ -151,41 +152,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.certify.split = "test"  # test | holdout (the training examples train.holdout kept out)
   config.certify.sigma_mode = "fixed"  # fixed: certify.sigma for all | instance: Insta-RS search
 
-  # With sigma_mode = instance: locally_constant (sound: σ from the smoothed σ-estimator;
-  # needs estimator.epochs > 0 at training) | router (sound: σ from a tree of binary
-  # estimators; needs estimator.router = True at training) | thresholded (sound: the
-  # router's nodes as a chain that moves an input lower only above a threshold; needs
-  # estimator.router = True at training) | cascade (sound: cascaded
-  # smoothing over the grid, no estimator) | memory (sound for one fixed query order) |
-  # per_sigma (Insta-RS as published: NOT a certificate of the input-dependent classifier).
+  # With sigma_mode = instance, the kind: a module of instars_jax/certificates/, by its file
+  # name, or any module by its dotted path: locally_constant (sound: σ from the smoothed
+  # σ-estimator; needs estimator.epochs > 0 at training) | router (sound: σ from a tree of
+  # binary estimators; needs estimator.router = True at training) | thresholded (sound: the
+  # router's nodes as a chain that moves an input lower only where its probability of
+  # "lower" is at least certify.thresholded.threshold; tune it with python -m
+  # instars_jax.tune) | cascade (sound: cascaded smoothing over the grid, no estimator) |
+  # memory (sound for one fixed query order) | per_sigma (Insta-RS as published: NOT a
+  # certificate of the input-dependent classifier).
   config.certify.certificate = "locally_constant"
-  config.certify.estimator = ml_collections.ConfigDict()  # locally_constant, router, thresholded
-  config.certify.estimator.n = 0  # estimator CERTIFY samples; 0: certify.n
-  # certify.alpha is the failure probability of the whole certificate: the estimator's test
-  # gets beta = beta_share * alpha, the class's alpha - beta (union bound).
-  config.certify.estimator.beta_share = 0.5
-
-  # With certificate = cascade (cascaded smoothing, no estimator): levels from the largest σ
-  # of `grid` (empty: train.table.grid) down; a level answers where its top class is
-  # certifiably above `threshold` (p0, in (1/2, 1)), the lowest at 1/2.
-  # With certificate = thresholded (the router's trained nodes as a chain from the largest σ
-  # down): a node moves an input lower only where its probability of "lower" is at least
-  # `threshold` (τ, in (1/2, 1)); both routes take their radius from the distance to τ.
-  config.certify.thresholded = ml_collections.ConfigDict()
-  config.certify.thresholded.threshold = 0.8
-  config.certify.thresholded.sweep = (0.55, 0.6, 0.7, 0.8, 0.9, 0.95)  # τ tried by instars_jax.tune
-
-  config.certify.cascade = ml_collections.ConfigDict()
-  config.certify.cascade.threshold = 0.6
-  config.certify.cascade.grid = ()
-
-  config.certify.search = ml_collections.ConfigDict()  # the per-instance σ search
-  config.certify.search.sigma_min = 0.05
-  config.certify.search.sigma_max = 1.0
-  config.certify.search.starts = 4
-  config.certify.search.steps = 6  # evaluations per start (golden section + a fresh check)
-  config.certify.search.samples_per_step = 0  # 0: the search uses 10% of certify.n
-  config.certify.search.estimate_alpha = 0.01  # caution in the search's estimate of p_A
+  # Each kind's own settings, certify.<section>, from the DEFAULTS of its module (estimator:
+  # locally_constant, router and thresholded; thresholded; cascade; search: per_sigma, memory).
+  for section, values in plugins.sections("instars_jax.certificates").items():
+    config.certify[section] = ml_collections.ConfigDict(values)
   return config
 
 

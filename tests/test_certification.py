@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -83,7 +84,7 @@ def test_instance_sigma_mode(run):
   config.certify.search.update(sigma_min=0.1, sigma_max=1.0, starts=2, steps=3,
                                    samples_per_step=16)
   path = certification.certify_test_set(config, workdir)
-  assert path.name == "instance_0.1-1.tsv"
+  assert path.name == "per_sigma_0.1-1.tsv"
   table = results.read_results(path)
   assert np.all((table["sigma"] >= 0.1) & (table["sigma"] <= 1.0))
   meta = results.read_metadata(path)
@@ -166,7 +167,7 @@ def test_memory_resumes_to_the_same_rows_and_answers_no_intersecting_balls(run, 
   resumed = tmp_path / "resumed"
   shutil.copytree(straight, resumed)
   path = certification.certify_test_set(config, straight)
-  assert path.name == "instance_0.1-1_memory.tsv"
+  assert path.name == "memory_0.1-1.tsv"
   assert list(path.with_suffix(".memory").glob("part_*.npz"))
   with monkeypatch.context() as m:  # killed after the memory of batch 2 was saved
     stop_after(results.ResultsWriter, "write", 2, m)
@@ -199,7 +200,7 @@ def test_locally_constant_records_its_estimator_and_alpha_split(run, tmp_path):
   with pytest.raises(FileNotFoundError, match="no σ-estimator"):
     certification.certify_test_set(config, workdir)
   config.certify.certificate = "typo"
-  with pytest.raises(ValueError, match=r"certify.certificate must be one of \('locally_constant'"):
+  with pytest.raises(ValueError, match=r"certify.certificate must be one of \['cascade', 'locally_constant'"):
     certification.certify_test_set(config, workdir)
 
 
@@ -260,7 +261,7 @@ def island_clashes(config, path) -> int:
   return certificates.intersecting_pairs(images, table["predict"], table["radius"])
 
 
-@pytest.mark.parametrize("kind", certificates.INSTANCE_KINDS)
+@pytest.mark.parametrize("kind", certificates.instance_kinds())
 def test_sound_kinds_through_certification_never_certify_intersecting_balls(kind, tmp_path,
                                                                             monkeypatch):
   # The check can fail: per_sigma, the certificate Insta-RS published, fails it on these
@@ -417,3 +418,40 @@ def test_experts_that_disagree_with_the_run_are_refused_before_any_row(run, tmp_
   with pytest.raises(error, match=message):
     certification.certify_test_set(config, workdir)
   assert not (workdir / "certify").exists()
+
+
+def test_a_kind_is_one_new_file_or_a_dotted_module_path(run, tmp_path, monkeypatch, request):
+  # per_sigma.py copied under another name into the package's folder (here a second folder
+  # of the package) certifies under that name with no other edit; so does a copy outside the
+  # package, named by its dotted path. Both reproduce per_sigma's rows: the same search.
+  config, workdir = run
+  config.certify.update(sigma_mode="instance", certificate="per_sigma")
+  config.certify.search.update(sigma_min=0.1, sigma_max=1.0, starts=2, steps=3,
+                               samples_per_step=16)
+  reference = rows_without_time(certification.certify_test_set(config, workdir))
+  source = (Path(certificates.__file__).parent / "per_sigma.py").read_text()
+  extra = tmp_path / "more_kinds"
+  extra.mkdir()
+  (extra / "my_search.py").write_text(source)
+  certificates.__path__.append(str(extra))  # the package's folders, as imports see them
+  request.addfinalizer(lambda: certificates.__path__.remove(str(extra)))
+  outside = tmp_path / "outside" / "my_pkg"
+  outside.mkdir(parents=True)
+  (outside / "__init__.py").write_text("")
+  (outside / "their_search.py").write_text(source)
+  monkeypatch.syspath_prepend(str(tmp_path / "outside"))
+  assert "my_search" in certificates.instance_kinds()
+  for name, stem in (("my_search", "my_search_0.1-1"), ("my_pkg.their_search", "their_search_0.1-1")):
+    config.certify.certificate = name
+    path = certification.certify_test_set(config, workdir)
+    assert path.name == f"{stem}.tsv"
+    assert results.read_metadata(path)["certificate"] == stem.split("_0")[0]
+    assert rows_without_time(path) == reference
+  (outside / "not_a_kind.py").write_text("NAME = 'x'\n")
+  config.certify.certificate = "my_pkg.not_a_kind"
+  with pytest.raises(ValueError, match=r"'my_pkg.not_a_kind' is not a certificate kind: it lacks "
+                                       r"SOUND, MEANING"):
+    certification.certify_test_set(config, workdir)
+  config.certify.certificate = "no_such_pkg.kind"
+  with pytest.raises(ValueError, match="cannot import the certificate kind 'no_such_pkg.kind'"):
+    certification.certify_test_set(config, workdir)

@@ -8,8 +8,11 @@ big_vision finds its models): its docstring states what its radius certifies, ho
 failure probability is split, and the proof or its source.
 
 A kind module declares
-  NAME, SOUND, MEANING       its name; whether its radius certifies the classifier it deploys;
-                             what the radius certifies (written into every results file)
+  NAME, SOUND, MEANING       its name (its file's: NAME = __name__.rpartition(".")[2]);
+                             whether its radius certifies the classifier it deploys; what the
+                             radius certifies (written into every results file)
+  DEFAULTS, SECTION          optional: a literal dict, its config section certify.<SECTION>
+                             (default: its name) with defaults, gathered by configs/default.py
   MULTI_HOST                 whether hosts may certify disjoint shares of the test set
   validate(config)           ValueError naming a bad value of its own settings
   sigmas(config)             the σ its class test may certify at (None: any, found by search),
@@ -17,26 +20,27 @@ A kind module declares
   file_stem(config)          its default results file name
   metadata(config, workdir)  its settings, recorded in the results' metadata
   prepare(run, config)       -> certify(x, ids) -> Certified, for one batch of test images
-Adding a kind is one module here and one entry of KINDS.
+Adding a kind is one new module here (found by name: certify.certificate=<file name>), or
+a module anywhere on the path, named by its dotted path (certify.certificate=my_pkg.my_kind;
+it may use the existing sections, but cannot add one).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
 
+from instars_jax import plugins
 from instars_jax.smoothing import sampler
 
-KINDS = ("fixed_sigma", "locally_constant", "router", "thresholded", "cascade", "memory",
-         "per_sigma")
 FIXED = "fixed_sigma"  # what sigma_mode = fixed certifies
-INSTANCE_KINDS = tuple(kind for kind in KINDS if kind != FIXED)
 SIGMA_MODES = ("fixed", "instance")
+INTERFACE = ("NAME", "SOUND", "MEANING", "MULTI_HOST", "validate", "sigmas", "file_stem",
+             "metadata", "prepare")
 
 # Radii derived from distances are shrunk by one part in a million of the lengths involved
 # (the distance and the stored radius), so that floating-point rounding can never turn two
@@ -119,6 +123,15 @@ def _stitch(sigma, by_sigma: dict) -> np.ndarray:
   return out
 
 
+def kinds() -> list:
+  """The kinds of this package, by name (its modules not named with a leading underscore)."""
+  return plugins.names(__name__)
+
+
+def instance_kinds() -> list:
+  return [name for name in kinds() if name != FIXED]
+
+
 def name_of(config) -> str:
   """The kind config.certify selects: fixed_sigma, or with sigma_mode = instance
   certify.certificate; ValueError naming a bad value."""
@@ -127,17 +140,25 @@ def name_of(config) -> str:
     raise ValueError(f"certify.sigma_mode must be one of {SIGMA_MODES}; got {c.sigma_mode!r}")
   if c.sigma_mode == "fixed":
     return FIXED
-  if c.certificate not in INSTANCE_KINDS:
-    raise ValueError(f"certify.certificate must be one of {INSTANCE_KINDS}; got "
-                     f"{c.certificate!r}")
+  if "." not in c.certificate and c.certificate not in instance_kinds():
+    raise ValueError(f"certify.certificate must be one of {instance_kinds()} or a dotted "
+                     f"module path; got {c.certificate!r}")
   return c.certificate
 
 
 def get(name: str):
-  """The module of the kind `name`."""
-  if name not in KINDS:
-    raise ValueError(f"unknown certificate kind {name!r}; known: {KINDS}")
-  return importlib.import_module(f"{__name__}.{name}")
+  """The module of the kind `name` (a module of this package, or a dotted module path),
+  checked to declare the interface; ValueError otherwise."""
+  if "." not in name and name not in kinds():
+    raise ValueError(f"unknown certificate kind {name!r}; known: {kinds()}")
+  try:
+    kind = plugins.load(__name__, name)
+  except ImportError as error:
+    raise ValueError(f"cannot import the certificate kind {name!r}: {error}") from None
+  missing = [attribute for attribute in INTERFACE if not hasattr(kind, attribute)]
+  if missing:
+    raise ValueError(f"{name!r} is not a certificate kind: it lacks {', '.join(missing)}")
+  return kind
 
 
 def for_config(config):

@@ -42,7 +42,7 @@ from instars_jax.certificates import Certified, padded_rows
 from instars_jax.smoothing import bounds, sampler
 from instars_jax.smoothing.streams import Stream
 
-NAME = "cascade"
+NAME = __name__.rpartition(".")[2]  # the kind is named by its file
 SOUND = True
 MULTI_HOST = True
 MEANING = ("sound for the cascade classifier G (Jeong & Shin, NeurIPS 2023): levels tried "
@@ -50,6 +50,10 @@ MEANING = ("sound for the cascade classifier G (Jeong & Shin, NeurIPS 2023): lev
            "at or above the threshold p0, the lowest at 1/2; radius = min(answering level's "
            "margin above p0, every level above it's margin of the other classes below p0); "
            "alpha split equally over the levels")
+DEFAULTS = {
+    "threshold": 0.6,  # p0 in (1/2, 1): where a level above the lowest answers
+    "grid": (),  # the levels' σ, from the largest down; empty: train.table.grid
+}
 
 
 def grid_of(config) -> tuple:

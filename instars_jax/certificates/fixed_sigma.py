@@ -9,7 +9,7 @@ import numpy as np
 
 from instars_jax.certificates import Certified
 
-NAME = "fixed_sigma"
+NAME = __name__.rpartition(".")[2]  # the kind is named by its file
 SOUND = True
 MULTI_HOST = True
 MEANING = ("sound: Cohen et al. CERTIFY of the smoothed classifier g_sigma, one sigma for "

@@ -23,13 +23,20 @@ from instars_jax.smoothing import bounds, sampler
 from instars_jax.smoothing.streams import Stream
 from instars_jax.train import estimator
 
-NAME = "locally_constant"
+NAME = __name__.rpartition(".")[2]  # the kind is named by its file
 SOUND = True
 MULTI_HOST = True
 MEANING = ("sound for G(x) = g_sigma_e(x)(x) with a smoothed, certified sigma estimator e "
            "(Dual Randomized Smoothing; e = the bin above 1/2, else the smallest sigma): "
            "radius = min(estimator radius, class radius); failure probability alpha = beta "
            "(estimator) + the class test's alpha")
+SECTION = "estimator"  # config.certify.estimator, shared with router and thresholded
+DEFAULTS = {
+    "n": 0,  # the selector's CERTIFY samples; 0: certify.n
+    # certify.alpha is the failure probability of the whole certificate: the selector's tests
+    # get beta = beta_share * alpha, the class test alpha - beta (union bound).
+    "beta_share": 0.5,
+}
 
 
 def validate(config) -> None:

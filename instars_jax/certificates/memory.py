@@ -18,7 +18,7 @@ import numpy as np
 from instars_jax.certificates import ROUNDING_MARGIN, Certified, per_sigma
 from instars_jax.smoothing.sampler import ABSTAIN
 
-NAME = "memory"
+NAME = __name__.rpartition(".")[2]  # the kind is named by its file
 SOUND = True
 MULTI_HOST = False
 MEANING = ("sound for the memory-based classifier that answers the test points in this file's "
@@ -30,7 +30,7 @@ sigmas = per_sigma.sigmas
 
 
 def file_stem(config) -> str:
-  return f"{per_sigma.file_stem(config)}_memory"
+  return f"{NAME}_{per_sigma.search_range(config)}"
 
 
 def prepare(run, config):

@@ -14,12 +14,21 @@ from instars_jax.certificates import Certified
 from instars_jax.smoothing import search
 from instars_jax.smoothing.streams import Stream
 
-NAME = "per_sigma"
+NAME = __name__.rpartition(".")[2]  # the kind is named by its file
 SOUND = False
 MULTI_HOST = True
 MEANING = ("certifies g_sigma at the chosen sigma; not a certificate of the input-dependent "
            "classifier G(x) = g_sigma(x)(x) (Insta-RS as published; see Sukenik et al., "
            "ICML 2022)")
+SECTION = "search"  # config.certify.search, shared with memory
+DEFAULTS = {
+    "sigma_min": 0.05,
+    "sigma_max": 1.0,
+    "starts": 4,
+    "steps": 6,  # evaluations per start (golden section + a fresh check)
+    "samples_per_step": 0,  # 0: the search uses 10% of certify.n
+    "estimate_alpha": 0.01,  # caution in the search's estimate of p_A
+}
 
 
 def search_arguments(config) -> dict:
@@ -39,9 +48,13 @@ def sigmas(config) -> None:
   del config  # σ anywhere in [sigma_min, sigma_max], found by the search
 
 
-def file_stem(config) -> str:
+def search_range(config) -> str:
   s = config.certify.search
-  return f"instance_{s.sigma_min:g}-{s.sigma_max:g}"
+  return f"{s.sigma_min:g}-{s.sigma_max:g}"
+
+
+def file_stem(config) -> str:
+  return f"{NAME}_{search_range(config)}"
 
 
 def metadata(config, workdir) -> dict:

@@ -32,7 +32,7 @@ from instars_jax.smoothing import sampler
 from instars_jax.smoothing.streams import Stream
 from instars_jax.train import estimator
 
-NAME = "router"
+NAME = __name__.rpartition(".")[2]  # the kind is named by its file
 SOUND = True
 MULTI_HOST = True
 MEANING = ("sound for G(x) = g_sigma(x)(x) with sigma picked by a tree of smoothed, certified "

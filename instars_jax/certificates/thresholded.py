@@ -38,7 +38,7 @@ from instars_jax.smoothing import bounds, sampler
 from instars_jax.smoothing.streams import Stream
 from instars_jax.train import estimator
 
-NAME = "thresholded"
+NAME = __name__.rpartition(".")[2]  # the kind is named by its file
 SOUND = True
 MULTI_HOST = True
 MEANING = ("sound for G(x) = g_sigma(x)(x) with sigma from the largest down, moved lower by "
@@ -46,6 +46,10 @@ MEANING = ("sound for G(x) = g_sigma(x)(x) with sigma from the largest down, mov
            "threshold tau: radius = min(each node's distance to tau on the path, class "
            "radius); failure probability alpha = beta (split over the nodes and their two "
            "bounds) + the class test's alpha")
+DEFAULTS = {
+    "threshold": 0.8,  # τ in (1/2, 1)
+    "sweep": (0.55, 0.6, 0.7, 0.8, 0.9, 0.95),  # the τ python -m instars_jax.tune tries
+}
 alpha_split = locally_constant.alpha_split
 sigmas = locally_constant.sigmas
 

@@ -30,28 +30,22 @@ router nodes with `estimator.loss` and `estimator.<loss>` (consistency by defaul
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import importlib
-import pkgutil
-from pathlib import Path
+
+from instars_jax import plugins
 
 DEFAULT_LOSS = "gaussian"
 
 
 def names() -> list:
   """The losses of this package (its modules not named with a leading underscore)."""
-  return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+  return plugins.names(__name__)
 
 
 def defaults(name: str) -> dict:
   """The DEFAULTS dict of loss `name`, read from its source (the module is not imported)."""
-  tree = ast.parse((Path(__file__).parent / f"{name}.py").read_text())
-  for node in tree.body:
-    targets = [getattr(target, "id", None) for target in getattr(node, "targets", ())]
-    if isinstance(node, ast.Assign) and targets == ["DEFAULTS"]:
-      return ast.literal_eval(node.value)
-  raise ValueError(f"the loss module {name}.py has no literal DEFAULTS dict")
+  return plugins.literal(plugins.source_path(__name__, name), "DEFAULTS")
 
 
 def sections() -> dict:

@@ -1,0 +1,72 @@
+"""Plug-ins found by name (big_vision's pattern): a package's modules are its plug-ins, each
+naming itself by its file, and a literal dict in each (its config section's defaults) is read
+from the source without importing the module, so that configs/default.py can gather every
+section before JAX loads and flags are parsed. A dotted module path names a plug-in that lives
+outside the package."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import pkgutil
+from pathlib import Path
+
+MISSING = object()
+
+
+def package_dirs(package: str) -> list:
+  """The folders of `package`, found without running its __init__ (the live __path__ once it
+  is imported)."""
+  return list(importlib.util.find_spec(package).submodule_search_locations)
+
+
+def names(package: str) -> list:
+  """The plug-ins of `package`: its modules not named with a leading underscore, sorted."""
+  return sorted({m.name for m in pkgutil.iter_modules(package_dirs(package))
+                 if not m.name.startswith("_")})
+
+
+def source_path(package: str, name: str) -> Path:
+  """The source file of the plug-in `name` of `package`, or of the dotted module `name`."""
+  if "." in name:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+      raise ValueError(f"cannot find the module {name!r}")
+    return Path(spec.origin)
+  for folder in package_dirs(package):
+    path = Path(folder) / f"{name}.py"
+    if path.exists():
+      return path
+  raise ValueError(f"{package} has no plug-in {name!r}; known: {names(package)}")
+
+
+def literal(path: Path, variable: str, default=MISSING):
+  """The value of the module-level literal `variable = ...` in the source at `path`."""
+  for node in ast.parse(Path(path).read_text()).body:
+    targets = [getattr(target, "id", None) for target in getattr(node, "targets", ())]
+    if isinstance(node, ast.Assign) and targets == [variable]:
+      return ast.literal_eval(node.value)
+  if default is MISSING:
+    raise ValueError(f"{path.name} has no literal {variable}")
+  return default
+
+
+def sections(package: str) -> dict:
+  """{section: defaults} of the plug-ins of `package` that declare a literal DEFAULTS, each
+  under its literal SECTION (default: its own name); plug-ins sharing a section must agree."""
+  found = {}
+  for name in names(package):
+    path = source_path(package, name)
+    values = literal(path, "DEFAULTS", None)
+    if values is None:
+      continue
+    section = literal(path, "SECTION", name)
+    if found.setdefault(section, values) != values:
+      raise ValueError(f"{path.name} declares other defaults for the section {section!r}")
+  return found
+
+
+def load(package: str, name: str):
+  """The plug-in module `name` of `package`, or the dotted module `name`."""
+  return importlib.import_module(name if "." in name else f"{package}.{name}")
