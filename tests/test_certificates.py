@@ -254,17 +254,25 @@ def test_cascade_never_exceeds_the_true_radius_and_answers_at_every_level(linear
   assert cert.radius[6] == pytest.approx(stats.norm.ppf(lower) - stats.norm.ppf(0.6), rel=1e-5)
 
 
+def x7_nodes(linear, seed, count, *, scale, sigmas, n):
+  """(x, [node 2, node 1]): `count` inputs at random signed distances in ±1 from the linear
+  f's hyperplane with x_7 uniform in ±1.5, and two binary nodes on the unrelated feature x_7,
+  logits (cut − x_7, x_7 − cut) · scale: node 2 (σ 1.0 against lower) with cut 0.5, node 1
+  (0.5 against 0.25) with cut 0, smoothed at `sigmas` with n samples each."""
+  rng = np.random.default_rng(seed)
+  x = linear.points_at_distance(rng.uniform(-1.0, 1.0, count))
+  x[:, 7] = rng.uniform(-1.5, 1.5, count)
+  feature = lambda cut: (lambda z: jnp.stack([cut - z[:, 7], z[:, 7] - cut], axis=-1) * scale)
+  return x, [locally_constant.Estimator(feature(0.5), (0.5, 1.0), sigma=sigmas[0], n=n),
+             locally_constant.Estimator(feature(0.0), (0.25, 0.5), sigma=sigmas[1], n=n)]
+
+
 def test_router_never_exceeds_the_true_radius_at_any_node(linear):
   # Nodes on an unrelated feature x_7: node 2 (σ = 1.0 against lower) says "1.0" where
   # x_7 > 0.5, node 1 (0.5 against 0.25) says "0.5" where x_7 > 0. The base model is linear in
   # the other features, so G's exact radius is the distance to its hyperplane, whatever σ.
   from instars_jax.certificates import router
-  rng = np.random.default_rng(5)
-  x = linear.points_at_distance(rng.uniform(-1.0, 1.0, 300))
-  x[:, 7] = rng.uniform(-1.5, 1.5, 300)
-  feature = lambda cut: (lambda z: jnp.stack([cut - z[:, 7], z[:, 7] - cut], axis=-1) * 100.0)
-  tree = [locally_constant.Estimator(feature(0.5), (0.5, 1.0), sigma=1.0, n=2000),
-          locally_constant.Estimator(feature(0.0), (0.25, 0.5), sigma=0.5, n=2000)]
+  x, tree = x7_nodes(linear, 5, 300, scale=100.0, sigmas=(1.0, 0.5), n=2000)
   run = Run(linear, 2, jax.random.PRNGKey(6), n0=64, n=2000, alpha=0.001, batch_size=65536)
   cert = router.certify_router(run, tree, np.float32([0.25, 0.5, 1.0]), x, None, 0.0005)
   assert np.all(cert.radius <= linear.distance(x) + 1e-6)
@@ -400,12 +408,8 @@ def test_thresholded_chain_never_exceeds_the_exact_radius_and_takes_the_min_over
   # distance to the hyperplane, and at most every exact node margin on the path; a variant
   # keeping only the deciding node's radius exceeds node 2's margin on moved points.
   from instars_jax.certificates import thresholded
-  tau, rng = 0.8, np.random.default_rng(8)
-  x = linear.points_at_distance(rng.uniform(-1.0, 1.0, 400))
-  x[:, 7] = rng.uniform(-1.5, 1.5, 400)
-  feature = lambda cut: (lambda z: jnp.stack([cut - z[:, 7], z[:, 7] - cut], axis=-1) * 100.0)
-  chain = [locally_constant.Estimator(feature(0.5), (0.5, 1.0), sigma=0.3, n=4000),
-           locally_constant.Estimator(feature(0.0), (0.25, 0.5), sigma=0.2, n=4000)]
+  tau = 0.8
+  x, chain = x7_nodes(linear, 8, 400, scale=100.0, sigmas=(0.3, 0.2), n=4000)
   boundary = [0.5 - 0.3 * stats.norm.ppf(tau), 0.0 - 0.2 * stats.norm.ppf(tau)]
   # Each input's certificate may fail with probability α (a node's bound, the class test):
   # at α = 1e-4 over 400 inputs, a violation below has probability under 4%.
@@ -470,12 +474,7 @@ def test_the_threshold_sweep_gives_each_tau_the_rows_of_the_chain_itself(linear)
   # certify_thresholded draws for that τ alone (the same streams, by input id), and a higher
   # τ moves no more inputs.
   from instars_jax.certificates import thresholded
-  rng = np.random.default_rng(3)
-  x = linear.points_at_distance(rng.uniform(-1.0, 1.0, 60))
-  x[:, 7] = rng.uniform(-1.5, 1.5, 60)
-  feature = lambda cut: (lambda z: jnp.stack([cut - z[:, 7], z[:, 7] - cut], axis=-1) * 3.0)
-  chain = [locally_constant.Estimator(feature(0.5), (0.5, 1.0), sigma=0.3, n=300),
-           locally_constant.Estimator(feature(0.0), (0.25, 0.5), sigma=0.2, n=300)]
+  x, chain = x7_nodes(linear, 3, 60, scale=3.0, sigmas=(0.3, 0.2), n=300)
   grid, ids = np.float32([0.25, 0.5, 1.0]), np.arange(100, 160)
   run = Run(linear, 2, jax.random.PRNGKey(4), n0=32, n=300, alpha=1e-3, batch_size=65536)
   swept = thresholded.sweep(run, chain, grid, x, ids, 5e-4, (0.6, 0.8, 0.95))
