@@ -131,7 +131,8 @@ class EpochCheckpoints(Action):
 
 class MetricsLog(Action):
   """Prints each epoch's row (process 0) and, with `rows` and `path`, appends it to them and
-  rewrites the JSONL file (metrics.jsonl)."""
+  as one line to the JSONL file (metrics.jsonl; a resumed run first rewrites the file with
+  the rows of the epochs it keeps, stages.Context.start, so no epoch appears twice)."""
 
   def __init__(self, prefix: str = "", rows: list | None = None, path=None):
     self.prefix, self.rows, self.path = prefix, rows, path
@@ -142,7 +143,8 @@ class MetricsLog(Action):
     if jax.process_index() != 0:
       return
     if self.path is not None:
-      write_rows(self.path, self.rows)
+      with open(self.path, "a") as f:
+        f.write(json.dumps(row) + "\n")
     tqdm.write(self.prefix + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in row.items()))
 
