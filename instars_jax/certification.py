@@ -69,6 +69,18 @@ def smoothing_run(config, workdir, state, dataset, metadata, **more) -> certific
       experts=experts.load(metadata.get("experts", [])), **more)
 
 
+def check_dataset(config, dataset, workdir) -> None:
+  """ValueError unless `dataset` is the one the saved model was trained on (its name, image
+  shape and classes)."""
+  trained = workdir.read_run()
+  ours = (config.dataset, tuple(dataset.image_shape), dataset.num_classes)
+  theirs = (workdir.read_config().dataset, tuple(trained.image_shape), trained.num_classes)
+  if ours != theirs:
+    raise ValueError(f"the model in {workdir.path} was trained on {theirs[0]} (images "
+                     f"{theirs[1]}, {theirs[2]} classes), not {ours[0]} (images {ours[1]}, "
+                     f"{ours[2]} classes)")
+
+
 def check_holdout(config, workdir) -> None:
   """ValueError unless train.holdout is the trained run's: the held-out examples must be the
   ones its training never saw."""
@@ -172,6 +184,7 @@ def certify_test_set(config, workdir, host: int | None = None, hosts: int | None
     check_holdout(config, workdir)
   metadata = run_metadata(config, kind, workdir)
   dataset = data.from_config(config)
+  check_dataset(config, dataset, workdir)
   images = dataset.test if config.certify.split == "test" else dataset.holdout
   path = output_path(config, workdir)
   part = path if hosts == 1 else path.with_name(f"{path.stem}.host{host}of{hosts}.tsv")

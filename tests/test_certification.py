@@ -242,6 +242,7 @@ def island_config(kind, tmp_path, monkeypatch):
   from configs import default
   monkeypatch.setattr(certification, "load_train_state", lambda workdir: None)
   monkeypatch.setattr(certification, "logits_fn", lambda state: island_classifier)
+  monkeypatch.setattr(certification, "check_dataset", lambda config, dataset, workdir: None)
   settings = {"grid": [0.03, 0.2], "sigma": 0.2, "node": 1}  # the estimator; the router's node
   monkeypatch.setattr(locally_constant.estimator, "saved_settings", lambda directory: settings)
   monkeypatch.setattr(locally_constant.estimator, "load",
@@ -455,3 +456,13 @@ def test_a_kind_is_one_new_file_or_a_dotted_module_path(run, tmp_path, monkeypat
   config.certify.certificate = "no_such_pkg.kind"
   with pytest.raises(ValueError, match="cannot import the certificate kind 'no_such_pkg.kind'"):
     certification.certify_test_set(config, workdir)
+
+
+def test_certifying_another_dataset_than_the_model_s_is_refused(run, tmp_path):
+  config, workdir = run
+  from helpers import write_npz
+  config.dataset = f"npz:{write_npz(tmp_path / 'other.npz', n_train=8, n_test=8, shape=(14, 14))}"
+  with pytest.raises(ValueError, match=r"was trained on npz:.*toy.npz \(images \(28, 28\), 3 "
+                                       r"classes\), not npz:.*other.npz \(images \(14, 14\)"):
+    certification.certify_test_set(config, workdir)
+  assert not (workdir / "certify").exists()
