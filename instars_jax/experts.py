@@ -20,16 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from instars_jax.run.workdir import Workdir
+from instars_jax.train.estimator import grid_of
 from instars_jax.train.state import load_train_state, logits_fn
 
 
 def workdirs(config) -> tuple[str, ...]:
   """The workdirs certify.experts names, in grid order ((): no experts)."""
   return tuple(part.strip() for part in config.certify.experts.split(",") if part.strip())
-
-
-def _grid(config) -> tuple[float, ...]:
-  return tuple(float(s) for s in config.train.table.grid)
 
 
 def check(config, workdir, needed, on_holdout: bool = False) -> list[dict]:
@@ -39,7 +36,7 @@ def check(config, workdir, needed, on_holdout: bool = False) -> list[dict]:
   the experts will see the held-out examples, so they must have held out the same ones
   (train.holdout and seed). ValueError (a mismatch) or FileNotFoundError (a missing run or
   checkpoint) naming the expert otherwise."""
-  paths, grid = workdirs(config), _grid(config)
+  paths, grid = workdirs(config), grid_of(config)
   if not paths:
     return []
   if len(paths) != len(grid):

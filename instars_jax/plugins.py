@@ -12,8 +12,6 @@ import importlib.util
 import pkgutil
 from pathlib import Path
 
-MISSING = object()
-
 
 def package_dirs(package: str) -> list:
   """The folders of `package`, found without running its __init__ (the live __path__ once it
@@ -41,15 +39,23 @@ def source_path(package: str, name: str) -> Path:
   raise ValueError(f"{package} has no plug-in {name!r}; known: {names(package)}")
 
 
-def literal(path: Path, variable: str, default=MISSING):
-  """The value of the module-level literal `variable = ...` in the source at `path`."""
+def literals(path: Path, *variables: str) -> dict:
+  """{variable: value} of the module-level literal assignments `variable = ...` among
+  `variables` in the source at `path` (the ones it lacks are left out)."""
+  found = {}
   for node in ast.parse(Path(path).read_text()).body:
     targets = [getattr(target, "id", None) for target in getattr(node, "targets", ())]
-    if isinstance(node, ast.Assign) and targets == [variable]:
-      return ast.literal_eval(node.value)
-  if default is MISSING:
-    raise ValueError(f"{path.name} has no literal {variable}")
-  return default
+    if isinstance(node, ast.Assign) and len(targets) == 1 and targets[0] in variables:
+      found[targets[0]] = ast.literal_eval(node.value)
+  return found
+
+
+def literal(path: Path, variable: str):
+  """The value of the module-level literal `variable = ...` in the source at `path`."""
+  found = literals(path, variable)
+  if variable not in found:
+    raise ValueError(f"{Path(path).name} has no literal {variable}")
+  return found[variable]
 
 
 def sections(package: str) -> dict:
@@ -58,10 +64,10 @@ def sections(package: str) -> dict:
   found = {}
   for name in names(package):
     path = source_path(package, name)
-    values = literal(path, "DEFAULTS", None)
-    if values is None:
+    declared = literals(path, "DEFAULTS", "SECTION")
+    if "DEFAULTS" not in declared:
       continue
-    section = literal(path, "SECTION", name)
+    section, values = declared.get("SECTION", name), declared["DEFAULTS"]
     if found.setdefault(section, values) != values:
       raise ValueError(f"{path.name} declares other defaults for the section {section!r}")
   return found

@@ -106,6 +106,11 @@ def certify_router(run, tree, grid, x, ids, beta) -> Certified:
   return certify_chain(run, tree, grid, x, ids, beta, Stream.ROUTER, decide)
 
 
+def node_key(key, stream, k):
+  """The key of the chain's node for grid index k: its own stream."""
+  return jax.random.fold_in(jax.random.fold_in(key, stream), k)
+
+
 def certify_chain(run, nodes, grid, x, ids, beta, stream, decide) -> Certified:
   """A certificate of G(x) = g_{σ(x)}(x) with σ(x) from a chain of binary selectors over
   `grid`, node K (for grid[K − 1]) first: `decide(node, x, ids, key, β_node)` gives, for each
@@ -121,7 +126,7 @@ def certify_chain(run, nodes, grid, x, ids, beta, stream, decide) -> Certified:
   active = np.arange(len(x))
   for depth, node in enumerate(nodes):
     k = len(grid) - 1 - depth
-    key = jax.random.fold_in(jax.random.fold_in(run.key, stream), k)
+    key = node_key(run.key, stream, k)
     lower, stays, radius = decide(node, x[active], ids[active], key, beta / len(nodes))
     path[active] = np.minimum(path[active], radius)
     abstain[active[~lower & ~stays]] = True

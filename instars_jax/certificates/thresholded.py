@@ -116,21 +116,18 @@ def sweep(run, chain, grid, x, ids, beta, thresholds) -> dict:
   number of τ)."""
   x, _, ids = sampler.validate_instances(x, 1.0, ids)
   row = {int(i): r for r, i in enumerate(ids)}
-  lower = {}
-  for depth, node in enumerate(chain):
-    k = len(grid) - 1 - depth
-    key = jax.random.fold_in(jax.random.fold_in(run.key, Stream.THRESHOLDED), k)
-    lower[k] = node_counts(run, node, x, ids, key)
+  key_of = lambda depth: router.node_key(run.key, Stream.THRESHOLDED, len(grid) - 1 - depth)
+  lower = {id(node): node_counts(run, node, x, ids, key_of(depth))
+           for depth, node in enumerate(chain)}
   class_key = jax.random.fold_in(run.key, Stream.CLASS_TEST)
   tests = {np.float32(s): run.certify(x, s, ids, key=class_key, alpha=run.alpha - beta)
            for s in grid}
   recorded = _Recorded(run.key, run.alpha, tests, row)
-  level_of = {id(node): len(grid) - 1 - depth for depth, node in enumerate(chain)}
   found = {}
   for tau in thresholds:
     def decide(node, x_part, ids_part, key, beta_node, tau=tau):
       del x_part, key
-      counts = lower[level_of[id(node)]][[row[int(i)] for i in ids_part]]
+      counts = lower[id(node)][[row[int(i)] for i in ids_part]]
       return node_decision(counts, node, beta_node, tau)
     found[tau] = router.certify_chain(recorded, chain, grid, x, ids, beta, Stream.THRESHOLDED,
                                       decide)
