@@ -66,9 +66,12 @@ def tune_thresholds(config, workdir) -> dict:
   out = workdir.results_path("tune_thresholded" + ("_experts" if checked else "")
                              ).with_suffix(".json")
   out.parent.mkdir(parents=True, exist_ok=True)
-  write_json_atomic(out, {"held_out_examples": int(len(label)), "holdout": config.train.holdout,
+  write_json_atomic(out, {"certificate": thresholded.NAME, "sound": thresholded.SOUND,
+                          "certificate_meaning": thresholded.MEANING,
+                          "held_out_examples": int(len(label)), "holdout": config.train.holdout,
                           "experts": checked, "n": c.n, "alpha": c.alpha,
                           "thresholds": {f"{t:g}": s for t, s in summaries.items()}})
+  print(f"{thresholded.NAME} (sound) on {len(label)} held-out training examples")
   print(table(summaries))
   print(f"written: {out}")
   return summaries
