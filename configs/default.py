@@ -53,8 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.train[name] = ml_collections.ConfigDict(section)
   config.train.augment = "none"  # none | crop_flip | random_resized_crop (instars_jax/data/augment.py)
   config.train.eval_examples = 0  # test examples evaluated after each epoch; 0: all
-  # Besides every epoch end, an interim checkpoint every this many steps (0: none), so a hard
-  # kill loses at most that many; SIGTERM/SIGINT always checkpoint the step they stop at.
+  # Besides every epoch end, a checkpoint every this many global steps (0: none; only the
+  # latest of them is kept), so a hard kill loses at most that many; SIGTERM/SIGINT always
+  # checkpoint the step they stop at.
   config.train.checkpoint_every_steps = 0
   # Divergence stops (training.DivergenceWatch): a non-finite loss, or (after the first
   # epoch) a mean loss over `chance_steps` steps at or above chance_fraction x ln(classes),

@@ -147,7 +147,7 @@ def _certify_rows(config, certify_batch, test, todo, writer) -> None:
   with tqdm(total=len(todo), desc=f"certify {writer.path.name}", unit="img", disable=None) as bar, \
       checkpoints.StopRequest() as stop:
     for start in range(0, len(todo), per_call):
-      if stop.due():
+      if stop.requested:
         raise checkpoints.Interrupted(f"stopped after {start} of {len(todo)} images: their rows "
                                       f"are in {writer.path}; rerun the same command to resume")
       batch = test.take(np.asarray(todo[start: start + per_call]))

@@ -5,7 +5,6 @@ fraction of a second; the library (JAX, orbax, ...) loads when the run starts.
 """
 
 import importlib
-import os
 import sys
 
 from absl import app, flags, logging
@@ -21,15 +20,8 @@ EXPECTED_ERRORS = (ValueError, FileNotFoundError)
 
 def _fail(message, status: int = 2, prefix: str = "error: ") -> None:
   sys.stdout.flush()
+  sys.stderr.write(f"{prefix}{message}\n")
   sys.stderr.flush()
-  checkpoints = sys.modules.get("instars_jax.run.checkpoints")  # loaded only if a run started
-  stream = checkpoints.error_stream() if checkpoints else 2
-  os.write(stream, f"{prefix}{message}\n".encode())
-  if stream != 2:
-    # After a failed restore, orbax's background event-loop threads can fail the interpreter's
-    # shutdown (their output already goes nowhere: checkpoints._restore), so skip it. Results
-    # files are synced as they are written: skipping the shutdown loses nothing.
-    os._exit(status)
   sys.exit(status)  # a normal shutdown: input worker processes are cleaned up quietly
 
 

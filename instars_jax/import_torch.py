@@ -161,7 +161,7 @@ def import_checkpoint(path, workdir, dataset: str = "") -> Path:
   variables = convert(state_dict, model_name, jax.tree_util.tree_map(np.asarray, template))
   state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
   workdir.path.mkdir(parents=True, exist_ok=True)
-  checkpoints.save(workdir.checkpoints(), config.train.epochs, state)
+  checkpoints.save(workdir.checkpoints(), 1, state, {"stage": "base", "step": 1, "steps": 1})
   workdir.write_run(run)
   workdir.write_config(config)
   return workdir.path

@@ -34,16 +34,16 @@ def one_line_error(done, expected: str) -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """One toy run that train.py trained (with its σ-estimator): stopped once by a SIGTERM once
-  it had written an interim checkpoint, then resumed by the same command. Returns its flags,
+  it had written a mid-epoch checkpoint, then resumed by the same command. Returns its flags,
   its workdir and what the stopped train.py ended with."""
   root = tmp_path_factory.mktemp("cli")
   common = toy_flags(root, root / "run") + ["--config.train.epochs=3",
                                            "--config.train.checkpoint_every_steps=1"]
   trainer = start_cli("train.py", *common, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  interim = root / "run" / "interim" / "checkpoints"
+  saved = root / "run" / "checkpoints"
   deadline = time.monotonic() + 240
   while trainer.poll() is None and time.monotonic() < deadline:
-    if interim.exists() and any(p.name.isdigit() for p in interim.iterdir()):
+    if saved.exists() and any(p.name.isdigit() for p in saved.iterdir()):
       trainer.send_signal(signal.SIGTERM)
       break
     time.sleep(0.05)

@@ -22,7 +22,7 @@ import pytest
 import device_probe
 import train_probe
 from helpers import ROOT, write_npz
-from instars_jax.run import checkpoints, workdir
+from instars_jax.run import checkpoints
 
 HERE = Path(__file__).parent
 
@@ -106,4 +106,4 @@ def test_two_hosts_of_two_devices_give_one_device_s_results_and_stop_together(
   assert all(stops), ([p.returncode for p in processes], [err[-1500:] for _, err in outputs])
   step = int(stops[0].group(1))
   assert int(stops[1].group(1)) == step
-  assert checkpoints.manager(tmp_path / "long" / workdir.INTERIM_DIR).latest_step() == step
+  assert checkpoints.manager(tmp_path / "long").latest_step() == step

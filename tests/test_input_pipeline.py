@@ -102,10 +102,10 @@ def test_sigkill_mid_epoch_resumes_to_the_same_parameters_and_sigma_table(tmp_pa
                      "--config.input.workers=1",
                      *(f"--config.{k}={v}" for k, v in overrides.items()),
                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  interim = tmp_path / "killed" / "interim" / "checkpoints"
+  saved = tmp_path / "killed" / "checkpoints"
   deadline, workers = time.monotonic() + 240, []
   while killed.poll() is None and time.monotonic() < deadline:
-    steps = [int(p.name) for p in interim.glob("*") if p.name.isdigit()] if interim.exists() else []
+    steps = [int(p.name) for p in saved.glob("*") if p.name.isdigit()] if saved.exists() else []
     if steps and 6 + 2 <= max(steps) < 6 * 2:  # in epoch 2, the first of stage 2
       workers = children(killed.pid)
       os.kill(killed.pid, signal.SIGKILL)

@@ -21,7 +21,7 @@ from helpers import (Killed, event_values, make_toy_config, metrics_without_timi
 from configs import default
 from instars_jax import data
 from instars_jax.run import checkpoints
-from instars_jax.run.workdir import CONFIG_FILE, INTERIM_DIR, Workdir
+from instars_jax.run.workdir import CONFIG_FILE, Workdir
 from instars_jax.parallel import Sharder
 from instars_jax.train import estimator, estimator_stage, loop, sigma_table, stages, steps
 from instars_jax.train import state as state_lib
@@ -70,7 +70,7 @@ def test_killed_training_resumes_to_the_same_parameters_and_metrics(tmp_path, mo
     stop_after(steps, "train_step", 3 + 2, m)
     with pytest.raises(Killed):
       loop.train_and_evaluate(config, tmp_path / "resumed")
-  assert checkpoints.manager(tmp_path / "resumed").latest_step() == 1
+  assert checkpoints.manager(tmp_path / "resumed").latest_step() == 3  # epoch 1's end
   resumed = loop.train_and_evaluate(config, tmp_path / "resumed")
   assert metrics_without_timing(tmp_path / "resumed") == metrics_without_timing(tmp_path / "straight")
   same_params(straight, resumed)
@@ -220,7 +220,9 @@ def test_finetuning_at_the_estimator_sigma_trains_each_example_there_and_resumes
                                        data.load_dataset(insta_config.dataset).train, insta_config)
   np.testing.assert_array_equal(np.asarray(straight.sigma_table), assigned)
   assert set(np.unique(assigned)) <= {0.25, 0.5, 1.0}
-  assert checkpoints.manager(tmp_path / "straight").latest_step() == first + 2
+  manager = checkpoints.manager(tmp_path / "straight")
+  assert checkpoints.progress(manager, manager.latest_step()) == {"stage": "finetune", "step": 6,
+                                                                  "steps": 6}
   rows = read_metrics(tmp_path / "straight")
   assert [r["stage"] for r in rows[-2:]] == ["finetune"] * 2 and len(rows) == first + 2
 
@@ -229,8 +231,8 @@ def test_finetuning_at_the_estimator_sigma_trains_each_example_there_and_resumes
     with pytest.raises(Killed):
       loop.train_and_evaluate(insta_config, tmp_path / "resumed")
   manager = checkpoints.manager(tmp_path / "resumed")
-  assert manager.latest_step() == first + 1
-  midway = checkpoints.restore_as_saved(manager, first + 1)
+  assert checkpoints.progress(manager, manager.latest_step())["step"] == 3
+  midway = checkpoints.restore(manager, manager.latest_step())
   np.testing.assert_array_equal(midway["sigma_table"], assigned)  # the checkpoint holds it
   changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(
       jax.tree_util.tree_leaves(midway["params"]), jax.tree_util.tree_leaves(straight.params))]
@@ -264,9 +266,9 @@ def test_sigterm_in_stage_2_checkpoints_the_step_and_resumes_bit_identically(toy
   with sigterm_during_step(monkeypatch, 5):  # epoch 2 (stage 2), batch 2
     with pytest.raises(checkpoints.Interrupted, match=r"stopped at step 5 \(epoch 2, batch 2 of 3\)"):
       loop.train_and_evaluate(toy_config, tmp_path / "resumed")
-  interim = checkpoints.manager(tmp_path / "resumed" / INTERIM_DIR)
-  assert interim.latest_step() == 5  # nothing lost: the step the signal interrupted is saved
-  assert checkpoints.manager(tmp_path / "resumed").latest_step() == 1
+  # Nothing lost: the step the signal interrupted is saved; of the others (every 2 steps and
+  # epoch ends) the epoch end is kept.
+  assert checkpoints.manager(tmp_path / "resumed").all_steps() == [3, 5]
   assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone again
   resumed = loop.train_and_evaluate(toy_config, tmp_path / "resumed")
   for a, b in zip(jax.tree_util.tree_leaves(straight.params), jax.tree_util.tree_leaves(resumed.params)):
@@ -286,10 +288,10 @@ def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(toy_config
   toy_config.train.divergence.update(chance_steps=2, chance_fraction=0.9)
   with pytest.raises(ValueError, match=r"by step 6: mean train_loss .* is at chance level"):
     loop.train_and_evaluate(toy_config, tmp_path / "chance")
-  assert checkpoints.manager(tmp_path / "chance").latest_step() == 1
+  assert checkpoints.manager(tmp_path / "chance").latest_step() == 3
   toy_config.train.divergence.chance_steps = 0  # switched off: the same run trains to the end
   loop.train_and_evaluate(toy_config, tmp_path / "off")
-  assert checkpoints.manager(tmp_path / "off").latest_step() == 3
+  assert checkpoints.manager(tmp_path / "off").latest_step() == 9
 
 
 def test_training_refuses_a_workdir_with_another_config(toy_config, tmp_path):
@@ -321,7 +323,7 @@ def test_a_run_saved_before_later_keys_existed_still_resumes(toy_config, tmp_pat
   saved["train"]["epochs"] = 2
   saved_path.write_text(json.dumps(saved))
   loop.train_and_evaluate(toy_config, tmp_path / "run")
-  assert checkpoints.manager(tmp_path / "run").latest_step() == 2
+  assert checkpoints.manager(tmp_path / "run").latest_step() == 6
 
 
 @pytest.mark.parametrize("section, key, value, message", [
@@ -344,16 +346,16 @@ def test_a_full_disk_gives_one_error_and_keeps_the_checkpoints_before(toy_config
   original_save = ocp.CheckpointManager.save
 
   def save_until_full(self, step, *args, **kwargs):
-    if step == 2:
+    if step == 6:
       raise full
     return original_save(self, step, *args, **kwargs)
 
   with monkeypatch.context() as m:
     m.setattr(ocp.CheckpointManager, "save", save_until_full)
-    with pytest.raises(ValueError, match=r"cannot write checkpoint 2 to .*: No space left on "
+    with pytest.raises(ValueError, match=r"cannot write checkpoint 6 to .*: No space left on "
                                          r"device \(errno 28\); what was written before is intact"):
       loop.train_and_evaluate(toy_config, tmp_path / "run")
-  assert checkpoints.manager(tmp_path / "run").latest_step() == 1
+  assert checkpoints.manager(tmp_path / "run").latest_step() == 3
   ij.load_train_state(tmp_path / "run")  # the checkpoint before restores
   loop.train_and_evaluate(toy_config, tmp_path / "run")  # and the rerun finishes
 
@@ -367,22 +369,22 @@ def test_a_second_trainer_on_the_workdir_is_refused_naming_the_first(toy_config,
   loop.train_and_evaluate(toy_config, workdir.path)  # once it is gone, training runs
 
 
-def test_a_damaged_interim_checkpoint_is_named_and_the_one_before_still_resumes(
-    toy_config, tmp_path, monkeypatch):
+def test_a_damaged_checkpoint_is_named_and_the_one_before_still_resumes(toy_config, tmp_path,
+                                                                       monkeypatch):
   toy_config.train.checkpoint_every_steps = 1
   straight = loop.train_and_evaluate(toy_config, tmp_path / "straight")
-  with monkeypatch.context() as m:  # killed in epoch 2, after interim checkpoint 4
+  with monkeypatch.context() as m:  # killed in epoch 2, after checkpoint 4
     stop_after(steps, "train_step", 3 + 2, m)
     with pytest.raises(Killed):
       loop.train_and_evaluate(toy_config, tmp_path / "run")
-  interim = tmp_path / "run" / INTERIM_DIR / "checkpoints"
-  assert sorted(int(p.name) for p in interim.iterdir() if p.name.isdigit()) == [4]
-  for chunk in (interim / "4").glob("default/ocdbt.process_0/d/*"):
+  saved = tmp_path / "run" / "checkpoints"
+  assert checkpoints.manager(tmp_path / "run").all_steps() == [3, 4]  # the epoch end is kept
+  for chunk in (saved / "4").glob("default/ocdbt.process_0/d/*"):
     chunk.write_bytes(b"\0" * 100)
   with pytest.raises(ValueError, match=r"checkpoint 4 in .* is corrupt or incomplete .*: remove "
                                        r".*4 to fall back to the one before it"):
     loop.train_and_evaluate(toy_config, tmp_path / "run")
-  shutil.rmtree(interim / "4")
+  shutil.rmtree(saved / "4")
   same_params(loop.train_and_evaluate(toy_config, tmp_path / "run"), straight)
 
 
@@ -393,7 +395,7 @@ def test_a_stop_in_an_epoch_s_last_step_keeps_that_epoch_s_row_and_checkpoint(to
   with sigterm_during_step(monkeypatch, 3):  # the last of epoch 1's three steps
     with pytest.raises(checkpoints.Interrupted, match=r"stopped at step 3 \(epoch 1, batch 3 of 3\)"):
       loop.train_and_evaluate(toy_config, tmp_path / "resumed")
-  assert checkpoints.manager(tmp_path / "resumed").latest_step() == 1
+  assert checkpoints.manager(tmp_path / "resumed").latest_step() == 3
   assert [row["epoch"] for row in read_metrics(tmp_path / "resumed")] == [0]
   same_params(loop.train_and_evaluate(toy_config, tmp_path / "resumed"), straight)
   assert metrics_without_timing(tmp_path / "resumed") == metrics_without_timing(tmp_path / "straight")

@@ -3,8 +3,8 @@ managers, its locks, and whether a config may resume it.
 
   config.json              the run's config
   run.json                 RunInfo: what the train state's shapes depend on
-  checkpoints/<epochs>/    orbax, one per finished epoch (fine-tuning continues the numbers)
-  interim/checkpoints/     mid-epoch checkpoints, numbered by global step
+  checkpoints/<step>/      orbax, by global step: the latest and every epoch end of the base
+                           model and its fine-tuning (run/checkpoints.py)
   estimator/               the σ-estimator: checkpoints/, estimator.json, profile.npz
   router/node_<k>/         the router tree's nodes (estimator.router)
   certify/<name>.tsv       results, each with a .json sidecar (run/results.py)
@@ -24,7 +24,6 @@ from instars_jax.run.files import write_json_atomic
 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
-INTERIM_DIR = "interim"
 ESTIMATOR_DIR = "estimator"
 ROUTER_DIR = "router"
 METRICS_FILE = "metrics.jsonl"
@@ -126,12 +125,8 @@ class Workdir:
                        "choose a new --workdir")
 
   def checkpoints(self):
-    """The epoch checkpoints of the base model (and its fine-tuning)."""
+    """The checkpoints of the base model (and its fine-tuning), for reading."""
     return checkpoints.manager(self.path)
-
-  def interim(self):
-    """Mid-epoch checkpoints of the base model, by global step; the latest one only."""
-    return checkpoints.manager(self.path / INTERIM_DIR, max_to_keep=1)
 
   def training_lock(self):
     """One train.py per workdir (a second one exits naming the holder)."""

@@ -1,8 +1,6 @@
 """Small objects the training loop calls after every step and at every epoch end, in the
-manner of CLU's periodic actions: the divergence watch, the metrics log, epoch and interim
-checkpoints with the stop request, and TensorBoard. (CLU's `PeriodicAction` is called with
-the step alone; these need the step's metrics and the state, so they keep its shape but not
-its class.)
+manner of CLU's periodic actions: the divergence watch, the metrics log, the checkpoints with
+the stop request, and TensorBoard.
 
 Each has `after_step(step, state, metrics)` (step: the stage's steps done) and
 `after_epoch(epoch, state, row)`, called in list order; either may raise to end training.
@@ -86,47 +84,50 @@ class DivergenceWatch(Action):
                        "(NaN or inf); lower train.learning_rate or set train.grad_clip")
 
 
-class InterimCheckpoints(Action):
-  """An interim checkpoint every `every` steps (0: none), and, when the stop request says so
-  (SIGTERM, SIGINT), one of the state after the step it arrived in, then
-  `checkpoints.Interrupted`. A stop that arrives in an epoch's last step waits for the epoch's
-  end (its metrics row and epoch checkpoint), so this action runs after those."""
+class Checkpoints(Action):
+  """The stage's checkpoints, by global step (run/checkpoints.py): at every epoch end, after
+  its metrics row; in between wherever orbax's policies say (every train.checkpoint_every_steps
+  steps, and on several hosts at the step they agree on after a preemption notice); and at a
+  stop request (SIGTERM, SIGINT) after the step it arrived in, followed by
+  `checkpoints.Interrupted`. A stop that arrives in an epoch's last step waits for the
+  epoch's end. `offset` is the global step the stage starts at; each checkpoint carries the
+  stage's name and its steps done of its steps (`checkpoints.progress`)."""
 
-  def __init__(self, manager, every: int, stop: checkpoints.StopRequest, steps_per_epoch: int):
-    self.manager, self.every, self.stop = manager, every, stop
-    self.steps_per_epoch = steps_per_epoch
-    self.stopped_at = None
+  def __init__(self, stage, offset: int, stop: checkpoints.StopRequest):
+    self.stage, self.offset, self.stop = stage, offset, stop
+    self.manager = stage.checkpoints
 
   def after_step(self, step: int, state, metrics) -> None:
     del metrics
-    stopping = self.stop.due()
-    if stopping or (self.every and step % self.every == 0):
-      checkpoints.save(self.manager, step, state)
-    if stopping:
-      self.stopped_at = step
-      if step % self.steps_per_epoch:
-        self._interrupt()
+    if step % self.stage.steps_per_epoch == 0:
+      return  # the epoch's end: after_epoch
+    saved = self._save(step, state, force=False)
+    if self._stopping(step):
+      if not saved:
+        self._save(step, state, force=True)
+      self._interrupt(step)
 
   def after_epoch(self, epoch: int, state, row: dict) -> None:
-    if self.stopped_at is not None:
-      self._interrupt()
+    step = (epoch + 1) * self.stage.steps_per_epoch
+    self._save(step, state, force=True)
+    if self._stopping(step):
+      self._interrupt(step)
 
-  def _interrupt(self):
-    epoch, batch = divmod(self.stopped_at - 1, self.steps_per_epoch)
+  def _save(self, step: int, state, force: bool) -> bool:
+    first, last = self.stage.first_step, self.stage.last_step
+    done = {"stage": self.stage.name, "step": step - first, "steps": last - first}
+    return checkpoints.save(self.manager, self.offset + step - first, state, done, force)
+
+  def _stopping(self, step: int) -> bool:
+    return (self.manager.reached_preemption(self.offset + step - self.stage.first_step)
+            or self.stop.requested)
+
+  def _interrupt(self, step: int):
+    epoch, batch = divmod(step - 1, self.stage.steps_per_epoch)
     raise checkpoints.Interrupted(
-        f"stopped at step {self.stopped_at} (epoch {epoch + 1}, batch {batch + 1} of "
-        f"{self.steps_per_epoch}): saved in {self.manager.directory}; rerun the same command "
-        "to resume")
-
-
-class EpochCheckpoints(Action):
-  """A checkpoint numbered epoch + 1 at every epoch end."""
-
-  def __init__(self, manager):
-    self.manager = manager
-
-  def after_epoch(self, epoch: int, state, row: dict) -> None:
-    checkpoints.save(self.manager, epoch + 1, state)
+        f"stopped at step {step} (epoch {epoch + 1}, batch {batch + 1} of "
+        f"{self.stage.steps_per_epoch}): saved in {self.manager.directory}; rerun the same "
+        "command to resume")
 
 
 class MetricsLog(Action):

@@ -176,18 +176,28 @@ def saved_settings(directory) -> dict:
   value); FileNotFoundError saying what to run when there is none or it stopped early."""
   directory = Path(directory)
   settings_path = directory / SETTINGS_FILE
-  manager = checkpoints.manager(directory, max_to_keep=1) if settings_path.exists() else None
+  manager = checkpoints.manager(directory) if settings_path.exists() else None
   if manager is None or manager.latest_step() is None:
     what = "router node" if directory.parent.name == "router" else "σ-estimator"
     option = " --config.estimator.router=True" if what == "router node" else ""
     raise FileNotFoundError(f"no {what} in {directory}: train one with train.py (same "
                             f"--config and --workdir) and --config.estimator.epochs=N{option}")
   saved = upgrade(json.loads(settings_path.read_text()))
-  if manager.latest_step() != saved["epochs"]:
-    raise FileNotFoundError(f"the σ-estimator in {directory} stopped after epoch "
-                            f"{manager.latest_step()} of {saved['epochs']}: rerun train.py to "
-                            "finish it")
+  if finished_steps(manager, saved) is None:
+    raise FileNotFoundError(f"the σ-estimator in {directory} stopped before its last step "
+                            f"(checkpoint {manager.latest_step()}): rerun train.py to finish it")
   return saved
+
+
+def finished_steps(manager, saved: dict) -> int | None:
+  """The steps of the estimator whose checkpoints `manager` holds, if its latest checkpoint
+  is its last step, else None (a run from before checkpoints carried their progress: its
+  last epoch's checkpoint number, then equal to the epochs)."""
+  latest = manager.latest_step()
+  done = checkpoints.progress(manager, latest)
+  if done:
+    return done["steps"] if done["step"] == done["steps"] else None
+  return latest if latest == saved["epochs"] else None
 
 
 def validate(config) -> list:
@@ -229,8 +239,7 @@ def load(directory, workdir):
   """(x -> logits over the estimator's bins, its settings) of the finished estimator in
   `directory` of the run in `workdir`."""
   saved = LATER_SETTINGS | saved_settings(directory)
-  manager = checkpoints.manager(directory, max_to_keep=1)
-  restored = checkpoints.restore_as_saved(manager, manager.latest_step())
+  restored = checkpoints.restore_latest(checkpoints.manager(directory))
   bins = len(saved["grid"]) if saved["node"] is None else 2
   model = models.create_model(saved["model"], bins, saved["dtype"], Workdir(workdir).read_run().stats)
   variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}

@@ -17,10 +17,10 @@ import numpy as np
 from instars_jax import data
 from instars_jax.run import checkpoints
 from instars_jax.run.files import write_json_atomic
-from instars_jax.run.workdir import INTERIM_DIR
 from instars_jax.smoothing.streams import Stream, numpy_rng
 from instars_jax.train import estimator, losses, sigma_table
 from instars_jax.train import state as state_lib
+from instars_jax.train.interface import resume, stage_manager
 
 PROFILE_FILE = "profile.npz"
 
@@ -70,7 +70,7 @@ def from_base(template: state_lib.ModelState, base_state) -> state_lib.ModelStat
 
 
 class EstimatorStage:
-  """A σ-estimator's or router node's training stage (train/stages.py's interface)."""
+  """A σ-estimator's or router node's training stage (train/stages.py's `Stage`)."""
   watch_chance = False  # its soft-label loss has no chance level to stop at
   metrics_file = False
   histogram = False
@@ -82,21 +82,21 @@ class EstimatorStage:
     self.name, self.sigma = chooser.name, chooser.sigma
     self.events_part = "estimator" if chooser.node is None else f"router_node_{chooser.node}"
     self.directory = chooser.directory
-    self.checkpoints = checkpoints.manager(self.directory, max_to_keep=1)
-    self.interim = checkpoints.manager(self.directory / INTERIM_DIR, max_to_keep=1)
     self.batch_size, self.num_classes = context.config.train.batch_size, chooser.num_bins
-    self.steps_per_epoch, self.last_step = 1, 0  # known once the labels are
+    self.steps_per_epoch, self.first_step, self.last_step = 1, 0, 0  # known once the labels are
 
-  def start(self, base_state):
+  def start(self, base_state, offset: int):
     settings_path = self.directory / estimator.SETTINGS_FILE
-    done = self.checkpoints.latest_step()
-    if done is not None:
+    self.checkpoints = checkpoints.manager(self.directory)
+    if self.checkpoints.latest_step() is not None:
       saved = json.loads(settings_path.read_text())
       if estimator.LATER_SETTINGS | estimator.upgrade(saved) != self.settings:
         raise ValueError(f"{self.directory} holds an estimator trained with other settings: "
                          "remove it, or rerun with the same estimator settings")
-    if done == self.settings["epochs"]:
-      return None, 0
+      finished = estimator.finished_steps(self.checkpoints, saved)
+      if finished is not None:
+        self.last_step = finished
+        return None, finished
     c = self.context
     labels, self.kept = estimator.training_labels(cached_profile(c, base_state), self.chooser,
                                                   c.config.estimator)
@@ -106,13 +106,11 @@ class EstimatorStage:
                        f"grid σ: too few for the {self.name}'s batch of {self.batch_size}")
     self.last_step = self.settings["epochs"] * self.steps_per_epoch
     self.split = data.Split(c.dataset.train.images, labels)
+    self.checkpoints = stage_manager(self, self.directory, offset)
     template = self.template()
     if self.settings["init"] == "base":
       template = from_base(template, base_state)
-    state, epoch = checkpoints.restore_latest(self.checkpoints, c.sharder.replicate(template))
-    step = epoch * self.steps_per_epoch
-    if (self.interim.latest_step() or 0) > step:
-      state, step = checkpoints.restore_latest(self.interim, state)
+    state, step = resume(self, c.sharder.replicate(template), offset)
     if jax.process_index() == 0:
       self.directory.mkdir(parents=True, exist_ok=True)
       write_json_atomic(settings_path, self.settings)

@@ -8,9 +8,10 @@ The stages (train/stages.py and train/estimator.py):
   estimator  the σ-estimator of the sound instance-wise certificate (estimator.epochs > 0)
   finetune   the base model again, each example at the σ the estimator picks for it
              (estimator.finetune_epochs > 0, DualRS's last step)
-After every step and epoch, small actions (train/actions.py): the divergence watch, interim
-checkpoints and the stop request, TensorBoard. Every stage checkpoints each epoch; rerunning
-the same command resumes where the last checkpoint left off.
+After every step and epoch, small actions (train/actions.py): the divergence watch, the
+metrics log, the checkpoints with the stop request, TensorBoard. The stages' steps count on
+from one to the next as the run's global step, which numbers every checkpoint
+(run/checkpoints.py); rerunning the same command resumes where the last checkpoint left off.
 
 The noise and augmentation of example i in epoch e depend only on (seed, e, i), and the
 table update of epoch e only on (seed, e, i) and the state: a resumed run continues exactly
@@ -32,6 +33,7 @@ from instars_jax.data import pipeline
 from instars_jax.run import checkpoints
 from instars_jax.run.workdir import Workdir
 from instars_jax.train import actions, estimator, losses, sigma_table, stages
+from instars_jax.train.interface import Stage
 
 
 def train_and_evaluate(config, workdir):
@@ -44,29 +46,30 @@ def train_and_evaluate(config, workdir):
   workdir.path.mkdir(parents=True, exist_ok=True)
   # One writer per workdir: process 0 of a run holds the lock (the other hosts write nothing).
   lock = workdir.training_lock() if jax.process_index() == 0 else contextlib.nullcontext()
-  with lock, checkpoints.StopRequest(sync_hosts=True) as stop:
+  with lock, checkpoints.StopRequest() as stop:
     context = stages.Context.start(config, workdir, dataset, parallel.Sharder(), stop)
-    state = None
+    state, offset = None, 0
     for stage in stages.for_config(context):
-      state = run_stage(stage, state, context)
+      state, offset = run_stage(stage, state, context, offset)
   return state
 
 
-def run_stage(stage, base_state, context):
-  """The one loop: steps [first, stage.last_step) of `stage`, from where `stage.start`
-  resumes it, with the stage's actions after every step and epoch; returns what the stage
-  hands on (`stage.finish`): the base model's state."""
-  state, step = stage.start(base_state)
+def run_stage(stage: Stage, base_state, context, offset: int):
+  """The one loop: the steps of `stage` from where `stage.start` resumes it, the first at
+  global step `offset` + 1, with the stage's actions after every step and epoch; returns what
+  the stage hands on (`stage.finish`: the base model's state) and the global step after it."""
+  state, step = stage.start(base_state, offset)
+  end = offset + stage.last_step - stage.first_step
   if step >= stage.last_step:
-    return stage.finish(state, base_state)
-  hooks = stage_actions(stage, context)
+    return stage.finish(state, base_state), end
+  hooks = stage_actions(stage, context, offset)
   with stage.stream(step) as stream:
     while step < stage.last_step:
       epoch, resume_at = divmod(step, stage.steps_per_epoch)
       if resume_at == 0:
         state = stage.begin_epoch(state, epoch)
       began = time.perf_counter()
-      state, row, seconds = _run_epoch(stage, state, stream, step, hooks)
+      state, row, seconds = _run_epoch(stage, state, stream, step, hooks, offset)
       step = (epoch + 1) * stage.steps_per_epoch
       row = stage.end_epoch(state, epoch, row, seconds)
       row["seconds"] = time.perf_counter() - began
@@ -74,27 +77,25 @@ def run_stage(stage, base_state, context):
         hook.after_epoch(epoch, state, row)
   for hook in hooks:
     hook.close()
-  return stage.finish(state, base_state)
+  return stage.finish(state, base_state), end
 
 
-def stage_actions(stage, context) -> list:
-  """The divergence watch, the metrics log, the epoch checkpoint, TensorBoard and interim
-  checkpoints with the stop request, for `stage`, in the order they run."""
+def stage_actions(stage: Stage, context, offset: int) -> list:
+  """The divergence watch, the metrics log, the checkpoints with the stop request and
+  TensorBoard, for `stage` (starting after global step `offset`), in the order they run."""
   t = context.config.train
   log = (actions.MetricsLog(rows=context.history, path=context.workdir.metrics_path)
          if stage.metrics_file else actions.MetricsLog(prefix=f"{stage.name} "))
   return [actions.DivergenceWatch(t.divergence, stage.num_classes, stage.steps_per_epoch,
                                   chance=stage.watch_chance),
-          log, actions.EpochCheckpoints(stage.checkpoints),
-          actions.TensorBoard(context.workdir, stage.events_part, histogram=stage.histogram),
-          actions.InterimCheckpoints(stage.interim, t.checkpoint_every_steps, context.stop,
-                                     stage.steps_per_epoch)]
+          log, actions.Checkpoints(stage, offset, context.stop),
+          actions.TensorBoard(context.workdir, stage.events_part, histogram=stage.histogram)]
 
 
-def _run_epoch(stage, state, stream, step, hooks):
-  """The rest of the epoch that `step` is in: the state, the epoch's metrics row (the means of
-  the step metrics over the batches run here, throughput, and the share of time spent waiting
-  for a batch) and its seconds."""
+def _run_epoch(stage, state, stream, step, hooks, offset):
+  """The rest of the epoch that `step` is in: the state, the epoch's metrics row (its end's
+  global step, the means of the step metrics over the batches run here, throughput, and the
+  share of time spent waiting for a batch) and its seconds."""
   epoch, resume_at = divmod(step, stage.steps_per_epoch)
   todo = stage.steps_per_epoch - resume_at
   began, waited = time.perf_counter(), pipeline.WaitClock()
@@ -110,7 +111,8 @@ def _run_epoch(stage, state, stream, step, hooks):
   jax.block_until_ready(state.params)
   seconds = time.perf_counter() - began
   means = {k: float(v) / todo for k, v in sums.items()}
-  row = {"epoch": epoch, "step": int(state.step), "stage": stage.label(epoch),
+  end = offset + (epoch + 1) * stage.steps_per_epoch - stage.first_step
+  row = {"epoch": epoch, "step": end, "stage": stage.label(epoch),
          "sigma": stage.sigma, "train_loss": means.pop("loss")}
   row.update({f"train_{k}": v for k, v in means.items()})
   row.update({"images_per_s": todo * stage.batch_size / seconds,

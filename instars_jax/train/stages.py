@@ -1,17 +1,7 @@
-"""The stages the training loop (loop.py) runs, behind one interface:
-
-  start(base_state) -> (state, first step)   build or resume the stage's state
-  stream(first_step)                          a context manager over its batches, step by step
-  begin_epoch(state, epoch) -> state          before an epoch's first step (the σ-table hook)
-  step(state, batch, epoch) -> (state, metrics)
-  end_epoch(state, epoch, row, seconds) -> row   the epoch's metrics row (evaluation, σ table)
-  finish(state, base_state) -> base state     what the next stage starts from
-and their settings: steps_per_epoch, last_step, batch_size, num_classes, the managers of their
-epoch and interim checkpoints, and how their epochs are reported.
-
-Here the base model's two: `BaseStage` (Gaussian augmentation or Insta-RS Train) and
-`FinetuneStage` (the epochs after train.epochs, each example at the σ the estimator picks).
-The σ-estimators' stage is in estimator_stage.py.
+"""The stages the training loop (loop.py) runs, behind one interface (interface.py): here the base
+model's two, `BaseStage` (Gaussian augmentation or Insta-RS Train) and `FinetuneStage` (the
+epochs after train.epochs, each example at the σ the estimator picks); the σ-estimators'
+stage is in estimator_stage.py.
 """
 
 from __future__ import annotations
@@ -29,6 +19,7 @@ from instars_jax.run import checkpoints
 from instars_jax.run.workdir import RunInfo, Workdir
 from instars_jax.smoothing.streams import Stream
 from instars_jax.train import actions, estimator, estimator_stage, losses, sigma_table, steps
+from instars_jax.train.interface import resume, stage_manager
 from instars_jax.train import state as state_lib
 
 FINETUNE = "finetune"  # the `stage` of the epochs after train.epochs
@@ -59,7 +50,7 @@ class Context:
     done = workdir.checkpoints().latest_step() or 0
     path = workdir.metrics_path
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    history = [row for row in rows if row["epoch"] < done]
+    history = [row for row in rows if row["step"] <= done]
     if jax.process_index() == 0:
       workdir.write_config(config)
       workdir.write_run(run)
@@ -86,27 +77,19 @@ class BaseStage:
     self.context, t = context, context.config.train
     self.steps_per_epoch, self.batch_size = context.run.steps_per_epoch, t.batch_size
     self.num_classes = context.run.num_classes
-    self.checkpoints, self.interim = context.workdir.checkpoints(), context.workdir.interim()
     self.first_epoch, self.last_epoch = 0, t.epochs
-    self.last_step = self.last_epoch * self.steps_per_epoch
+    self.first_step, self.last_step = 0, self.last_epoch * self.steps_per_epoch
     self.histogram = t.insta
     self.sigma = t.sigma  # the metrics rows' `sigma`
     self.loss = losses.from_config(t)
     self.update_seconds = 0.0  # the σ-table update before the current epoch
 
-  def start(self, base_state):
+  def start(self, base_state, offset: int):
     del base_state
+    self.checkpoints = stage_manager(self, self.context.workdir.path, offset)
     template = self.context.sharder.replicate(
         state_lib.create_train_state(self.context.config, self.context.run))
-    state, step = self.restore(template)
-    return state, min(step, self.last_step)
-
-  def restore(self, template):
-    """(state, global step) of the latest epoch or interim checkpoint, or (template, 0)."""
-    state, epoch = checkpoints.restore_latest(self.checkpoints, template)
-    if (self.interim.latest_step() or 0) > epoch * self.steps_per_epoch:
-      return checkpoints.restore_latest(self.interim, state)
-    return state, epoch * self.steps_per_epoch
+    return resume(self, template, offset)
 
   def stream(self, first_step: int):
     c = self.context
@@ -168,8 +151,8 @@ class BaseStage:
 class FinetuneStage(BaseStage):
   """DualRS's last step (estimator.py): `estimator.finetune_epochs` more epochs of the base
   model with a fresh cosine schedule from `estimator.finetune_learning_rate`, each example at
-  the σ the estimator assigns it (kept in the σ table). Its checkpoints continue the
-  numbering (train.epochs + k)."""
+  the σ the estimator assigns it (kept in the σ table), checkpointed beside the base model's
+  (whose epoch ends it keeps)."""
   name = "finetune"
   histogram = False
 
@@ -178,6 +161,7 @@ class FinetuneStage(BaseStage):
     e = context.config.estimator
     self.first_epoch = context.config.train.epochs
     self.last_epoch = self.first_epoch + e.finetune_epochs
+    self.first_step = self.first_epoch * self.steps_per_epoch
     self.last_step = self.last_epoch * self.steps_per_epoch
     t = context.config.train.copy_and_resolve_references()
     with t.unlocked():
@@ -187,16 +171,18 @@ class FinetuneStage(BaseStage):
   def label(self, epoch: int):
     return FINETUNE
 
-  def start(self, base_state):
-    state, step = self.restore(base_state.replace(tx=self.tx))
-    first = self.first_epoch * self.steps_per_epoch
-    if step > first:  # the checkpoint holds the assigned table and this optimizer's state
-      return state, step
+  def start(self, base_state, offset: int):
     c = self.context
+    base_ends = range(self.steps_per_epoch, self.first_step + 1, self.steps_per_epoch)
+    self.checkpoints = stage_manager(self, c.workdir.path, offset, base_ends)
+    state, step = resume(self, base_state.replace(tx=self.tx), offset)
+    if step > self.first_step:  # the checkpoint holds the assigned table and the optimizer
+      return state, step
     sigmas = estimator.assigned_sigmas(c.workdir, c.dataset.train, c.config)
     opt_state = c.sharder.replicate(self.tx.init(base_state.params))
-    return base_state.replace(tx=self.tx, opt_state=opt_state,
-                              sigma_table=c.sharder.replicate(jnp.asarray(sigmas))), first
+    return (base_state.replace(tx=self.tx, opt_state=opt_state,
+                               sigma_table=c.sharder.replicate(jnp.asarray(sigmas))),
+            self.first_step)
 
   def finish(self, state, base_state):
     return state

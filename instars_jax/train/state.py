@@ -101,8 +101,5 @@ def load_train_state(workdir) -> TrainState:
   if "grid" not in config.train.get("table", {}):
     raise ValueError(f"{workdir.path} was trained by an older instars_jax whose σ table had no "
                      "grid profile: train it again with this version")
-  manager = workdir.checkpoints()
-  if manager.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-  state, _ = checkpoints.restore_latest(manager, create_train_state(config, workdir.read_run()))
-  return state
+  return checkpoints.restore_latest(workdir.checkpoints(),
+                                    create_train_state(config, workdir.read_run()))
