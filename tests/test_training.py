@@ -48,9 +48,10 @@ def same_params(a, b) -> None:
 
 
 @contextlib.contextmanager
-def sigterm_during_step(monkeypatch, step: int):
-  """Sends this process SIGTERM during training step `step` (1-based) inside the block."""
-  original, calls = steps.train_step, [0]
+def sigterm_during_step(monkeypatch, step: int, module=steps):
+  """Sends this process SIGTERM during `module`.train_step's call number `step` (1-based)
+  inside the block."""
+  original, calls = module.train_step, [0]
 
   def step_then_sigterm(*args, **kwargs):
     calls[0] += 1
@@ -59,7 +60,7 @@ def sigterm_during_step(monkeypatch, step: int):
     return original(*args, **kwargs)
 
   with monkeypatch.context() as m:
-    m.setattr(steps, "train_step", step_then_sigterm)
+    m.setattr(module, "train_step", step_then_sigterm)
     yield
 
 
@@ -71,7 +72,12 @@ def test_killed_training_resumes_to_the_same_parameters_and_metrics(tmp_path, mo
     with pytest.raises(Killed):
       loop.train_and_evaluate(config, tmp_path / "resumed")
   assert checkpoints.manager(tmp_path / "resumed").latest_step() == 3  # epoch 1's end
+  log = tmp_path / "resumed" / "metrics.jsonl"
+  assert [row["step"] for row in read_metrics(tmp_path / "resumed")] == [3]  # readable
+  before = log.read_text()
   resumed = loop.train_and_evaluate(config, tmp_path / "resumed")
+  assert log.read_text().startswith(before)  # appended to, no step twice
+  assert [row["step"] for row in read_metrics(tmp_path / "resumed")] == [3, 6]
   assert metrics_without_timing(tmp_path / "resumed") == metrics_without_timing(tmp_path / "straight")
   same_params(straight, resumed)
   loaded = ij.load_train_state(tmp_path / "resumed")
@@ -208,6 +214,41 @@ def test_estimator_stage_resumes_after_a_kill_to_the_same_estimator(insta_config
   insta_config.estimator.temperature = 0.5
   with pytest.raises(ValueError, match="estimator trained with other settings"):
     loop.train_and_evaluate(insta_config, tmp_path / "straight")
+
+
+@pytest.mark.slow
+def test_router_nodes_resume_bit_identically_after_sigterm_and_kill_by_global_step(
+    insta_config, tmp_path, monkeypatch):
+  """Each node's checkpoints follow the stage before it in the global step count; SIGTERM in
+  node 2 and a kill in node 1 both resume to the uninterrupted nodes."""
+  insta_config.train.checkpoint_every_steps = 1
+  insta_config.estimator.update(epochs=2, label_samples=4, router=True, init="base")
+  loop.train_and_evaluate(insta_config, tmp_path / "straight")
+  ends = [9]  # the base model: 3 epochs of 3 steps
+  for k in (2, 1):
+    manager = checkpoints.manager(tmp_path / "straight" / "router" / f"node_{k}")
+    done = checkpoints.progress(manager, manager.latest_step())
+    assert done["stage"] == f"router node {k}" and done["step"] == done["steps"]
+    assert manager.latest_step() == ends[-1] + done["steps"]
+    ends.append(manager.latest_step())
+  node_steps = ends[1] - ends[0]
+  with sigterm_during_step(monkeypatch, 2, estimator):  # node 2, its second step
+    with pytest.raises(checkpoints.Interrupted, match=r"stopped at step 2 "):
+      loop.train_and_evaluate(insta_config, tmp_path / "resumed")
+  assert checkpoints.manager(tmp_path / "resumed" / "router" / "node_2").latest_step() == 11
+  with monkeypatch.context() as m:  # resumed, then killed in node 1's second step
+    stop_after(estimator, "train_step", node_steps - 2 + 2, m)
+    with pytest.raises(Killed):
+      loop.train_and_evaluate(insta_config, tmp_path / "resumed")
+  node_1 = checkpoints.manager(tmp_path / "resumed" / "router" / "node_1")
+  assert node_1.latest_step() == ends[1] + 1
+  loop.train_and_evaluate(insta_config, tmp_path / "resumed")
+  x = np.random.default_rng(0).uniform(size=(4, 28, 28)).astype(np.float32)
+  for k in (2, 1):
+    (f, straight), (g, resumed) = (estimator.load(tmp_path / d / "router" / f"node_{k}",
+                                                  tmp_path / d) for d in ("straight", "resumed"))
+    assert straight == resumed
+    np.testing.assert_array_equal(np.asarray(f(x)), np.asarray(g(x)))
 
 
 @pytest.mark.slow
