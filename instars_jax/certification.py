@@ -71,14 +71,20 @@ def smoothing_run(config, workdir, state, dataset, metadata, **more) -> certific
 
 def check_dataset(config, dataset, workdir) -> None:
   """ValueError unless `dataset` is the one the saved model was trained on (its name, image
-  shape and classes)."""
-  trained = workdir.read_run()
+  shape and classes) and the command line's σ grid is the run's (the kinds' levels and its
+  estimators' bins)."""
+  trained, saved = workdir.read_run(), workdir.read_config()
   ours = (config.dataset, tuple(dataset.image_shape), dataset.num_classes)
-  theirs = (workdir.read_config().dataset, tuple(trained.image_shape), trained.num_classes)
+  theirs = (saved.dataset, tuple(trained.image_shape), trained.num_classes)
   if ours != theirs:
     raise ValueError(f"the model in {workdir.path} was trained on {theirs[0]} (images "
                      f"{theirs[1]}, {theirs[2]} classes), not {ours[0]} (images {ours[1]}, "
                      f"{ours[2]} classes)")
+  grid, saved_grid = (tuple(float(s) for s in g)
+                      for g in (config.train.table.grid, saved.train.table.grid))
+  if grid != saved_grid:
+    raise ValueError(f"train.table.grid={grid} differs from the trained run's {saved_grid} in "
+                     f"{workdir.path}: certify with the run's grid")
 
 
 def check_holdout(config, workdir) -> None:

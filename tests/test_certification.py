@@ -458,11 +458,17 @@ def test_a_kind_is_one_new_file_or_a_dotted_module_path(run, tmp_path, monkeypat
     certification.certify_test_set(config, workdir)
 
 
-def test_certifying_another_dataset_than_the_model_s_is_refused(run, tmp_path):
+def test_certifying_another_dataset_or_grid_than_the_model_s_is_refused(run, tmp_path):
   config, workdir = run
   from helpers import write_npz
+  trained_on = config.dataset
   config.dataset = f"npz:{write_npz(tmp_path / 'other.npz', n_train=8, n_test=8, shape=(14, 14))}"
   with pytest.raises(ValueError, match=r"was trained on npz:.*toy.npz \(images \(28, 28\), 3 "
                                        r"classes\), not npz:.*other.npz \(images \(14, 14\)"):
+    certification.certify_test_set(config, workdir)
+  config.dataset = trained_on
+  config.train.table.grid = (0.5, 1.0)
+  with pytest.raises(ValueError, match=r"train.table.grid=\(0.5, 1.0\) differs from the trained "
+                                       r"run's \(0.25, 0.5, 1.0\)"):
     certification.certify_test_set(config, workdir)
   assert not (workdir / "certify").exists()

@@ -135,6 +135,8 @@ def bad_input_cases(common, workdir, tmp_path) -> dict:
       "train.holdout=1.0 must lie in [0, 1)": ("train.py", *common,
                                                f"--workdir={tmp_path / 'holdout'}",
                                                "--config.train.holdout=1.0"),
+      "train.table.grid=(0.5, 1.0) differs from the trained run's (0.25, 0.5, 1.0)": (
+          "certify.py", *common, "--config.train.table.grid=(0.5,1.0)"),
       "certify.experts names 1 workdirs; train.table.grid=(0.25, 0.5, 1.0)": (
           "certify.py", *common, f"--config.certify.experts={workdir}"),
   }
@@ -155,5 +157,5 @@ def test_bad_input_ends_with_one_line_and_exit_status_2(trained, tmp_path, quick
                 for expected, p in started.items()}
   for expected, (out, err, code) in finished.items():
     one_line_error(subprocess.CompletedProcess((), code, out, err), expected)
-  assert len(cases) == (len(QUICK) if quick else 7)
+  assert len(cases) == (len(QUICK) if quick else 8)
   assert not any((tmp_path / name / "certify").exists() for name in ("stale", "damaged"))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from orbax.checkpoint import checkpoint_managers as policies
 
 from instars_jax.run.files import raise_write_error
@@ -95,6 +96,7 @@ def restore(checkpoints: ocp.CheckpointManager, step: int, template=None):
     args = ocp.args.StandardRestore(
         jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template))
   try:
+    _check_readable(Path(checkpoints.directory) / str(step))
     return checkpoints.restore(step, args=args)
   except Exception as error:  # noqa: BLE001 (re-raised as one line)
     while error.__cause__ is not None or error.__context__ is not None:  # the root cause
@@ -103,6 +105,19 @@ def restore(checkpoints: ocp.CheckpointManager, step: int, template=None):
     raise ValueError(f"checkpoint {step} in {checkpoints.directory} is corrupt or incomplete "
                      f"({lines[0][:160]}): remove {checkpoints.directory / str(step)} to fall back "
                      "to the one before it") from None
+
+
+def _check_readable(step_dir: Path) -> None:
+  """Reads every stored value of the checkpoint in `step_dir` once, synchronously, so that a
+  damaged one fails here, before orbax's concurrent restore would fail with reads still in
+  flight (whose callbacks then print tracebacks into its closed event loop). The values land
+  in the page cache, where orbax reads them next."""
+  item = step_dir / "default"
+  if not (item / "manifest.ocdbt").exists():
+    return
+  store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{item}/"}).result()
+  for key in store.list().result():
+    store.read(key).result()
 
 
 def restore_latest(checkpoints: ocp.CheckpointManager, template=None):
