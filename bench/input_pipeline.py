@@ -28,7 +28,7 @@ from PIL import Image
 from configs import default
 from instars_jax import data
 from instars_jax.data import pipeline
-from instars_jax.run.workdir import RunInfo
+from instars_jax.storage.workdir import TrainingFacts
 from instars_jax.train import steps as train_steps
 from instars_jax.train.state import create_train_state
 from common import device_info, emit
@@ -78,7 +78,7 @@ def synthetic_jpegs(root: Path, count: int) -> Path:
 def training_share(split, workers, steps, batch=128) -> dict:
   config = default.get_config()
   config.model.name = "resnet20"
-  state = create_train_state(config, RunInfo((32, 32, 3), 10, "cifar10", len(split), 100,
+  state = create_train_state(config, TrainingFacts((32, 32, 3), 10, "cifar10", len(split), 100,
                                              "synthetic"))
   batches = pipeline.StepBatches(split, pipeline.Batching(batch, len(split) // batch, 0,
                                                          "crop_flip"))

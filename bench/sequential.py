@@ -39,7 +39,7 @@ from scipy import stats
 
 import instars_jax as ij
 from instars_jax import analyze, data
-from instars_jax.run.workdir import Workdir
+from instars_jax.storage.workdir import Workdir
 from instars_jax.smoothing import bounds
 from instars_jax.smoothing.sequential import rules
 from common import device_info, emit
@@ -151,7 +151,7 @@ def main():
   indices = np.arange(0, len(test), max(1, len(test) // args.images))[: args.images]
   batch = test.take(indices)
   apply_fn = ij.logits_fn(state)
-  num_classes = Workdir(args.workdir).read_run().num_classes
+  num_classes = Workdir(args.workdir).read_facts().num_classes
   labels = batch["label"]
 
   rows = [compare(apply_fn, batch["image"], labels, batch["index"], float(sigma), num_classes, args)

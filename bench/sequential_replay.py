@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from instars_jax.run import results
+from instars_jax.storage import results
 from instars_jax.smoothing import bounds
 from common import device_info, emit
 from sequential import add_arguments, compare

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from configs import default
-from instars_jax.run.workdir import RunInfo
+from instars_jax.storage.workdir import TrainingFacts
 from instars_jax.train import sigma_table, steps
 from instars_jax.train.state import create_train_state
 from common import INPUTS, device_info, emit, median_seconds
@@ -33,7 +33,7 @@ def main():
   config = default.get_config()
   config.model.name = args.model
   grid = tuple(config.train.table.grid)
-  state = create_train_state(config, RunInfo(shape, num_classes, stats, args.num_train, 10,
+  state = create_train_state(config, TrainingFacts(shape, num_classes, stats, args.num_train, 10,
                                              "synthetic"))
   rng = np.random.default_rng(0)
 

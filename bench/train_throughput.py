@@ -14,7 +14,7 @@ import numpy as np
 import optax
 
 from configs import default
-from instars_jax.run.workdir import RunInfo
+from instars_jax.storage.workdir import TrainingFacts
 from instars_jax.train import losses, steps
 from instars_jax.train.state import create_train_state
 from common import INPUTS, device_info, emit, median_seconds
@@ -28,7 +28,7 @@ def measure(name: str, batch_size: int, loss_name: str) -> dict:
   config.train.loss = loss_name
   loss = losses.from_config(config.train)
   settings = dict(loss.settings)
-  state = create_train_state(config, RunInfo(shape, num_classes, stats, 10 * batch_size, 10,
+  state = create_train_state(config, TrainingFacts(shape, num_classes, stats, 10 * batch_size, 10,
                                              "synthetic"))
   rng = np.random.default_rng(0)
   batch = {"image": rng.uniform(size=(batch_size,) + shape).astype(np.float32),

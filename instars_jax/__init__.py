@@ -6,7 +6,7 @@
   train/          the train state with its σ table, the steps, one loop over stages, the
                   σ-estimator, periodic actions
   data/           dataset sources by name or prefix, the grain input pipeline, augmentation
-  run/            a run's directory (Workdir), checkpoints, results files, locks, events
+  storage/        a run's directory (Workdir), checkpoints, results files, locks, events
   certification.py, analyze.py, models.py, parallel.py, import_torch.py, convert.py, cli.py
 
 The public API below is imported on first use, so that the command lines can parse their

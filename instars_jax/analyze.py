@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from instars_jax.run import results
+from instars_jax.storage import results
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 UNLABELLED = "unlabelled (no metadata sidecar)"

@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 import instars_jax
 from instars_jax import analyze, certificates, data, experts
-from instars_jax.run import checkpoints, events, results
-from instars_jax.run.workdir import Workdir
+from instars_jax.storage import checkpoints, events, results
+from instars_jax.storage.workdir import Workdir
 from instars_jax.smoothing.sequential import rules
 from instars_jax.smoothing.streams import Stream
 from instars_jax.train.state import load_train_state, logits_fn
@@ -57,11 +57,11 @@ def validate_config(config):
   return certificates.for_config(config)
 
 
-def smoothing_run(config, workdir, state, dataset, metadata, **more) -> certificates.Run:
+def smoothed_model(config, workdir, state, dataset, metadata, **more) -> certificates.SmoothedModel:
   """What every kind gets: the run's model (and the σ experts `metadata` names), its key and
-  the CERTIFY settings of config.certify; `more` fills the rest of certificates.Run."""
+  the CERTIFY settings of config.certify; `more` fills the rest of certificates.SmoothedModel."""
   c = config.certify
-  return certificates.Run(
+  return certificates.SmoothedModel(
       apply_fn=logits_fn(state), num_classes=dataset.num_classes,
       key=jax.random.fold_in(jax.random.PRNGKey(config.seed), Stream.CERTIFY), n0=c.n0, n=c.n,
       alpha=c.alpha, batch_size=c.batch, rule=rules.from_config(c), workdir=workdir,
@@ -73,7 +73,7 @@ def check_dataset(config, dataset, workdir) -> None:
   """ValueError unless `dataset` is the one the saved model was trained on (its name, image
   shape and classes) and the command line's σ grid is the run's (the kinds' levels and its
   estimators' bins)."""
-  trained, saved = workdir.read_run(), workdir.read_config()
+  trained, saved = workdir.read_facts(), workdir.read_config()
   ours = (config.dataset, tuple(dataset.image_shape), dataset.num_classes)
   theirs = (saved.dataset, tuple(trained.image_shape), trained.num_classes)
   if ours != theirs:
@@ -198,9 +198,9 @@ def certify_test_set(config, workdir, host: int | None = None, hosts: int | None
     writer = _open_results(part, metadata)
     mine = selected_indices(len(images), config.certify.skip, config.certify.max)
     todo = [i for i in mine[host::hosts] if i not in writer.done]
-    run = smoothing_run(config, workdir, state, dataset, metadata, results_path=path,
-                        done=frozenset(writer.done))
-    _certify_rows(config, kind.prepare(run, config), images, todo, writer)
+    smoothed = smoothed_model(config, workdir, state, dataset, metadata, results_path=path,
+                              done=frozenset(writer.done))
+    _certify_rows(config, kind.prepare(smoothed, config), images, todo, writer)
   if hosts > 1:
     multihost_utils.sync_global_devices(f"certified {path.name}")
     if host != 0:

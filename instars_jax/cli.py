@@ -41,7 +41,7 @@ def main(target: str) -> None:
   one line naming the problem (exit status 2), not a traceback; a stop request that was
   checkpointed ends it with status 143 (128 + SIGTERM)."""
 
-  def run(argv):
+  def call_target(argv):
     if len(argv) > 1:
       _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
@@ -55,7 +55,7 @@ def main(target: str) -> None:
       parallel.initialize_distributed()
     module, function = target.split(":")
     main_fn = getattr(importlib.import_module(module), function)
-    from instars_jax.run import checkpoints
+    from instars_jax.storage import checkpoints
     try:
       main_fn(config, WORKDIR.value)
     except EXPECTED_ERRORS as error:
@@ -67,4 +67,4 @@ def main(target: str) -> None:
         import jax
         jax.distributed.shutdown()
 
-  app.run(run, flags_parser=_parse_flags)
+  app.run(call_target, flags_parser=_parse_flags)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from instars_jax.run.workdir import Workdir
+from instars_jax.storage.workdir import Workdir
 from instars_jax.train.estimator import grid_of
 from instars_jax.train.state import load_train_state, logits_fn
 
@@ -49,14 +49,14 @@ def check(config, workdir, needed, on_holdout: bool = False) -> list[dict]:
   if off_grid:
     raise ValueError(f"certify.experts covers train.table.grid={grid}; the certificate also "
                      f"needs σ = {', '.join(f'{s:g}' for s in off_grid)}")
-  base = Workdir(workdir).read_run()
+  base = Workdir(workdir).read_facts()
   found = []
   for sigma, path in zip(grid, paths):
     expert = Workdir(path)
     where = f"certify.experts: {path}"
     if not expert.config_path.exists():
       raise FileNotFoundError(f"{where} holds no trained run (no {expert.config_path.name})")
-    trained, info = expert.read_config(), expert.read_run()
+    trained, info = expert.read_config(), expert.read_facts()
     mismatches = [
         (trained.dataset, config.dataset, "dataset"),
         (trained.model.name, config.model.name, "model.name"),

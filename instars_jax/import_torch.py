@@ -26,8 +26,8 @@ import numpy as np
 from flax import traverse_util
 
 from configs import default
-from instars_jax.run import checkpoints
-from instars_jax.run.workdir import RunInfo, Workdir
+from instars_jax.storage import checkpoints
+from instars_jax.storage.workdir import TrainingFacts, Workdir
 from instars_jax.train.state import create_train_state
 
 # torch arch -> (model.name, normalization stats, image shape, dataset of the workdir's config)
@@ -154,15 +154,15 @@ def import_checkpoint(path, workdir, dataset: str = "") -> Path:
   workdir = Workdir(workdir)
   if workdir.config_path.exists():
     raise ValueError(f"{workdir.path} already holds a run: choose a new --workdir")
-  run = RunInfo(image_shape, num_classes, stats, num_train=1, steps_per_epoch=1,
+  facts = TrainingFacts(image_shape, num_classes, stats, num_train=1, steps_per_epoch=1,
                 dataset=config.dataset, imported_from=str(Path(path).resolve()), torch_arch=arch)
-  state = create_train_state(config, run)
+  state = create_train_state(config, facts)
   template = {"params": state.params, "batch_stats": state.batch_stats}
   variables = convert(state_dict, model_name, jax.tree_util.tree_map(np.asarray, template))
   state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
   workdir.path.mkdir(parents=True, exist_ok=True)
   checkpoints.save(workdir.checkpoints(), 1, state, {"stage": "base", "step": 1, "steps": 1})
-  workdir.write_run(run)
+  workdir.write_facts(facts)
   workdir.write_config(config)
   return workdir.path
 

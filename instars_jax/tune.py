@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from instars_jax import analyze, certification, cli, data, experts
 from instars_jax.certificates import router, thresholded
-from instars_jax.run.files import write_json_atomic
-from instars_jax.run.workdir import Workdir
+from instars_jax.storage.files import write_json_atomic
+from instars_jax.storage.workdir import Workdir
 from instars_jax.smoothing import sampler
 from instars_jax.train import estimator
 from instars_jax.train.state import load_train_state
@@ -45,9 +45,9 @@ def tune_thresholds(config, workdir) -> dict:
   certification.check_holdout(config, workdir)
   checked = experts.check(config, workdir, thresholded.sigmas(config), on_holdout=True)
   dataset = data.from_config(config)
-  run = certification.smoothing_run(config, workdir, state, dataset,
-                                    {"experts": checked} if checked else {})
-  chain = router.loaded_nodes(run, config)
+  smoothed = certification.smoothed_model(config, workdir, state, dataset,
+                                          {"experts": checked} if checked else {})
+  chain = router.loaded_nodes(smoothed, config)
   grid = np.asarray(estimator.grid_of(config), np.float32)
   beta, taus = thresholded.alpha_split(config)[1], tuple(config.certify.thresholded.sweep)
   c = config.certify
@@ -58,7 +58,7 @@ def tune_thresholds(config, workdir) -> dict:
   for start in tqdm(range(0, len(todo), per_call), desc="tune", unit="call", disable=None):
     batch = dataset.holdout.take(todo[start: start + per_call])
     labels.append(batch["label"])
-    for tau, cert in thresholded.sweep(run, chain, grid, batch["image"], batch["index"], beta,
+    for tau, cert in thresholded.sweep(smoothed, chain, grid, batch["image"], batch["index"], beta,
                                        taus).items():
       found[tau].append(cert)
   label = np.concatenate(labels)

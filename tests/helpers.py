@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from configs import default
-from instars_jax.run import results
+from instars_jax.storage import results
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ import device_probe  # noqa: E402
 import jax  # noqa: E402
 import train_probe  # noqa: E402
 from configs import default  # noqa: E402
-from instars_jax.run import checkpoints  # noqa: E402
+from instars_jax.storage import checkpoints  # noqa: E402
 from instars_jax.train import loop  # noqa: E402
 
 if __name__ == "__main__":

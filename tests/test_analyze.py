@@ -8,7 +8,7 @@ import pytest
 
 from instars_jax import analyze
 from instars_jax.certificates import per_sigma
-from instars_jax.run import results
+from instars_jax.storage import results
 
 
 def cohen_table(path):

@@ -13,7 +13,7 @@ import instars_jax as ij
 from helpers import LinearClassifier
 from instars_jax import certificates
 from instars_jax.smoothing import bounds
-from instars_jax.certificates import Run, locally_constant
+from instars_jax.certificates import SmoothedModel, locally_constant
 from instars_jax.certificates import memory as memory_kind
 
 DIM = 16
@@ -124,9 +124,10 @@ def test_memory_round_trips_in_appended_parts(tmp_path):
 
 
 def test_locally_constant_never_certifies_intersecting_balls(island_points):
-  run = Run(Island(), 2, jax.random.PRNGKey(0), n0=64, n=2000, alpha=0.001, batch_size=8192)
+  smoothed = SmoothedModel(Island(), 2, jax.random.PRNGKey(0),
+                           n0=64, n=2000, alpha=0.001, batch_size=8192)
   chooser = locally_constant.Estimator(half_space_estimator, (0.1, 2.0), sigma=0.1, n=2000)
-  cert = locally_constant.certify_locally_constant(run, chooser, island_points, None, 0.0005)
+  cert = locally_constant.certify_locally_constant(smoothed, chooser, island_points, None, 0.0005)
   assert certificates.intersecting_pairs(island_points, cert.prediction, cert.radius) == 0
   certified = cert.prediction != ij.ABSTAIN
   assert certified.sum() > 60
@@ -153,9 +154,10 @@ def test_sound_modes_never_exceed_the_true_radius_of_G(linear):
                                                    float(cert.radius[i]), i)
     assert r <= truth[i] + 1e-6
   estimator = lambda z: jnp.stack([-z[:, 7], z[:, 7]], axis=-1) * 100.0
-  run = Run(linear, 2, jax.random.PRNGKey(3), n0=64, n=1000, alpha=0.001, batch_size=65536)
+  smoothed = SmoothedModel(linear, 2, jax.random.PRNGKey(3),
+                           n0=64, n=1000, alpha=0.001, batch_size=65536)
   chooser = locally_constant.Estimator(estimator, (0.25, 0.5), sigma=0.25, n=1000)
-  local = locally_constant.certify_locally_constant(run, chooser, x, None, 0.0005)
+  local = locally_constant.certify_locally_constant(smoothed, chooser, x, None, 0.0005)
   assert np.all(local.radius <= truth + 1e-6)
   assert np.mean(local.prediction != ij.ABSTAIN) > 0.5
 
@@ -163,12 +165,12 @@ def test_sound_modes_never_exceed_the_true_radius_of_G(linear):
 def test_bad_grid_or_alpha_split_is_rejected(linear):
   with pytest.raises(ValueError, match="sigma_grid"):
     locally_constant.Estimator(linear, (0.5,), sigma=0.25, n=8)
-  run = Run(linear, 2, jax.random.PRNGKey(0), n0=8, n=8, alpha=0.01, batch_size=8)
+  smoothed = SmoothedModel(linear, 2, jax.random.PRNGKey(0), n0=8, n=8, alpha=0.01, batch_size=8)
   chooser = locally_constant.Estimator(linear, (0.25, 0.5), sigma=0.25, n=8)
   for beta in (0.01, 0.0):
     with pytest.raises(ValueError, match="beta must lie in"):
-      locally_constant.certify_locally_constant(run, chooser, np.zeros((1, 8), np.float32), None,
-                                                beta)
+      locally_constant.certify_locally_constant(smoothed, chooser, np.zeros((1, 8), np.float32),
+                                                None, beta)
 
 
 def test_every_kind_declares_the_interface_and_answers_through_it(linear, tmp_path, monkeypatch):
@@ -183,8 +185,9 @@ def test_every_kind_declares_the_interface_and_answers_through_it(linear, tmp_pa
   # The router's nodes: node k (directory router/node_k) trained for the config's grid.
   monkeypatch.setattr(locally_constant.estimator, "saved_settings", lambda directory: {
       "grid": list(config.train.table.grid), "node": int(Path(directory).name.split("_")[1])})
-  from instars_jax.run.workdir import Workdir
-  run = Run(linear, 2, jax.random.PRNGKey(0), n0=32, n=500, alpha=0.001, batch_size=4096,
+  from instars_jax.storage.workdir import Workdir
+  smoothed = SmoothedModel(linear, 2, jax.random.PRNGKey(0),
+                           n0=32, n=500, alpha=0.001, batch_size=4096,
             workdir=Workdir(tmp_path), results_path=tmp_path / "results.tsv", image_size=8)
   x = linear.points_at_distance(np.array([0.5, 1.0, -0.3]))
   for name in certificates.kinds():
@@ -193,7 +196,7 @@ def test_every_kind_declares_the_interface_and_answers_through_it(linear, tmp_pa
     kind.validate(config)
     assert kind.file_stem(config)
     assert kind.sigmas(config) in {None, (0.25,), tuple(config.train.table.grid)}
-    out = kind.prepare(run, config)(x, np.arange(3))
+    out = kind.prepare(smoothed, config)(x, np.arange(3))
     assert out.prediction.shape == out.radius.shape == out.sigma.shape == (3,)
     assert np.all(out.radius <= linear.distance(x) + 1e-6)  # sound for a linear f, any kind
     assert np.sum(out.radius > 0) >= 2
@@ -218,10 +221,11 @@ def test_estimator_routes_never_exceed_the_exact_radius_of_its_choice():
   z = np.linspace(-1.5, 1.5, 61)
   x = np.zeros((len(z), 4), np.float32)
   x[:, 0] = z
-  run = Run(Bands(), 3, jax.random.PRNGKey(0), n0=64, n=20_000, alpha=0.002, batch_size=65536)
+  smoothed = SmoothedModel(Bands(), 3, jax.random.PRNGKey(0),
+                           n0=64, n=20_000, alpha=0.002, batch_size=65536)
   chooser = locally_constant.Estimator(Bands(), (0.25, 0.5, 1.0), sigma=1.0, n=20_000)
-  bins, radius = locally_constant.certify_estimator(run, chooser, x, None, jax.random.PRNGKey(0),
-                                                    0.001)
+  bins, radius = locally_constant.certify_estimator(smoothed, chooser, x, None,
+                                                    jax.random.PRNGKey(0), 0.001)
   exact = np.abs(np.abs(z) - Bands.a)
   certified = bins != ij.ABSTAIN
   assert np.all(radius[certified] <= exact[certified] + 1e-6)
@@ -239,8 +243,9 @@ def test_cascade_never_exceeds_the_true_radius_and_answers_at_every_level(linear
   from instars_jax.certificates import cascade
   distances = np.array([0.02, 0.06, 0.15, 0.3, 0.6, 1.2, 10.0, -0.4])
   x = linear.points_at_distance(distances)
-  run = Run(linear, 2, jax.random.PRNGKey(4), n0=64, n=20_000, alpha=0.001, batch_size=65536)
-  cert = cascade.certify_cascade(run, x, np.arange(len(x)), (0.25, 0.5, 1.0), 0.6)
+  smoothed = SmoothedModel(linear, 2, jax.random.PRNGKey(4),
+                           n0=64, n=20_000, alpha=0.001, batch_size=65536)
+  cert = cascade.certify_cascade(smoothed, x, np.arange(len(x)), (0.25, 0.5, 1.0), 0.6)
   truth = linear.distance(x)
   assert np.all(cert.radius <= truth + 1e-6)
   assert set(cert.sigma[cert.prediction != ij.ABSTAIN]) == {0.25, 0.5, 1.0}
@@ -273,8 +278,9 @@ def test_router_never_exceeds_the_true_radius_at_any_node(linear):
   # the other features, so G's exact radius is the distance to its hyperplane, whatever σ.
   from instars_jax.certificates import router
   x, tree = x7_nodes(linear, 5, 300, scale=100.0, sigmas=(1.0, 0.5), n=2000)
-  run = Run(linear, 2, jax.random.PRNGKey(6), n0=64, n=2000, alpha=0.001, batch_size=65536)
-  cert = router.certify_router(run, tree, np.float32([0.25, 0.5, 1.0]), x, None, 0.0005)
+  smoothed = SmoothedModel(linear, 2, jax.random.PRNGKey(6),
+                           n0=64, n=2000, alpha=0.001, batch_size=65536)
+  cert = router.certify_router(smoothed, tree, np.float32([0.25, 0.5, 1.0]), x, None, 0.0005)
   assert np.all(cert.radius <= linear.distance(x) + 1e-6)
   certified = cert.prediction != ij.ABSTAIN
   assert set(cert.sigma[certified]) == {0.25, 0.5, 1.0} and certified.mean() > 0.5
@@ -289,11 +295,12 @@ def test_router_and_cascade_certify_no_intersecting_balls_where_per_sigma_does(i
   # a hyperplane: per_sigma's balls intersect by the thousand (test above). A router whose
   # node decides σ = 2 on the same side, and the cascade over the grid, certify none.
   from instars_jax.certificates import cascade, router
-  run = Run(Island(), 2, jax.random.PRNGKey(0), n0=64, n=2000, alpha=0.001, batch_size=8192)
+  smoothed = SmoothedModel(Island(), 2, jax.random.PRNGKey(0),
+                           n0=64, n=2000, alpha=0.001, batch_size=8192)
   node = locally_constant.Estimator(half_space_estimator, (0.1, 2.0), sigma=0.1, n=2000)
-  routed = router.certify_router(run, [node], np.float32([0.1, 2.0]), island_points, None,
+  routed = router.certify_router(smoothed, [node], np.float32([0.1, 2.0]), island_points, None,
                                  0.0005)
-  cascaded = cascade.certify_cascade(run, island_points, np.arange(len(island_points)),
+  cascaded = cascade.certify_cascade(smoothed, island_points, np.arange(len(island_points)),
                                      (0.1, 2.0), 0.6)
   for cert in (routed, cascaded):
     assert (cert.prediction != ij.ABSTAIN).sum() > 40
@@ -317,10 +324,11 @@ def test_alpha_splits_are_pinned_for_every_instance_wise_kind(linear, monkeypatc
   from instars_jax.certificates import cascade, router
   from instars_jax.smoothing import sampler
   x = linear.points_at_distance(np.array([0.3, 2.0, -0.5]))
-  run = Run(linear, 2, jax.random.PRNGKey(1), n0=32, n=2000, alpha=0.004, batch_size=8192)
+  smoothed = SmoothedModel(linear, 2, jax.random.PRNGKey(1),
+                           n0=32, n=2000, alpha=0.004, batch_size=8192)
   certify_calls = recorded_alphas(monkeypatch, sampler, "certify")  # estimator, then class
   three = locally_constant.Estimator(Bands(), (0.25, 0.5, 1.0), sigma=1.0, n=2000)
-  locally_constant.certify_locally_constant(run, three, x, None, 0.001)
+  locally_constant.certify_locally_constant(smoothed, three, x, None, 0.001)
   assert certify_calls == [pytest.approx(0.0005), pytest.approx(0.003)]
   certify_calls.clear()
   # Node 2 sends x_7 > 0 to σ = 1.0 and the rest to node 1. Binary nodes give each node's
@@ -329,11 +337,11 @@ def test_alpha_splits_are_pinned_for_every_instance_wise_kind(linear, monkeypatc
   x[:, 7] = [1.0, -1.0, -1.0]
   tree = [locally_constant.Estimator(feature, (0.5, 1.0), sigma=0.1, n=2000),
           locally_constant.Estimator(feature, (0.25, 0.5), sigma=0.1, n=2000)]
-  router.certify_router(run, tree, np.float32([0.25, 0.5, 1.0]), x, None, 0.001)
+  router.certify_router(smoothed, tree, np.float32([0.25, 0.5, 1.0]), x, None, 0.001)
   assert certify_calls == [pytest.approx(0.0005)] * 2 + [pytest.approx(0.003)]
   lower = recorded_alphas(monkeypatch, bounds, "clopper_pearson_lower")
   upper = recorded_alphas(monkeypatch, bounds, "clopper_pearson_upper")
-  cascade.certify_cascade(run, linear.points_at_distance(np.zeros(2)), np.arange(2),
+  cascade.certify_cascade(smoothed, linear.points_at_distance(np.zeros(2)), np.arange(2),
                           (0.25, 0.5, 1.0), 0.6)
   k, classes = 3, 2  # every input reaches the lowest level: p = 1/2 everywhere
   assert upper == [pytest.approx(0.004 / (2 * k * classes))] * 2
@@ -348,8 +356,9 @@ def test_cascade_bounds_only_the_other_classes_above_and_abstains_on_every_level
   # previous rule) abstains. At d = 0 every level is at 1/2: all three abstain.
   from instars_jax.certificates import cascade
   x = linear.points_at_distance(np.array([0.2533, 0.0]))
-  run = Run(linear, 2, jax.random.PRNGKey(7), n0=64, n=20_000, alpha=0.001, batch_size=65536)
-  cert = cascade.certify_cascade(run, x, np.arange(2), (0.25, 0.5, 1.0), 0.6)
+  smoothed = SmoothedModel(linear, 2, jax.random.PRNGKey(7),
+                           n0=64, n=20_000, alpha=0.001, batch_size=65536)
+  cert = cascade.certify_cascade(smoothed, x, np.arange(2), (0.25, 0.5, 1.0), 0.6)
   assert cert.prediction[0] == 0 and cert.sigma[0] == 0.5
   assert 0.05 < cert.radius[0] <= linear.distance(x)[0]
   assert cert.prediction[1] == ij.ABSTAIN and cert.radius[1] == 0
@@ -359,7 +368,7 @@ def test_cascade_bounds_only_the_other_classes_above_and_abstains_on_every_level
 def test_written_radii_never_exceed_the_radius_computed():
   # Radii stay float64 up to the results file, whose format_radius rounds down; a float32
   # radius on the way would round about half of them up (by half a float32 step).
-  from instars_jax.run.results import format_radius
+  from instars_jax.storage.results import format_radius
   rng = np.random.default_rng(0)
   radii = bounds.certified_radius(rng.uniform(0.5, 1.0, 20_000), rng.uniform(0.05, 2.0, 20_000))
   assert all(float(format_radius(r)) <= r for r in radii)
@@ -375,12 +384,12 @@ def test_written_radii_never_exceed_the_radius_computed():
     (0.0, "0"), (0.5, "0.5"), (1.0, "1"), (0.9999996, "0.999999"), (1.2345675, "1.23456"),
     (123456.7, "123456"), (1e-7, "1e-07"), (2.5e-9, "2.5e-09"), (3.999999999, "3.99999")])
 def test_format_radius_rounds_down_to_six_digits(value, text):
-  from instars_jax.run.results import format_radius
+  from instars_jax.storage.results import format_radius
   assert format_radius(value) == text and float(text) <= value
 
 
 def test_memory_balls_stay_apart_in_the_radii_written():
-  from instars_jax.run.results import format_radius
+  from instars_jax.storage.results import format_radius
   rng = np.random.default_rng(3)
   for trial in range(200):
     memory = memory_kind.Memory.empty(4)
@@ -413,10 +422,11 @@ def test_thresholded_chain_never_exceeds_the_exact_radius_and_takes_the_min_over
   boundary = [0.5 - 0.3 * stats.norm.ppf(tau), 0.0 - 0.2 * stats.norm.ppf(tau)]
   # Each input's certificate may fail with probability α (a node's bound, the class test):
   # at α = 1e-4 over 400 inputs, a violation below has probability under 4%.
-  run = Run(linear, 2, jax.random.PRNGKey(9), n0=64, n=4000, alpha=1e-4, batch_size=65536)
+  smoothed = SmoothedModel(linear, 2, jax.random.PRNGKey(9),
+                           n0=64, n=4000, alpha=1e-4, batch_size=65536)
   certify_calls = recorded_alphas(monkeypatch, sampler_module(), "certify")
   lower = recorded_alphas(monkeypatch, bounds, "clopper_pearson_lower")
-  cert = thresholded.certify_thresholded(run, chain, np.float32([0.25, 0.5, 1.0]), x, None,
+  cert = thresholded.certify_thresholded(smoothed, chain, np.float32([0.25, 0.5, 1.0]), x, None,
                                          5e-5, tau)
   assert certify_calls == [pytest.approx(5e-5)]  # the class test at α − β
   assert pytest.approx(5e-5 / 2 / 2) in lower  # each node's bound at β/(2(K − 1))
@@ -450,12 +460,13 @@ def test_experts_certify_each_sigma_with_their_own_classifier(linear):
   # opposite sign, so their predictions flip, and each group's rows are CERTIFY of its expert
   # alone (the noise of input i depends only on (key, i), not on the grouping).
   flipped = LinearClassifier(-linear.w, -linear.b)
-  run = Run(linear, 2, jax.random.PRNGKey(5), n0=32, n=400, alpha=0.001, batch_size=4096,
+  smoothed = SmoothedModel(linear, 2, jax.random.PRNGKey(5),
+                           n0=32, n=400, alpha=0.001, batch_size=4096,
             experts={np.float32(0.25): linear, np.float32(1.0): flipped})
   x = linear.points_at_distance(np.linspace(0.4, 2.0, 7))
   sigma = np.float32([0.25, 1.0, 1.0, 0.25, 1.0, 0.25, 0.25])
   ids = np.arange(10, 17)
-  cert = run.certify(x, sigma, ids)
+  cert = smoothed.certify(x, sigma, ids)
   for s, fn, label in ((0.25, linear, 0), (1.0, flipped, 1)):
     mine = sigma == np.float32(s)
     alone = ij.certify(fn, x[mine], s, jax.random.PRNGKey(5), n0=32, n=400, alpha=0.001,
@@ -464,9 +475,10 @@ def test_experts_certify_each_sigma_with_their_own_classifier(linear):
     np.testing.assert_array_equal(cert.radius[mine], alone.radius)
     np.testing.assert_array_equal(cert.counts[mine], alone.counts)
     assert set(cert.prediction[mine]) == {label}
-  assert run.model_at(0.25) is linear and Run(linear, 2, None, 1, 1, 0.1, 1).model_at(7.0) is linear
+  assert smoothed.model_at(0.25) is linear
+  assert SmoothedModel(linear, 2, None, 1, 1, 0.1, 1).model_at(7.0) is linear
   with pytest.raises(ValueError, match="no σ expert for σ = 0.5"):
-    run.certify(x, 0.5, ids)
+    smoothed.certify(x, 0.5, ids)
 
 
 def test_the_threshold_sweep_gives_each_tau_the_rows_of_the_chain_itself(linear):
@@ -476,11 +488,12 @@ def test_the_threshold_sweep_gives_each_tau_the_rows_of_the_chain_itself(linear)
   from instars_jax.certificates import thresholded
   x, chain = x7_nodes(linear, 3, 60, scale=3.0, sigmas=(0.3, 0.2), n=300)
   grid, ids = np.float32([0.25, 0.5, 1.0]), np.arange(100, 160)
-  run = Run(linear, 2, jax.random.PRNGKey(4), n0=32, n=300, alpha=1e-3, batch_size=65536)
-  swept = thresholded.sweep(run, chain, grid, x, ids, 5e-4, (0.6, 0.8, 0.95))
+  smoothed = SmoothedModel(linear, 2, jax.random.PRNGKey(4),
+                           n0=32, n=300, alpha=1e-3, batch_size=65536)
+  swept = thresholded.sweep(smoothed, chain, grid, x, ids, 5e-4, (0.6, 0.8, 0.95))
   moved = []
   for tau, cert in swept.items():
-    alone = thresholded.certify_thresholded(run, chain, grid, x, ids, 5e-4, tau)
+    alone = thresholded.certify_thresholded(smoothed, chain, grid, x, ids, 5e-4, tau)
     for field in ("prediction", "radius", "sigma", "num_samples"):
       np.testing.assert_array_equal(getattr(cert, field), getattr(alone, field))
     moved.append(np.sum(cert.sigma < 1.0))

@@ -18,7 +18,7 @@ import instars_jax as ij
 from helpers import Killed, event_values, make_toy_config, rows_without_time, stop_after
 from instars_jax import analyze, certificates, certification, data
 from instars_jax.certificates import locally_constant
-from instars_jax.run import checkpoints, results
+from instars_jax.storage import checkpoints, results
 from instars_jax.smoothing.streams import Stream
 from instars_jax.train import loop
 

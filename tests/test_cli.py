@@ -10,7 +10,7 @@ import time
 import pytest
 
 from helpers import ROOT, run_cli, start_cli, write_npz, write_tree
-from instars_jax.run.workdir import Workdir
+from instars_jax.storage.workdir import Workdir
 
 CONFIG = f"--config={ROOT / 'configs' / 'fashion_mnist.py'}"
 

@@ -22,7 +22,7 @@ import pytest
 import device_probe
 import train_probe
 from helpers import ROOT, write_npz
-from instars_jax.run import checkpoints
+from instars_jax.storage import checkpoints
 
 HERE = Path(__file__).parent
 

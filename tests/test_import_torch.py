@@ -12,7 +12,7 @@ import pytest
 import instars_jax as ij
 from configs import cifar10_small
 from instars_jax import certification, import_torch
-from instars_jax.run import results
+from instars_jax.storage import results
 
 # make test installs torch and sets INSTARS_REQUIRE_TORCH, so there these tests run or fail;
 # elsewhere torch is an optional extra (pip install -e '.[torch]') and they are skipped.

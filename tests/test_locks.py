@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from instars_jax.run import locks
+from instars_jax.storage import locks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def test_second_writer_is_refused_with_the_holder_named(tmp_path):
 
 def test_kill_9_leaves_no_stale_lock(tmp_path):
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time; from instars_jax.run import locks\n"
+      [sys.executable, "-c", "import sys, time; from instars_jax.storage import locks\n"
        f"with locks.exclusive({str(tmp_path / 'b.lock')!r}, 'x'):\n"
        "  print('held', flush=True); time.sleep(60)"],
       cwd=ROOT, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))

@@ -20,8 +20,8 @@ from helpers import (Killed, event_values, make_toy_config, metrics_without_timi
                      stop_after, write_npz)
 from configs import default
 from instars_jax import data
-from instars_jax.run import checkpoints
-from instars_jax.run.workdir import CONFIG_FILE, Workdir
+from instars_jax.storage import checkpoints
+from instars_jax.storage.workdir import CONFIG_FILE, Workdir
 from instars_jax.parallel import Sharder
 from instars_jax.train import estimator, estimator_stage, loop, sigma_table, stages, steps
 from instars_jax.train import state as state_lib
@@ -444,7 +444,7 @@ def test_a_stop_in_an_epoch_s_last_step_keeps_that_epoch_s_row_and_checkpoint(to
 
 def test_a_router_tree_trains_one_node_per_grid_sigma_and_certifies(insta_config, tmp_path):
   from instars_jax import certification
-  from instars_jax.run import results
+  from instars_jax.storage import results
   insta_config.train.epochs = 2
   insta_config.train.holdout = 0.25  # 24 of the 96 training examples, kept for tuning
   insta_config.estimator.update(epochs=1, label_samples=4, router=True, init="base",
@@ -470,7 +470,7 @@ def test_a_router_tree_trains_one_node_per_grid_sigma_and_certifies(insta_config
   assert path.name == "router.tsv" and set(table["sigma"]) <= {0.25, 0.5, 1.0}
   meta = results.read_metadata(path)
   assert meta["certificate"] == "router" and meta["router"]["beta_per_node"] == 0.00025
-  assert Workdir(tmp_path / "run").read_run().num_train == 72
+  assert Workdir(tmp_path / "run").read_facts().num_train == 72
   # τ tuned on the held-out examples: a τ's numbers are those of certify.py on that split.
   from instars_jax import analyze, tune
   insta_config.certify.update(certificate="thresholded", skip=2)

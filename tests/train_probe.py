@@ -12,7 +12,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from configs import default  # noqa: E402
 from instars_jax import certification  # noqa: E402
-from instars_jax.run import results  # noqa: E402
+from instars_jax.storage import results  # noqa: E402
 from instars_jax.train import loop  # noqa: E402
 from helpers import write_npz  # noqa: E402
 

@@ -19,7 +19,7 @@ A kind module declares
                              which σ experts (instars_jax/experts.py) must cover
   file_stem(config)          its default results file name
   metadata(config, workdir)  its settings, recorded in the results' metadata
-  prepare(run, config)       -> certify(x, ids) -> Certified, for one batch of test images
+  prepare(smoothed, config)       -> certify(x, ids) -> Certified, for one batch of test images
 Adding a kind is one new module here (found by name: certify.certificate=<file name>), or
 a module anywhere on the path, named by its dotted path (certify.certificate=my_pkg.my_kind;
 it may use the existing sections, but cannot add one).
@@ -58,7 +58,7 @@ class Certified(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
+class SmoothedModel:
   """What every kind gets of the certification run: the base model, the run's key and
   CERTIFY settings (n0, n, α, batch, the sequential stopping rule or None), and where the
   run lives (its Workdir, its results file and the test indices already written there)."""
@@ -70,7 +70,7 @@ class Run:
   alpha: float
   batch_size: int
   rule: object = None  # sequential/rules.py's RadiusRule or DecisionRule; None: fixed n
-  workdir: object = None  # run/workdir.Workdir
+  workdir: object = None  # storage/workdir.Workdir
   results_path: Path | None = None
   done: frozenset = frozenset()
   image_size: int = 0  # values per image (the memory's width)

@@ -88,35 +88,36 @@ def metadata(config, workdir) -> dict:
                                           "alpha_per_level": config.certify.alpha / len(grid)}}
 
 
-def prepare(run, config):
+def prepare(smoothed, config):
   grid, threshold = grid_of(config), config.certify.cascade.threshold
 
   def certify(x, ids) -> Certified:
-    return certify_cascade(run, x, ids, grid, threshold)
+    return certify_cascade(smoothed, x, ids, grid, threshold)
 
   return certify
 
 
-def certify_cascade(run, x, ids, grid, threshold) -> Certified:
+def certify_cascade(smoothed, x, ids, grid, threshold) -> Certified:
   """The cascade certificate (module doc) for a batch, with run's base model, key, n0, n, α."""
   x, _, ids = sampler.validate_instances(x, 1.0, ids)
   levels = sorted(grid, reverse=True)
-  alpha_level = run.alpha / len(levels)
+  alpha_level = smoothed.alpha / len(levels)
   prediction = np.full(len(x), sampler.ABSTAIN, np.int32)
   radius = np.zeros(len(x))
   sigma = np.full(len(x), levels[-1], np.float32)
   samples = np.zeros(len(x), np.int64)
-  margin = np.full((len(x), run.num_classes), np.inf)  # [B, C]: over the levels passed, the
+  margin = np.full((len(x), smoothed.num_classes), np.inf)  # [B, C]: over the levels passed, the
   #                    margin below p0 of every class but c, for each class c answered later
   active = np.arange(len(x))
   for k, level_sigma in enumerate(levels):
     lowest, level_sigma = k == len(levels) - 1, float(np.float32(level_sigma))
-    guess, counts = level_counts(run, x[active], ids[active], level_sigma, k)
-    samples[active] += run.n
+    guess, counts = level_counts(smoothed, x[active], ids[active], level_sigma, k)
+    samples[active] += smoothed.n
     sigma[active] = level_sigma
     top = counts[np.arange(len(active)), guess]
     target = 0.5 if lowest else threshold
-    lower = bounds.clopper_pearson_lower(top, run.n, alpha_level if lowest else alpha_level / 2)
+    lower = bounds.clopper_pearson_lower(top, smoothed.n,
+                                         alpha_level if lowest else alpha_level / 2)
     above = margin[active, guess]  # > 0: no other class reaches p0 at a level above
     answers = (lower >= target) & (above > 0)
     own = level_sigma * (stats.norm.ppf(np.where(answers, lower, 0.5)) - stats.norm.ppf(target))
@@ -124,7 +125,7 @@ def certify_cascade(run, x, ids, grid, threshold) -> Certified:
     radius[active[answers]] = np.minimum(own[answers], above[answers])
     if lowest:
       break
-    upper = bounds.clopper_pearson_upper(counts, run.n, alpha_level / (2 * counts.shape[1]))
+    upper = bounds.clopper_pearson_upper(counts, smoothed.n, alpha_level / (2 * counts.shape[1]))
     margin[active] = np.minimum(margin[active], level_sigma * (
         stats.norm.ppf(threshold) - stats.norm.ppf(off_class_max(upper))))
     active = active[~answers & (lower < target)]
@@ -141,15 +142,15 @@ def off_class_max(values):
   return np.where(np.arange(values.shape[1]) == order[:, -1:], second, first)
 
 
-def level_counts(run, x, ids, sigma, level):
+def level_counts(smoothed, x, ids, sigma, level):
   """(guess int[b], counts int[b, C]) at one level: the class of n0 selection samples and the
   counts of n fresh estimation samples, from that level's own stream, by the classifier
-  run.model_at(σ) (instances padded: certificates.padded_rows)."""
+  smoothed.model_at(σ) (instances padded: certificates.padded_rows)."""
   rows = padded_rows(np.arange(len(x)))
-  key = jax.random.fold_in(jax.random.fold_in(run.key, Stream.CASCADE), level)
+  key = jax.random.fold_in(jax.random.fold_in(smoothed.key, Stream.CASCADE), level)
   count = lambda stream, num: np.asarray(sampler.counts(
-      run.model_at(sigma), x[rows], np.full(len(rows), sigma, np.float32), ids[rows],
-      jax.random.fold_in(key, stream), num=num, batch_size=run.batch_size,
-      num_classes=run.num_classes))[: len(x)]
-  guess = np.argmax(count(Stream.SELECT, run.n0), axis=1).astype(np.int32)
-  return guess, count(Stream.ESTIMATE, run.n)
+      smoothed.model_at(sigma), x[rows], np.full(len(rows), sigma, np.float32), ids[rows],
+      jax.random.fold_in(key, stream), num=num, batch_size=smoothed.batch_size,
+      num_classes=smoothed.num_classes))[: len(x)]
+  guess = np.argmax(count(Stream.SELECT, smoothed.n0), axis=1).astype(np.int32)
+  return guess, count(Stream.ESTIMATE, smoothed.n)

@@ -35,11 +35,11 @@ def metadata(config, workdir) -> dict:
   return {"sigma": config.certify.sigma}
 
 
-def prepare(run, config):
+def prepare(smoothed, config):
   sigma = config.certify.sigma
 
   def certify(x, ids) -> Certified:
-    cert = run.certify(x, sigma, ids)
+    cert = smoothed.certify(x, sigma, ids)
     return Certified(cert.prediction, cert.radius, cert.sigma, cert.num_samples)
 
   return certify

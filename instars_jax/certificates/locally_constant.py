@@ -72,13 +72,14 @@ def metadata(config, workdir) -> dict:
           "alpha_split": {"alpha_class": alpha_class, "beta_estimator": beta, "total": c.alpha}}
 
 
-def prepare(run, config):
-  fn, saved = estimator.load(run.workdir.estimator_dir, run.workdir)
-  chooser = Estimator(fn, tuple(saved["grid"]), saved["sigma"], config.certify.estimator.n or run.n)
+def prepare(smoothed, config):
+  fn, saved = estimator.load(smoothed.workdir.estimator_dir, smoothed.workdir)
+  chooser = Estimator(fn, tuple(saved["grid"]), saved["sigma"],
+                      config.certify.estimator.n or smoothed.n)
   beta = alpha_split(config)[1]
 
   def certify(x, ids) -> Certified:
-    cert = certify_locally_constant(run, chooser, x, ids, beta)
+    cert = certify_locally_constant(smoothed, chooser, x, ids, beta)
     return Certified(cert.prediction, cert.radius, cert.sigma, cert.num_samples)
 
   return certify
@@ -108,9 +109,9 @@ class LocallyConstantCertificate(NamedTuple):
   num_samples: np.ndarray  # int64[B]: the class test's estimation samples
 
 
-def certify_estimator(run, chooser: Estimator, x, ids, key, beta):
+def certify_estimator(smoothed, chooser: Estimator, x, ids, key, beta):
   """(bin int32[B], radius float64[B]) on which the smoothed estimator's choice ẽ is constant,
-  bin = ABSTAIN where neither route below certifies it (n0 and batch size from `run`).
+  bin = ABSTAIN where neither route below certifies it (n0 and batch size from `smoothed`).
 
   ẽ(x) is the bin whose probability under N(0, σ_e²I) noise is at least 1/2, or bin 0 (the
   smallest σ) when every bin's is below 1/2 (the package's one tie rule: a probability of
@@ -128,9 +129,9 @@ def certify_estimator(run, chooser: Estimator, x, ids, key, beta):
   noise was drawn at."""
   num_bins, n = len(chooser.grid), chooser.n
   undecided_route = num_bins > 2
-  decided = sampler.certify(chooser.fn, x, chooser.sigma, key, n0=run.n0, n=n,
+  decided = sampler.certify(chooser.fn, x, chooser.sigma, key, n0=smoothed.n0, n=n,
                             alpha=beta / 2 if undecided_route else beta,
-                            batch_size=run.batch_size, num_classes=num_bins, ids=ids)
+                            batch_size=smoothed.batch_size, num_classes=num_bins, ids=ids)
   if not undecided_route:
     return decided.prediction, decided.radius
   counts = np.asarray(decided.counts)
@@ -145,14 +146,16 @@ def certify_estimator(run, chooser: Estimator, x, ids, key, beta):
   return bin_, radius
 
 
-def certify_locally_constant(run, chooser: Estimator, x, ids, beta) -> LocallyConstantCertificate:
+def certify_locally_constant(smoothed, chooser: Estimator, x, ids,
+                             beta) -> LocallyConstantCertificate:
   """A sound certificate for the input-dependent classifier G(x) = g_{σ_{ẽ(x)}}(x), with the
-  base model and CERTIFY settings of `run` (certificates.Run) and the σ-estimator `chooser`
+  base model and CERTIFY settings of `smoothed` (certificates.SmoothedModel) and the σ-estimator
+  `chooser`
   (ẽ: `certify_estimator`, the bin of probability above 1/2 under its noise, else the
   smallest σ).
 
   Guarantee (Sun, Mao & Vechev, ICLR 2026, Theorem: min of the two radii, failure α + β).
-  run.alpha is the failure probability of the whole certificate; the estimator's tests run
+  smoothed.alpha is the failure probability of the whole certificate; the estimator's tests run
   at β = `beta` and the class's at α − β. `certify_estimator` returns a bin k and R_e such
   that, with probability ≥ 1 − β, ẽ(x') = k for all ‖x' − x‖ < R_e. CERTIFY of the base
   classifier at σ_k returns c and R_c such that, with probability ≥ 1 − (α − β),
@@ -162,14 +165,14 @@ def certify_locally_constant(run, chooser: Estimator, x, ids, beta) -> LocallyCo
   independent noise. The run's stopping rule applies to the class test; the estimator's test
   draws its fixed chooser.n samples.
   """
-  if not 0 < beta < run.alpha:
-    raise ValueError(f"beta must lie in (0, alpha={run.alpha}); got {beta}")
+  if not 0 < beta < smoothed.alpha:
+    raise ValueError(f"beta must lie in (0, alpha={smoothed.alpha}); got {beta}")
   bin_, estimator_radius = certify_estimator(
-      run, chooser, x, ids, jax.random.fold_in(run.key, Stream.ESTIMATOR_TEST), beta)
+      smoothed, chooser, x, ids, jax.random.fold_in(smoothed.key, Stream.ESTIMATOR_TEST), beta)
   selected = bin_ != sampler.ABSTAIN
   sigma = np.asarray(chooser.grid, np.float32)[np.where(selected, bin_, 0)]
-  cls = run.certify(x, sigma, ids, key=jax.random.fold_in(run.key, Stream.CLASS_TEST),
-                    alpha=run.alpha - beta)
+  cls = smoothed.certify(x, sigma, ids, key=jax.random.fold_in(smoothed.key, Stream.CLASS_TEST),
+                         alpha=smoothed.alpha - beta)
   certified = selected & (cls.prediction != sampler.ABSTAIN)
   radius = np.where(certified, np.minimum(estimator_radius, cls.radius), 0.0)
   prediction = np.where(certified, cls.prediction, sampler.ABSTAIN).astype(np.int32)

@@ -33,12 +33,12 @@ def file_stem(config) -> str:
   return f"{NAME}_{per_sigma.search_range(config)}"
 
 
-def prepare(run, config):
+def prepare(smoothed, config):
   """per_sigma's answers passed through `answer_with_memory` in the order given; each batch's
   new entries are appended to the memory beside the results file."""
-  searched = per_sigma.prepare(run, config)
-  directory = run.results_path.with_suffix(".memory")
-  memory = load_memory(directory, run.image_size, keep_ids=run.done)
+  searched = per_sigma.prepare(smoothed, config)
+  directory = smoothed.results_path.with_suffix(".memory")
+  memory = load_memory(directory, smoothed.image_size, keep_ids=smoothed.done)
 
   def certify(x, ids) -> Certified:
     nonlocal memory

@@ -65,14 +65,15 @@ def metadata(config, workdir) -> dict:
           "search_share_of_samples": budget / (budget + c.n0 + c.n)}
 
 
-def prepare(run, config):
+def prepare(smoothed, config):
   arguments = search_arguments(config)
 
   def certify(x, ids) -> Certified:
-    sigma = search.search_sigma(run.apply_fn, x, jax.random.fold_in(run.key, Stream.SEARCH),
-                                **arguments, n=run.n, alpha=run.alpha,
-                                batch_size=run.batch_size, num_classes=run.num_classes, ids=ids)
-    cert = run.certify(x, sigma, ids)
+    sigma = search.search_sigma(smoothed.apply_fn, x,
+                                jax.random.fold_in(smoothed.key, Stream.SEARCH), **arguments,
+                                n=smoothed.n, alpha=smoothed.alpha, batch_size=smoothed.batch_size,
+                                num_classes=smoothed.num_classes, ids=ids)
+    cert = smoothed.certify(x, sigma, ids)
     return Certified(cert.prediction, cert.radius, cert.sigma, cert.num_samples)
 
   return certify

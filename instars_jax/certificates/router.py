@@ -75,35 +75,35 @@ def metadata(config, workdir) -> dict:
           "alpha_split": {"alpha_class": alpha_class, "beta_estimator": beta, "total": c.alpha}}
 
 
-def loaded_nodes(run, config) -> list:
+def loaded_nodes(smoothed, config) -> list:
   """The trained nodes as Estimators from the top of the grid down, each tested with
   certify.estimator.n samples (0: certify.n)."""
-  n, found = config.certify.estimator.n or run.n, []
-  for chooser, _ in nodes(config, run.workdir):
-    fn, saved = estimator.load(chooser.directory, run.workdir)
+  n, found = config.certify.estimator.n or smoothed.n, []
+  for chooser, _ in nodes(config, smoothed.workdir):
+    fn, saved = estimator.load(chooser.directory, smoothed.workdir)
     grid = chooser.grid
     found.append(locally_constant.Estimator(fn, (grid[chooser.node - 1], grid[chooser.node]),
                                             saved["sigma"], n))
   return found
 
 
-def prepare(run, config):
-  tree = loaded_nodes(run, config)
+def prepare(smoothed, config):
+  tree = loaded_nodes(smoothed, config)
   grid, beta = np.asarray(estimator.grid_of(config), np.float32), alpha_split(config)[1]
 
   def certify(x, ids) -> Certified:
-    return certify_router(run, tree, grid, x, ids, beta)
+    return certify_router(smoothed, tree, grid, x, ids, beta)
 
   return certify
 
 
-def certify_router(run, tree, grid, x, ids, beta) -> Certified:
+def certify_router(smoothed, tree, grid, x, ids, beta) -> Certified:
   """The router certificate (module doc): `tree` holds the nodes' Estimators from the top of
   `grid` down (node for grid[k] at position K − 1 − k)."""
   def decide(node, x, ids, key, beta_node):
-    decision, radius = locally_constant.certify_estimator(run, node, x, ids, key, beta_node)
+    decision, radius = locally_constant.certify_estimator(smoothed, node, x, ids, key, beta_node)
     return decision == 0, decision == 1, radius
-  return certify_chain(run, tree, grid, x, ids, beta, Stream.ROUTER, decide)
+  return certify_chain(smoothed, tree, grid, x, ids, beta, Stream.ROUTER, decide)
 
 
 def node_key(key, stream, k):
@@ -111,22 +111,22 @@ def node_key(key, stream, k):
   return jax.random.fold_in(jax.random.fold_in(key, stream), k)
 
 
-def certify_chain(run, nodes, grid, x, ids, beta, stream, decide) -> Certified:
+def certify_chain(smoothed, nodes, grid, x, ids, beta, stream, decide) -> Certified:
   """A certificate of G(x) = g_{σ(x)}(x) with σ(x) from a chain of binary selectors over
   `grid`, node K (for grid[K − 1]) first: `decide(node, x, ids, key, β_node)` gives, for each
   input at a node, (goes lower, stays at the node's σ, radius within which that decision
   holds), neither where it abstains. Radius = min(radii on the path, class radius); the nodes
   share β equally, each with its own stream, and the class test gets α − β."""
   x, _, ids = sampler.validate_instances(x, 1.0, ids)
-  if not 0 < beta < run.alpha:
-    raise ValueError(f"beta must lie in (0, alpha={run.alpha}); got {beta}")
+  if not 0 < beta < smoothed.alpha:
+    raise ValueError(f"beta must lie in (0, alpha={smoothed.alpha}); got {beta}")
   level = np.zeros(len(x), np.int32)  # the grid index chosen: σ_1 unless a node keeps x
   path = np.full(len(x), np.inf)  # min radius over the nodes on the path
   abstain = np.zeros(len(x), bool)
   active = np.arange(len(x))
   for depth, node in enumerate(nodes):
     k = len(grid) - 1 - depth
-    key = node_key(run.key, stream, k)
+    key = node_key(smoothed.key, stream, k)
     lower, stays, radius = decide(node, x[active], ids[active], key, beta / len(nodes))
     path[active] = np.minimum(path[active], radius)
     abstain[active[~lower & ~stays]] = True
@@ -135,8 +135,8 @@ def certify_chain(run, nodes, grid, x, ids, beta, stream, decide) -> Certified:
     if not len(active):
       break
   sigma = grid[level]
-  cls = run.certify(x, sigma, ids, key=jax.random.fold_in(run.key, Stream.CLASS_TEST),
-                    alpha=run.alpha - beta)
+  cls = smoothed.certify(x, sigma, ids, key=jax.random.fold_in(smoothed.key, Stream.CLASS_TEST),
+                         alpha=smoothed.alpha - beta)
   certified = ~abstain & (cls.prediction != sampler.ABSTAIN)
   radius = np.where(certified, np.minimum(path, cls.radius), 0.0)
   prediction = np.where(certified, cls.prediction, sampler.ABSTAIN).astype(np.int32)

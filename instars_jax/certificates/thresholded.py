@@ -70,22 +70,22 @@ def metadata(config, workdir) -> dict:
       "thresholded": {"threshold": config.certify.thresholded.threshold}}
 
 
-def prepare(run, config):
-  chain = router.loaded_nodes(run, config)
+def prepare(smoothed, config):
+  chain = router.loaded_nodes(smoothed, config)
   grid, beta = np.asarray(estimator.grid_of(config), np.float32), alpha_split(config)[1]
   tau = config.certify.thresholded.threshold
 
   def certify(x, ids) -> Certified:
-    return certify_thresholded(run, chain, grid, x, ids, beta, tau)
+    return certify_thresholded(smoothed, chain, grid, x, ids, beta, tau)
 
   return certify
 
 
-def node_counts(run, node, x, ids, key) -> np.ndarray:
+def node_counts(smoothed, node, x, ids, key) -> np.ndarray:
   """int[b]: how many of the node's n samples fall in bin 0 ("lower")."""
   sigma = np.full(len(x), node.sigma, np.float32)
   return np.asarray(sampler.counts(node.fn, x, sigma, ids, key, num=node.n,
-                                   batch_size=run.batch_size, num_classes=2))[:, 0]
+                                   batch_size=smoothed.batch_size, num_classes=2))[:, 0]
 
 
 def node_decision(lower_counts, node, beta_node, tau):
@@ -101,28 +101,28 @@ def node_decision(lower_counts, node, beta_node, tau):
   return moves, keeps, np.where(moves | keeps, sigma * margin, 0.0)
 
 
-def certify_thresholded(run, chain, grid, x, ids, beta, tau) -> Certified:
+def certify_thresholded(smoothed, chain, grid, x, ids, beta, tau) -> Certified:
   """The thresholded chain's certificate (module doc): `chain` holds the nodes' Estimators
   from the top of `grid` down (the node for grid[k] at position K − 1 − k)."""
   def decide(node, x, ids, key, beta_node):
-    return node_decision(node_counts(run, node, x, ids, key), node, beta_node, tau)
-  return router.certify_chain(run, chain, grid, x, ids, beta, Stream.THRESHOLDED, decide)
+    return node_decision(node_counts(smoothed, node, x, ids, key), node, beta_node, tau)
+  return router.certify_chain(smoothed, chain, grid, x, ids, beta, Stream.THRESHOLDED, decide)
 
 
-def sweep(run, chain, grid, x, ids, beta, thresholds) -> dict:
+def sweep(smoothed, chain, grid, x, ids, beta, thresholds) -> dict:
   """{τ: Certified}: certify_thresholded at each τ of `thresholds`, from one pass of every node
   over every input and one class test of every input at every grid σ, on the same streams, so
   each τ's rows are those certify_thresholded writes (a tuning aid: K − 1 + K passes for any
   number of τ)."""
   x, _, ids = sampler.validate_instances(x, 1.0, ids)
   row = {int(i): r for r, i in enumerate(ids)}
-  key_of = lambda depth: router.node_key(run.key, Stream.THRESHOLDED, len(grid) - 1 - depth)
-  lower = {id(node): node_counts(run, node, x, ids, key_of(depth))
+  key_of = lambda depth: router.node_key(smoothed.key, Stream.THRESHOLDED, len(grid) - 1 - depth)
+  lower = {id(node): node_counts(smoothed, node, x, ids, key_of(depth))
            for depth, node in enumerate(chain)}
-  class_key = jax.random.fold_in(run.key, Stream.CLASS_TEST)
-  tests = {np.float32(s): run.certify(x, s, ids, key=class_key, alpha=run.alpha - beta)
+  class_key = jax.random.fold_in(smoothed.key, Stream.CLASS_TEST)
+  tests = {np.float32(s): smoothed.certify(x, s, ids, key=class_key, alpha=smoothed.alpha - beta)
            for s in grid}
-  recorded = _Recorded(run.key, run.alpha, tests, row)
+  recorded = _Recorded(smoothed.key, smoothed.alpha, tests, row)
   found = {}
   for tau in thresholds:
     def decide(node, x_part, ids_part, key, beta_node, tau=tau):

@@ -136,7 +136,7 @@ def certify(apply_fn: Callable, x, sigma, key, *, n0: int = 100, n: int = 100_00
     p_lower = clopper_pearson_lower(estimation[rows, guess], n, alpha)
     radius = certified_radius(np.maximum(p_lower, 0.5), sigma)
   else:
-    estimation, num_samples, look, level = engine.run(
+    estimation, num_samples, look, level = engine.sample(
         apply_fn, x, sigma, ids, guess, estimation_key, n_max=n, alpha=alpha,
         batch_size=batch_size, num_classes=num_classes, rule=rule)
     p_lower, radius = rule.certify(estimation[rows, guess], num_samples, look, level, sigma, n,

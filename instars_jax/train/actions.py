@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from instars_jax.run import checkpoints
-from instars_jax.run import events as events_lib
+from instars_jax.storage import checkpoints
+from instars_jax.storage import events as events_lib
 
 
 class Action:
@@ -85,7 +85,7 @@ class DivergenceWatch(Action):
 
 
 class Checkpoints(Action):
-  """The stage's checkpoints, by global step (run/checkpoints.py): at every epoch end, after
+  """The stage's checkpoints, by global step (storage/checkpoints.py): at every epoch end, after
   its metrics row; in between wherever orbax's policies say (every train.checkpoint_every_steps
   steps, and on several hosts at the step they agree on after a preemption notice); and at a
   stop request (SIGTERM, SIGINT) after the step it arrived in, followed by
@@ -156,7 +156,7 @@ def write_rows(path, rows) -> None:
 
 class TensorBoard(Action):
   """Each epoch's metrics row, and with `histogram` the σ table's histogram, as TensorBoard
-  events at step epoch + 1 (process 0; run/events.py)."""
+  events at step epoch + 1 (process 0; storage/events.py)."""
 
   def __init__(self, workdir, part: str, histogram: bool = False):
     self.writer = events_lib.EventWriter(workdir, part)

@@ -50,8 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from instars_jax import data, models
-from instars_jax.run import checkpoints
-from instars_jax.run.workdir import Workdir
+from instars_jax.storage import checkpoints
+from instars_jax.storage.workdir import Workdir
 from instars_jax.smoothing.streams import Stream
 from instars_jax.train import losses, steps
 from instars_jax.train import state as state_lib
@@ -241,7 +241,7 @@ def load(directory, workdir):
   saved = LATER_SETTINGS | saved_settings(directory)
   restored = checkpoints.restore_latest(checkpoints.manager(directory))
   bins = len(saved["grid"]) if saved["node"] is None else 2
-  model = models.create_model(saved["model"], bins, saved["dtype"], Workdir(workdir).read_run().stats)
+  model = models.create_model(saved["model"], bins, saved["dtype"], Workdir(workdir).read_facts().stats)
   variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
   return models.bind_variables(model.apply, variables), saved
 

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from instars_jax import data
-from instars_jax.run import checkpoints
-from instars_jax.run.files import write_json_atomic
+from instars_jax.storage import checkpoints
+from instars_jax.storage.files import write_json_atomic
 from instars_jax.smoothing.streams import Stream, numpy_rng
 from instars_jax.train import estimator, losses, sigma_table
 from instars_jax.train import state as state_lib

@@ -1,5 +1,5 @@
 """The interface of a training stage (`Stage`), and its checkpoints: one orbax manager per
-stage, numbered by the run's global step (run/checkpoints.py), and resuming from them."""
+stage, numbered by the run's global step (storage/checkpoints.py), and resuming from them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Iterator, Protocol
 
 import orbax.checkpoint as ocp
 
-from instars_jax.run import checkpoints
+from instars_jax.storage import checkpoints
 
 
 class Stage(Protocol):

@@ -11,7 +11,7 @@ The stages (train/stages.py and train/estimator.py):
 After every step and epoch, small actions (train/actions.py): the divergence watch, the
 metrics log, the checkpoints with the stop request, TensorBoard. The stages' steps count on
 from one to the next as the run's global step, which numbers every checkpoint
-(run/checkpoints.py); rerunning the same command resumes where the last checkpoint left off.
+(storage/checkpoints.py); rerunning the same command resumes where the last checkpoint left off.
 
 The noise and augmentation of example i in epoch e depend only on (seed, e, i), and the
 table update of epoch e only on (seed, e, i) and the state: a resumed run continues exactly
@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from instars_jax import data, models, parallel
 from instars_jax.data import pipeline
-from instars_jax.run import checkpoints
-from instars_jax.run.workdir import Workdir
+from instars_jax.storage import checkpoints
+from instars_jax.storage.workdir import Workdir
 from instars_jax.train import actions, estimator, losses, sigma_table, stages
 from instars_jax.train.interface import Stage
 

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 
 from instars_jax import data
 from instars_jax.data import pipeline
-from instars_jax.run import checkpoints
-from instars_jax.run.workdir import RunInfo, Workdir
+from instars_jax.storage import checkpoints
+from instars_jax.storage.workdir import TrainingFacts, Workdir
 from instars_jax.smoothing.streams import Stream
 from instars_jax.train import actions, estimator, estimator_stage, losses, sigma_table, steps
 from instars_jax.train.interface import resume, stage_manager
@@ -34,7 +34,7 @@ class Context:
   dataset: data.Dataset
   sharder: object
   stop: checkpoints.StopRequest
-  run: RunInfo
+  facts: TrainingFacts
   history: list
 
   @classmethod
@@ -45,7 +45,7 @@ class Context:
     if steps_per_epoch == 0:
       raise ValueError(f"train.batch_size={config.train.batch_size} exceeds the "
                        f"{len(dataset.train)} training examples")
-    run = RunInfo(tuple(dataset.image_shape), dataset.num_classes, dataset.stats,
+    facts = TrainingFacts(tuple(dataset.image_shape), dataset.num_classes, dataset.stats,
                   len(dataset.train), steps_per_epoch, dataset.name)
     done = workdir.checkpoints().latest_step() or 0
     path = workdir.metrics_path
@@ -53,9 +53,9 @@ class Context:
     history = [row for row in rows if row["step"] <= done]
     if jax.process_index() == 0:
       workdir.write_config(config)
-      workdir.write_run(run)
+      workdir.write_facts(facts)
       actions.write_rows(path, history)
-    return cls(config, workdir, dataset, sharder, stop, run, history)
+    return cls(config, workdir, dataset, sharder, stop, facts, history)
 
 
 def for_config(context: Context) -> list:
@@ -75,8 +75,8 @@ class BaseStage:
 
   def __init__(self, context: Context):
     self.context, t = context, context.config.train
-    self.steps_per_epoch, self.batch_size = context.run.steps_per_epoch, t.batch_size
-    self.num_classes = context.run.num_classes
+    self.steps_per_epoch, self.batch_size = context.facts.steps_per_epoch, t.batch_size
+    self.num_classes = context.facts.num_classes
     self.first_epoch, self.last_epoch = 0, t.epochs
     self.first_step, self.last_step = 0, self.last_epoch * self.steps_per_epoch
     self.histogram = t.insta
@@ -88,7 +88,7 @@ class BaseStage:
     del base_state
     self.checkpoints = stage_manager(self, self.context.workdir.path, offset)
     template = self.context.sharder.replicate(
-        state_lib.create_train_state(self.context.config, self.context.run))
+        state_lib.create_train_state(self.context.config, self.context.facts))
     return resume(self, template, offset)
 
   def stream(self, first_step: int):

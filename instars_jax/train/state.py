@@ -12,8 +12,8 @@ import optax
 from flax.training import train_state
 
 from instars_jax import models
-from instars_jax.run import checkpoints
-from instars_jax.run.workdir import RunInfo, Workdir
+from instars_jax.storage import checkpoints
+from instars_jax.storage.workdir import TrainingFacts, Workdir
 
 
 class ModelState(train_state.TrainState):
@@ -60,18 +60,18 @@ def init_model(name, dtype, num_classes, stats, image_shape, seed):
   return model, variables["params"], variables.get("batch_stats", {})
 
 
-def create_train_state(config, run: RunInfo) -> TrainState:
-  """A fresh base model for `config` with the shapes of `run`; every σ-table entry at
+def create_train_state(config, facts: TrainingFacts) -> TrainState:
+  """A fresh base model for `config` with the shapes in `facts`; every σ-table entry at
   train.sigma."""
   model, params, batch_stats = init_model(config.model.name, config.model.dtype,
-                                          run.num_classes, run.stats, run.image_shape,
+                                          facts.num_classes, facts.stats, facts.image_shape,
                                           config.seed)
   grid = len(config.train.table.grid)
   return TrainState.create(apply_fn=model.apply, params=params,
-                           tx=optimizer(config.train, run.steps_per_epoch, config.train.epochs),
+                           tx=optimizer(config.train, facts.steps_per_epoch, config.train.epochs),
                            batch_stats=batch_stats,
-                           sigma_table=jnp.full((run.num_train,), config.train.sigma, jnp.float32),
-                           sigma_profile=jnp.zeros((run.num_train, grid), jnp.float32))
+                           sigma_table=jnp.full((facts.num_train,), config.train.sigma, jnp.float32),
+                           sigma_profile=jnp.zeros((facts.num_train, grid), jnp.float32))
 
 
 def logits_fn(state: ModelState) -> jax.tree_util.Partial:
@@ -102,4 +102,4 @@ def load_train_state(workdir) -> TrainState:
     raise ValueError(f"{workdir.path} was trained by an older instars_jax whose σ table had no "
                      "grid profile: train it again with this version")
   return checkpoints.restore_latest(workdir.checkpoints(),
-                                    create_train_state(config, workdir.read_run()))
+                                    create_train_state(config, workdir.read_facts()))

@@ -23,8 +23,8 @@ from instars_jax.smoothing.bounds import instance_noise
 SAMPLES_PER_SLOT = 50
 
 
-def local_run(x, sigma, ids, guess, key, looks, tables, *, apply_fn, slots, batch_size,
-              num_classes, rule):
+def sample_on_device(x, sigma, ids, guess, key, looks, tables, *, apply_fn, slots, batch_size,
+                     num_classes, rule):
   """Counts for the queue of instances on one device: (counts int32[Q, C], trials int32[Q],
   look int32[Q], level int32[Q]) at each instance's stop.
 
@@ -80,13 +80,13 @@ def local_run(x, sigma, ids, guess, key, looks, tables, *, apply_fn, slots, batc
   return counts, trials, look, level
 
 
-def run(apply_fn, x, sigma, ids, guess, key, *, n_max, alpha, batch_size, num_classes, rule):
+def sample(apply_fn, x, sigma, ids, guess, key, *, n_max, alpha, batch_size, num_classes, rule):
   """(counts int[B, C], trials int[B], look int[B], level int[B]) of sequential sampling on
   validated host arrays: each device takes a contiguous share of the instances as its queue
   and keeps batch_size // SAMPLES_PER_SLOT of them in flight."""
   looks = rule.looks(int(n_max), float(alpha)).astype(np.int32)
   results = parallel.map_instances(
-      local_run, (x, sigma, ids, guess), (key, looks, rule.tables(int(n_max), float(alpha))),
+      sample_on_device, (x, sigma, ids, guess), (key, looks, rule.tables(int(n_max), float(alpha))),
       apply_fn=apply_fn, slots=max(1, batch_size // SAMPLES_PER_SLOT), batch_size=batch_size,
       num_classes=num_classes, rule=rule)
   return tuple(np.asarray(a) for a in results)

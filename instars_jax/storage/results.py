@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from instars_jax.run.files import raise_write_error, write_json_atomic
+from instars_jax.storage.files import raise_write_error, write_json_atomic
 
 COHEN_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 _INT_COLUMNS = ("idx", "label", "predict", "correct")

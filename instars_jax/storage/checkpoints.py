@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from orbax.checkpoint import checkpoint_managers as policies
 
-from instars_jax.run.files import raise_write_error
+from instars_jax.storage.files import raise_write_error
 
 
 class Interrupted(Exception):

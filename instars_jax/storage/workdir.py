@@ -2,12 +2,12 @@
 managers, its locks, and whether a config may resume it.
 
   config.json              the run's config
-  run.json                 RunInfo: what the train state's shapes depend on
+  run.json                 TrainingFacts: what the train state's shapes depend on
   checkpoints/<step>/      orbax, by global step: the latest and every epoch end of the base
-                           model and its fine-tuning (run/checkpoints.py)
+                           model and its fine-tuning (storage/checkpoints.py)
   estimator/               the σ-estimator: checkpoints/, estimator.json, profile.npz
   router/node_<k>/         the router tree's nodes (estimator.router)
-  certify/<name>.tsv       results, each with a .json sidecar (run/results.py)
+  certify/<name>.tsv       results, each with a .json sidecar (storage/results.py)
   metrics.jsonl, tensorboard/, train.lock
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import ml_collections
 
-from instars_jax.run import checkpoints, locks
-from instars_jax.run.files import write_json_atomic
+from instars_jax.storage import checkpoints, locks
+from instars_jax.storage.files import write_json_atomic
 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
@@ -41,7 +41,7 @@ RESUMABLE_SECTIONS = ("certify", "estimator", "input")
 
 
 @dataclasses.dataclass(frozen=True)
-class RunInfo:
+class TrainingFacts:
   """run.json: what the shapes of a run's train state depend on, and where it came from."""
   image_shape: tuple
   num_classes: int
@@ -57,7 +57,7 @@ class RunInfo:
     return {k: v for k, v in fields.items() if v is not None}
 
   @classmethod
-  def from_json(cls, fields: dict) -> "RunInfo":
+  def from_json(cls, fields: dict) -> "TrainingFacts":
     return cls(**fields | {"image_shape": tuple(fields["image_shape"])})
 
 
@@ -101,10 +101,10 @@ class Workdir:
   def write_config(self, config) -> None:
     write_json_atomic(self.config_path, json.loads(config.to_json()))
 
-  def read_run(self) -> RunInfo:
-    return RunInfo.from_json(json.loads((self.path / RUN_FILE).read_text()))
+  def read_facts(self) -> TrainingFacts:
+    return TrainingFacts.from_json(json.loads((self.path / RUN_FILE).read_text()))
 
-  def write_run(self, info: RunInfo) -> None:
+  def write_facts(self, info: TrainingFacts) -> None:
     write_json_atomic(self.path / RUN_FILE, info.to_json())
 
   def check_resumable(self, config, later_keys=None) -> None:
