@@ -15,6 +15,7 @@ from instars_jax import certificates
 from instars_jax.smoothing import bounds
 from instars_jax.certificates import SmoothedModel, locally_constant
 from instars_jax.certificates import memory as memory_kind
+from instars_jax.train.estimator import Estimator
 
 DIM = 16
 
@@ -126,7 +127,7 @@ def test_memory_round_trips_in_appended_parts(tmp_path):
 def test_locally_constant_never_certifies_intersecting_balls(island_points):
   smoothed = SmoothedModel(Island(), 2, jax.random.PRNGKey(0),
                            n0=64, n=2000, alpha=0.001, batch_size=8192)
-  chooser = locally_constant.Estimator(half_space_estimator, (0.1, 2.0), sigma=0.1, n=2000)
+  chooser = Estimator((0.1, 2.0), 0.1, fn=half_space_estimator, n=2000)
   cert = locally_constant.certify_locally_constant(smoothed, chooser, island_points, None, 0.0005)
   assert certificates.intersecting_pairs(island_points, cert.prediction, cert.radius) == 0
   certified = cert.prediction != ij.ABSTAIN
@@ -156,7 +157,7 @@ def test_sound_modes_never_exceed_the_true_radius_of_G(linear):
   estimator = lambda z: jnp.stack([-z[:, 7], z[:, 7]], axis=-1) * 100.0
   smoothed = SmoothedModel(linear, 2, jax.random.PRNGKey(3),
                            n0=64, n=1000, alpha=0.001, batch_size=65536)
-  chooser = locally_constant.Estimator(estimator, (0.25, 0.5), sigma=0.25, n=1000)
+  chooser = Estimator((0.25, 0.5), 0.25, fn=estimator, n=1000)
   local = locally_constant.certify_locally_constant(smoothed, chooser, x, None, 0.0005)
   assert np.all(local.radius <= truth + 1e-6)
   assert np.mean(local.prediction != ij.ABSTAIN) > 0.5
@@ -164,9 +165,9 @@ def test_sound_modes_never_exceed_the_true_radius_of_G(linear):
 
 def test_bad_grid_or_alpha_split_is_rejected(linear):
   with pytest.raises(ValueError, match="sigma_grid"):
-    locally_constant.Estimator(linear, (0.5,), sigma=0.25, n=8)
+    Estimator((0.5,), 0.25, fn=linear, n=8)
   smoothed = SmoothedModel(linear, 2, jax.random.PRNGKey(0), n0=8, n=8, alpha=0.01, batch_size=8)
-  chooser = locally_constant.Estimator(linear, (0.25, 0.5), sigma=0.25, n=8)
+  chooser = Estimator((0.25, 0.5), 0.25, fn=linear, n=8)
   for beta in (0.01, 0.0):
     with pytest.raises(ValueError, match="beta must lie in"):
       locally_constant.certify_locally_constant(smoothed, chooser, np.zeros((1, 8), np.float32),
@@ -223,7 +224,7 @@ def test_estimator_routes_never_exceed_the_exact_radius_of_its_choice():
   x[:, 0] = z
   smoothed = SmoothedModel(Bands(), 3, jax.random.PRNGKey(0),
                            n0=64, n=20_000, alpha=0.002, batch_size=65536)
-  chooser = locally_constant.Estimator(Bands(), (0.25, 0.5, 1.0), sigma=1.0, n=20_000)
+  chooser = Estimator((0.25, 0.5, 1.0), 1.0, fn=Bands(), n=20_000)
   bins, radius = locally_constant.certify_estimator(smoothed, chooser, x, None,
                                                     jax.random.PRNGKey(0), 0.001)
   exact = np.abs(np.abs(z) - Bands.a)
@@ -268,8 +269,8 @@ def x7_nodes(linear, seed, count, *, scale, sigmas, n):
   x = linear.points_at_distance(rng.uniform(-1.0, 1.0, count))
   x[:, 7] = rng.uniform(-1.5, 1.5, count)
   feature = lambda cut: (lambda z: jnp.stack([cut - z[:, 7], z[:, 7] - cut], axis=-1) * scale)
-  return x, [locally_constant.Estimator(feature(0.5), (0.5, 1.0), sigma=sigmas[0], n=n),
-             locally_constant.Estimator(feature(0.0), (0.25, 0.5), sigma=sigmas[1], n=n)]
+  return x, [Estimator((0.5, 1.0), sigmas[0], fn=feature(0.5), n=n),
+             Estimator((0.25, 0.5), sigmas[1], fn=feature(0.0), n=n)]
 
 
 def test_router_never_exceeds_the_true_radius_at_any_node(linear):
@@ -297,7 +298,7 @@ def test_router_and_cascade_certify_no_intersecting_balls_where_per_sigma_does(i
   from instars_jax.certificates import cascade, router
   smoothed = SmoothedModel(Island(), 2, jax.random.PRNGKey(0),
                            n0=64, n=2000, alpha=0.001, batch_size=8192)
-  node = locally_constant.Estimator(half_space_estimator, (0.1, 2.0), sigma=0.1, n=2000)
+  node = Estimator((0.1, 2.0), 0.1, fn=half_space_estimator, n=2000)
   routed = router.certify_router(smoothed, [node], np.float32([0.1, 2.0]), island_points, None,
                                  0.0005)
   cascaded = cascade.certify_cascade(smoothed, island_points, np.arange(len(island_points)),
@@ -327,7 +328,7 @@ def test_alpha_splits_are_pinned_for_every_instance_wise_kind(linear, monkeypatc
   smoothed = SmoothedModel(linear, 2, jax.random.PRNGKey(1),
                            n0=32, n=2000, alpha=0.004, batch_size=8192)
   certify_calls = recorded_alphas(monkeypatch, sampler, "certify")  # estimator, then class
-  three = locally_constant.Estimator(Bands(), (0.25, 0.5, 1.0), sigma=1.0, n=2000)
+  three = Estimator((0.25, 0.5, 1.0), 1.0, fn=Bands(), n=2000)
   locally_constant.certify_locally_constant(smoothed, three, x, None, 0.001)
   assert certify_calls == [pytest.approx(0.0005), pytest.approx(0.003)]
   certify_calls.clear()
@@ -335,8 +336,8 @@ def test_alpha_splits_are_pinned_for_every_instance_wise_kind(linear, monkeypatc
   # whole β/(K − 1) to CERTIFY (they have no undecided route).
   feature = lambda z: jnp.stack([-z[:, 7], z[:, 7]], axis=-1) * 100.0
   x[:, 7] = [1.0, -1.0, -1.0]
-  tree = [locally_constant.Estimator(feature, (0.5, 1.0), sigma=0.1, n=2000),
-          locally_constant.Estimator(feature, (0.25, 0.5), sigma=0.1, n=2000)]
+  tree = [Estimator((0.5, 1.0), 0.1, fn=feature, n=2000),
+          Estimator((0.25, 0.5), 0.1, fn=feature, n=2000)]
   router.certify_router(smoothed, tree, np.float32([0.25, 0.5, 1.0]), x, None, 0.001)
   assert certify_calls == [pytest.approx(0.0005)] * 2 + [pytest.approx(0.003)]
   lower = recorded_alphas(monkeypatch, bounds, "clopper_pearson_lower")

@@ -118,7 +118,7 @@ def test_gain_weights_follow_the_radius_gain_and_balance_the_bins():
                     [0.9, 0.1, 0.6],   # (0.9, 0.6): gain 0.3, top bin 0
                     [0.0, 0.3, 0.4],   # (0.3, 0.4): gain 0.1, top bin 1
                     [-1.0, -1.0, -1.0]])  # certified nowhere: dropped
-  node = estimator.Chooser(directory=None, grid=GRID, sigma=1.0, node=2)
+  node = estimator.Estimator(grid=GRID, sigma=1.0, node=2)
   settings = types.SimpleNamespace(temperature=0.1, balance_bins=False, radius_weight=0.0,
                                    gain_weight=True)
   weighted, kept = estimator.training_labels(radii, node, settings)

@@ -11,8 +11,7 @@ trained by train.py (`estimator.epochs`; train/estimator.py).
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -22,6 +21,7 @@ from instars_jax.certificates import Certified
 from instars_jax.smoothing import bounds, sampler
 from instars_jax.smoothing.streams import Stream
 from instars_jax.train import estimator
+from instars_jax.train.estimator import Estimator
 
 NAME = __name__.rpartition(".")[2]  # the kind is named by its file
 SOUND = True
@@ -74,8 +74,8 @@ def metadata(config, workdir) -> dict:
 
 def prepare(smoothed, config):
   fn, saved = estimator.load(smoothed.workdir.estimator_dir, smoothed.workdir)
-  chooser = Estimator(fn, tuple(saved["grid"]), saved["sigma"],
-                      config.certify.estimator.n or smoothed.n)
+  chooser = Estimator(tuple(saved["grid"]), saved["sigma"], fn=fn,
+                      n=config.certify.estimator.n or smoothed.n)
   beta = alpha_split(config)[1]
 
   def certify(x, ids) -> Certified:
@@ -83,21 +83,6 @@ def prepare(smoothed, config):
     return Certified(cert.prediction, cert.radius, cert.sigma, cert.num_samples)
 
   return certify
-
-
-@dataclasses.dataclass(frozen=True)
-class Estimator:
-  """A σ-estimator: `fn` maps inputs to logits over the bins of `grid` (σ values, smallest
-  first); it is smoothed at `sigma` and certified with `n` samples."""
-  fn: Callable
-  grid: tuple
-  sigma: float
-  n: int
-
-  def __post_init__(self):
-    grid = np.asarray(self.grid, np.float64)
-    if grid.ndim != 1 or len(grid) < 2 or np.any(grid <= 0):
-      raise ValueError(f"sigma_grid must list at least two positive σ; got {self.grid}")
 
 
 class LocallyConstantCertificate(NamedTuple):
@@ -127,7 +112,7 @@ def certify_estimator(smoothed, chooser: Estimator, x, ids, key, beta):
   With two bins the undecided route can never fire (the larger upper bound is at least the
   larger frequency, ≥ 1/2), so CERTIFY gets the whole β. Radii use float32(σ_e), the σ the
   noise was drawn at."""
-  num_bins, n = len(chooser.grid), chooser.n
+  num_bins, n = len(chooser.bin_sigmas), chooser.n
   undecided_route = num_bins > 2
   decided = sampler.certify(chooser.fn, x, chooser.sigma, key, n0=smoothed.n0, n=n,
                             alpha=beta / 2 if undecided_route else beta,
@@ -170,7 +155,7 @@ def certify_locally_constant(smoothed, chooser: Estimator, x, ids,
   bin_, estimator_radius = certify_estimator(
       smoothed, chooser, x, ids, jax.random.fold_in(smoothed.key, Stream.ESTIMATOR_TEST), beta)
   selected = bin_ != sampler.ABSTAIN
-  sigma = np.asarray(chooser.grid, np.float32)[np.where(selected, bin_, 0)]
+  sigma = np.asarray(chooser.bin_sigmas, np.float32)[np.where(selected, bin_, 0)]
   cls = smoothed.certify(x, sigma, ids, key=jax.random.fold_in(smoothed.key, Stream.CLASS_TEST),
                          alpha=smoothed.alpha - beta)
   certified = selected & (cls.prediction != sampler.ABSTAIN)

@@ -50,7 +50,7 @@ def file_stem(config) -> str:
 
 
 def nodes(config, workdir) -> list:
-  """[(Chooser, saved settings)] of the router nodes from the top of the grid down;
+  """[(Estimator, saved settings)] of the router nodes from the top of the grid down;
   ValueError where the trained nodes were made for another grid, FileNotFoundError where one
   is missing."""
   grid = estimator.grid_of(config)
@@ -81,9 +81,7 @@ def loaded_nodes(smoothed, config) -> list:
   n, found = config.certify.estimator.n or smoothed.n, []
   for chooser, _ in nodes(config, smoothed.workdir):
     fn, saved = estimator.load(chooser.directory, smoothed.workdir)
-    grid = chooser.grid
-    found.append(locally_constant.Estimator(fn, (grid[chooser.node - 1], grid[chooser.node]),
-                                            saved["sigma"], n))
+    found.append(chooser.loaded(fn, n, saved["sigma"]))
   return found
 
 

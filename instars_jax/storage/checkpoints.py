@@ -63,7 +63,8 @@ def manager(directory, every_steps: int = 0, keep=()) -> ocp.CheckpointManager:
       save_decision_policy=policies.AnySavePolicy(saving),
       preservation_policy=policies.AnyPreservationPolicy(
           [policies.LatestN(n=1), policies.CustomSteps(sorted(keep))]))
-  return ocp.CheckpointManager(Path(directory).resolve() / "checkpoints", options=options)
+  return ocp.CheckpointManager(Path(directory).resolve() / "checkpoints", options=options,
+                               item_handlers=ocp.StandardCheckpointHandler())
 
 
 def save(checkpoints: ocp.CheckpointManager, step: int, state, progress: dict,

@@ -44,6 +44,7 @@ import dataclasses
 import functools
 import json
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -64,14 +65,33 @@ LATER_SETTINGS = {"node": None, "init": "scratch", "radius_weight": 0.0,
 
 
 @dataclasses.dataclass(frozen=True)
-class Chooser:
-  """One σ-estimator to train or load: its directory, the grid, the σ it is smoothed at, and
-  `node`: None for the estimator over the whole grid, else the index k of the grid σ that a
-  router node decides against every lower one (bins: 0 = lower, 1 = σ_k)."""
-  directory: Path
+class Estimator:
+  """One σ-estimator, to train or to certify with: the grid (σ values, smallest first), the σ
+  it is smoothed at, and `node`: None for the estimator over the whole grid, else the index k
+  of the grid σ that a router node decides against every lower one (bins: 0 = lower, 1 = σ_k).
+  Training reads `directory`; certification adds `fn` (x -> logits over the bins) and `n`,
+  the samples of its test (`loaded`)."""
   grid: tuple
   sigma: float
   node: int | None = None
+  directory: Path | None = None
+  fn: Callable | None = None
+  n: int = 0
+
+  def __post_init__(self):
+    grid = np.asarray(self.grid, np.float64)
+    if grid.ndim != 1 or len(grid) < 2 or np.any(grid <= 0):
+      raise ValueError(f"sigma_grid must list at least two positive σ; got {self.grid}")
+
+  def loaded(self, fn: Callable, n: int, sigma: float) -> "Estimator":
+    return dataclasses.replace(self, fn=fn, n=n, sigma=sigma)
+
+  @property
+  def bin_sigmas(self) -> tuple:
+    """The σ each bin stands for: the grid, or a node's (next lower σ, σ_k)."""
+    if self.node is None:
+      return tuple(self.grid)
+    return (self.grid[self.node - 1], self.grid[self.node])
 
   @property
   def name(self) -> str:
@@ -97,12 +117,12 @@ def choosers(config, workdir: Workdir) -> list:
   nodes from the top of the grid down."""
   grid = grid_of(config)
   if not config.estimator.router:
-    return [Chooser(workdir.estimator_dir, grid, smoothing_sigma(config))]
+    return [Estimator(grid, smoothing_sigma(config), directory=workdir.estimator_dir)]
   return [router_node(workdir, grid, k) for k in range(len(grid) - 1, 0, -1)]
 
 
-def router_node(workdir: Workdir, grid: tuple, node: int) -> Chooser:
-  return Chooser(workdir.router_dir(node), grid, grid[node], node)
+def router_node(workdir: Workdir, grid: tuple, node: int) -> Estimator:
+  return Estimator(grid, grid[node], node, workdir.router_dir(node))
 
 
 def soft_labels(radii, temperature: float):
@@ -123,7 +143,7 @@ def bin_weights(labels) -> np.ndarray:
   return (weights / weights.mean()).astype(np.float32)
 
 
-def training_labels(radii, chooser: Chooser, e):
+def training_labels(radii, chooser: Estimator, e):
   """(weight × soft label float32[N, bins], kept indices) for `chooser` from the profile
   [N, K] over the grid, with the estimator settings `e` (temperature, balance_bins,
   radius_weight, gain_weight); each weight factor is normalised to mean 1."""
@@ -149,7 +169,7 @@ def smoothing_sigma(config) -> float:
   return float(config.estimator.sigma or max(config.train.table.grid))
 
 
-def settings(config, chooser: Chooser) -> dict:
+def settings(config, chooser: Estimator) -> dict:
   """What an estimator depends on; certification reads the grid and σ_e from here."""
   e = config.estimator
   return {"grid": list(chooser.grid), "sigma": chooser.sigma, "node": chooser.node,

@@ -75,7 +75,7 @@ class EstimatorStage:
   metrics_file = False
   histogram = False
 
-  def __init__(self, context, chooser: estimator.Chooser):
+  def __init__(self, context, chooser: estimator.Estimator):
     self.context, self.chooser = context, chooser
     self.settings = estimator.settings(context.config, chooser)
     self.loss = losses.from_config(context.config.estimator)
