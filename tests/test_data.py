@@ -44,6 +44,21 @@ def test_npz_errors(tmp_path):
     data.load_dataset(f"npz:{write_npz(tmp_path / 'toy.npz')}", num_classes=2)
 
 
+def test_a_source_module_outside_the_package_loads_by_its_dotted_path(tmp_path, monkeypatch):
+  (tmp_path / "my_sources").mkdir()
+  (tmp_path / "my_sources" / "__init__.py").write_text("")
+  (tmp_path / "my_sources" / "arrays.py").write_text(
+      "from instars_jax.data import npz\n"
+      "def load(spec, options):\n"
+      "  return npz.load(spec, options)\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  path = write_npz(tmp_path / "toy.npz", n_train=12, n_test=4)
+  dataset = data.load_dataset(f"my_sources.arrays:{path}")
+  assert (len(dataset.train), len(dataset.test)) == (12, 4)
+  with pytest.raises(data.DatasetError, match="cannot import the dataset source 'no_such.pkg'"):
+    data.load_dataset("no_such.pkg:x")
+
+
 def test_fashion_mnist_idx_reader(tmp_path):
   def idx(array):
     header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)

@@ -7,21 +7,19 @@
   array_record:DIR       array_record.py    written by `python -m instars_jax.convert`
   cifar10, imagenet2012, tfds:<name>
                          tfds.py            TFDS data sources, decoded on demand
-Each source decides its normalisation stats once (splits.stats_for). The small ones are held
+Each source module names the datasets it reads (a literal NAMES tuple, a PREFIX, or both),
+found by name without importing it (plugins.py); `config.dataset = "my_pkg.my_source:SPEC"`
+loads an outside module's `load(SPEC, options)`. Each source decides its normalisation stats
+once (splits.stats_for). The small ones are held
 in memory as arrays; the others never hold a decoded split. Then pipeline.py (grain) and
 augment.py make the training batches.
 """
 
 from __future__ import annotations
 
-import importlib
-
+from instars_jax import plugins
 from instars_jax.data.splits import (Dataset, DatasetError, Options, Split, batches,
                                      epoch_order, fewer_examples, hold_out, num_batches)
-
-NAMES = {"fashion_mnist": "fashion_mnist", "cifar10_jpeg": "cifar10_jpeg", "cifar10": "tfds",
-         "imagenet2012": "tfds"}
-PREFIXES = {"npz:": "npz", "folder:": "folder", "array_record:": "array_record", "tfds:": "tfds"}
 
 __all__ = ["Dataset", "DatasetError", "Options", "Split", "batches", "epoch_order",
            "fewer_examples", "from_config", "hold_out", "load_dataset", "num_batches"]
@@ -43,7 +41,11 @@ def load_dataset(name: str, *, data_dir: str = "", cache_dir: str = "", num_clas
   """The dataset `name` (see the module docstring); num_classes 0 means infer it."""
   module, spec = _source(name)
   options = Options(data_dir, cache_dir, image_size, skip_corrupt)
-  dataset = importlib.import_module(f"{__name__}.{module}").load(spec, options)
+  try:
+    source = plugins.load(__name__, module)
+  except ImportError as error:
+    raise DatasetError(f"cannot import the dataset source {module!r}: {error}") from None
+  dataset = source.load(spec, options)
   if num_classes:
     seen = int(max(dataset.train.labels.max(), dataset.test.labels.max())) + 1
     if num_classes < seen:
@@ -53,11 +55,19 @@ def load_dataset(name: str, *, data_dir: str = "", cache_dir: str = "", num_clas
 
 
 def _source(name: str) -> tuple[str, str]:
-  """(module, what it reads) of the dataset `name`."""
-  if name in NAMES:
-    return NAMES[name], name
-  for prefix, module in PREFIXES.items():
-    if name.startswith(prefix):
+  """(module, what it reads) of the dataset `name`: a source's NAMES entry, a name after its
+  PREFIX, or "dotted.module:SPEC"."""
+  known = []
+  for module in plugins.names(__name__):
+    declared = plugins.literals(plugins.source_path(__name__, module), "NAMES", "PREFIX")
+    prefix = declared.get("PREFIX")
+    if name in declared.get("NAMES", ()):
+      return module, name
+    if prefix and name.startswith(prefix):
       return module, name[len(prefix):]
-  known = ", ".join(list(NAMES) + [f"{p}..." for p in PREFIXES])
-  raise DatasetError(f"unknown dataset {name!r}: use one of {known}")
+    known += list(declared.get("NAMES", ())) + ([f"{prefix}..."] if prefix else [])
+  module, _, spec = name.partition(":")
+  if "." in module and spec:
+    return module, spec
+  raise DatasetError(f"unknown dataset {name!r}: use one of {', '.join(known)}, or "
+                     "my_pkg.my_source:SPEC")

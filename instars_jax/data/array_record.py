@@ -13,6 +13,8 @@ import numpy as np
 from instars_jax.data.encoded import RecordImages
 from instars_jax.data.splits import Dataset, DatasetError, Options, Split, stats_for
 
+PREFIX = "array_record:"  # the config.dataset values this source reads, after this prefix
+
 
 def load(spec: str, options: Options) -> Dataset:
   train, test, classes = record_splits(spec, options.image_size, options.skip_corrupt)

@@ -15,6 +15,8 @@ import numpy as np
 from instars_jax.data.splits import (Dataset, DatasetError, Options, Split, default_cache_dir,
                                      stats_for)
 
+NAMES = ("cifar10_jpeg",)  # the config.dataset values this source reads
+
 ARCHIVE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / \
     "cifar10-jpeg-q75.tar.xz"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",

@@ -13,6 +13,8 @@ import numpy as np
 from instars_jax.data import tfds
 from instars_jax.data.splits import Dataset, DatasetError, Options, Split, stats_for
 
+NAMES = ("fashion_mnist",)  # the config.dataset values this source reads
+
 DIRECTORY = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
            "Bag", "Ankle boot")

@@ -12,6 +12,8 @@ import numpy as np
 from instars_jax.data.encoded import EncodedImages, image_mode
 from instars_jax.data.splits import Dataset, DatasetError, Options, Split, stats_for
 
+PREFIX = "folder:"  # the config.dataset values this source reads, after this prefix
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TEST_FOLDERS = ("val", "test")
 

@@ -10,6 +10,8 @@ import numpy as np
 
 from instars_jax.data.splits import Dataset, DatasetError, Options, Split, mode_of, stats_for
 
+PREFIX = "npz:"  # the config.dataset values this source reads, after this prefix
+
 
 def load(spec: str, options: Options) -> Dataset:
   del options

@@ -17,6 +17,9 @@ from instars_jax.data.encoded import RecordImages, image_mode
 from instars_jax.data.splits import (Dataset, DatasetError, Options, Split, default_cache_dir,
                                      stats_for)
 
+NAMES = ("cifar10", "imagenet2012")  # the config.dataset values this source reads
+PREFIX = "tfds:"  # and those it reads after this prefix
+
 IMAGENET_SIZE = 224
 
 
