@@ -23,7 +23,8 @@ from instars_jax import data
 from instars_jax.storage import checkpoints
 from instars_jax.storage.workdir import CONFIG_FILE, Workdir
 from instars_jax.parallel import Sharder
-from instars_jax.train import estimator, estimator_stage, loop, sigma_table, stages, steps
+from instars_jax.train import estimator, loop, sigma_table, stages, steps
+from instars_jax.train.stages import sigma_estimators
 from instars_jax.train import state as state_lib
 
 GRID = (0.25, 0.5, 1.0)
@@ -460,7 +461,7 @@ def test_a_router_tree_trains_one_node_per_grid_sigma_and_certifies(insta_config
                                  data.from_config(insta_config), Sharder(), None)
   stage = stages.for_config(context)[1]
   stage.steps_per_epoch = 1
-  started = estimator_stage.from_base(stage.template(), base)
+  started = sigma_estimators.from_base(stage.template(), base)
   np.testing.assert_array_equal(started.params["Conv_0"]["kernel"], base.params["Conv_0"]["kernel"])
   assert started.params["Dense_1"]["kernel"].shape == (128, 2)
   insta_config.certify.update(sigma_mode="instance", certificate="router", n0=16, n=200,
@@ -493,3 +494,18 @@ def test_a_router_tree_trains_one_node_per_grid_sigma_and_certifies(insta_config
   with pytest.raises(ValueError, match=r"node_1 was trained for grid \(0.25, 0.5, 1.0\) \(node 1\), "
                                        r"not train.table.grid=\(0.25, 1.0\) \(node 1\)"):
     certification.certify_test_set(insta_config, tmp_path / "run")
+
+
+def test_a_stage_is_one_new_file_run_in_the_order_it_declares(insta_config, tmp_path, request):
+  extra = tmp_path / "more_stages"
+  extra.mkdir()
+  (extra / "probe.py").write_text("ORDER = 1.5  # after the σ-estimators, before fine-tuning\n"
+                                  "class Probe:\n  pass\n"
+                                  "def stages(context):\n  return [Probe()]\n")
+  stages.__path__.append(str(extra))  # the package's folders, as imports see them
+  request.addfinalizer(lambda: stages.__path__.remove(str(extra)))
+  insta_config.estimator.update(epochs=1, finetune_epochs=1)
+  context = stages.Context.start(insta_config, Workdir(tmp_path / "run"),
+                                 data.from_config(insta_config), Sharder(), None)
+  assert [type(stage).__name__ for stage in stages.for_config(context)] == [
+      "BaseStage", "EstimatorStage", "Probe", "FinetuneStage"]

@@ -35,7 +35,7 @@ the choice hardly matters teach little (with balance_bins: gain-weighted, bin-ba
 4. Optionally (`estimator.finetune_epochs`, DualRS's last step) the base model is fine-tuned
    with each training example at the σ the trained estimator picks for it (`assigned_sigmas`:
    the majority bin over `label_samples` noisy copies at σ_e), so that the base model is
-   trained where the certificate will use it (stages.FinetuneStage, after this stage).
+   trained where the certificate will use it (train/stages/finetune.py, after this stage).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """train.py's library function: one loop over global steps, running the run's stages in turn
 (flax's imagenet example's train_and_evaluate, big_vision's one flat loop).
 
-The stages (train/stages.py and train/estimator.py):
+The stages (train/stages/, one module each, in their declared ORDER):
   base       Gaussian augmentation (Cohen et al.), or Insta-RS Train: stage 1 at one σ (or a
              grid σ per example), stage 2 at each example's σ-table entry, the table
              re-estimated before every `table.update_every`-th stage-2 epoch (sigma_table.py)

@@ -22,7 +22,17 @@ from instars_jax.train import estimator, losses, sigma_table
 from instars_jax.train import state as state_lib
 from instars_jax.train.interface import resume, stage_manager
 
+ORDER = 1
 PROFILE_FILE = "profile.npz"
+
+
+def stages(context) -> list:
+  """One stage per σ-estimator `context.config` asks for (estimator.epochs > 0): the one over
+  the grid, or the router's nodes."""
+  if not context.config.estimator.epochs:
+    return []
+  return [EstimatorStage(context, chooser)
+          for chooser in estimator.choosers(context.config, context.workdir)]
 
 
 def profile_from_base(config, dataset, base_state, sharder) -> np.ndarray:
@@ -70,7 +80,7 @@ def from_base(template: state_lib.ModelState, base_state) -> state_lib.ModelStat
 
 
 class EstimatorStage:
-  """A σ-estimator's or router node's training stage (train/stages.py's `Stage`)."""
+  """A σ-estimator's or router node's training stage (train/interface.py's `Stage`)."""
   watch_chance = False  # its soft-label loss has no chance level to stop at
   metrics_file = False
   histogram = False

@@ -1,0 +1,61 @@
+"""The stages the training loop (loop.py) runs, one module each, behind one interface
+(train/interface.py): a module here declares a literal ORDER (where its stages run) and
+`stages(context)`, the stages it adds for the run's config (none, one, or one per σ-estimator),
+and is found by name (plugins.py): adding a stage is one new file.
+
+  base               the base model: Gaussian augmentation, or Insta-RS Train (ORDER 0)
+  sigma_estimators   the σ-estimator, or the router's nodes (ORDER 1)
+  finetune           the base model again at the σ the estimator picks (ORDER 2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+
+from instars_jax import data, plugins
+from instars_jax.storage import checkpoints
+from instars_jax.storage.workdir import TrainingFacts, Workdir
+from instars_jax.train import actions
+
+
+@dataclasses.dataclass
+class Context:
+  """What every stage reads: the config, the run's directory and dataset, the device mesh,
+  the stop request, the run's shapes, and the metrics rows written so far."""
+  config: object
+  workdir: Workdir
+  dataset: data.Dataset
+  sharder: object
+  stop: checkpoints.StopRequest
+  facts: TrainingFacts
+  history: list
+
+  @classmethod
+  def start(cls, config, workdir: Workdir, dataset, sharder, stop) -> "Context":
+    """Writes config.json and run.json (process 0) and keeps the metrics rows of the epochs
+    that a resume does not redo."""
+    steps_per_epoch = data.num_batches(len(dataset.train), config.train.batch_size, True)
+    if steps_per_epoch == 0:
+      raise ValueError(f"train.batch_size={config.train.batch_size} exceeds the "
+                       f"{len(dataset.train)} training examples")
+    facts = TrainingFacts(tuple(dataset.image_shape), dataset.num_classes, dataset.stats,
+                  len(dataset.train), steps_per_epoch, dataset.name)
+    done = workdir.checkpoints().latest_step() or 0
+    path = workdir.metrics_path
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    history = [row for row in rows if row["step"] <= done]
+    if jax.process_index() == 0:
+      workdir.write_config(config)
+      workdir.write_facts(facts)
+      actions.write_rows(path, history)
+    return cls(config, workdir, dataset, sharder, stop, facts, history)
+
+
+def for_config(context: Context) -> list:
+  """The stages `context.config` asks for, in the order of their modules' ORDER."""
+  modules = sorted(plugins.names(__name__),
+                   key=lambda name: plugins.literal(plugins.source_path(__name__, name), "ORDER"))
+  return [stage for name in modules for stage in plugins.load(__name__, name).stages(context)]
