@@ -16,9 +16,14 @@ def get_config() -> ml_collections.ConfigDict:
   # image_size·256/224) and centre-cropped to image_size; 0: as stored (all one size).
   config.image_size = 0
   config.corrupt_images = "fail"  # fail | skip: an unreadable image is replaced by the next one
-  # The training input pipeline (instars_jax/data/pipeline.py); none of these changes the batches.
+  # Each data source's own settings, sources.<module>, from the DEFAULTS of its module in
+  # instars_jax/data/ (tfds: the TFDS splits read as training and test sets).
+  config.sources = ml_collections.ConfigDict()
+  for section, values in plugins.sections("instars_jax.data").items():
+    config.sources[section] = ml_collections.ConfigDict(values)
+  # The input pipeline on grain (instars_jax/data/pipeline.py); none of these changes the batches.
   config.input = ml_collections.ConfigDict()
-  config.input.workers = 0  # processes that decode and augment batches (0: in the trainer)
+  config.input.workers = 0  # processes decoding and augmenting training batches (0: the trainer)
   config.input.threads = 2  # threads per process reading ahead
   config.input.prefetch = 4  # batches read ahead
   config.seed = 0
@@ -86,42 +91,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.table.n = 100_000
   config.train.table.alpha = 0.001
 
-  # The σ-estimator of the sound instance-wise certificate (instars_jax/train/estimator.py), trained
-  # after the base model in the same train.py run; 0 epochs: none.
-  config.estimator = ml_collections.ConfigDict()
-  config.estimator.epochs = 0
-  config.estimator.model = ""  # architecture; "": model.name
-  config.estimator.sigma = 0.0  # its smoothing noise σ_e; 0: the top of train.table.grid
-  config.estimator.label_samples = 16  # noise vectors per example for its labels' radius profile
-  config.estimator.temperature = 0.1  # soft labels softmax(R_k / temperature)
-  # The loss the estimators train with on their soft labels (a module of
-  # instars_jax/train/losses/ that takes soft targets: consistency | gaussian | stability),
-  # its settings estimator.<loss>. Consistency (Jeong & Shin 2020) with λ = 10, m = 2 makes
-  # the smoothed estimator confident, so its radius is rarely the smaller of the two;
-  # estimator.consistency.eta is DualRS's entropy term η · H(p̄).
-  config.estimator.loss = "consistency"
+  # The training stages' own sections (instars_jax/train/stages/: estimator, from the
+  # σ-estimators' and the fine-tuning stage's DEFAULTS), then the loss sections of the
+  # estimators' loss (estimator.<loss>: consistency | gaussian | stability).
+  for section, values in plugins.sections("instars_jax.train.stages").items():
+    config[section] = ml_collections.ConfigDict(values)
   for name in losses.names():
     config.estimator[name] = ml_collections.ConfigDict(losses.estimator_defaults(name))
-  # Lower than a base model's: at σ_e = 1 and lr 0.05 the LeNet estimator collapsed to one bin
-  # on Fashion-MNIST (holdout agreement with its labels 0.63 = the majority share); 0.01 learns.
-  config.estimator.learning_rate = 0.01
-  # init: scratch | base (every layer but the head from the base model, which already sees
-  # through every grid σ). DualRS's loss options (besides estimator.consistency.eta):
-  # radius_weight w_r (examples weigh their best radius to the power w_r), balance_bins
-  # (1 / frequency-of-top-bin weights; DualRS has none when ACR is the goal).
-  # init = base without the 1/frequency weights measured best in ACR on Fashion-MNIST
-  # (docs/results.md: 1.190 against 1.083 from scratch with them, r = 0 0.770 against 0.810).
-  config.estimator.init = "base"
-  config.estimator.radius_weight = 0.0
-  config.estimator.balance_bins = False
-  config.estimator.gain_weight = False  # weigh examples by their radius gain (issue 29)
-  # router: instead of one estimator over the grid, a router tree of binary nodes, node k
-  # deciding grid σ_k against the lower ones, smoothed at σ_k (the `router` certificate).
-  config.estimator.router = False
-  # DualRS's last step: then fine-tune the base model this many epochs (cosine from
-  # finetune_learning_rate), each training example at the σ the estimator picks for it.
-  config.estimator.finetune_epochs = 0
-  config.estimator.finetune_learning_rate = 0.01
 
   config.certify = ml_collections.ConfigDict()
   config.certify.sigma = 0.25

@@ -136,34 +136,51 @@ def cifar_resnet(depth: int, num_classes: int = 10, dtype=jnp.float32, stats="ci
   if (depth - 2) % 6:
     raise ValueError(f"CIFAR ResNet depth must be 6n + 2 (20, 32, 44, 56, 110); got {depth}")
   n = (depth - 2) // 6
-  mean, std = DATASET_STATS[stats]
+  mean, std = normalization(stats)
   return ResNet((n, n, n), BasicBlock, num_classes, (16, 32, 64), mean, std, dtype=dtype)
 
 
-def resnet50(num_classes: int = 1000, dtype=jnp.float32):
-  mean, std = DATASET_STATS["imagenet"]
+def resnet50(num_classes: int = 1000, dtype=jnp.float32, stats="imagenet"):
+  mean, std = normalization(stats)
   return ResNet((3, 4, 6, 3), Bottleneck, num_classes, (64, 128, 256, 512), mean, std,
                 imagenet_stem=True, dtype=dtype)
+
+
+def normalization(stats) -> tuple:
+  """(mean, std) per channel of `stats`: a DATASET_STATS name, or a source's own pair of
+  equal-length sequences (std > 0); ValueError otherwise."""
+  if isinstance(stats, str):
+    if stats not in DATASET_STATS:
+      raise ValueError(f"normalization stats must be one of {sorted(DATASET_STATS)} or a "
+                       f"(mean, std) pair; got {stats!r}")
+    return DATASET_STATS[stats]
+  try:
+    mean, std = (tuple(float(v) for v in values) for values in stats)
+  except (TypeError, ValueError):
+    raise ValueError(f"normalization stats must be a name or a (mean, std) pair of per-channel "
+                     f"values; got {stats!r}") from None
+  if not mean or len(mean) != len(std) or min(std) <= 0:
+    raise ValueError(f"normalization stats need one mean and one std > 0 per channel; got "
+                     f"{stats!r}")
+  return mean, std
 
 
 ARCHITECTURES = ("lenet", "resnet20", "resnet110", "resnet50")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def create_model(name: str, num_classes: int, dtype: str = "float32", stats: str = "cifar10"):
-  """The architecture `name` with `num_classes` outputs, computing in `dtype`; `stats` names
-  the dataset whose per-channel mean and std its Normalize layer uses."""
+def create_model(name: str, num_classes: int, dtype: str = "float32", stats="cifar10"):
+  """The architecture `name` with `num_classes` outputs, computing in `dtype`; `stats`
+  (`normalization`) is the per-channel mean and std of its Normalize layer."""
   if dtype not in DTYPES:
     raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
-  if stats not in DATASET_STATS:
-    raise ValueError(f"normalization stats must be one of {sorted(DATASET_STATS)}; got {stats!r}")
-  mean, std = DATASET_STATS[stats]
+  mean, std = normalization(stats)
   if name == "lenet":
     return LeNet(num_classes, mean, std, DTYPES[dtype])
   if name in ("resnet20", "resnet110"):
     return cifar_resnet(int(name[6:]), num_classes, DTYPES[dtype], stats)
   if name == "resnet50":
-    return resnet50(num_classes, DTYPES[dtype])
+    return resnet50(num_classes, DTYPES[dtype], stats)
   raise ValueError(f"model.name must be one of {ARCHITECTURES}; got {name!r}")
 
 

@@ -60,16 +60,19 @@ def literal(path: Path, variable: str):
 
 def sections(package: str) -> dict:
   """{section: defaults} of the plug-ins of `package` that declare a literal DEFAULTS, each
-  under its literal SECTION (default: its own name); plug-ins sharing a section must agree."""
+  under its literal SECTION (default: its own name). Plug-ins sharing a section add their
+  keys to it, and must agree on the defaults of the keys they share."""
   found = {}
   for name in names(package):
     path = source_path(package, name)
     declared = literals(path, "DEFAULTS", "SECTION")
     if "DEFAULTS" not in declared:
       continue
-    section, values = declared.get("SECTION", name), declared["DEFAULTS"]
-    if found.setdefault(section, values) != values:
-      raise ValueError(f"{path.name} declares other defaults for the section {section!r}")
+    section = found.setdefault(declared.get("SECTION", name), {})
+    for key, value in declared["DEFAULTS"].items():
+      if section.setdefault(key, value) != value:
+        raise ValueError(f"{path.name} declares another default for "
+                         f"{declared.get('SECTION', name)}.{key}")
   return found
 
 

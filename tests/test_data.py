@@ -6,13 +6,15 @@ import io
 import logging
 import struct
 import tarfile
+import types
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from configs import default
 from helpers import write_npz, write_tree
-from instars_jax import convert, data
+from instars_jax import convert, data, models
 from instars_jax.data import encoded
 
 
@@ -48,13 +50,20 @@ def test_a_source_module_outside_the_package_loads_by_its_dotted_path(tmp_path, 
   (tmp_path / "my_sources").mkdir()
   (tmp_path / "my_sources" / "__init__.py").write_text("")
   (tmp_path / "my_sources" / "arrays.py").write_text(
+      "import dataclasses\n"
       "from instars_jax.data import npz\n"
       "def load(spec, options):\n"
-      "  return npz.load(spec, options)\n")
+      "  return dataclasses.replace(npz.load(spec, options), stats=((0.5,), (0.25,)))\n")
   monkeypatch.syspath_prepend(str(tmp_path))
   path = write_npz(tmp_path / "toy.npz", n_train=12, n_test=4)
   dataset = data.load_dataset(f"my_sources.arrays:{path}")
   assert (len(dataset.train), len(dataset.test)) == (12, 4)
+  # Its own normalisation, with no entry in models.DATASET_STATS, reaches the model.
+  model = models.create_model("lenet", 10, "float32", dataset.stats)
+  assert (model.mean, model.std) == ((0.5,), (0.25,))
+  for bad in ("no_such_stats", ((0.5,), (0.0,)), ((0.5, 0.4), (0.2,))):
+    with pytest.raises(ValueError, match="normalization stats"):
+      models.create_model("lenet", 10, "float32", bad)
   with pytest.raises(data.DatasetError, match="cannot import the dataset source 'no_such.pkg'"):
     data.load_dataset("no_such.pkg:x")
 
@@ -209,9 +218,19 @@ def test_tfds_labels_are_read_without_decoding_images(tmp_path, monkeypatch):
   monkeypatch.setattr(tfds, "data_source", data_source)
   dataset = data.load_dataset("tfds:toy", cache_dir=str(tmp_path))
   assert all(isinstance(d["image"], tfds.decode.SkipDecoding) for _, d in calls)
+  assert [split for split, _ in calls] == ["train", "test"]
   np.testing.assert_array_equal(dataset.train.labels, np.arange(10) % 4)
   np.testing.assert_array_equal(dataset.test.read(3)[0], pixels[3])
   assert list(tmp_path.glob("tfds_toy_train_10_labels.npy"))  # read once, then cached
+  # The source's own section (config.sources.tfds) picks the splits it reads.
+  config = default.get_config()
+  config.sources.tfds.test_split = "train[:50%]"
+  calls.clear()
+  data.load_dataset("tfds:toy", cache_dir=str(tmp_path), sources=config.sources)
+  assert [split for split, _ in calls] == ["train", "train[:50%]"]
+  calls.clear()
+  data.load_dataset("imagenet2012", cache_dir=str(tmp_path))
+  assert [split for split, _ in calls] == ["train", "validation"]
 
 
 def test_shuffling_is_a_function_of_seed_and_epoch():
@@ -231,7 +250,22 @@ def test_batches_split_over_hosts_cover_every_example():
       seen.extend(batch["index"])
   assert len(seen) == 48 and len(set(seen)) == 48
   whole = list(data.batches(split, 8, shuffle=False))
-  assert sum(len(b["index"]) for b in whole) == 50
+  assert [len(b["index"]) for b in whole] == [8] * 6 + [2]
+  np.testing.assert_array_equal(np.concatenate([b["label"] for b in whole]), np.arange(50))
+
+
+def test_batches_read_ahead_on_grain_threads_come_in_order():
+  split = data.Split(np.arange(40 * 4, dtype=np.uint8).reshape(40, 2, 2),
+                     np.arange(40, dtype=np.int32))
+  order = data.epoch_order(40, seed=3, epoch=0, shuffle=True)
+  read_ahead = types.SimpleNamespace(threads=3, prefetch=5)
+  ahead = list(data.batches(split, 6, order=order, settings=read_ahead))
+  here = list(data.batches(split, 6, order=order))
+  assert len(ahead) == len(here) == 7
+  for a, b in zip(ahead, here):
+    np.testing.assert_array_equal(a["index"], b["index"])
+    np.testing.assert_array_equal(a["image"], split.take(b["index"])["image"])
+  np.testing.assert_array_equal(np.concatenate([b["index"] for b in ahead]), order)
 
 
 def test_holdout_is_a_fixed_draw_kept_out_of_training(tmp_path):

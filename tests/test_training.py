@@ -496,14 +496,16 @@ def test_a_router_tree_trains_one_node_per_grid_sigma_and_certifies(insta_config
     certification.certify_test_set(insta_config, tmp_path / "run")
 
 
-def test_a_stage_is_one_new_file_run_in_the_order_it_declares(insta_config, tmp_path, request):
+def test_a_stage_is_one_new_file_with_its_section_run_in_the_order_it_declares(insta_config, tmp_path, request):
   extra = tmp_path / "more_stages"
   extra.mkdir()
   (extra / "probe.py").write_text("ORDER = 1.5  # after the σ-estimators, before fine-tuning\n"
+                                  "DEFAULTS = {'every': 2}  # its config section, probe\n"
                                   "class Probe:\n  pass\n"
                                   "def stages(context):\n  return [Probe()]\n")
   stages.__path__.append(str(extra))  # the package's folders, as imports see them
   request.addfinalizer(lambda: stages.__path__.remove(str(extra)))
+  assert default.get_config().probe.to_dict() == {"every": 2}
   insta_config.estimator.update(epochs=1, finetune_epochs=1)
   context = stages.Context.start(insta_config, Workdir(tmp_path / "run"),
                                  data.from_config(insta_config), Sharder(), None)

@@ -9,8 +9,11 @@
                          tfds.py            TFDS data sources, decoded on demand
 Each source module names the datasets it reads (a literal NAMES tuple, a PREFIX, or both),
 found by name without importing it (plugins.py); `config.dataset = "my_pkg.my_source:SPEC"`
-loads an outside module's `load(SPEC, options)`. Each source decides its normalisation stats
-once (splits.stats_for). The small ones are held
+loads an outside module's `load(SPEC, options)`. A source's own settings are a literal
+DEFAULTS dict in its module, the config section sources.<module> (configs/default.py gathers
+them), passed to its `load` as keyword arguments. Each source decides its normalisation once:
+a models.DATASET_STATS name (splits.stats_for) or its own per-channel (mean, std) pair in the
+Dataset it returns. The small ones are held
 in memory as arrays; the others never hold a decoded split. Then pipeline.py (grain) and
 augment.py make the training batches.
 """
@@ -18,11 +21,13 @@ augment.py make the training batches.
 from __future__ import annotations
 
 from instars_jax import plugins
-from instars_jax.data.splits import (Dataset, DatasetError, Options, Split, batches,
+from instars_jax.data.pipeline import batches, take
+from instars_jax.data.splits import (Dataset, DatasetError, Options, Split, batch_indices,
                                      epoch_order, fewer_examples, hold_out, num_batches)
 
-__all__ = ["Dataset", "DatasetError", "Options", "Split", "batches", "epoch_order",
-           "fewer_examples", "from_config", "hold_out", "load_dataset", "num_batches"]
+__all__ = ["Dataset", "DatasetError", "Options", "Split", "batch_indices", "batches",
+           "epoch_order", "fewer_examples", "from_config", "hold_out", "load_dataset",
+           "num_batches", "take"]
 
 
 def from_config(config) -> Dataset:
@@ -31,21 +36,23 @@ def from_config(config) -> Dataset:
   train.examples, only that many of the rest kept for training (splits.fewer_examples)."""
   dataset = load_dataset(config.dataset, data_dir=config.data_dir, cache_dir=config.cache_dir,
                          num_classes=config.num_classes, image_size=config.image_size,
-                         skip_corrupt=config.corrupt_images == "skip")
+                         skip_corrupt=config.corrupt_images == "skip", sources=config.sources)
   dataset = hold_out(dataset, config.train.holdout, config.seed)
   return fewer_examples(dataset, config.train.examples, config.seed)
 
 
 def load_dataset(name: str, *, data_dir: str = "", cache_dir: str = "", num_classes: int = 0,
-                 image_size: int = 0, skip_corrupt: bool = False) -> Dataset:
-  """The dataset `name` (see the module docstring); num_classes 0 means infer it."""
+                 image_size: int = 0, skip_corrupt: bool = False, sources=None) -> Dataset:
+  """The dataset `name` (see the module docstring); num_classes 0 means infer it; `sources`
+  maps a source module to its own settings (config.sources; absent: its DEFAULTS)."""
   module, spec = _source(name)
+  settings = dict((sources or {}).get(module, {}))
   options = Options(data_dir, cache_dir, image_size, skip_corrupt)
   try:
     source = plugins.load(__name__, module)
   except ImportError as error:
     raise DatasetError(f"cannot import the dataset source {module!r}: {error}") from None
-  dataset = source.load(spec, options)
+  dataset = source.load(spec, options, **settings)
   if num_classes:
     seen = int(max(dataset.train.labels.max(), dataset.test.labels.max())) + 1
     if num_classes < seen:

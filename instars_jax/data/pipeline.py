@@ -1,4 +1,5 @@
-"""The training input pipeline on grain: decode, augment and batch off the training loop.
+"""Every batch on grain: the training input pipeline (decode, augment and batch off the
+training loop), and the plain batches of evaluation, the σ-table updates and the estimators.
 
 The stream is one grain MapDataset over the run's global steps; element s is this host's
 share of global batch s (epoch s // steps_per_epoch, the epoch order of splits.epoch_order),
@@ -12,6 +13,9 @@ state records the worker layout, so a checkpoint of it could not move between wo
 reading its own slice of the steps, and `input.threads` threads per process prefetch
 `input.prefetch` batches ahead. Batches carry the examples' split indices (the σ table's
 rows) and uint8 images; the train step scales them to [0, 1] on the device.
+
+`batches` and `take` read other passes (evaluation, σ-table updates, the estimators' labels and
+epochs) through grain too: the split's examples at given indices, float32 in [0, 1], in order.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import time
 import numpy as np
 
 from instars_jax.data import augment
-from instars_jax.data.splits import Split, epoch_order
+from instars_jax.data.splits import Split, batch_indices, epoch_order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +86,27 @@ class StepBatches:
       origins.append(origin)
     return {"image": np.stack(images), "label": self.split.labels[np.array(origins)],
             "index": indices.astype(np.int32)}
+
+
+def take(split: Split, index_batches, settings=None):
+  """An iterator over split.take(indices) for each of `index_batches`, in their order, read
+  ahead by `settings` (config.input's threads and prefetch; None: on the caller's thread)."""
+  import grain
+  dataset = grain.MapDataset.source(list(index_batches)).map(split.take)
+  threads, prefetch = (settings.threads, settings.prefetch) if settings is not None else (0, 0)
+  return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                        prefetch_buffer_size=prefetch)))
+
+
+def batches(split: Split, batch_size: int, *, order=None, seed: int = 0, epoch: int = 0,
+            shuffle: bool = False, drop_remainder: bool = False, host_id: int = 0,
+            host_count: int = 1, settings=None):
+  """This host's slices of the global batches of `batch_size` examples (splits.batch_indices),
+  taken in `order` (split indices), else in the epoch's order of (seed, epoch)."""
+  if order is None:
+    order = epoch_order(len(split), seed, epoch, shuffle)
+  return take(split, batch_indices(order, batch_size, drop_remainder=drop_remainder,
+                                   host_id=host_id, host_count=host_count), settings)
 
 
 @contextlib.contextmanager

@@ -1,5 +1,5 @@
 """What every source yields: splits of images addressable by index, a dataset of two of them
-with its normalisation stats, and deterministic batches.
+with its normalisation stats, and which examples each deterministic batch holds.
 
 Every example carries its index in its split; shuffling is a pure function of (seed, epoch);
 each host reads only its own slice of every global batch.
@@ -11,8 +11,6 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
-
 import numpy as np
 
 from instars_jax.smoothing.streams import Stream, numpy_rng
@@ -113,7 +111,7 @@ class Dataset:
   train: Split
   test: Split
   num_classes: int
-  stats: str  # the models.DATASET_STATS entry its normalization uses
+  stats: object  # its normalisation: a models.DATASET_STATS name, or its own (mean, std) pair
   classes: tuple = ()  # class names, when the source has them
   holdout: Split | None = None  # training examples held out from training (`hold_out`)
 
@@ -164,23 +162,22 @@ def epoch_order(num_examples: int, seed: int, epoch: int, shuffle: bool) -> np.n
   return numpy_rng(seed, Stream.EPOCH_ORDER, epoch).permutation(num_examples)
 
 
-def batches(split: Split, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = False,
-            drop_remainder: bool = False, host_id: int = 0, host_count: int = 1,
-            order=None) -> Iterator[dict]:
-  """Global batches of `batch_size` examples, of which this host yields its contiguous slice.
-
-  The examples come in `order` (split indices) when given, else in the epoch's order."""
+def batch_indices(order: np.ndarray, batch_size: int, *, drop_remainder: bool = False,
+                  host_id: int = 0, host_count: int = 1) -> list:
+  """The split indices of this host's slice of each global batch of `batch_size` examples
+  taken in `order` (a contiguous slice each; a short last batch is split as evenly as it
+  goes, or dropped with drop_remainder)."""
   if batch_size % host_count:
     raise ValueError(f"batch size {batch_size} must divide by the host count {host_count}")
-  if order is None:
-    order = epoch_order(len(split), seed, epoch, shuffle)
+  order = np.asarray(order)
   stop = len(order) - len(order) % batch_size if drop_remainder else len(order)
   per_host = batch_size // host_count
+  mine = []
   for start in range(0, stop, batch_size):
     indices = order[start: min(start + batch_size, stop)]
-    mine = indices[host_id * per_host: (host_id + 1) * per_host] if len(indices) == batch_size \
-        else np.array_split(indices, host_count)[host_id]
-    yield split.take(mine)
+    mine.append(indices[host_id * per_host: (host_id + 1) * per_host]
+                if len(indices) == batch_size else np.array_split(indices, host_count)[host_id])
+  return mine
 
 
 def num_batches(num_examples: int, batch_size: int, drop_remainder: bool) -> int:

@@ -3,7 +3,8 @@
 the labels are read once without decoding any image and cached. Preparing a TFDS dataset
 (download_and_prepare) needs TensorFlow and network access, and ImageNet needs its manual
 download. imagenet2012's images are resized and centre-cropped to 224 unless `image_size`
-says otherwise.
+says otherwise. Its settings (config.sources.tfds) name the TFDS splits read as the training
+and test sets; an empty test_split reads imagenet2012's "validation", every other's "test".
 """
 
 from __future__ import annotations
@@ -19,20 +20,22 @@ from instars_jax.data.splits import (Dataset, DatasetError, Options, Split, defa
 
 NAMES = ("cifar10", "imagenet2012")  # the config.dataset values this source reads
 PREFIX = "tfds:"  # and those it reads after this prefix
+DEFAULTS = {"train_split": "train", "test_split": ""}
 
 IMAGENET_SIZE = 224
 
 
-def load(spec: str, options: Options) -> Dataset:
+def load(spec: str, options: Options, train_split: str = "train",
+         test_split: str = "") -> Dataset:
   name = spec
+  test_split = test_split or ("validation" if name == "imagenet2012" else "test")
   try:
     import tensorflow_datasets as tfds
   except ImportError as error:
     raise DatasetError(f"TFDS dataset {name!r} needs tensorflow-datasets: {error}") from None
   image_size = options.image_size or (IMAGENET_SIZE if name == "imagenet2012" else 0)
   splits = {}
-  for split, tfds_split in (("train", "train"), ("test", "validation" if name == "imagenet2012"
-                                                   else "test")):
+  for split, tfds_split in (("train", train_split), ("test", test_split)):
     try:
       source = tfds.data_source(name, split=tfds_split, data_dir=options.data_dir or None,
                                 download=False, decoders={"image": tfds.decode.SkipDecoding()})

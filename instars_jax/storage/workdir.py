@@ -32,7 +32,8 @@ METRICS_FILE = "metrics.jsonl"
 LATER_KEYS = {"image_size": 0, "corrupt_images": "fail", "train.checkpoint_every_steps": 0,
               "train.divergence.nonfinite": True, "train.divergence.chance_steps": 200,
               "train.divergence.chance_fraction": 0.98, "train.table.explore": 0.0,
-              "train.holdout": 0.0, "train.examples": 0}
+              "train.holdout": 0.0, "train.examples": 0, "sources.tfds.train_split": "train",
+              "sources.tfds.test_split": ""}
 # Keys that moved, new name: old name. A run saved before the move used the old key's value.
 MOVED_KEYS = {"train.table.n": "certify.n", "train.table.alpha": "certify.alpha"}
 # Sections a run may resume with changed: certification, the estimator (which checks its own
@@ -45,7 +46,7 @@ class TrainingFacts:
   """run.json: what the shapes of a run's train state depend on, and where it came from."""
   image_shape: tuple
   num_classes: int
-  stats: str  # the models.DATASET_STATS entry of its Normalize layer
+  stats: object  # its Normalize layer's: a models.DATASET_STATS name or a (mean, std) pair
   num_train: int
   steps_per_epoch: int
   dataset: str

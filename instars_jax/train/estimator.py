@@ -283,5 +283,6 @@ def assigned_sigmas(workdir, split: data.Split, config) -> np.ndarray:
       return jax.nn.one_hot(jnp.argmax(apply(noisy), -1), len(grid))
     return jax.lax.map(copy_votes, jnp.arange(copies)).sum(axis=0)
 
-  counts = [votes(b["image"], b["index"]) for b in data.batches(split, config.train.table.chunk)]
+  counts = [votes(b["image"], b["index"])
+            for b in data.batches(split, config.train.table.chunk, settings=config.input)]
   return grid[np.argmax(np.concatenate([np.asarray(c) for c in counts]), axis=1)]

@@ -121,7 +121,7 @@ def update(state, split, sharder, config, visit: Visit):
   grid = tuple(float(s) for s in table.grid)
   factors = radius_factor_table(config.train.table.n, config.train.table.alpha)
   for batch in data.batches(split, table.chunk, host_id=jax.process_index(),
-                            host_count=jax.process_count(), order=order):
+                            host_count=jax.process_count(), order=order, settings=config.input):
     # The last chunk is padded with copies of its first example: same index, same values.
     batch = {k: parallel.pad_rows(v, per_host) for k, v in batch.items()}
     state = profile_step(state, sharder.batch(batch), key, factors, grid=grid, samples=samples)

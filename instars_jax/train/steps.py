@@ -90,7 +90,7 @@ def evaluate(state, split, sharder, config, sigma) -> dict:
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), Stream.EVAL_NOISE)
   totals = {"clean": 0.0, "noisy": 0.0, "count": 0.0}
   for batch in data.batches(subset, config.train.batch_size, host_id=jax.process_index(),
-                            host_count=jax.process_count()):
+                            host_count=jax.process_count(), settings=config.input):
     real = len(batch["label"])
     batch = {k: parallel.pad_rows(v, sharder.local_devices) for k, v in batch.items()}
     batch["weight"] = (np.arange(len(batch["label"])) < real).astype(np.float32)

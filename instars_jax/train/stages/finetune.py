@@ -10,6 +10,10 @@ from instars_jax.train.interface import resume, stage_manager
 from instars_jax.train.stages.base import FINETUNE, BaseStage
 
 ORDER = 2
+SECTION = "estimator"
+# DualRS's last step: after the estimator, fine-tune the base model this many epochs (cosine
+# from finetune_learning_rate), each training example at the σ the estimator picks for it.
+DEFAULTS = {"finetune_epochs": 0, "finetune_learning_rate": 0.01}
 
 
 def stages(context) -> list:
