@@ -19,11 +19,12 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 import instars_jax
-from instars_jax import analyze, certificates, data, experts
+from instars_jax import analyze, certificates, data
 from instars_jax.storage import checkpoints, events, results
 from instars_jax.storage.workdir import Workdir
 from instars_jax.smoothing.sequential import rules
 from instars_jax.smoothing.streams import Stream
+from instars_jax.train import experts
 from instars_jax.train.state import load_train_state, logits_fn
 
 # With sequential sampling each call queues this many times certify.instances images per device:

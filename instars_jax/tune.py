@@ -18,7 +18,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from instars_jax import analyze, certification, cli, data, experts
+from instars_jax import analyze, certification, cli, data
+from instars_jax.train import experts
 from instars_jax.certificates import router, thresholded
 from instars_jax.storage.files import write_json_atomic
 from instars_jax.storage.workdir import Workdir

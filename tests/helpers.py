@@ -3,6 +3,7 @@ results and metrics without their timings, TensorBoard values, and subprocess ru
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -132,6 +133,20 @@ def metrics_without_timing(workdir):
   timing = ("images_per_s", "seconds", "input_wait_share", "table_update_seconds",
             "table_update_share_of_epoch")
   return [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(workdir)]
+
+
+def as_experts(config, workdir, root) -> str:
+  """certify.experts (or estimator.experts) naming three copies of the trained toy run, each recorded as a fixed-σ
+  model at its grid σ (same weights as the run itself)."""
+  paths = []
+  for sigma in config.train.table.grid:
+    expert = root / f"expert_{sigma}"
+    shutil.copytree(workdir, expert, ignore=shutil.ignore_patterns("certify", "estimator"))
+    saved = json.loads((expert / "config.json").read_text())
+    saved["train"].update(insta=False, sigma=sigma)
+    (expert / "config.json").write_text(json.dumps(saved))
+    paths.append(str(expert))
+  return ",".join(paths)
 
 
 def event_values(directory) -> dict:

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import instars_jax as ij
-from helpers import Killed, event_values, make_toy_config, rows_without_time, stop_after
+from helpers import (Killed, as_experts, event_values, make_toy_config, rows_without_time,
+                     stop_after)
 from instars_jax import analyze, certificates, certification, data
 from instars_jax.certificates import locally_constant
 from instars_jax.storage import checkpoints, results
@@ -353,20 +354,6 @@ def test_bad_sequential_config(toy_config, tmp_path, changes, message):
   toy_config.certify.update(sampling="sequential", **changes)
   with pytest.raises(ValueError, match=message):
     certification.certify_test_set(toy_config, tmp_path)
-
-
-def as_experts(config, workdir, root) -> str:
-  """certify.experts naming three copies of the trained toy run, each recorded as a fixed-σ
-  model at its grid σ (same weights as the run itself)."""
-  paths = []
-  for sigma in config.train.table.grid:
-    expert = root / f"expert_{sigma}"
-    shutil.copytree(workdir, expert, ignore=shutil.ignore_patterns("certify", "estimator"))
-    saved = json.loads((expert / "config.json").read_text())
-    saved["train"].update(insta=False, sigma=sigma)
-    (expert / "config.json").write_text(json.dumps(saved))
-    paths.append(str(expert))
-  return ",".join(paths)
 
 
 def test_experts_with_the_run_s_own_weights_write_its_rows_and_are_named(run, tmp_path):

@@ -16,8 +16,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 import instars_jax as ij
-from helpers import (Killed, event_values, make_toy_config, metrics_without_timing, read_metrics,
-                     stop_after, write_npz)
+from helpers import (Killed, as_experts, event_values, make_toy_config, metrics_without_timing,
+                     read_metrics, stop_after, write_npz)
 from configs import default
 from instars_jax import data
 from instars_jax.storage import checkpoints
@@ -215,6 +215,52 @@ def test_estimator_stage_resumes_after_a_kill_to_the_same_estimator(insta_config
   insta_config.estimator.temperature = 0.5
   with pytest.raises(ValueError, match="estimator trained with other settings"):
     loop.train_and_evaluate(insta_config, tmp_path / "straight")
+
+
+def test_experts_label_the_estimator_and_held_out_examples_score_each_epoch(insta_config,
+                                                                           tmp_path, monkeypatch):
+  insta_config.train.holdout = 0.25
+  insta_config.estimator.update(epochs=2, label_samples=4)
+  workdir = tmp_path / "run"
+  loop.train_and_evaluate(insta_config, workdir)
+  with np.load(workdir / "estimator" / "profile.npz") as saved:
+    base = {"train": saved["profile"], "holdout": saved["holdout"]}
+  assert base["holdout"].shape == (24, 3) and np.any(base["holdout"] > 0)
+  # Each epoch scores the estimator on the held-out labels; its choices' profile radius lies
+  # between none and the oracle's, the default (the largest σ) is the last column's mean.
+  scores = {tag: [v for _, v in values] for tag, values in
+            event_values(workdir / "tensorboard" / "estimator").items()}
+  held = np.maximum(base["holdout"], 0)
+  assert len(scores["heldout_agreement"]) == 2 and 0 <= min(scores["heldout_agreement"]) <= 1
+  assert scores["heldout_radius_oracle"][0] == pytest.approx(held.max(axis=1).mean(), rel=1e-6)
+  assert scores["heldout_radius_default"][0] == pytest.approx(held[:, -1].mean(), rel=1e-6)
+  assert 0 <= min(scores["heldout_radius"]) <= max(scores["heldout_radius"]) <= \
+      scores["heldout_radius_oracle"][0] + 1e-6
+  # Experts that are the base model's own weights at every σ label as the base model does
+  # (the same classifier and noise); an expert's labels fill its own σ's column only.
+  insta_config.estimator.experts = as_experts(insta_config, workdir, tmp_path)
+  context = stages.Context.start(insta_config, Workdir(workdir), data.from_config(insta_config),
+                                 Sharder(), None)
+  labellers = sigma_estimators.stages(context)[0].labellers
+  assert [e["sigma"] for e in labellers] == [0.25, 0.5, 1.0]
+  state = ij.load_train_state(workdir)
+  profile = sigma_estimators.cached_profile(context, state, labellers)
+  for part in ("train", "holdout"):
+    np.testing.assert_allclose(profile[part], base[part], atol=1e-5)
+  fns = dict(sigma_estimators.experts.load(labellers))
+  fns[np.float32(0.5)] = jax.tree_util.Partial(  # always class 0
+      lambda x: jnp.zeros((len(x), 3)).at[:, 0].set(5.0))
+  monkeypatch.setattr(sigma_estimators.experts, "load", lambda checked: fns)
+  swapped = sigma_estimators.profile_from_experts(insta_config, context.dataset.train, labellers,
+                                                  sigma_estimators.Stream.ESTIMATOR_LABELS)
+  np.testing.assert_allclose(swapped[:, [0, 2]], profile["train"][:, [0, 2]], atol=1e-6)
+  labels = context.dataset.train.labels
+  assert np.all(swapped[labels == 0, 1] > 0) and np.all(swapped[labels != 0, 1] < 0)
+  # Experts on another grid are refused when the stages are built, before any training.
+  insta_config.estimator.experts = ",".join(insta_config.estimator.experts.split(",")[:2])
+  with pytest.raises(ValueError, match=r"estimator.experts names 2 workdirs"):
+    loop.train_and_evaluate(insta_config, tmp_path / "other")
+  assert Workdir(tmp_path / "other").checkpoints().latest_step() is None
 
 
 @pytest.mark.slow

@@ -6,9 +6,10 @@ of the grid) and certified by CERTIFY like any base classifier
 (instars_jax/certificates/). It learns from the trained base model:
 
 1. Labels. Each training example's radius profile R_k at every grid σ (`sigma_table.update`
-   with `estimator.label_samples` noise vectors, on the final base model) becomes the soft
-   label softmax(R_k / τ), R clipped at 0; examples whose R is 0 at every σ are dropped (no
-   σ certifies them, so they say nothing about which σ is best).
+   with `estimator.label_samples` noise vectors, on the final base model, or with
+   `estimator.experts` on expert k at σ_k: train/stages/sigma_estimators.py) becomes the
+   soft label softmax(R_k / τ), R clipped at 0; examples whose R is 0 at every σ are dropped
+   (no σ certifies them, so they say nothing about which σ is best).
 2. Loss. `estimator.loss`, a module of train/losses/ that takes soft targets, by default
    the consistency loss (Jeong & Shin, NeurIPS 2020) with λ = 10, m = 2: soft-label
    cross-entropy on two noisy copies at σ_e plus λ times the KL divergence of each copy's
@@ -61,7 +62,7 @@ SETTINGS_FILE = "estimator.json"
 INITS = ("scratch", "base")
 # Settings added after estimators were trained, with the value that means what those did.
 LATER_SETTINGS = {"node": None, "init": "scratch", "radius_weight": 0.0,
-                  "balance_bins": True, "gain_weight": False}
+                  "balance_bins": True, "gain_weight": False, "experts": ""}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +178,7 @@ def settings(config, chooser: Estimator) -> dict:
           "epochs": e.epochs, "label_samples": e.label_samples, "temperature": e.temperature,
           "loss": e.loss, "loss_settings": e[e.loss].to_dict(), "learning_rate": e.learning_rate,
           "init": e.init, "radius_weight": e.radius_weight, "balance_bins": e.balance_bins,
-          "gain_weight": e.gain_weight, "seed": config.seed}
+          "gain_weight": e.gain_weight, "experts": e.experts, "seed": config.seed}
 
 
 def upgrade(saved: dict) -> dict:
@@ -271,18 +272,30 @@ def assigned_sigmas(workdir, split: data.Split, config) -> np.ndarray:
   `estimator.label_samples` copies at σ_e (noise keyed on (seed, example, copy); ties go to
   the smaller σ). Every host computes all of them, on its first local device."""
   apply, saved = load(Workdir(workdir).estimator_dir, workdir)
-  grid, copies = np.asarray(saved["grid"], np.float32), config.estimator.label_samples
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), Stream.ESTIMATOR_ASSIGN)
+  bins = majority_bins(apply, saved["sigma"], len(saved["grid"]), split,
+                       np.arange(len(split)), key, config)
+  return np.asarray(saved["grid"], np.float32)[bins]
 
-  @jax.jit
-  def votes(images, indices):
-    keys = state_lib.example_keys(key, indices)
-    def copy_votes(c):
-      noisy = state_lib.gaussian_noise(jax.vmap(lambda k: jax.random.fold_in(k, c))(keys),
-                                         images, jnp.full(indices.shape, saved["sigma"]))
-      return jax.nn.one_hot(jnp.argmax(apply(noisy), -1), len(grid))
-    return jax.lax.map(copy_votes, jnp.arange(copies)).sum(axis=0)
 
-  counts = [votes(b["image"], b["index"])
-            for b in data.batches(split, config.train.table.chunk, settings=config.input)]
-  return grid[np.argmax(np.concatenate([np.asarray(c) for c in counts]), axis=1)]
+def majority_bins(apply, sigma: float, num_bins: int, split: data.Split, order: np.ndarray,
+                  key, config) -> np.ndarray:
+  """int[len(order)]: the majority bin of `apply` (x -> logits over the bins) over
+  `estimator.label_samples` noisy copies at `sigma` of each example `order` of `split` (the
+  noise of example i, copy c from (key, i, c); ties go to the lower bin)."""
+  counts = [np.asarray(_votes(apply, b["image"], b["index"], key, sigma, num_bins=num_bins,
+                              copies=config.estimator.label_samples))
+            for b in data.batches(split, config.train.table.chunk, order=order,
+                                  settings=config.input)]
+  return np.argmax(np.concatenate(counts), axis=1) if counts else np.zeros(0, np.int64)
+
+
+@functools.partial(jax.jit, static_argnames=("num_bins", "copies"))
+def _votes(apply, images, indices, key, sigma, *, num_bins, copies):
+  keys = state_lib.example_keys(key, indices)
+
+  def copy_votes(c):
+    noisy = state_lib.gaussian_noise(jax.vmap(lambda k: jax.random.fold_in(k, c))(keys),
+                                     images, jnp.full(indices.shape, sigma))
+    return jax.nn.one_hot(jnp.argmax(apply(noisy), -1), num_bins)
+  return jax.lax.map(copy_votes, jnp.arange(copies)).sum(axis=0)

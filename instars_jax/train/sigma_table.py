@@ -78,6 +78,26 @@ def profile_step(state, batch, key, factors, *, grid, samples):
                        sigma_profile=state.sigma_profile.at[batch["index"]].set(radii))
 
 
+@functools.partial(jax.jit, static_argnames=("grid", "samples"))
+def _profile_radii(apply_fn, batch, key, factors, *, grid, samples):
+  return grid_radii(true_label_probability(apply_fn, batch, key, grid, samples), grid, factors)
+
+
+def profile_of(apply_fn, split, config, visit: "Visit", grid: tuple) -> np.ndarray:
+  """float32[len(visit.order), len(grid)]: the radius profile that an update computes, of
+  the one classifier `apply_fn` (a pytree, e.g. models.bind_variables) at `grid`, for the
+  examples visit.order of `split`, on this host (no table is written)."""
+  factors = radius_factor_table(config.train.table.n, config.train.table.alpha)
+  chunk, out = config.train.table.chunk, []
+  for batch in data.batches(split, chunk, order=visit.order, settings=config.input):
+    real = len(batch["index"])
+    batch = {k: parallel.pad_rows(v, chunk) for k, v in batch.items()}
+    radii = _profile_radii(apply_fn, batch, visit.key, factors, grid=tuple(grid),
+                           samples=visit.samples)
+    out.append(np.asarray(radii)[:real])
+  return np.concatenate(out) if out else np.zeros((0, len(grid)), np.float32)
+
+
 def update_due(config, epoch: int) -> bool:
   """Whether the σ table is updated before training `epoch` (stage 2, every k-th epoch; never
   in the epochs after train.epochs, which fine-tune at the estimator's σ)."""

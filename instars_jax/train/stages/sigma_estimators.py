@@ -1,8 +1,20 @@
 """The training stage of a σ-estimator or router node (estimator.py), in the loop of loop.py:
-the base model's radius profile of every training example (computed once, kept in
+the radius profile of every training example (computed once, kept in
 WORKDIR/estimator/profile.npz), soft labels from it, then `estimator.epochs` epochs over the
 examples with a positive radius somewhere, checkpointed after each. Leaves the base model as
-it is."""
+it is.
+
+The profile is the base model's at every grid σ, or with `estimator.experts` (one fixed-σ
+run per grid σ, train/experts.py) expert k's at σ_k: the labels then come from the
+classifiers that certification deploys with the same `certify.experts`. With a held-out
+share (train.holdout), each epoch's metrics row also scores the estimator there, on labels
+computed the same way from the held-out examples: `heldout_agreement` (its majority bin over
+`label_samples` noisy copies against the label's top bin, on the examples with a positive
+radius somewhere), and `heldout_radius`, the mean profile radius at the bins it picks (0 where
+none is positive), beside `heldout_radius_oracle` (the best bin's) and
+`heldout_radius_default` (the top bin's: the largest σ, a node's "stay"). The radius is the
+profile's estimate of what each choice certifies, without the selector's own cap: a curve
+to stop training by, not a certificate."""
 
 from __future__ import annotations
 
@@ -17,7 +29,7 @@ from instars_jax import data
 from instars_jax.storage import checkpoints
 from instars_jax.storage.files import write_json_atomic
 from instars_jax.smoothing.streams import Stream, numpy_rng
-from instars_jax.train import estimator, losses, sigma_table
+from instars_jax.train import estimator, experts, losses, sigma_table
 from instars_jax.train import state as state_lib
 from instars_jax.train.interface import resume, stage_manager
 
@@ -53,6 +65,10 @@ DEFAULTS = {
     # router: instead of one estimator over the grid, a router tree of binary nodes, node k
     # deciding grid σ_k against the lower ones, smoothed at σ_k (the `router` certificate).
     "router": False,
+    # σ experts whose radius profiles label the estimators: one fixed-σ workdir per
+    # train.table.grid σ, smallest first, commas between (train/experts.py), the ones
+    # certify.experts will name. Empty: the base model at every σ.
+    "experts": "",
 }
 PROFILE_FILE = "profile.npz"
 
@@ -62,41 +78,75 @@ def stages(context) -> list:
   the grid, or the router's nodes."""
   if not context.config.estimator.epochs:
     return []
-  return [EstimatorStage(context, chooser)
+  labellers = experts.check(context.config, context.workdir, estimator.grid_of(context.config),
+                            on_holdout=context.dataset.holdout is not None,
+                            setting=experts.LABELS_SETTING)
+  return [EstimatorStage(context, chooser, labellers)
           for chooser in estimator.choosers(context.config, context.workdir)]
+
+
+def labels_visit(config, size: int, stream: Stream = Stream.ESTIMATOR_LABELS):
+  """The label profile's pass over `size` examples: all of them, `estimator.label_samples`
+  noise vectors each."""
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), stream)
+  return sigma_table.Visit(np.arange(size), key, config.estimator.label_samples)
 
 
 def profile_from_base(config, dataset, base_state, sharder) -> np.ndarray:
   """float32[N, K]: the base model's radius profile of every training example over the grid,
   with `estimator.label_samples` noise vectors (on a copy of its state: the base model's own
   table is left as is)."""
-  order = np.arange(len(dataset.train))
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), Stream.ESTIMATOR_LABELS)
-  visit = sigma_table.Visit(order, key, config.estimator.label_samples)
   profiled = sigma_table.update(jax.tree_util.tree_map(jnp.copy, base_state), dataset.train,
-                                sharder, config, visit)
+                                sharder, config, labels_visit(config, len(dataset.train)))
   return np.asarray(profiled.sigma_profile)
 
 
-def cached_profile(context, base_state) -> np.ndarray:
-  """profile_from_base, saved (atomically) and read back by a rerun with the same settings, so
-  a resumed or re-tuned estimator, and every router node, skip the profile pass."""
+def profile_from_experts(config, split, checked: list, stream: Stream) -> np.ndarray:
+  """float32[N, K]: column k the radius profile of expert k (`experts.check`'s entries) at
+  its σ_k, for every example of `split`, on the same noise vectors at every σ."""
+  fns = experts.load(checked)
+  visit = labels_visit(config, len(split), stream)
+  return np.concatenate([sigma_table.profile_of(fns[np.float32(e["sigma"])], split, config,
+                                                visit, (e["sigma"],)) for e in checked], axis=1)
+
+
+def heldout_profile(config, dataset, base_state, checked: list) -> np.ndarray:
+  """float32[H, K]: the held-out examples' profile, from the classifiers of the training
+  labels (the experts, or the base model at every grid σ)."""
+  if checked:
+    return profile_from_experts(config, dataset.holdout, checked, Stream.ESTIMATOR_HOLDOUT)
+  visit = labels_visit(config, len(dataset.holdout), Stream.ESTIMATOR_HOLDOUT)
+  return sigma_table.profile_of(state_lib.logits_fn(base_state), dataset.holdout, config, visit,
+                                estimator.grid_of(config))
+
+
+def cached_profile(context, base_state, checked: list) -> dict:
+  """{"train": [N, K], "holdout": [H, K]} label profiles (profile_from_base, or
+  profile_from_experts of the `checked` experts; no holdout: [0, K]), saved (atomically) and
+  read back by a rerun with the same settings, so a resumed or re-tuned estimator, and every
+  router node, skip the profile pass."""
   c = context
   path = c.workdir.estimator_dir / PROFILE_FILE
-  key = json.dumps({"label_samples": c.config.estimator.label_samples, "seed": c.config.seed,
-                    "grid": list(estimator.grid_of(c.config)), "n": c.config.train.table.n,
-                    "alpha": c.config.train.table.alpha}, sort_keys=True)
+  settings = {"label_samples": c.config.estimator.label_samples, "seed": c.config.seed,
+              "grid": list(estimator.grid_of(c.config)), "n": c.config.train.table.n,
+              "alpha": c.config.train.table.alpha}
+  if checked:  # a profile of the base model keeps the key it had before experts existed
+    settings["experts"] = checked
+  key = json.dumps(settings, sort_keys=True)
   if path.exists():
     with np.load(path) as saved:
-      if str(saved["settings"]) == key:
-        return saved["profile"]
-  profile = profile_from_base(c.config, c.dataset, base_state, c.sharder)
+      if str(saved["settings"]) == key and "holdout" in saved:
+        return {"train": saved["profile"], "holdout": saved["holdout"]}
+  profile = (profile_from_experts(c.config, c.dataset.train, checked, Stream.ESTIMATOR_LABELS)
+             if checked else profile_from_base(c.config, c.dataset, base_state, c.sharder))
+  holdout = (heldout_profile(c.config, c.dataset, base_state, checked)
+             if c.dataset.holdout is not None else np.zeros((0, profile.shape[1]), np.float32))
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{PROFILE_FILE}.tmp.npz")
-    np.savez(tmp, profile=profile, settings=key)
+    np.savez(tmp, profile=profile, holdout=holdout, settings=key)
     tmp.replace(path)
-  return profile
+  return {"train": profile, "holdout": holdout}
 
 
 def from_base(template: state_lib.ModelState, base_state) -> state_lib.ModelState:
@@ -116,8 +166,8 @@ class EstimatorStage:
   metrics_file = False
   histogram = False
 
-  def __init__(self, context, chooser: estimator.Estimator):
-    self.context, self.chooser = context, chooser
+  def __init__(self, context, chooser: estimator.Estimator, labellers: list):
+    self.context, self.chooser, self.labellers = context, chooser, labellers
     self.settings = estimator.settings(context.config, chooser)
     self.loss = losses.from_config(context.config.estimator)
     self.name, self.sigma = chooser.name, chooser.sigma
@@ -139,8 +189,10 @@ class EstimatorStage:
         self.last_step = finished
         return None, finished
     c = self.context
-    labels, self.kept = estimator.training_labels(cached_profile(c, base_state), self.chooser,
+    profile = cached_profile(c, base_state, self.labellers)
+    labels, self.kept = estimator.training_labels(profile["train"], self.chooser,
                                                   c.config.estimator)
+    self.heldout = self.chooser.bins(profile["holdout"])
     self.steps_per_epoch = len(self.kept) // self.batch_size
     if self.steps_per_epoch == 0:
       raise ValueError(f"only {len(self.kept)} training examples have a positive radius at some "
@@ -197,7 +249,24 @@ class EstimatorStage:
                                 sigma=self.sigma, loss=self.loss)
 
   def end_epoch(self, state, epoch: int, row: dict, seconds: float) -> dict:
-    return row | {"examples": len(self.kept)}
+    row = row | {"examples": len(self.kept)}
+    if len(self.heldout):
+      row |= self.heldout_scores(state)
+    return row
+
+  def heldout_scores(self, state) -> dict:
+    """The estimator's agreement with the held-out labels and the profile radius of its
+    choices there (the module docstring)."""
+    c, radii = self.context, np.maximum(self.heldout, 0.0)
+    scored = np.flatnonzero(radii.max(axis=1) > 0)
+    key = jax.random.fold_in(jax.random.PRNGKey(c.config.seed), Stream.ESTIMATOR_HOLDOUT)
+    picked = estimator.majority_bins(state_lib.logits_fn(state), self.sigma, self.num_classes,
+                                     c.dataset.holdout, scored, key, c.config)
+    chosen = radii[scored, picked]
+    return {"heldout_agreement": float(np.mean(picked == np.argmax(radii[scored], axis=1))),
+            "heldout_radius": float(chosen.sum() / len(radii)),
+            "heldout_radius_oracle": float(radii.max(axis=1).mean()),
+            "heldout_radius_default": float(radii[:, -1].mean())}
 
   def finish(self, state, base_state):
     return base_state

@@ -8,9 +8,11 @@ its guarantee when the class test at σ_k uses f_k, and the proof in each kind's
 the same with g_{σ_k} the smoothed f_k.
 
 `certify.experts` names one workdir per grid σ (smallest first, commas between), for example
-the Cohen et al. models trained with `--config.train.insta=False --config.train.sigma=S`.
-Each must be a finished fixed-σ run at its grid σ on the same dataset, image shape, classes
-and model family as the run being certified; anything else is refused before any sampling.
+the Cohen et al. models trained with `--config.train.insta=False --config.train.sigma=S`, and
+`estimator.experts` the ones whose radius profiles label the σ-estimators (the classifiers
+that certification will deploy). Each must be a finished fixed-σ run at its grid σ on the
+same dataset, image shape, classes and model family as the run that uses it; anything else
+is refused before any sampling or training.
 """
 
 from __future__ import annotations
@@ -24,36 +26,42 @@ from instars_jax.train.estimator import grid_of
 from instars_jax.train.state import load_train_state, logits_fn
 
 
-def workdirs(config) -> tuple[str, ...]:
-  """The workdirs certify.experts names, in grid order ((): no experts)."""
-  return tuple(part.strip() for part in config.certify.experts.split(",") if part.strip())
+CERTIFY_SETTING, LABELS_SETTING = "certify.experts", "estimator.experts"
 
 
-def check(config, workdir, needed, on_holdout: bool = False) -> list[dict]:
-  """[{sigma, workdir, step}] of the experts `config` names, each checked against the run in
-  `workdir` and its grid σ, and covering the σ `needed` by the certificate kind (its
-  `sigmas(config)`; None: σ found by a search, which experts cannot serve); `on_holdout`:
-  the experts will see the held-out examples, so they must have held out the same ones
-  (train.holdout and seed). ValueError (a mismatch) or FileNotFoundError (a missing run or
-  checkpoint) naming the expert otherwise."""
-  paths, grid = workdirs(config), grid_of(config)
+def workdirs(config, setting: str = CERTIFY_SETTING) -> tuple[str, ...]:
+  """The workdirs `setting` (certify.experts or estimator.experts) names, in grid order
+  ((): no experts)."""
+  section, key = setting.split(".")
+  return tuple(part.strip() for part in config[section][key].split(",") if part.strip())
+
+
+def check(config, workdir, needed, on_holdout: bool = False,
+          setting: str = CERTIFY_SETTING) -> list[dict]:
+  """[{sigma, workdir, step}] of the experts `setting` of `config` names, each checked against
+  the run in `workdir` and its grid σ, and covering the σ `needed` by the certificate kind
+  (its `sigmas(config)`; None: σ found by a search, which experts cannot serve);
+  `on_holdout`: the experts will see the held-out examples, so they must have held out the
+  same ones (train.holdout and seed). ValueError (a mismatch) or FileNotFoundError (a missing
+  run or checkpoint) naming the expert otherwise."""
+  paths, grid = workdirs(config, setting), grid_of(config)
   if not paths:
     return []
   if len(paths) != len(grid):
-    raise ValueError(f"certify.experts names {len(paths)} workdirs; train.table.grid={grid} "
+    raise ValueError(f"{setting} names {len(paths)} workdirs; train.table.grid={grid} "
                      f"needs one per σ, smallest first")
   if needed is None:
-    raise ValueError("certify.experts needs a certificate on the grid; this one searches σ "
-                     "over an interval")
+    raise ValueError(f"{setting} needs a certificate on the grid; this one searches σ over "
+                     "an interval")
   off_grid = sorted(set(np.float32(needed)) - set(np.float32(grid)))
   if off_grid:
-    raise ValueError(f"certify.experts covers train.table.grid={grid}; the certificate also "
+    raise ValueError(f"{setting} covers train.table.grid={grid}; the certificate also "
                      f"needs σ = {', '.join(f'{s:g}' for s in off_grid)}")
   base = Workdir(workdir).read_facts()
   found = []
   for sigma, path in zip(grid, paths):
     expert = Workdir(path)
-    where = f"certify.experts: {path}"
+    where = f"{setting}: {path}"
     if not expert.config_path.exists():
       raise FileNotFoundError(f"{where} holds no trained run (no {expert.config_path.name})")
     trained, info = expert.read_config(), expert.read_facts()
