@@ -217,6 +217,7 @@ def test_estimator_stage_resumes_after_a_kill_to_the_same_estimator(insta_config
     loop.train_and_evaluate(insta_config, tmp_path / "straight")
 
 
+@pytest.mark.slow
 def test_experts_label_the_estimator_and_held_out_examples_score_each_epoch(insta_config,
                                                                            tmp_path, monkeypatch):
   insta_config.train.holdout = 0.25
