@@ -251,8 +251,7 @@ def test_experts_label_the_estimator_and_held_out_examples_score_each_epoch(inst
   fns = dict(sigma_estimators.experts.load(labellers))
   fns[np.float32(0.5)] = jax.tree_util.Partial(  # always class 0
       lambda x: jnp.zeros((len(x), 3)).at[:, 0].set(5.0))
-  monkeypatch.setattr(sigma_estimators.experts, "load", lambda checked: fns)
-  swapped = sigma_estimators.profile_from_experts(insta_config, context.dataset.train, labellers,
+  swapped = sigma_estimators.profile_from_experts(insta_config, context.dataset.train, fns,
                                                   sigma_estimators.Stream.ESTIMATOR_LABELS)
   np.testing.assert_allclose(swapped[:, [0, 2]], profile["train"][:, [0, 2]], atol=1e-6)
   labels = context.dataset.train.labels

@@ -38,7 +38,8 @@ class Stream(enum.IntEnum):
   ESTIMATOR_LABELS = 40  # the estimator's label profile
   ESTIMATOR_NOISE = 41  # the estimator's training noise and example order
   ESTIMATOR_ASSIGN = 42  # the σ the estimator assigns each training example (fine-tuning)
-  ESTIMATOR_HOLDOUT = 43  # the held-out examples' label profile and the estimator's votes there
+  ESTIMATOR_HOLDOUT = 43  # the held-out examples' label profile
+  ESTIMATOR_HOLDOUT_VOTES = 44  # the estimator's votes on the held-out examples
   CASCADE = 50  # a cascade's levels, each folded in by its index
   ROUTER = 60  # a router tree's nodes, each folded in by its grid index
   THRESHOLDED = 70  # a thresholded chain's nodes, each folded in by its grid index

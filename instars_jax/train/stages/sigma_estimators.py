@@ -101,20 +101,19 @@ def profile_from_base(config, dataset, base_state, sharder) -> np.ndarray:
   return np.asarray(profiled.sigma_profile)
 
 
-def profile_from_experts(config, split, checked: list, stream: Stream) -> np.ndarray:
-  """float32[N, K]: column k the radius profile of expert k (`experts.check`'s entries) at
-  its σ_k, for every example of `split`, on the same noise vectors at every σ."""
-  fns = experts.load(checked)
+def profile_from_experts(config, split, fns: dict, stream: Stream) -> np.ndarray:
+  """float32[N, K]: column k the radius profile of expert k (`fns`, experts.load's {σ: fn})
+  at its σ_k, for every example of `split`, on the same noise vectors at every σ."""
   visit = labels_visit(config, len(split), stream)
-  return np.concatenate([sigma_table.profile_of(fns[np.float32(e["sigma"])], split, config,
-                                                visit, (e["sigma"],)) for e in checked], axis=1)
+  return np.concatenate([sigma_table.profile_of(fns[np.float32(s)], split, config, visit, (s,))
+                         for s in estimator.grid_of(config)], axis=1)
 
 
-def heldout_profile(config, dataset, base_state, checked: list) -> np.ndarray:
+def heldout_profile(config, dataset, base_state, fns: dict) -> np.ndarray:
   """float32[H, K]: the held-out examples' profile, from the classifiers of the training
-  labels (the experts, or the base model at every grid σ)."""
-  if checked:
-    return profile_from_experts(config, dataset.holdout, checked, Stream.ESTIMATOR_HOLDOUT)
+  labels (the experts' `fns`, or with none the base model at every grid σ)."""
+  if fns:
+    return profile_from_experts(config, dataset.holdout, fns, Stream.ESTIMATOR_HOLDOUT)
   visit = labels_visit(config, len(dataset.holdout), Stream.ESTIMATOR_HOLDOUT)
   return sigma_table.profile_of(state_lib.logits_fn(base_state), dataset.holdout, config, visit,
                                 estimator.grid_of(config))
@@ -137,9 +136,10 @@ def cached_profile(context, base_state, checked: list) -> dict:
     with np.load(path) as saved:
       if str(saved["settings"]) == key and "holdout" in saved:
         return {"train": saved["profile"], "holdout": saved["holdout"]}
-  profile = (profile_from_experts(c.config, c.dataset.train, checked, Stream.ESTIMATOR_LABELS)
-             if checked else profile_from_base(c.config, c.dataset, base_state, c.sharder))
-  holdout = (heldout_profile(c.config, c.dataset, base_state, checked)
+  fns = experts.load(checked)  # once, for both splits
+  profile = (profile_from_experts(c.config, c.dataset.train, fns, Stream.ESTIMATOR_LABELS)
+             if fns else profile_from_base(c.config, c.dataset, base_state, c.sharder))
+  holdout = (heldout_profile(c.config, c.dataset, base_state, fns)
              if c.dataset.holdout is not None else np.zeros((0, profile.shape[1]), np.float32))
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -259,7 +259,7 @@ class EstimatorStage:
     choices there (the module docstring)."""
     c, radii = self.context, np.maximum(self.heldout, 0.0)
     scored = np.flatnonzero(radii.max(axis=1) > 0)
-    key = jax.random.fold_in(jax.random.PRNGKey(c.config.seed), Stream.ESTIMATOR_HOLDOUT)
+    key = jax.random.fold_in(jax.random.PRNGKey(c.config.seed), Stream.ESTIMATOR_HOLDOUT_VOTES)
     picked = estimator.majority_bins(state_lib.logits_fn(state), self.sigma, self.num_classes,
                                      c.dataset.holdout, scored, key, c.config)
     chosen = radii[scored, picked]
