@@ -100,7 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.estimator[name] = ml_collections.ConfigDict(losses.estimator_defaults(name))
 
   config.certify = ml_collections.ConfigDict()
-  config.certify.sigma = 0.25
+  config.certify.sigma = ml_collections.config_dict.placeholder(float)  # None: train.sigma
   config.certify.n0 = 100
   config.certify.n = 100_000
   config.certify.alpha = 0.001

@@ -1,5 +1,11 @@
-"""certify.py's library function: the latest checkpoint → the test split → the certificate
+"""certify.py's library function: the run in a workdir → the test split → the certificate
 kind the config names (certificates/) → a results TSV.
+
+The run's settings are its own (config.json): a config may differ from them only in what
+certification decides (`owns`: certify.*, input.*, data_dir, cache_dir, distributed). A
+results file holds the rows of one classifier: its sidecar names every checkpoint that
+certified (the run's step, its estimator's or each router node's, each σ expert's), the
+models are loaded at those steps, and a resume against any other checkpoint is refused.
 
 Rows are appended and synced after every batch of instances; a rerun with the same settings
 resumes after what is written. One process at a time writes a results file (a second one
@@ -10,6 +16,7 @@ each certifies its share and host 0 merges them. Nothing here depends on which k
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -18,7 +25,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+import ml_collections
+from ml_collections.config_flags import config_path
+
 import instars_jax
+from configs import default
 from instars_jax import analyze, certificates, data
 from instars_jax.storage import checkpoints, events, results
 from instars_jax.storage.workdir import Workdir
@@ -33,6 +44,45 @@ from instars_jax.train.state import load_train_state, logits_fn
 # a kill loses at most one call's finished rows.
 SEQUENTIAL_QUEUE_DEPTH = 2
 SPLITS = ("test", "holdout")
+# The settings certification decides; every other one is the trained run's.
+OWN_SECTIONS = ("certify", "input")
+OWN_KEYS = ("data_dir", "cache_dir", "distributed")
+
+
+def owns(key: str) -> bool:
+  """Whether the dotted config `key` is certification's to set (not the trained run's)."""
+  return key.split(".")[0] in OWN_SECTIONS or key in OWN_KEYS
+
+
+def own_settings() -> str:
+  return ", ".join([f"{s}.*" for s in OWN_SECTIONS] + list(OWN_KEYS))
+
+
+def run_config(workdir, overrides: dict) -> ml_collections.ConfigDict:
+  """The saved config of the run in `workdir` (completed by configs/default.py for keys added
+  since) with `overrides` ({dotted key: value}) set; ValueError naming an override that is a
+  setting of the trained run, FileNotFoundError when there is no run."""
+  foreign = [key for key in overrides if not owns(key)]
+  if foreign:
+    raise ValueError(f"--config.{foreign[0]} is a setting of the trained run in {workdir}, "
+                     f"read from its config.json: the command line may set only {own_settings()}")
+  config = Workdir(workdir).read_config(default.get_config())
+  for key, value in overrides.items():
+    config_path.set_value(key, config, value)
+  return config
+
+
+def check_run(config, workdir) -> None:
+  """ValueError unless `config` agrees with the run trained in `workdir` outside what
+  certification owns (its dataset, model, σ grid, estimator, held-out split and seed)."""
+  workdir = Workdir(workdir)
+  saved = workdir.read_config(default.get_config())
+  differing = workdir.differing(config, default.get_config(), owns)
+  if differing:
+    shown = ", ".join(f"{k}={config_path.get_value(k, config)!r} (the run: "
+                      f"{config_path.get_value(k, saved)!r})" for k in differing[:3])
+    raise ValueError(f"the config differs from the run trained in {workdir.path}: {shown}; "
+                     f"certify.py --workdir={workdir.path} reads the run's settings itself")
 
 
 def validate_config(config):
@@ -58,43 +108,30 @@ def validate_config(config):
   return certificates.for_config(config)
 
 
-def smoothed_model(config, workdir, state, dataset, metadata, **more) -> certificates.SmoothedModel:
-  """What every kind gets: the run's model (and the σ experts `metadata` names), its key and
-  the CERTIFY settings of config.certify; `more` fills the rest of certificates.SmoothedModel."""
+def smoothed_model(config, workdir, dataset, metadata, **more) -> certificates.SmoothedModel:
+  """What every kind gets: the run's model and the σ experts, at the checkpoints `metadata`
+  records, its key and the CERTIFY settings of config.certify; `more` fills the rest of
+  certificates.SmoothedModel."""
   c = config.certify
+  state = load_train_state(workdir, metadata["checkpoint"])
   return certificates.SmoothedModel(
       apply_fn=logits_fn(state), num_classes=dataset.num_classes,
       key=jax.random.fold_in(jax.random.PRNGKey(config.seed), Stream.CERTIFY), n0=c.n0, n=c.n,
       alpha=c.alpha, batch_size=c.batch, rule=rules.from_config(c), workdir=workdir,
       image_size=int(np.prod(dataset.image_shape)),
-      experts=experts.load(metadata.get("experts", [])), **more)
+      experts=experts.load(metadata.get("experts", [])), metadata=metadata, **more)
 
 
-def check_dataset(config, dataset, workdir) -> None:
-  """ValueError unless `dataset` is the one the saved model was trained on (its name, image
-  shape and classes) and the command line's σ grid is the run's (the kinds' levels and its
-  estimators' bins)."""
-  trained, saved = workdir.read_facts(), workdir.read_config()
-  ours = (config.dataset, tuple(dataset.image_shape), dataset.num_classes)
-  theirs = (saved.dataset, tuple(trained.image_shape), trained.num_classes)
+def check_dataset(dataset, workdir) -> None:
+  """ValueError unless `dataset` has the image shape and classes the saved model was trained
+  on (the same name can be read from another data_dir)."""
+  trained = workdir.read_facts()
+  ours, theirs = ((tuple(dataset.image_shape), dataset.num_classes),
+                  (tuple(trained.image_shape), trained.num_classes))
   if ours != theirs:
-    raise ValueError(f"the model in {workdir.path} was trained on {theirs[0]} (images "
-                     f"{theirs[1]}, {theirs[2]} classes), not {ours[0]} (images {ours[1]}, "
-                     f"{ours[2]} classes)")
-  grid, saved_grid = (tuple(float(s) for s in g)
-                      for g in (config.train.table.grid, saved.train.table.grid))
-  if grid != saved_grid:
-    raise ValueError(f"train.table.grid={grid} differs from the trained run's {saved_grid} in "
-                     f"{workdir.path}: certify with the run's grid")
-
-
-def check_holdout(config, workdir) -> None:
-  """ValueError unless train.holdout is the trained run's: the held-out examples must be the
-  ones its training never saw."""
-  saved = workdir.read_config().train.get("holdout", 0.0)
-  if config.train.holdout != saved:
-    raise ValueError(f"train.holdout={config.train.holdout} differs from the trained run's "
-                     f"{saved} in {workdir.path}")
+    raise ValueError(f"the model in {workdir.path} was trained on images {theirs[0]} of "
+                     f"{theirs[1]} classes; the dataset read has images {ours[0]} of "
+                     f"{ours[1]} classes")
 
 
 def selected_indices(num_test: int, skip: int, maximum: int) -> np.ndarray:
@@ -112,12 +149,23 @@ def output_path(config, workdir) -> Path:
   return Workdir(workdir).results_path(config.certify.name or stem)
 
 
+def model_step(workdir) -> int:
+  """The step of the run's latest checkpoint, the model that certifies; FileNotFoundError
+  when there is none."""
+  step = workdir.checkpoints().latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir.path}: train first with train.py "
+                            f"--workdir={workdir.path}")
+  return int(step)
+
+
 def run_metadata(config, kind, workdir) -> dict:
-  """What the numbers in a results file depend on; a resumed run must match it exactly. With
-  σ experts, "experts" lists them (σ, workdir, checkpoint step); without, the run's own
-  model certifies at every σ."""
+  """What the numbers in a results file depend on; a resumed run must match it exactly:
+  "checkpoint", the step of the run's model that certifies (its latest; FileNotFoundError
+  when there is none), the kind's own models' steps in its metadata, and with σ experts,
+  "experts" (σ, workdir, checkpoint step); without, the run's own model certifies at every σ."""
   c = config.certify
-  metadata = {"certificate": kind.NAME, "certificate_meaning": kind.MEANING,
+  metadata = {"checkpoint": model_step(workdir), "certificate": kind.NAME, "certificate_meaning": kind.MEANING,
               "sound": kind.SOUND, "sigma_mode": c.sigma_mode, "n0": c.n0, "n": c.n,
               "alpha": c.alpha, "skip": c.skip, "max": c.max, "seed": config.seed,
               "dataset": config.dataset, "package_version": instars_jax.__version__,
@@ -186,21 +234,19 @@ def certify_test_set(config, workdir, host: int | None = None, hosts: int | None
     raise ValueError(f"the {kind.NAME} certificate answers test points in one fixed order: run "
                      "it on a single host")
   workdir = Workdir(workdir)
-  state = load_train_state(workdir)  # before the data: a wrong workdir fails fast
-  if config.certify.split == "holdout":
-    check_holdout(config, workdir)
+  check_run(config, workdir)  # before the data: a wrong workdir fails fast
   metadata = run_metadata(config, kind, workdir)
   dataset = data.from_config(config)
-  check_dataset(config, dataset, workdir)
+  check_dataset(dataset, workdir)
   images = dataset.test if config.certify.split == "test" else dataset.holdout
   path = output_path(config, workdir)
   part = path if hosts == 1 else path.with_name(f"{path.stem}.host{host}of{hosts}.tsv")
+  smoothed = smoothed_model(config, workdir, dataset, metadata, results_path=path)
   with workdir.results_lock(part):
     writer = _open_results(part, metadata)
     mine = selected_indices(len(images), config.certify.skip, config.certify.max)
     todo = [i for i in mine[host::hosts] if i not in writer.done]
-    smoothed = smoothed_model(config, workdir, state, dataset, metadata, results_path=path,
-                              done=frozenset(writer.done))
+    smoothed = dataclasses.replace(smoothed, done=frozenset(writer.done))
     _certify_rows(config, kind.prepare(smoothed, config), images, todo, writer)
   if hosts > 1:
     multihost_utils.sync_global_devices(f"certified {path.name}")

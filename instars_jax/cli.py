@@ -2,18 +2,31 @@
 
 Only absl and ml_collections load before the flags are parsed, so a bad flag is refused in a
 fraction of a second; the library (JAX, orbax, ...) loads when the run starts.
+
+train.py needs --config. certify.py and `python -m instars_jax.tune` read the trained run from
+--workdir: its saved config, with the certification settings of the command line
+(`--config.certify.*`, where the data lives, runtime settings; certification.owns); a
+training setting there is refused. Given --config (a run made elsewhere), it must agree with
+the saved run.
 """
 
 import importlib
 import sys
 
+from pathlib import Path
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
-                                         lock_config=True)
+# The default only gives `--config.key=value` its types where --config is not given
+# (certify.py: the run's saved config is completed by it).
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.py"
+CONFIG = config_flags.DEFINE_config_file(
+    "config", str(DEFAULT_CONFIG),
+    "Path to a config file (configs/*.py); certify.py: the run's own by default.",
+    lock_config=True)
 WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run: checkpoints, metrics, results.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 
 EXPECTED_ERRORS = (ValueError, FileNotFoundError)
 
@@ -35,21 +48,38 @@ def _parse_flags(argv):
     _fail(f"unknown config key {detail.replace(chr(92) + 'n', ' ')}")
 
 
-def main(target: str) -> None:
+def _config(reads_run: bool):
+  """The config the run gets: --config's, or (reads_run, without --config) the saved run's in
+  --workdir with the command line's certification settings."""
+  if not flags.FLAGS["config"].present:
+    if not reads_run:
+      _fail("--config is required: the config file of the run (configs/*.py)")
+    from instars_jax import certification
+    try:
+      return certification.run_config(WORKDIR.value,
+                                      config_flags.get_override_values(flags.FLAGS["config"]))
+    except (ValueError, FileNotFoundError) as error:
+      _fail(error)
+  try:
+    CONFIG.value.distributed
+  except OSError as error:  # config_flags reports a config file it could not load lazily
+    _fail(f"cannot load --config: {str(error).strip().splitlines()[-1].strip()}")
+  return CONFIG.value
+
+
+def main(target: str, reads_run: bool = False) -> None:
   """Parses flags, then imports `target` ("package.module:function") and calls
-  function(config, workdir). A bad flag, config value, path or dataset ends the process with
-  one line naming the problem (exit status 2), not a traceback; a stop request that was
-  checkpointed ends it with status 143 (128 + SIGTERM)."""
+  function(config, workdir); `reads_run`: the config is the run's in --workdir (module doc).
+  A bad flag, config value, path or dataset ends the process with one line naming the problem
+  (exit status 2), not a traceback; a stop request that was checkpointed ends it with status
+  143 (128 + SIGTERM)."""
 
   def call_target(argv):
     if len(argv) > 1:
       _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
-    config = CONFIG.value
-    try:
-      distributed = config.distributed
-    except OSError as error:  # config_flags reports a config file it could not load lazily
-      _fail(f"cannot load --config: {str(error).strip().splitlines()[-1].strip()}")
+    config = _config(reads_run)
+    distributed = config.distributed
     if distributed:
       from instars_jax import parallel
       parallel.initialize_distributed()

@@ -1,5 +1,5 @@
-"""python -m instars_jax.tune --config=... --workdir=...: the thresholded chain's τ, chosen on
-held-out training examples, never on test images.
+"""python -m instars_jax.tune --workdir=DIR [--config.certify.*=...]: the thresholded chain's
+τ, chosen on held-out training examples, never on test images.
 
 The run must have been trained with train.holdout > 0 (and estimator.router = True, for the
 chain's nodes). The held-out examples (every certify.skip-th below certify.max) are sampled
@@ -19,13 +19,11 @@ import numpy as np
 from tqdm import tqdm
 
 from instars_jax import analyze, certification, cli, data
-from instars_jax.train import experts
 from instars_jax.certificates import router, thresholded
 from instars_jax.storage.files import write_json_atomic
 from instars_jax.storage.workdir import Workdir
 from instars_jax.smoothing import sampler
 from instars_jax.train import estimator
-from instars_jax.train.state import load_train_state
 
 
 def validate(config) -> None:
@@ -42,12 +40,14 @@ def tune_thresholds(config, workdir) -> dict:
   """{τ: summary} of the thresholded chain on the held-out examples (module doc)."""
   validate(config)
   workdir = Workdir(workdir)
-  state = load_train_state(workdir)
-  certification.check_holdout(config, workdir)
-  checked = experts.check(config, workdir, thresholded.sigmas(config), on_holdout=True)
+  certification.check_run(config, workdir)
+  config = config.copy_and_resolve_references()
+  config.certify.split = "holdout"  # what the experts, the metadata and the sampling see
+  metadata = certification.run_metadata(config, thresholded, workdir)
+  checked = metadata.get("experts", [])
   dataset = data.from_config(config)
-  smoothed = certification.smoothed_model(config, workdir, state, dataset,
-                                          {"experts": checked} if checked else {})
+  certification.check_dataset(dataset, workdir)
+  smoothed = certification.smoothed_model(config, workdir, dataset, metadata)
   chain = router.loaded_nodes(smoothed, config)
   grid = np.asarray(estimator.grid_of(config), np.float32)
   beta, taus = thresholded.alpha_split(config)[1], tuple(config.certify.thresholded.sweep)
@@ -71,6 +71,8 @@ def tune_thresholds(config, workdir) -> dict:
                           "certificate_meaning": thresholded.MEANING,
                           "held_out_examples": int(len(label)), "holdout": config.train.holdout,
                           "experts": checked, "n": c.n, "alpha": c.alpha,
+                          "checkpoint": metadata["checkpoint"],
+                          "router_nodes": metadata["router"]["nodes"],
                           "thresholds": {f"{t:g}": s for t, s in summaries.items()}})
   print(f"{thresholded.NAME} (sound) on {len(label)} held-out training examples")
   print(table(summaries))
@@ -105,4 +107,4 @@ def table(summaries: dict) -> str:
 
 
 if __name__ == "__main__":
-  cli.main("instars_jax.tune:tune_thresholds")
+  cli.main("instars_jax.tune:tune_thresholds", reads_run=True)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ml_collections.config_flags import config_path
 
 import instars_jax as ij
 from helpers import (Killed, as_experts, event_values, make_toy_config, rows_without_time,
@@ -57,6 +58,31 @@ def test_killed_certification_resumes_to_the_same_rows(run, monkeypatch):
   certification.certify_test_set(config, workdir)
   assert rows_without_time(resumed) == rows_without_time(straight)
   assert len(results.read_results(straight)["idx"]) == 12  # every 2nd of 24 test images
+
+
+@pytest.mark.parametrize("stage", ["model", "estimator"])
+def test_a_results_file_holds_one_model_a_resume_after_a_new_checkpoint_is_refused(run, stage,
+                                                                                  monkeypatch):
+  # Stopped part-way, then the model (or the estimator) got a newer checkpoint: the same
+  # command must not append that classifier's rows to the file, which stays as it was.
+  config, workdir = run
+  config.certify.update(sigma_mode="instance", certificate="locally_constant")
+  with monkeypatch.context() as m:
+    stop_after(results.ResultsWriter, "write", 2, m)
+    with pytest.raises(Killed):
+      certification.certify_test_set(config, workdir)
+  path = certification.output_path(config, workdir)
+  before, meta = path.read_bytes(), results.read_metadata(path)
+  directory = workdir if stage == "model" else workdir / "estimator"
+  manager = checkpoints.manager(directory)
+  step = manager.latest_step()
+  assert (meta["checkpoint"] if stage == "model" else meta["estimator"]["step"]) == step
+  state = checkpoints.restore(manager, step)
+  checkpoints.save(manager, step + 1, state, checkpoints.progress(manager, step))
+  changed = "checkpoint" if stage == "model" else "estimator"
+  with pytest.raises(ValueError, match=rf"made with other settings \({changed}\)"):
+    certification.certify_test_set(config, workdir)
+  assert path.read_bytes() == before
 
 
 def test_certification_refuses_other_settings_and_missing_checkpoints(run, tmp_path):
@@ -241,13 +267,17 @@ def island_config(kind, tmp_path, monkeypatch):
   """A config certifying the island images with `kind`, the base model island_classifier and
   side_estimator as its σ-estimator (and as the router's one node)."""
   from configs import default
-  monkeypatch.setattr(certification, "load_train_state", lambda workdir: None)
+  for stand_in in ("check_run", "check_dataset"):
+    monkeypatch.setattr(certification, stand_in, lambda *args: None)
+  monkeypatch.setattr(certification, "model_step", lambda workdir: 1)
+  monkeypatch.setattr(certification, "load_train_state", lambda workdir, step: None)
   monkeypatch.setattr(certification, "logits_fn", lambda state: island_classifier)
-  monkeypatch.setattr(certification, "check_dataset", lambda config, dataset, workdir: None)
-  settings = {"grid": [0.03, 0.2], "sigma": 0.2, "node": 1}  # the estimator; the router's node
-  monkeypatch.setattr(locally_constant.estimator, "saved_settings", lambda directory: settings)
+  # the estimator; the router's node
+  settings = {"grid": [0.03, 0.2], "sigma": 0.2, "node": 1, "step": 1}
+  monkeypatch.setattr(locally_constant.estimator, "checkpointed_settings",
+                      lambda directory: settings)
   monkeypatch.setattr(locally_constant.estimator, "load",
-                      lambda directory, workdir: (side_estimator, settings))
+                      lambda directory, workdir, step: (side_estimator, settings))
   config = default.get_config()
   config.dataset = f"npz:{island_npz(tmp_path / 'island.npz')}"
   config.certify.update(sigma_mode="instance", certificate=kind, n0=64, n=2000, batch=8000,
@@ -445,17 +475,26 @@ def test_a_kind_is_one_new_file_or_a_dotted_module_path(run, tmp_path, monkeypat
     certification.certify_test_set(config, workdir)
 
 
-def test_certifying_another_dataset_or_grid_than_the_model_s_is_refused(run, tmp_path):
+def test_certifying_with_another_setting_or_dataset_than_the_run_s_is_refused(run, tmp_path,
+                                                                          monkeypatch):
+  # The run's own settings (dataset, σ grid, the seed that drew the held-out split) cannot be
+  # changed by certification; neither can the images the saved model expects.
   config, workdir = run
   from helpers import write_npz
-  trained_on = config.dataset
-  config.dataset = f"npz:{write_npz(tmp_path / 'other.npz', n_train=8, n_test=8, shape=(14, 14))}"
-  with pytest.raises(ValueError, match=r"was trained on npz:.*toy.npz \(images \(28, 28\), 3 "
-                                       r"classes\), not npz:.*other.npz \(images \(14, 14\)"):
-    certification.certify_test_set(config, workdir)
-  config.dataset = trained_on
-  config.train.table.grid = (0.5, 1.0)
-  with pytest.raises(ValueError, match=r"train.table.grid=\(0.5, 1.0\) differs from the trained "
-                                       r"run's \(0.25, 0.5, 1.0\)"):
+  other = f"npz:{write_npz(tmp_path / 'other.npz', n_train=8, n_test=8, shape=(14, 14))}"
+  edits = [("dataset", other, r"dataset='npz:.*other.npz' \(the run: 'npz:.*toy.npz'\)"),
+           ("train.table.grid", (0.5, 1.0), r"train.table.grid=\(0.5, 1.0\) \(the run: "
+                                            r"\(0.25, 0.5, 1.0\)\)"),
+           ("seed", 1, r"seed=1 \(the run: 0\)")]
+  for key, value, message in edits:
+    changed = config.copy_and_resolve_references()
+    config_path.set_value(key, changed, value)
+    with pytest.raises(ValueError, match=r"the config differs from the run trained in .*run: "
+                       + message):
+      certification.certify_test_set(changed, workdir)
+  monkeypatch.setattr(certification.data, "from_config",
+                      lambda config: data.load_dataset(other))
+  with pytest.raises(ValueError, match=r"trained on images \(28, 28\) of 3 classes; the dataset "
+                                       r"read has images \(14, 14\) of 3 classes"):
     certification.certify_test_set(config, workdir)
   assert not (workdir / "certify").exists()

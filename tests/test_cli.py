@@ -86,11 +86,24 @@ def test_train_then_certify_and_one_writer_per_results_file(trained):
   assert "| locally_constant |" in done.stdout and "UNSOUND" not in done.stdout
 
 
+def test_certify_py_reads_the_run_from_its_workdir_alone(trained):
+  # No --config: the run's saved settings (its dataset, grid and estimator, certify.n = 100
+  # from its training command) certify it; the command line may change certify.* only.
+  _, workdir, _ = trained
+  done = run_cli("certify.py", f"--workdir={workdir}", "--config.certify.sigma_mode=instance",
+                 "--config.certify.max=8")
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "| locally_constant |" in done.stdout
+  meta = json.loads((workdir / "certify" / "locally_constant.json").read_text())
+  assert meta["n"] == 100 and meta["max"] == 8
+  assert meta["checkpoint"] == 6 and meta["estimator"]["step"] >= 1
+
+
 # Cases whose failure comes from one mechanism each (flag parsing, config keys, a library
 # ValueError, a missing or damaged run, a busy workdir): `make test` runs these; the rest,
 # the same mechanisms on other inputs, run in the slow tier.
 QUICK = ("unknown config key 'epoch'", "invalid literal for int() with base 10: 'two'",
-         "unexpected arguments: extra", "Flag --config must have a value other than None",
+         "unexpected arguments: extra", "--config.train.sigma is a setting of the trained run",
          "certify.alpha must lie in (0, 1)", "no training run in", "is corrupt or incomplete",
          "the training run in")
 
@@ -114,7 +127,10 @@ def bad_input_cases(common, workdir, tmp_path) -> dict:
       "invalid literal for int() with base 10: 'two'": ("train.py", *common,
                                                         "--config.train.epochs=two"),
       "unexpected arguments: extra": ("certify.py", *common, "extra"),
-      "Flag --config must have a value other than None": ("certify.py", f"--workdir={stale}"),
+      "--config is required": ("train.py", f"--workdir={tmp_path / 'none'}"),
+      "--config.train.sigma is a setting of the trained run": (
+          "certify.py", f"--workdir={workdir}", "--config.train.sigma=0.5"),
+      "seed=1 (the run: 0)": ("certify.py", *common, "--config.seed=1"),
       "Flag --workdir must have a value other than None": ("train.py", CONFIG),
       "certify.alpha must lie in (0, 1)": ("certify.py", *common, "--config.certify.alpha=1.5"),
       "no router node in": ("certify.py", *common, "--config.certify.sigma_mode=instance",
@@ -122,9 +138,9 @@ def bad_input_cases(common, workdir, tmp_path) -> dict:
       "certify.cascade.threshold must lie in (1/2, 1); got 0.4": (
           "certify.py", *common, "--config.certify.sigma_mode=instance",
           "--config.certify.certificate=cascade", "--config.certify.cascade.threshold=0.4"),
-      "no training run in": ("certify.py", CONFIG, f"--workdir={tmp_path / 'none'}"),
-      "older instars_jax": ("certify.py", CONFIG, f"--workdir={stale}"),
-      "is corrupt or incomplete": ("certify.py", CONFIG, f"--workdir={damaged}"),
+      "no training run in": ("certify.py", f"--workdir={tmp_path / 'none'}"),
+      "older instars_jax": ("certify.py", f"--workdir={stale}"),
+      "is corrupt or incomplete": ("certify.py", f"--workdir={damaged}"),
       f"corrupt image {bad_image}": ("train.py", "--config=configs/default.py",
                                      f"--workdir={tmp_path / 'images'}",
                                      f"--config.dataset=folder:{tmp_path / 'tree'}",
@@ -135,7 +151,7 @@ def bad_input_cases(common, workdir, tmp_path) -> dict:
       "train.holdout=1.0 must lie in [0, 1)": ("train.py", *common,
                                                f"--workdir={tmp_path / 'holdout'}",
                                                "--config.train.holdout=1.0"),
-      "train.table.grid=(0.5, 1.0) differs from the trained run's (0.25, 0.5, 1.0)": (
+      "train.table.grid=(0.5, 1.0) (the run: (0.25, 0.5, 1.0))": (
           "certify.py", *common, "--config.train.table.grid=(0.5,1.0)"),
       "certify.experts names 1 workdirs; train.table.grid=(0.25, 0.5, 1.0)": (
           "certify.py", *common, f"--config.certify.experts={workdir}"),
@@ -157,5 +173,5 @@ def test_bad_input_ends_with_one_line_and_exit_status_2(trained, tmp_path, quick
                 for expected, p in started.items()}
   for expected, (out, err, code) in finished.items():
     one_line_error(subprocess.CompletedProcess((), code, out, err), expected)
-  assert len(cases) == (len(QUICK) if quick else 8)
+  assert len(cases) == (len(QUICK) if quick else 10)
   assert not any((tmp_path / name / "certify").exists() for name in ("stale", "damaged"))

@@ -75,6 +75,8 @@ class SmoothedModel:
   done: frozenset = frozenset()
   image_size: int = 0  # values per image (the memory's width)
   experts: dict = dataclasses.field(default_factory=dict)  # {float32 σ: fn}; {}: apply_fn at every σ
+  # The results' metadata: the checkpoints to load (the estimator's or the router nodes' "step").
+  metadata: dict = dataclasses.field(default_factory=dict)
 
   def model_at(self, sigma) -> Callable:
     """The classifier smoothed at `sigma`: its σ expert (train/experts.py), or the base

@@ -1,4 +1,5 @@
-"""fixed_sigma: Cohen et al.'s CERTIFY with one σ (`certify.sigma`) for every input.
+"""fixed_sigma: Cohen et al.'s CERTIFY with one σ (`certify.sigma`; unset: the run's
+`train.sigma`, the σ a Cohen model was trained at) for every input.
 
 Sound (Cohen, Rosenfeld & Kolter 2019, Theorem 1 with a Clopper–Pearson bound at level α):
 with probability ≥ 1 − α the smoothed classifier g_σ returns the prediction everywhere
@@ -16,27 +17,33 @@ MEANING = ("sound: Cohen et al. CERTIFY of the smoothed classifier g_sigma, one 
            "every input")
 
 
-def validate(config) -> None:
+def sigma_of(config) -> float:
+  """certify.sigma, or the run's train.sigma where it is unset (None)."""
   sigma = config.certify.sigma
+  return float(config.train.sigma if sigma is None else sigma)
+
+
+def validate(config) -> None:
+  sigma = sigma_of(config)
   if not (np.isfinite(sigma) and sigma > 0):
     raise ValueError(f"certify.sigma must be finite and > 0; got {sigma}")
 
 
 def sigmas(config) -> tuple:
-  return (float(config.certify.sigma),)
+  return (sigma_of(config),)
 
 
 def file_stem(config) -> str:
-  return f"sigma_{config.certify.sigma:g}"
+  return f"sigma_{sigma_of(config):g}"
 
 
 def metadata(config, workdir) -> dict:
   del workdir
-  return {"sigma": config.certify.sigma}
+  return {"sigma": sigma_of(config)}
 
 
 def prepare(smoothed, config):
-  sigma = config.certify.sigma
+  sigma = sigma_of(config)
 
   def certify(x, ids) -> Certified:
     cert = smoothed.certify(x, sigma, ids)

@@ -67,13 +67,14 @@ def metadata(config, workdir) -> dict:
   split of α."""
   alpha_class, beta = alpha_split(config)
   c = config.certify
-  return {"estimator": dict(estimator.saved_settings(workdir.estimator_dir),
+  return {"estimator": dict(estimator.checkpointed_settings(workdir.estimator_dir),
                             n=c.estimator.n or c.n),
           "alpha_split": {"alpha_class": alpha_class, "beta_estimator": beta, "total": c.alpha}}
 
 
 def prepare(smoothed, config):
-  fn, saved = estimator.load(smoothed.workdir.estimator_dir, smoothed.workdir)
+  fn, saved = estimator.load(smoothed.workdir.estimator_dir, smoothed.workdir,
+                             smoothed.metadata["estimator"]["step"])
   chooser = Estimator(tuple(saved["grid"]), saved["sigma"], fn=fn,
                       n=config.certify.estimator.n or smoothed.n)
   beta = alpha_split(config)[1]

@@ -50,14 +50,14 @@ def file_stem(config) -> str:
 
 
 def nodes(config, workdir) -> list:
-  """[(Estimator, saved settings)] of the router nodes from the top of the grid down;
-  ValueError where the trained nodes were made for another grid, FileNotFoundError where one
-  is missing."""
+  """[(Estimator, saved settings with the checkpoint "step")] of the router nodes from the top
+  of the grid down; ValueError where the trained nodes were made for another grid,
+  FileNotFoundError where one is missing."""
   grid = estimator.grid_of(config)
   found = []
   for k in range(len(grid) - 1, 0, -1):
     chooser = estimator.router_node(workdir, grid, k)
-    saved = estimator.saved_settings(chooser.directory)
+    saved = estimator.checkpointed_settings(chooser.directory)
     if tuple(saved["grid"]) != grid or saved.get("node") != k:
       raise ValueError(f"the router node in {chooser.directory} was trained for grid "
                        f"{tuple(saved['grid'])} (node {saved.get('node')}), not "
@@ -76,11 +76,12 @@ def metadata(config, workdir) -> dict:
 
 
 def loaded_nodes(smoothed, config) -> list:
-  """The trained nodes as Estimators from the top of the grid down, each tested with
-  certify.estimator.n samples (0: certify.n)."""
+  """The trained nodes as Estimators from the top of the grid down, each at the checkpoint
+  the results' metadata records, tested with certify.estimator.n samples (0: certify.n)."""
   n, found = config.certify.estimator.n or smoothed.n, []
+  steps = {node["node"]: node["step"] for node in smoothed.metadata["router"]["nodes"]}
   for chooser, _ in nodes(config, smoothed.workdir):
-    fn, saved = estimator.load(chooser.directory, smoothed.workdir)
+    fn, saved = estimator.load(chooser.directory, smoothed.workdir, steps[chooser.node])
     found.append(chooser.loaded(fn, n, saved["sigma"]))
   return found
 

@@ -27,13 +27,6 @@ RUN_FILE = "run.json"
 ESTIMATOR_DIR = "estimator"
 ROUTER_DIR = "router"
 METRICS_FILE = "metrics.jsonl"
-# Config keys added after runs were made, with the value that means what those runs did
-# (a run that never diverged trained the same under the divergence watch).
-LATER_KEYS = {"image_size": 0, "corrupt_images": "fail", "train.checkpoint_every_steps": 0,
-              "train.divergence.nonfinite": True, "train.divergence.chance_steps": 200,
-              "train.divergence.chance_fraction": 0.98, "train.table.explore": 0.0,
-              "train.holdout": 0.0, "train.examples": 0, "sources.tfds.train_split": "train",
-              "sources.tfds.test_split": ""}
 # Keys that moved, new name: old name. A run saved before the move used the old key's value.
 MOVED_KEYS = {"train.table.n": "certify.n", "train.table.alpha": "certify.alpha"}
 # Sections a run may resume with changed: certification, the estimator (which checks its own
@@ -93,11 +86,28 @@ class Workdir:
   def results_path(self, stem: str) -> Path:
     return self.path / "certify" / f"{stem}.tsv"
 
-  def read_config(self) -> ml_collections.ConfigDict:
+  def read_config(self, defaults: ml_collections.ConfigDict | None = None
+                  ) -> ml_collections.ConfigDict:
+    """The run's saved config; with `defaults` (configs/default.py's), completed for the keys
+    added since the run was saved (a key added later has a default that means what runs
+    before it did) and those that moved (MOVED_KEYS), sequences as tuples."""
     if not self.config_path.exists():
       raise FileNotFoundError(f"no training run in {self.path}: {CONFIG_FILE} is missing "
                               "(train first with train.py --workdir)")
-    return ml_collections.ConfigDict(json.loads(self.config_path.read_text()))
+    saved = json.loads(self.config_path.read_text())
+    if defaults is None:
+      return ml_collections.ConfigDict(saved)
+    flat = _dotted(saved)
+    flat = (_dotted(json.loads(defaults.to_json()))
+            | {new: flat[old] for new, old in MOVED_KEYS.items() if old in flat} | flat)
+    return ml_collections.ConfigDict(_nested({k: _tupled(v) for k, v in flat.items()}))
+
+  def differing(self, config, defaults, own=lambda key: False) -> list:
+    """The dotted keys of `config` whose value differs from the saved run's (completed by
+    `defaults`, as `read_config`), except those `own(key)` lets change, sorted."""
+    saved = _dotted(json.loads(self.read_config(defaults).to_json()))
+    current = _dotted(json.loads(config.to_json()))
+    return sorted(k for k in current if not own(k) and saved.get(k) != current[k])
 
   def write_config(self, config) -> None:
     write_json_atomic(self.config_path, json.loads(config.to_json()))
@@ -108,18 +118,13 @@ class Workdir:
   def write_facts(self, info: TrainingFacts) -> None:
     write_json_atomic(self.path / RUN_FILE, info.to_json())
 
-  def check_resumable(self, config, later_keys=None) -> None:
+  def check_resumable(self, config, defaults) -> None:
     """Refuses a config that differs from the saved one outside RESUMABLE_SECTIONS (keys
-    added later count as their LATER_KEYS value, or their `later_keys` one)."""
+    added since the run was saved count as their value in `defaults`)."""
     if not self.config_path.exists():
       return
-    saved = _dotted(json.loads(self.config_path.read_text()))
-    saved = (LATER_KEYS | (later_keys or {})
-             | {new: saved[old] for new, old in MOVED_KEYS.items() if old in saved} | saved)
-    current = _dotted(json.loads(config.to_json()))
-    differing = sorted(k for k in set(saved) | set(current)
-                       if k.split(".")[0] not in RESUMABLE_SECTIONS
-                       and saved.get(k) != current.get(k))
+    differing = self.differing(config, defaults,
+                               lambda key: key.split(".")[0] in RESUMABLE_SECTIONS)
     if differing:
       raise ValueError(f"{self.path} holds a run with a different config "
                        f"({', '.join(differing)}): rerun with the same config to resume, or "
@@ -137,6 +142,23 @@ class Workdir:
   def results_lock(path: Path):
     """One writer per results file."""
     return locks.exclusive(path.with_name(path.name + ".lock"), f"the results file {path}")
+
+
+def _tupled(value):
+  """JSON's lists as the tuples configs hold."""
+  return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
+
+
+def _nested(flat: dict) -> dict:
+  """The nested dict of {"a.b": value}."""
+  tree = {}
+  for key, value in flat.items():
+    *parents, leaf = key.split(".")
+    node = tree
+    for parent in parents:
+      node = node.setdefault(parent, {})
+    node[leaf] = value
+  return tree
 
 
 def _dotted(tree: dict, prefix: str = "") -> dict:

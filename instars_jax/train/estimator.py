@@ -256,11 +256,19 @@ def train_step(state: state_lib.ModelState, batch, epoch_key, epoch=0, *, sigma,
   return state, metrics
 
 
-def load(directory, workdir):
+def checkpointed_settings(directory) -> dict:
+  """The settings of the finished estimator in `directory` (`saved_settings`) and "step", the
+  checkpoint that certifies with them (what a results file records)."""
+  return saved_settings(directory) | {"step": int(checkpoints.manager(directory).latest_step())}
+
+
+def load(directory, workdir, step: int | None = None):
   """(x -> logits over the estimator's bins, its settings) of the finished estimator in
-  `directory` of the run in `workdir`."""
+  `directory` of the run in `workdir`, at checkpoint `step` (None: the latest)."""
   saved = LATER_SETTINGS | saved_settings(directory)
-  restored = checkpoints.restore_latest(checkpoints.manager(directory))
+  manager = checkpoints.manager(directory)
+  restored = (checkpoints.restore_latest(manager) if step is None
+              else checkpoints.restore(manager, step))
   bins = len(saved["grid"]) if saved["node"] is None else 2
   model = models.create_model(saved["model"], bins, saved["dtype"], Workdir(workdir).read_facts().stats)
   variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}

@@ -90,5 +90,7 @@ def check(config, workdir, needed, on_holdout: bool = False,
 
 
 def load(checked: list[dict]) -> dict:
-  """{float32 σ: x -> logits} of the experts `check` returned ({}: none)."""
-  return {np.float32(e["sigma"]): logits_fn(load_train_state(e["workdir"])) for e in checked}
+  """{float32 σ: x -> logits} of the experts `check` returned ({}: none), each at the
+  checkpoint step it records."""
+  return {np.float32(e["sigma"]): logits_fn(load_train_state(e["workdir"], e["step"]))
+          for e in checked}

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from configs import default
 from instars_jax import data, models, parallel
 from instars_jax.data import pipeline
 from instars_jax.storage import checkpoints
@@ -42,7 +43,7 @@ def train_and_evaluate(config, workdir):
   workdir = Workdir(workdir)
   validate_config(config, jax.device_count())
   dataset = data.from_config(config)
-  workdir.check_resumable(config, losses.later_keys())
+  workdir.check_resumable(config, default.get_config())
   workdir.path.mkdir(parents=True, exist_ok=True)
   # One writer per workdir: process 0 of a run holds the lock (the other hosts write nothing).
   lock = workdir.training_lock() if jax.process_index() == 0 else contextlib.nullcontext()

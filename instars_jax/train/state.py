@@ -91,8 +91,9 @@ def gaussian_noise(keys, images, sigma):
   return images + sigma.reshape((-1,) + (1,) * (images.ndim - 1)) * eps
 
 
-def load_train_state(workdir) -> TrainState:
-  """The latest train state of the run in `workdir` (σ table included), for notebooks.
+def load_train_state(workdir, step: int | None = None) -> TrainState:
+  """The train state of the run in `workdir` at checkpoint `step` (None: the latest), σ table
+  included; for notebooks too.
 
   `state.apply_fn` is the model's apply; `ij.logits_fn(state)` gives x -> logits.
   """
@@ -101,5 +102,7 @@ def load_train_state(workdir) -> TrainState:
   if "grid" not in config.train.get("table", {}):
     raise ValueError(f"{workdir.path} was trained by an older instars_jax whose σ table had no "
                      "grid profile: train it again with this version")
-  return checkpoints.restore_latest(workdir.checkpoints(),
-                                    create_train_state(config, workdir.read_facts()))
+  template = create_train_state(config, workdir.read_facts())
+  if step is None:
+    return checkpoints.restore_latest(workdir.checkpoints(), template)
+  return checkpoints.restore(workdir.checkpoints(), step, template)

@@ -53,14 +53,6 @@ def sections() -> dict:
   return {name: defaults(name) for name in names()}
 
 
-def later_keys() -> dict:
-  """The dotted config keys of the losses with their defaults: what a run saved before the
-  losses existed trained with (workdir.check_resumable)."""
-  return {"train.loss": DEFAULT_LOSS} | {f"train.{name}.{key}": value
-                                         for name, section in sections().items()
-                                         for key, value in section.items()}
-
-
 # The σ-estimators' settings where they differ from the published ones of a base model: the
 # consistency λ = 10 without the entropy term, as the estimator was tuned (docs/results.md).
 ESTIMATOR_DEFAULTS = {"consistency": {"lbd": 10.0, "eta": 0.0}}
