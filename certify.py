@@ -12,4 +12,4 @@ command resumes after the last written row.
 from instars_jax import cli
 
 if __name__ == "__main__":
-  cli.main("instars_jax.certification:certify_test_set", reads_run=True)
+  cli.main("instars_jax.certification:certify", reads_run=True)

@@ -127,7 +127,10 @@ def get_config() -> ml_collections.ConfigDict:
   # "_experts".
   config.certify.experts = ""
   config.certify.split = "test"  # test | holdout (the training examples train.holdout kept out)
-  config.certify.sigma_mode = "fixed"  # fixed: certify.sigma for all | instance: Insta-RS search
+  # fixed: certify.sigma for all | grid: fixed σ at every σ of train.table.grid in one process,
+  # a results file each and one table with the label oracle over them | instance: a σ per
+  # input, by certify.certificate
+  config.certify.sigma_mode = "fixed"
 
   # With sigma_mode = instance, the kind: a module of instars_jax/certificates/, by its file
   # name, or any module by its dotted path: locally_constant (sound: σ from the smoothed

@@ -70,7 +70,17 @@ ORACLE = "label oracle (knows the label: not a certificate)"
 
 
 def oracle_summary(paths, radii=DEFAULT_RADII) -> dict:
-  """summarize's dict for the label oracle over `paths`, which must hold the same test images
+  """summarize's dict for the label oracle over `paths` (`oracle_radii`)."""
+  radius, hit = oracle_radii(paths)
+  return {"file": "oracle over " + ", ".join(Path(p).name for p in paths), "n": len(radius),
+          "certificate": ORACLE, "sound": False, "certificate_meaning": "",
+          "certified_accuracy": {radius_key(r): float(a) for r, a in
+                                 zip(radii, certified_accuracy(radius, hit, radii))},
+          "acr": average_certified_radius(radius, hit)}
+
+
+def oracle_radii(paths) -> tuple:
+  """(radius, correct) of the label oracle over `paths`, which must hold the same test images
   with the same labels: per image the largest radius among the files where it is correct."""
   tables = [results.read_results(p) for p in paths]
   order = [np.argsort(t["idx"]) for t in tables]
@@ -86,12 +96,7 @@ def oracle_summary(paths, radii=DEFAULT_RADII) -> dict:
   radius = np.stack([t["radius"][o] for t, o in zip(tables, order)])
   best = np.max(np.where(correct, radius, -np.inf), axis=0)
   hit = correct.any(axis=0)
-  radius, hit = np.where(hit, best, 0.0), hit.astype(int)
-  return {"file": "oracle over " + ", ".join(Path(p).name for p in paths), "n": len(idx[0]),
-          "certificate": ORACLE, "sound": False, "certificate_meaning": "",
-          "certified_accuracy": {radius_key(r): float(a) for r, a in
-                                 zip(radii, certified_accuracy(radius, hit, radii))},
-          "acr": average_certified_radius(radius, hit)}
+  return np.where(hit, best, 0.0), hit.astype(int)
 
 
 def with_oracle_shares(summaries, oracle: dict, pool) -> list:
@@ -141,15 +146,19 @@ def legend_label(path) -> str:
   return shown_kind(f"{kind}, {sigma}" if sigma else kind, metadata.get("sound", True))
 
 
-def plot_certified_accuracy(paths, out_path) -> None:
-  """Certified accuracy against radius, one curve per file, labelled by certificate and σ."""
+def plot_certified_accuracy(paths, out_path, oracle=()) -> None:
+  """Certified accuracy against radius, one curve per file, labelled by certificate and σ,
+  and (given `oracle` files) the label oracle over them, dashed."""
   fig, ax = new_figure()
-  for path in paths:
-    table = results.read_results(path)
+  curves = [(results.read_results(p), legend_label(p),
+             ":" if not results.read_metadata(p).get("sound", True) else "-") for p in paths]
+  if oracle:
+    radius, hit = oracle_radii(oracle)
+    curves.append(({"radius": radius, "correct": hit}, ORACLE, "--"))
+  for table, label, linestyle in curves:
     grid = np.linspace(0.0, max(float(np.max(table["radius"], initial=0.0)), 1e-3) * 1.05, 200)
-    unsound = not results.read_metadata(path).get("sound", True)
-    ax.plot(grid, certified_accuracy(table["radius"], table["correct"], grid),
-            label=legend_label(path), linestyle=":" if unsound else "-")
+    ax.plot(grid, certified_accuracy(table["radius"], table["correct"], grid), label=label,
+            linestyle=linestyle, color="grey" if label == ORACLE else None)
   ax.set_xlabel("L2 radius")
   ax.set_ylabel("certified accuracy")
   ax.set_ylim(0, 1)
@@ -228,7 +237,7 @@ def main(argv=None) -> int:
   else:
     print(markdown_table(summaries, args.radii))
   if args.plot:
-    plot_certified_accuracy(files, args.plot)
+    plot_certified_accuracy(files, args.plot, args.oracle)
   if args.sigma_hist:
     plot_sigma_histogram(files, args.sigma_hist)
   return 0

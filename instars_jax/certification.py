@@ -35,7 +35,7 @@ from instars_jax.storage import checkpoints, events, results
 from instars_jax.storage.workdir import Workdir
 from instars_jax.smoothing.sequential import rules
 from instars_jax.smoothing.streams import Stream
-from instars_jax.train import experts
+from instars_jax.train import estimator, experts
 from instars_jax.train.state import load_train_state, logits_fn
 
 # With sequential sampling each call queues this many times certify.instances images per device:
@@ -219,10 +219,29 @@ def _certify_rows(config, certify_batch, test, todo, writer) -> None:
       bar.set_postfix(samples_per_s=f"{samples / (time.perf_counter() - began_run):.4g}")
 
 
-def certify_test_set(config, workdir, host: int | None = None, hosts: int | None = None) -> Path:
+def certify(config, workdir) -> list:
+  """certify.py: `certify_test_set`, or with certify.sigma_mode=grid fixed σ at every σ of
+  the run's grid in one process (a results file each, one table with the label oracle over
+  them: the fair comparison of the one base model's σ). The results files' paths."""
+  if config.certify.sigma_mode != "grid":
+    return [certify_test_set(config, workdir)]
+  if config.certify.name:
+    raise ValueError("certify.name names one file; certify.sigma_mode=grid writes one per σ")
+  paths = []
+  for sigma in estimator.grid_of(config):
+    at_sigma = config.copy_and_resolve_references()
+    at_sigma.certify.sigma = sigma
+    paths.append(certify_test_set(at_sigma, workdir, report=False))
+  summaries = [analyze.summarize(path) for path in paths]
+  print(analyze.markdown_table(summaries + [analyze.oracle_summary(paths)]))
+  return paths
+
+
+def certify_test_set(config, workdir, host: int | None = None, hosts: int | None = None,
+                     report: bool = True) -> Path:
   """Certifies the selected test images (with certify.split=holdout: the held-out training
   examples) with the latest checkpoint in `workdir`, appending to DIR/certify/<name>.tsv;
-  prints the analysis table and returns the file's path.
+  prints the analysis table (`report`) and returns the file's path.
 
   With several hosts (jax.distributed), host k certifies every hosts-th selected image into
   <name>.host<k>of<hosts>.tsv, and host 0 merges the parts into <name>.tsv at the end.
@@ -260,5 +279,6 @@ def certify_test_set(config, workdir, host: int | None = None, hosts: int | None
   writer.scalars(0, {f"certified_accuracy/r_{r}": a
                      for r, a in summary["certified_accuracy"].items()} | {"acr": summary["acr"]})
   writer.close()
-  print(analyze.markdown_table([summary]))
+  if report:
+    print(analyze.markdown_table([summary]))
   return path

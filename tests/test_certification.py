@@ -85,6 +85,24 @@ def test_a_results_file_holds_one_model_a_resume_after_a_new_checkpoint_is_refus
   assert path.read_bytes() == before
 
 
+def test_grid_mode_certifies_every_grid_sigma_in_one_call_with_the_label_oracle(run, capsys):
+  # The fair comparison: the one base model at each σ of its grid, each file the rows that
+  # fixed σ at that σ writes, and the label oracle over them printed last.
+  config, workdir = run
+  config.certify.sigma_mode = "grid"
+  paths = certification.certify(config, workdir)
+  assert [p.name for p in paths] == ["sigma_0.25.tsv", "sigma_0.5.tsv", "sigma_1.tsv"]
+  rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines()
+          if line.startswith("| ") and not line.startswith(("| file", "| ---"))]
+  assert rows == [f"| {p}" for p in paths] + [
+      "| oracle over sigma_0.25.tsv, sigma_0.5.tsv, sigma_1.tsv"]
+  oracle = analyze.oracle_summary(paths)
+  assert oracle["acr"] >= max(analyze.summarize(p)["acr"] for p in paths)
+  config.certify.update(sigma_mode="fixed", sigma=0.5, name="alone")
+  assert rows_without_time(certification.certify_test_set(config, workdir)) == \
+      rows_without_time(paths[1])
+
+
 def test_certification_refuses_other_settings_and_missing_checkpoints(run, tmp_path):
   config, workdir = run
   with pytest.raises(FileNotFoundError, match="no training run"):

@@ -38,7 +38,8 @@ from instars_jax import plugins
 from instars_jax.smoothing import sampler
 
 FIXED = "fixed_sigma"  # what sigma_mode = fixed certifies
-SIGMA_MODES = ("fixed", "instance")
+# fixed: certify.sigma | grid: fixed σ at each σ of the grid, a file each | instance: a kind
+SIGMA_MODES = ("fixed", "grid", "instance")
 INTERFACE = ("NAME", "SOUND", "MEANING", "MULTI_HOST", "validate", "sigmas", "file_stem",
              "metadata", "prepare")
 
@@ -135,12 +136,12 @@ def instance_kinds() -> list:
 
 
 def name_of(config) -> str:
-  """The kind config.certify selects: fixed_sigma, or with sigma_mode = instance
-  certify.certificate; ValueError naming a bad value."""
+  """The kind config.certify selects: fixed_sigma (sigma_mode fixed or grid), or with
+  sigma_mode = instance certify.certificate; ValueError naming a bad value."""
   c = config.certify
   if c.sigma_mode not in SIGMA_MODES:
     raise ValueError(f"certify.sigma_mode must be one of {SIGMA_MODES}; got {c.sigma_mode!r}")
-  if c.sigma_mode == "fixed":
+  if c.sigma_mode != "instance":
     return FIXED
   if "." not in c.certificate and c.certificate not in instance_kinds():
     raise ValueError(f"certify.certificate must be one of {instance_kinds()} or a dotted "
