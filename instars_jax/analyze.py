@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from instars_jax.storage import results
+from instars_jax.storage.results import format_down
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 UNLABELLED = "unlabelled (no metadata sidecar)"
@@ -110,15 +111,19 @@ def with_oracle_shares(summaries, oracle: dict, pool) -> list:
 
 def markdown_table(summaries, radii=DEFAULT_RADII) -> str:
   """Certified accuracy at each radius, the ACR and the certificate kind, one row per file
-  (and each one's share of the oracle's gain, when the summaries have it)."""
+  (and each one's share of the oracle's gain, when the summaries have it), every number
+  rounded down (results.format_down; --format json gives them in full)."""
   shares = all("oracle_gain_share" in s for s in summaries)
   header = (["file", "n"] + [f"r = {radius_key(r)}" for r in radii] + ["ACR"]
             + (["share of oracle gain"] if shares else []) + ["certificate"])
   lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
   for s in summaries:
     cells = [s["file"], str(s["n"])]
-    cells += [f"{s['certified_accuracy'][radius_key(r)]:.3f}" for r in radii]
-    cells += [f"{s['acr']:.3f}"] + ([f"{s['oracle_gain_share']:+.2f}"] if shares else [])
+    cells += [format_down(s["certified_accuracy"][radius_key(r)], 3) for r in radii]
+    cells += [format_down(s["acr"], 3)]
+    if shares:
+      share = format_down(s["oracle_gain_share"], 2)
+      cells += [share if share.startswith("-") else "+" + share]
     cells += [shown_kind(s["certificate"], s["sound"])]
     lines.append("| " + " | ".join(cells) + " |")
   meanings = {shown_kind(s["certificate"], s["sound"]): s["certificate_meaning"]

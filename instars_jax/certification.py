@@ -276,8 +276,8 @@ def certify_test_set(config, workdir, host: int | None = None, hosts: int | None
     results.write_metadata(path, metadata)
   summary = analyze.summarize(path)
   writer = events.EventWriter(workdir.path, f"certify/{path.stem}")
-  writer.scalars(0, {f"certified_accuracy/r_{r}": a
-                     for r, a in summary["certified_accuracy"].items()} | {"acr": summary["acr"]})
+  writer.write_scalars(0, {f"certified_accuracy/r_{r}": a for r, a in
+                           summary["certified_accuracy"].items()} | {"acr": summary["acr"]})
   writer.close()
   if report:
     print(analyze.markdown_table([summary]))

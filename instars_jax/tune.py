@@ -21,6 +21,7 @@ from tqdm import tqdm
 from instars_jax import analyze, certification, cli, data
 from instars_jax.certificates import router, thresholded
 from instars_jax.storage.files import write_json_atomic
+from instars_jax.storage.results import format_down
 from instars_jax.storage.workdir import Workdir
 from instars_jax.smoothing import sampler
 from instars_jax.train import estimator
@@ -94,14 +95,16 @@ def _summary(label, certs, grid) -> dict:
 
 
 def table(summaries: dict) -> str:
-  """A markdown table: one row per τ, the best ACR in bold."""
+  """A markdown table: one row per τ, the best ACR in bold, ACR and certified accuracy rounded
+  down (results.format_down)."""
   best = max(summaries, key=lambda t: summaries[t]["acr"])
   radii = list(next(iter(summaries.values()))["certified_accuracy"])
   lines = ["| τ | " + " | ".join(f"r = {r}" for r in radii) + " | ACR | moved | abstain |",
            "|---" * (len(radii) + 4) + "|"]
   for tau, s in summaries.items():
-    acr = f"**{s['acr']:.3f}**" if tau == best else f"{s['acr']:.3f}"
-    lines.append(f"| {tau:g} | " + " | ".join(f"{a:.3f}" for a in s["certified_accuracy"].values())
+    acr = f"**{format_down(s['acr'], 3)}**" if tau == best else format_down(s["acr"], 3)
+    lines.append(f"| {tau:g} | " + " | ".join(format_down(a, 3)
+                                              for a in s["certified_accuracy"].values())
                  + f" | {acr} | {s['moved']:.1%} | {s['abstain']:.1%} |")
   return "\n".join(lines)
 

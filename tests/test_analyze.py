@@ -6,9 +6,10 @@ import re
 import numpy as np
 import pytest
 
-from instars_jax import analyze
+from helpers import event_values
+from instars_jax import analyze, tune
 from instars_jax.certificates import per_sigma
-from instars_jax.storage import results
+from instars_jax.storage import events, results
 
 
 def cohen_table(path):
@@ -86,6 +87,36 @@ def test_printed_radii_are_rounded_down(tmp_path):
   assert np.all(printed <= np.asarray(computed))
   np.testing.assert_allclose(printed, computed, rtol=1e-5)
   assert printed[1] == 2.99999  # not 3
+
+
+@pytest.mark.parametrize("computed, shown", [
+    (2 / 3, "0.666"), (0.12399999, "0.123"), (0.9999, "0.999"), (2.0005, "2.000"),
+    (0.4265, "0.426"), (0.25, "0.250"), (1.0, "1.000"), (0.0, "0.000"), (-0.0001, "-0.001")])
+def test_aggregates_print_rounded_down(computed, shown):
+  assert results.format_down(computed, 3) == shown and float(shown) <= computed
+
+
+def test_tables_and_tensorboard_never_show_an_aggregate_above_its_value(tmp_path, capsys):
+  # Certified accuracy 2/3 at r = 0 and ACR 0.371999 / 3 = 0.1239997: `.3f` shows 0.667 and
+  # 0.124, above them.
+  path = write_rows(tmp_path / "r.tsv", [(0, 1, 1, 0.371999), (1, 2, 2, 0.0), (2, 0, 1, 0.5)],
+                    {"certificate": "fixed_sigma"})
+  summary = analyze.summarize(path, radii=(0.0, 0.5))
+  assert summary["certified_accuracy"]["0"] == 2 / 3 and summary["acr"] == pytest.approx(0.1239997)
+  assert analyze.markdown_table([summary], radii=(0.0, 0.5)).splitlines()[2].startswith(
+      f"| {path} | 3 | 0.666 | 0.000 | 0.123 |")
+  lines = tune.table({0.9: summary | {"moved": 0.5, "abstain": 0.0}}).splitlines()
+  assert lines[2] == "| 0.9 | 0.666 | 0.000 | **0.123** | 50.0% | 0.0% |"
+  # TensorBoard keeps float32: each value is stored as the largest float32 not above it.
+  values = np.random.default_rng(0).uniform(0, 2, 200).tolist() + [2 / 3, summary["acr"]]
+  writer = events.EventWriter(tmp_path, "certify")
+  writer.write_scalars(0, {f"v{i}": v for i, v in enumerate(values)})
+  writer.close()
+  stored = np.array([event_values(tmp_path / "tensorboard" / "certify")[f"v{i}"][0][1]
+                     for i in range(len(values))], np.float32)
+  above = np.nextafter(stored, np.float32(np.inf)).astype(np.float64)
+  assert np.all(stored.astype(np.float64) <= values) and np.all(above > values)
+  assert np.mean(np.float32(values).astype(np.float64) > values) > 0.3  # nearest rounds up
 
 
 def test_cli_errors_name_the_problem(tmp_path, capsys):

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import types
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ from instars_jax import data
 from instars_jax.storage import checkpoints
 from instars_jax.storage.workdir import CONFIG_FILE, Workdir
 from instars_jax.parallel import Sharder
-from instars_jax.train import estimator, loop, sigma_table, stages, steps
+from instars_jax.train import actions, estimator, loop, sigma_table, stages, steps
 from instars_jax.train.stages import sigma_estimators
 from instars_jax.train import state as state_lib
 
@@ -80,10 +81,37 @@ def test_killed_training_resumes_to_the_same_parameters_and_metrics(tmp_path, mo
   assert log.read_text().startswith(before)  # appended to, no step twice
   assert [row["step"] for row in read_metrics(tmp_path / "resumed")] == [3, 6]
   assert metrics_without_timing(tmp_path / "resumed") == metrics_without_timing(tmp_path / "straight")
+  # TensorBoard at each epoch end's global step, the killed run's and the resumed run's.
+  events = event_values(tmp_path / "resumed" / "tensorboard" / "train")
+  assert [step for step, _ in events["train_loss"]] == [3, 6]
   same_params(straight, resumed)
   loaded = ij.load_train_state(tmp_path / "resumed")
   same_params(loaded, straight)
   assert int(loaded.step) == 2 * 3 and loaded.sigma_table.shape == (96,)
+
+
+def test_tensorboard_writes_through_any_writer_with_clu_s_method_names():
+  calls = []
+
+  class Recorder:  # CLU's MetricWriter methods that the action calls
+    def write_scalars(self, step, scalars):
+      calls.append(("scalars", step, dict(scalars)))
+
+    def write_histograms(self, step, arrays, num_buckets=None):
+      calls.append(("histograms", step, {k: np.asarray(v).tolist() for k, v in arrays.items()}))
+
+    def flush(self):
+      calls.append(("flush",))
+
+    def close(self):
+      calls.append(("close",))
+
+  action = actions.TensorBoard(Recorder(), histogram=True)
+  state = types.SimpleNamespace(sigma_table=np.float32([0.25, 1.0]))
+  action.after_epoch(3, state, {"epoch": 3, "step": 12, "stage": "finetune", "train_loss": 0.5})
+  action.close()
+  assert calls == [("scalars", 12, {"epoch": 3, "step": 12, "train_loss": 0.5}),  # no strings
+                   ("histograms", 12, {"sigma_table": [0.25, 1.0]}), ("flush",), ("close",)]
 
 
 def test_stages_switch_at_e1_and_the_table_round_trips(insta_config, tmp_path):
@@ -277,6 +305,10 @@ def test_router_nodes_resume_bit_identically_after_sigterm_and_kill_by_global_st
     done = checkpoints.progress(manager, manager.latest_step())
     assert done["stage"] == f"router node {k}" and done["step"] == done["steps"]
     assert manager.latest_step() == ends[-1] + done["steps"]
+    # TensorBoard at the global step of each of the node's 2 epoch ends.
+    logged = event_values(tmp_path / "straight" / "tensorboard" / f"router_node_{k}")
+    assert [step for step, _ in logged["train_loss"]] == [ends[-1] + done["steps"] // 2,
+                                                          manager.latest_step()]
     ends.append(manager.latest_step())
   node_steps = ends[1] - ends[0]
   with sigterm_during_step(monkeypatch, 2, estimator):  # node 2, its second step
@@ -348,9 +380,9 @@ def test_sigterm_in_stage_2_checkpoints_the_step_and_resumes_bit_identically(toy
   events = event_values(tmp_path / "straight" / "tensorboard" / "train")
   rows = read_metrics(tmp_path / "straight")
   for tag in ("train_loss", "train_consistency_kl", "test_noisy_accuracy", "sigma_mean"):
-    assert [step for step, _ in events[tag]] == [1, 2, 3]
+    assert [step for step, _ in events[tag]] == [3, 6, 9]  # the global steps
     np.testing.assert_allclose([v for _, v in events[tag]], [r[tag] for r in rows], rtol=1e-6)
-  assert [step for step, _ in events["sigma_table"]] == [1, 2, 3]
+  assert [step for step, _ in events["sigma_table"]] == [3, 6, 9]
   with sigterm_during_step(monkeypatch, 5):  # epoch 2 (stage 2), batch 2
     with pytest.raises(checkpoints.Interrupted, match=r"stopped at step 5 \(epoch 2, batch 2 of 3\)"):
       loop.train_and_evaluate(toy_config, tmp_path / "resumed")

@@ -116,12 +116,25 @@ def format_radius(value, digits: int = 6) -> str:
   """`value` to `digits` significant digits, never above it: the radius read back from the
   file never exceeds the one computed (a certificate must not grow in print)."""
   value = float(value)
-  text = f"{value:.{digits}g}"
-  if float(text) <= value:
+  return _not_above(value, f"{value:.{digits}g}",
+                    decimal.Decimal(value).adjusted() - digits + 1)
+
+
+def format_down(value, decimals: int) -> str:
+  """`value` with `decimals` digits after the point, never above it: a certified accuracy or
+  ACR read back from a table never exceeds the one computed (`.3f` rounds to nearest, up to
+  half a unit of its last digit above it)."""
+  value = float(value)
+  return _not_above(value, f"{value:.{decimals}f}", -decimals)
+
+
+def _not_above(value: float, text: str, exponent: int) -> str:
+  """`text`, `value` rounded to nearest, where it is not above `value` (or `value` is not
+  finite); else `value` floored to a multiple of 10**exponent."""
+  if not np.isfinite(value) or float(text) <= value:
     return text
-  exact = decimal.Decimal(value)
-  quantum = decimal.Decimal(1).scaleb(exact.adjusted() - digits + 1)
-  return str(exact.quantize(quantum, rounding=decimal.ROUND_DOWN))
+  quantum = decimal.Decimal(1).scaleb(exponent)
+  return str(decimal.Decimal(value).quantize(quantum, rounding=decimal.ROUND_FLOOR))
 
 
 def merge_results(parts, out_path) -> None:

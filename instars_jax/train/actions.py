@@ -1,6 +1,6 @@
 """Small objects the training loop calls after every step and at every epoch end, in the
 manner of CLU's periodic actions: the divergence watch, the metrics log, the checkpoints with
-the stop request, and TensorBoard.
+the stop request, and TensorBoard. Each stage builds its own (its `actions`, interface.py).
 
 Each has `after_step(step, state, metrics)` (step: the stage's steps done) and
 `after_epoch(epoch, state, row)`, called in list order; either may raise to end training.
@@ -9,6 +9,7 @@ Each has `after_step(step, state, metrics)` (step: the stage's steps done) and
 from __future__ import annotations
 
 import json
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,6 @@ import numpy as np
 from tqdm import tqdm
 
 from instars_jax.storage import checkpoints
-from instars_jax.storage import events as events_lib
 
 
 class Action:
@@ -155,17 +155,20 @@ def write_rows(path, rows) -> None:
 
 
 class TensorBoard(Action):
-  """Each epoch's metrics row, and with `histogram` the σ table's histogram, as TensorBoard
-  events at step epoch + 1 (process 0; storage/events.py)."""
+  """Each epoch's metrics row (its real values), and with `histogram` the σ table's
+  histogram, written at the epoch end's global step (the row's `step`) by `writer`: an
+  events.EventWriter, or any writer with CLU's MetricWriter methods."""
 
-  def __init__(self, workdir, part: str, histogram: bool = False):
-    self.writer = events_lib.EventWriter(workdir, part)
-    self.histogram = histogram
+  def __init__(self, writer, histogram: bool = False):
+    self.writer, self.histogram = writer, histogram
 
   def after_epoch(self, epoch: int, state, row) -> None:
-    self.writer.scalars(epoch + 1, row)
+    step = row["step"]
+    self.writer.write_scalars(step, {k: v for k, v in row.items()
+                                     if isinstance(v, numbers.Real) and not isinstance(v, bool)})
     if self.histogram:
-      self.writer.histogram(epoch + 1, "sigma_table", state.sigma_table)
+      self.writer.write_histograms(step, {"sigma_table": state.sigma_table})
+    self.writer.flush()
 
   def close(self) -> None:
     self.writer.close()

@@ -8,10 +8,11 @@ The stages (train/stages/, one module each, in their declared ORDER):
   estimator  the σ-estimator of the sound instance-wise certificate (estimator.epochs > 0)
   finetune   the base model again, each example at the σ the estimator picks for it
              (estimator.finetune_epochs > 0, DualRS's last step)
-After every step and epoch, small actions (train/actions.py): the divergence watch, the
-metrics log, the checkpoints with the stop request, TensorBoard. The stages' steps count on
-from one to the next as the run's global step, which numbers every checkpoint
-(storage/checkpoints.py); rerunning the same command resumes where the last checkpoint left off.
+After every step and epoch, the small actions each stage supplies (train/actions.py): the
+divergence watch, the metrics log, the checkpoints with the stop request, TensorBoard. The
+stages' steps count on from one to the next as the run's global step, which numbers every
+checkpoint (storage/checkpoints.py) and TensorBoard's events; rerunning the same command
+resumes where the last checkpoint left off.
 
 The noise and augmentation of example i in epoch e depend only on (seed, e, i), and the
 table update of epoch e only on (seed, e, i) and the state: a resumed run continues exactly
@@ -33,7 +34,7 @@ from instars_jax import data, models, parallel
 from instars_jax.data import pipeline
 from instars_jax.storage import checkpoints
 from instars_jax.storage.workdir import Workdir
-from instars_jax.train import actions, estimator, losses, sigma_table, stages
+from instars_jax.train import estimator, losses, sigma_table, stages
 from instars_jax.train.interface import Stage
 
 
@@ -51,19 +52,20 @@ def train_and_evaluate(config, workdir):
     context = stages.Context.start(config, workdir, dataset, parallel.Sharder(), stop)
     state, offset = None, 0
     for stage in stages.for_config(context):
-      state, offset = run_stage(stage, state, context, offset)
+      state, offset = run_stage(stage, state, offset)
   return state
 
 
-def run_stage(stage: Stage, base_state, context, offset: int):
+def run_stage(stage: Stage, base_state, offset: int):
   """The one loop: the steps of `stage` from where `stage.start` resumes it, the first at
-  global step `offset` + 1, with the stage's actions after every step and epoch; returns what
-  the stage hands on (`stage.finish`: the base model's state) and the global step after it."""
+  global step `offset` + 1, with its actions (`stage.actions`) after every step and epoch;
+  returns what the stage hands on (`stage.finish`: the base model's state) and the global step
+  after it."""
   state, step = stage.start(base_state, offset)
   end = offset + stage.last_step - stage.first_step
   if step >= stage.last_step:
     return stage.finish(state, base_state), end
-  hooks = stage_actions(stage, context, offset)
+  hooks = stage.actions(offset)
   with stage.stream(step) as stream:
     while step < stage.last_step:
       epoch, resume_at = divmod(step, stage.steps_per_epoch)
@@ -79,18 +81,6 @@ def run_stage(stage: Stage, base_state, context, offset: int):
   for hook in hooks:
     hook.close()
   return stage.finish(state, base_state), end
-
-
-def stage_actions(stage: Stage, context, offset: int) -> list:
-  """The divergence watch, the metrics log, the checkpoints with the stop request and
-  TensorBoard, for `stage` (starting after global step `offset`), in the order they run."""
-  t = context.config.train
-  log = (actions.MetricsLog(rows=context.history, path=context.workdir.metrics_path)
-         if stage.metrics_file else actions.MetricsLog(prefix=f"{stage.name} "))
-  return [actions.DivergenceWatch(t.divergence, stage.num_classes, stage.steps_per_epoch,
-                                  chance=stage.watch_chance),
-          log, actions.Checkpoints(stage, offset, context.stop),
-          actions.TensorBoard(context.workdir, stage.events_part, histogram=stage.histogram)]
 
 
 def _run_epoch(stage, state, stream, step, hooks, offset):
@@ -113,8 +103,7 @@ def _run_epoch(stage, state, stream, step, hooks, offset):
   seconds = time.perf_counter() - began
   means = {k: float(v) / todo for k, v in sums.items()}
   end = offset + (epoch + 1) * stage.steps_per_epoch - stage.first_step
-  row = {"epoch": epoch, "step": end, "stage": stage.label(epoch),
-         "sigma": stage.sigma, "train_loss": means.pop("loss")}
+  row = {"epoch": epoch, "step": end, **stage.row_labels(epoch), "train_loss": means.pop("loss")}
   row.update({f"train_{k}": v for k, v in means.items()})
   row.update({"images_per_s": todo * stage.batch_size / seconds,
               "input_wait_share": waited.seconds / seconds})

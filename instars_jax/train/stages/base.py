@@ -10,7 +10,8 @@ import jax
 
 from instars_jax.data import pipeline
 from instars_jax.smoothing.streams import Stream
-from instars_jax.train import losses, sigma_table, steps
+from instars_jax.storage import events
+from instars_jax.train import actions, losses, sigma_table, steps
 from instars_jax.train import state as state_lib
 from instars_jax.train.interface import resume, stage_manager
 
@@ -24,10 +25,7 @@ def stages(context) -> list:
 
 class BaseStage:
   """Epochs [0, train.epochs) of the base model (stage 1 and, with Insta-RS, stage 2)."""
-  name = "base"
-  watch_chance = True  # a loss stuck at chance ends the run
-  events_part = "train"
-  metrics_file = True  # rows go to metrics.jsonl
+  name = "base"  # its checkpoints' name
 
   def __init__(self, context):
     self.context, t = context, context.config.train
@@ -35,8 +33,6 @@ class BaseStage:
     self.num_classes = context.facts.num_classes
     self.first_epoch, self.last_epoch = 0, t.epochs
     self.first_step, self.last_step = 0, self.last_epoch * self.steps_per_epoch
-    self.histogram = t.insta
-    self.sigma = t.sigma  # the metrics rows' `sigma`
     self.loss = losses.from_config(t)
     self.update_seconds = 0.0  # the σ-table update before the current epoch
 
@@ -47,6 +43,15 @@ class BaseStage:
         state_lib.create_train_state(self.context.config, self.context.facts))
     return resume(self, template, offset)
 
+  def actions(self, offset: int) -> list:
+    """A loss stuck at chance ends the run; rows go to metrics.jsonl; TensorBoard gets the σ
+    table's histogram with Insta-RS."""
+    c, t = self.context, self.context.config.train
+    return [actions.DivergenceWatch(t.divergence, self.num_classes, self.steps_per_epoch),
+            actions.MetricsLog(rows=c.history, path=c.workdir.metrics_path),
+            actions.Checkpoints(self, offset, c.stop),
+            actions.TensorBoard(events.EventWriter(c.workdir, "train"), histogram=t.insta)]
+
   def stream(self, first_step: int):
     c = self.context
     batches = pipeline.StepBatches(
@@ -55,9 +60,12 @@ class BaseStage:
     return pipeline.train_stream(batches, first_step, self.last_step, c.config.input)
 
   def label(self, epoch: int):
-    """The metrics row's `stage`: 1, 2 (Insta-RS Train's table stage) or "finetune"."""
+    """The epoch's stage: 1, 2 (Insta-RS Train's table stage) or "finetune"."""
     t = self.context.config.train
     return 2 if t.insta and epoch >= t.stage1_epochs else 1
+
+  def row_labels(self, epoch: int) -> dict:
+    return {"stage": self.label(epoch), "sigma": self.context.config.train.sigma}
 
   def describe(self, epoch: int) -> str:
     return f"epoch {epoch + 1}/{self.context.config.train.epochs}"

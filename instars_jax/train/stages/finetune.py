@@ -26,7 +26,6 @@ class FinetuneStage(BaseStage):
   the σ the estimator assigns it (kept in the σ table), checkpointed beside the base model's
   (whose epoch ends it keeps)."""
   name = "finetune"
-  histogram = False
 
   def __init__(self, context):
     super().__init__(context)

@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from instars_jax import data
-from instars_jax.storage import checkpoints
+from instars_jax.storage import checkpoints, events
 from instars_jax.storage.files import write_json_atomic
 from instars_jax.smoothing.streams import Stream, numpy_rng
-from instars_jax.train import estimator, experts, losses, sigma_table
+from instars_jax.train import actions, estimator, experts, losses, sigma_table
 from instars_jax.train import state as state_lib
 from instars_jax.train.interface import resume, stage_manager
 
@@ -162,16 +162,12 @@ def from_base(template: state_lib.ModelState, base_state) -> state_lib.ModelStat
 
 class EstimatorStage:
   """A σ-estimator's or router node's training stage (train/interface.py's `Stage`)."""
-  watch_chance = False  # its soft-label loss has no chance level to stop at
-  metrics_file = False
-  histogram = False
 
   def __init__(self, context, chooser: estimator.Estimator, labellers: list):
     self.context, self.chooser, self.labellers = context, chooser, labellers
     self.settings = estimator.settings(context.config, chooser)
     self.loss = losses.from_config(context.config.estimator)
     self.name, self.sigma = chooser.name, chooser.sigma
-    self.events_part = "estimator" if chooser.node is None else f"router_node_{chooser.node}"
     self.directory = chooser.directory
     self.batch_size, self.num_classes = context.config.train.batch_size, chooser.num_bins
     self.steps_per_epoch, self.first_step, self.last_step = 1, 0, 0  # known once the labels are
@@ -209,6 +205,17 @@ class EstimatorStage:
       write_json_atomic(settings_path, self.settings)
     return state, step
 
+  def actions(self, offset: int) -> list:
+    """Its soft-label loss has no chance level to stop at; rows are printed, not kept in
+    metrics.jsonl; TensorBoard's directory is the estimator's or the node's."""
+    c, node = self.context, self.chooser.node
+    part = "estimator" if node is None else f"router_node_{node}"
+    return [actions.DivergenceWatch(c.config.train.divergence, self.num_classes,
+                                    self.steps_per_epoch, chance=False),
+            actions.MetricsLog(prefix=f"{self.name} "),
+            actions.Checkpoints(self, offset, c.stop),
+            actions.TensorBoard(events.EventWriter(c.workdir, part))]
+
   def template(self) -> state_lib.ModelState:
     c, s = self.context, self.settings
     model, params, batch_stats = state_lib.init_model(
@@ -233,8 +240,8 @@ class EstimatorStage:
     skip = first_step - first_epoch * self.steps_per_epoch
     return contextlib.nullcontext(data.take(self.split, steps[skip:], self.context.config.input))
 
-  def label(self, epoch: int) -> str:
-    return self.name
+  def row_labels(self, epoch: int) -> dict:
+    return {"stage": self.name, "sigma": self.sigma}
 
   def describe(self, epoch: int) -> str:
     return f"{self.name} epoch {epoch + 1}/{self.settings['epochs']}"
