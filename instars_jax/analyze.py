@@ -244,7 +244,7 @@ def main(argv=None) -> int:
   if args.plot:
     plot_certified_accuracy(files, args.plot, args.oracle)
   if args.sigma_hist:
-    plot_sigma_histogram(files, args.sigma_hist)
+    plot_sigma_histogram(args.files or files, args.sigma_hist)
   return 0
 
 
