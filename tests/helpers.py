@@ -13,7 +13,9 @@ import numpy as np
 from PIL import Image
 
 from configs import default
+from instars_jax.smoothing import bounds
 from instars_jax.storage import results
+from instars_jax.train.estimator import Estimator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,6 +100,49 @@ class LinearClassifier:
     unit = self.w / np.linalg.norm(self.w)
     offset = -self.b / np.linalg.norm(self.w) * unit
     return (offset[None] + np.asarray(distances)[:, None] * unit[None]).astype(np.float32)
+
+
+def x7_chain(*, scale, sigmas, n):
+  """[node 2, node 1]: two binary nodes on the feature x_7 (unrelated to the `linear` fixture's
+  f), logits (cut − x_7, x_7 − cut) · scale: node 2 (σ 1.0 against lower) with cut 0.5, node 1
+  (0.5 against 0.25) with cut 0, smoothed at `sigmas` with n samples each. Under N(0, σ²I)
+  noise node k's probability of bin 0 ("lower") is Φ((cut − x_7)/σ_k)."""
+  feature = lambda cut: (lambda z: jnp.stack([cut - z[:, 7], z[:, 7] - cut], axis=-1) * scale)
+  return [Estimator((0.5, 1.0), sigmas[0], fn=feature(0.5), n=n),
+          Estimator((0.25, 0.5), sigmas[1], fn=feature(0.0), n=n)]
+
+
+def x7_nodes(linear, seed, count, *, scale, sigmas, n):
+  """(x, x7_chain): `count` inputs at random signed distances in ±1 from the linear f's
+  hyperplane with x_7 uniform in ±1.5, and the chain on x_7."""
+  rng = np.random.default_rng(seed)
+  x = linear.points_at_distance(rng.uniform(-1.0, 1.0, count))
+  x[:, 7] = rng.uniform(-1.5, 1.5, count)
+  return x, x7_chain(scale=scale, sigmas=sigmas, n=n)
+
+
+def recorded_bounds(monkeypatch) -> dict:
+  """{"lower": [...], "upper": [...]}: (successes, trials, α) of every later call of
+  bounds.clopper_pearson_lower and clopper_pearson_upper (an upper bound's own call of the
+  lower one not counted), so that a test can pin the exact counts and level of each bound."""
+  calls, inside_upper = {"lower": [], "upper": []}, [False]
+  lower, upper = bounds.clopper_pearson_lower, bounds.clopper_pearson_upper
+
+  def record_lower(successes, trials, alpha):
+    if not inside_upper[0]:
+      calls["lower"].append((np.array(successes), np.array(trials), alpha))
+    return lower(successes, trials, alpha)
+
+  def record_upper(successes, trials, alpha):
+    calls["upper"].append((np.array(successes), np.array(trials), alpha))
+    inside_upper[0] = True
+    try:
+      return upper(successes, trials, alpha)
+    finally:
+      inside_upper[0] = False
+  monkeypatch.setattr(bounds, "clopper_pearson_lower", record_lower)
+  monkeypatch.setattr(bounds, "clopper_pearson_upper", record_upper)
+  return calls
 
 
 # ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 import instars_jax as ij
-from helpers import LinearClassifier
+from helpers import LinearClassifier, recorded_bounds, x7_nodes
 from instars_jax import certificates
 from instars_jax.smoothing import bounds
 from instars_jax.certificates import SmoothedModel, locally_constant
@@ -260,19 +260,6 @@ def test_cascade_never_exceeds_the_true_radius_and_answers_at_every_level(linear
   assert cert.radius[6] == pytest.approx(stats.norm.ppf(lower) - stats.norm.ppf(0.6), rel=1e-5)
 
 
-def x7_nodes(linear, seed, count, *, scale, sigmas, n):
-  """(x, [node 2, node 1]): `count` inputs at random signed distances in ±1 from the linear
-  f's hyperplane with x_7 uniform in ±1.5, and two binary nodes on the unrelated feature x_7,
-  logits (cut − x_7, x_7 − cut) · scale: node 2 (σ 1.0 against lower) with cut 0.5, node 1
-  (0.5 against 0.25) with cut 0, smoothed at `sigmas` with n samples each."""
-  rng = np.random.default_rng(seed)
-  x = linear.points_at_distance(rng.uniform(-1.0, 1.0, count))
-  x[:, 7] = rng.uniform(-1.5, 1.5, count)
-  feature = lambda cut: (lambda z: jnp.stack([cut - z[:, 7], z[:, 7] - cut], axis=-1) * scale)
-  return x, [Estimator((0.5, 1.0), sigmas[0], fn=feature(0.5), n=n),
-             Estimator((0.25, 0.5), sigmas[1], fn=feature(0.0), n=n)]
-
-
 def test_router_never_exceeds_the_true_radius_at_any_node(linear):
   # Nodes on an unrelated feature x_7: node 2 (σ = 1.0 against lower) says "1.0" where
   # x_7 > 0.5, node 1 (0.5 against 0.25) says "0.5" where x_7 > 0. The base model is linear in
@@ -291,21 +278,20 @@ def test_router_never_exceeds_the_true_radius_at_any_node(linear):
   assert np.all(cert.radius[top] <= x[top, 7] - 0.5 + 1e-6)
 
 
-def test_router_and_cascade_certify_no_intersecting_balls_where_per_sigma_does(island_points):
+def test_router_certifies_no_intersecting_balls_where_per_sigma_does(island_points):
   # The island is seen at σ = 0.1 and drowned at σ = 2, and the per-σ rule picks σ by side of
   # a hyperplane: per_sigma's balls intersect by the thousand (test above). A router whose
-  # node decides σ = 2 on the same side, and the cascade over the grid, certify none.
-  from instars_jax.certificates import cascade, router
+  # node decides σ = 2 on the same side certifies none. (The cascade is tested on an island
+  # its levels see in test_soundness.py: here σ = 2 in 16 dimensions answers 1 everywhere.)
+  from instars_jax.certificates import router
   smoothed = SmoothedModel(Island(), 2, jax.random.PRNGKey(0),
                            n0=64, n=2000, alpha=0.001, batch_size=8192)
   node = Estimator((0.1, 2.0), 0.1, fn=half_space_estimator, n=2000)
-  routed = router.certify_router(smoothed, [node], np.float32([0.1, 2.0]), island_points, None,
-                                 0.0005)
-  cascaded = cascade.certify_cascade(smoothed, island_points, np.arange(len(island_points)),
-                                     (0.1, 2.0), 0.6)
-  for cert in (routed, cascaded):
-    assert (cert.prediction != ij.ABSTAIN).sum() > 40
-    assert certificates.intersecting_pairs(island_points, cert.prediction, cert.radius) == 0
+  cert = router.certify_router(smoothed, [node], np.float32([0.1, 2.0]), island_points, None,
+                               0.0005)
+  assert np.sum(cert.prediction[island_points[:, 0] < 0] == 0) > 20  # the island, seen at σ = 0.1
+  assert (cert.prediction != ij.ABSTAIN).sum() > 40
+  assert certificates.intersecting_pairs(island_points, cert.prediction, cert.radius) == 0
 
 
 def recorded_alphas(monkeypatch, module, name):
@@ -320,17 +306,39 @@ def recorded_alphas(monkeypatch, module, name):
 
 
 def test_alpha_splits_are_pinned_for_every_instance_wise_kind(linear, monkeypatch):
-  # A variant running the class test at the full α, a router node at the whole β, or a
-  # cascade level at the whole α would change one of these numbers.
+  # A variant running the class test at the full α, a router node at the whole β, the
+  # estimator's undecided bounds at another level, or a cascade level at the whole α would
+  # change one of these numbers.
   from instars_jax.certificates import cascade, router
   from instars_jax.smoothing import sampler
+  from instars_jax.smoothing.streams import Stream
   x = linear.points_at_distance(np.array([0.3, 2.0, -0.5]))
   smoothed = SmoothedModel(linear, 2, jax.random.PRNGKey(1),
                            n0=32, n=2000, alpha=0.004, batch_size=8192)
+  bands = Bands()
+  estimator_key = jax.random.fold_in(smoothed.key, Stream.ESTIMATOR_TEST)
+  estimator_test = ij.certify(bands, x, 1.0, estimator_key, n0=32, n=2000, alpha=0.0005,
+                              batch_size=8192, num_classes=3)
   certify_calls = recorded_alphas(monkeypatch, sampler, "certify")  # estimator, then class
-  three = Estimator((0.25, 0.5, 1.0), 1.0, fn=Bands(), n=2000)
-  locally_constant.certify_locally_constant(smoothed, three, x, None, 0.001)
+  bound_calls = recorded_bounds(monkeypatch)
+  three = Estimator((0.25, 0.5, 1.0), 1.0, fn=bands, n=2000)
+  cert = locally_constant.certify_locally_constant(smoothed, three, x, None, 0.001)
   assert certify_calls == [pytest.approx(0.0005), pytest.approx(0.003)]
+  # x_0 = 0.067, 0.63, −0.2: the middle input is decided (bin 2, p_2 = Φ(0.13) = 0.55), the
+  # others undecided (every p_k < 1/2, Bands): the undecided route bounds every bin's count of
+  # the estimator's CERTIFY samples from above at β/(2K) = 0.001/6, and its radius is
+  # float32(σ_e) Φ⁻¹(1 − max_k u_k).
+  (counts, trials, level), = bound_calls["upper"]
+  assert not bound_calls["lower"]  # CERTIFY's own lower bound is the sampler's
+  assert trials == 2000 and level == pytest.approx(0.001 / 6, rel=1e-12)
+  np.testing.assert_array_equal(counts, estimator_test.counts)
+  np.testing.assert_array_equal(cert.sigma, np.float32([0.25, 1.0, 0.25]))
+  upper = bounds.clopper_pearson_upper(counts, 2000, 0.001 / 6)
+  undecided = np.array([True, False, True])
+  np.testing.assert_array_equal(estimator_test.prediction[undecided], ij.ABSTAIN)
+  np.testing.assert_allclose(cert.estimator_radius[undecided],
+                             stats.norm.ppf(1 - upper.max(axis=1))[undecided], rtol=1e-12)
+  assert np.all(cert.estimator_radius[undecided] > 0)
   certify_calls.clear()
   # Node 2 sends x_7 > 0 to σ = 1.0 and the rest to node 1. Binary nodes give each node's
   # whole β/(K − 1) to CERTIFY (they have no undecided route).
@@ -340,14 +348,13 @@ def test_alpha_splits_are_pinned_for_every_instance_wise_kind(linear, monkeypatc
           Estimator((0.25, 0.5), 0.1, fn=feature, n=2000)]
   router.certify_router(smoothed, tree, np.float32([0.25, 0.5, 1.0]), x, None, 0.001)
   assert certify_calls == [pytest.approx(0.0005)] * 2 + [pytest.approx(0.003)]
-  lower = recorded_alphas(monkeypatch, bounds, "clopper_pearson_lower")
-  upper = recorded_alphas(monkeypatch, bounds, "clopper_pearson_upper")
+  bound_calls["lower"].clear(), bound_calls["upper"].clear()
   cascade.certify_cascade(smoothed, linear.points_at_distance(np.zeros(2)), np.arange(2),
                           (0.25, 0.5, 1.0), 0.6)
   k, classes = 3, 2  # every input reaches the lowest level: p = 1/2 everywhere
-  assert upper == [pytest.approx(0.004 / (2 * k * classes))] * 2
-  own = [a for a in lower if not np.isclose(a, upper[0])]  # the upper bounds call it too
-  assert own == [pytest.approx(0.004 / (2 * k))] * 2 + [pytest.approx(0.004 / k)]
+  assert [a for _, _, a in bound_calls["upper"]] == [pytest.approx(0.004 / (2 * k * classes))] * 2
+  assert [a for _, _, a in bound_calls["lower"]] == ([pytest.approx(0.004 / (2 * k))] * 2
+                                                     + [pytest.approx(0.004 / k)])
 
 
 def test_cascade_bounds_only_the_other_classes_above_and_abstains_on_every_level(linear):
