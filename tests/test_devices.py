@@ -22,6 +22,7 @@ import pytest
 import device_probe
 import train_probe
 from helpers import ROOT, write_npz
+from instars_jax import parallel
 from instars_jax.storage import checkpoints
 
 HERE = Path(__file__).parent
@@ -43,18 +44,21 @@ def assert_same_run(one: dict, other: dict) -> None:
   np.testing.assert_allclose(one["rows"]["radius"], other["rows"]["radius"], rtol=1e-4)
 
 
-def start_two_processes(script: str, *args, devices: int = 2) -> list:
-  """Two processes of tests/<script> joined by jax.distributed on this machine (gloo), each
-  with `devices` fake CPU devices."""
+def start_two_processes(script, *args, devices: int = 2, env=(), stderr=None) -> list:
+  """Two processes of tests/<script> (or an absolute path) joined by jax.distributed on this
+  machine (gloo), each with `devices` fake CPU devices, more `env`, stdout piped and stderr
+  piped or, with `stderr` (a list), written to stderr[k]."""
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), JAX_NUM_PROCESSES="2",
-             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **dict(env))
   command = [sys.executable, str(HERE / script), *map(str, args)]
-  return [subprocess.Popen(command, env=dict(env, JAX_PROCESS_ID=str(k)), text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k in (0, 1)]
+  return [subprocess.Popen(command, cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(k)), text=True,
+                           stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE if stderr is None else stderr[k])
+          for k in (0, 1)]
 
 
 def test_two_devices_give_one_device_s_counts_certificates_and_search():
@@ -107,3 +111,49 @@ def test_two_hosts_of_two_devices_give_one_device_s_results_and_stop_together(
   step = int(stops[0].group(1))
   assert int(stops[1].group(1)) == step
   assert checkpoints.manager(tmp_path / "long").latest_step() == step
+
+
+@pytest.mark.slow
+def test_a_lost_host_ends_the_other_with_one_line_naming_it_and_the_step_to_resume_from(
+    tmp_path):
+  """kill -9 of host 1 of a two-host train.py run (one CPU device each, heartbeat timeout 10 s)
+  once it has a checkpoint: host 0 exits with status 75 within the heartbeat timeout (+ 10 s)
+  and writes one line after the kill, naming host 1 and the run's last checkpoint step, with
+  no fatal-error dump. The same command rerun on both hosts resumes at that step (the epoch's
+  metrics row says after which batch) and ends the run."""
+  heartbeat = 10
+  write_npz(tmp_path / "toy.npz", n_train=256, n_test=8)  # 32 steps of 8
+  run = tmp_path / "run"
+  args = (f"--config={ROOT / 'configs' / 'default.py'}", f"--workdir={run}",
+          f"--config.dataset=npz:{tmp_path / 'toy.npz'}", "--config.distributed=True",
+          "--config.train.epochs=1", "--config.train.batch_size=8",
+          "--config.train.checkpoint_every_steps=1")
+  env = {"JAX_HEARTBEAT_TIMEOUT_SECONDS": str(heartbeat)}
+  logs = [tmp_path / f"host{k}.err" for k in (0, 1)]
+  with open(logs[0], "w") as err0, open(logs[1], "w") as err1:
+    processes = start_two_processes(ROOT / "train.py", *args, devices=1, env=env,
+                                    stderr=[err0, err1])
+    deadline = time.monotonic() + 300
+    while checkpoints.latest_step_saved(run) is None and time.monotonic() < deadline:
+      assert all(p.poll() is None for p in processes), logs[0].read_text()[-3000:]
+      time.sleep(0.02)
+    processes[1].send_signal(signal.SIGKILL)
+    killed, seen = time.monotonic(), logs[0].stat().st_size
+    status = processes[0].wait(timeout=heartbeat + 60)
+    seconds = time.monotonic() - killed
+  assert processes[1].wait() == -signal.SIGKILL
+  text = logs[0].read_text()
+  assert status == parallel.LOST_HOST_STATUS == 75, text[-3000:]
+  assert seconds < heartbeat + 10, seconds
+  assert "Traceback" not in text and "Fatal Python error" not in text, text[-3000:]
+  step = checkpoints.latest_step_saved(run)
+  assert 0 < step < 32
+  assert text[seen:] == (
+      f"error: host 1 of 2 was lost (no heartbeat for {heartbeat} s); the run's last checkpoint "
+      f"is step {step} in {run}: rerun the same command on every host to resume\n")
+  rerun = start_two_processes(ROOT / "train.py", *args, devices=1, env=env)
+  outputs = [p.communicate(timeout=300) for p in rerun]
+  assert [p.returncode for p in rerun] == [0, 0], [err[-2000:] for _, err in outputs]
+  rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+  assert [(row["epoch"], row.get("resumed_at_batch")) for row in rows] == [(0, step)]
+  assert checkpoints.latest_step_saved(run) == 32
