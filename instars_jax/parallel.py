@@ -106,7 +106,7 @@ class Sharder:
 
 # The exit status of a host whose peer was lost (sysexits' EX_TEMPFAIL: rerun to resume).
 LOST_HOST_STATUS = 75
-_FINISHED = "instars_jax/finished"  # host k sets <_FINISHED>/k before it leaves
+_LEFT = "instars_jax/left"  # host k sets <_LEFT>/k to "finished" or "failed" as it leaves
 
 
 def initialize_distributed() -> None:
@@ -142,13 +142,15 @@ def initialize_distributed() -> None:
 
 class HostWatch:
   """Ends this process when another host is lost, with one line naming it and the step a
-  rerun resumes from (exit status LOST_HOST_STATUS).
+  rerun resumes from (exit status LOST_HOST_STATUS): JAX's fate-sharing, said in one line.
 
   A thread asks JAX's coordination service which hosts are alive (`get_live_nodes`) about
   once a second. The service answers every host at once (the call is a barrier among live
   hosts) when each has asked or was declared dead after `heartbeat_timeout` seconds without
   a heartbeat, so every survivor learns of a loss within that time, and all learn the same.
-  A host that left after setting its `_FINISHED` key was not lost.
+  A host that left has said how (`_LEFT`): one that finished was not lost, and one that
+  failed ends the others that do not stop within `heartbeat_timeout` themselves (a failure
+  that every host meets ends each with its own message).
   """
 
   ROUND_SECONDS = 1.0
@@ -156,56 +158,58 @@ class HostWatch:
   def __init__(self, client, heartbeat_timeout: int):
     self.client, self.heartbeat_timeout = client, heartbeat_timeout
     self.hosts = list(range(jax.process_count()))
-    self.workdir = None  # where the run's checkpoints are, for the line (`lost_hosts_reported`)
-    self.finishing = False
+    self.workdir = None  # the run's, for the line (`lost_hosts_reported`)
+    self.failed = False  # this host's run raised
+    self.leaving = False
     self.rounds = 0
-    self.alone = False  # every other host finished and left
     self.answered = threading.Condition()
     self.thread = threading.Thread(target=self._watch, name="host-watch", daemon=True)
     self.thread.start()
 
   def _watch(self) -> None:
-    me = jax.process_index()
+    me, failed_since = jax.process_index(), {}
     while True:
       try:
         live = self.client.get_live_nodes(self.hosts)
       except Exception:  # noqa: BLE001 (the client left while host 0 still waited for others)
-        if self.finishing:
+        if self.leaving:
           return
         raise
-      lost = [k for k in self.hosts if k not in live and not self._finished(k)]
-      if lost:
-        self._end(lost[0])
+      for host in (k for k in self.hosts if k not in live):
+        how = self._how_left(host)
+        if how is None:
+          self._end(f"host {host} of {len(self.hosts)} was lost (no heartbeat for "
+                    f"{self.heartbeat_timeout} s)")
+        waited = time.monotonic() - failed_since.setdefault(host, time.monotonic())
+        if how == "failed" and not self.leaving and waited >= self.heartbeat_timeout:
+          self._end(f"host {host} of {len(self.hosts)} stopped with an error (see its output)")
       with self.answered:
         self.rounds += 1
-        self.alone = list(live) == [me]
         self.answered.notify_all()
-      if self.finishing and (me != 0 or self.alone):  # host 0 serves the others until they leave
+      if self.leaving and (me != 0 or list(live) == [me]):  # host 0 serves until all left
         return
       time.sleep(self.ROUND_SECONDS)
 
-  def _finished(self, host: int) -> bool:
+  def _how_left(self, host: int) -> str | None:
     try:
-      self.client.key_value_try_get(f"{_FINISHED}/{host}")
-      return True
+      return self.client.key_value_try_get(f"{_LEFT}/{host}")
     except Exception:  # noqa: BLE001 (jaxlib raises its runtime error for a missing key)
-      return False
+      return None
 
-  def _end(self, host: int) -> None:
+  def _end(self, what: str) -> None:
     from instars_jax.storage import checkpoints
     step = checkpoints.latest_step_saved(self.workdir) if self.workdir else None
+    rerun = "rerun the same command on every host"
     if step is not None:
-      resume = f"the run's last checkpoint is step {step} in {self.workdir}"
+      then = f"the run's last checkpoint is step {step} in {self.workdir}: {rerun} to resume"
     elif self.workdir:
-      resume = f"the run in {self.workdir} has no checkpoint yet"
+      then = f"the run in {self.workdir} has no checkpoint yet: {rerun} to start it again"
     else:
-      resume = "the run's checkpoints are kept"
+      then = f"{rerun} to resume"
     sys.stdout.flush()
-    sys.stderr.write(f"error: host {host} of {len(self.hosts)} was lost (no heartbeat for "
-                     f"{self.heartbeat_timeout} s); {resume}: rerun the same command on every "
-                     "host to resume\n")
+    sys.stderr.write(f"error: {what}; {then}\n")
     sys.stderr.flush()
-    os._exit(LOST_HOST_STATUS)  # pylint: disable=protected-access (no clean-up can reach it)
+    os._exit(LOST_HOST_STATUS)  # the main thread may be stuck in a collective with the lost host
 
   def verdict(self, timeout: float) -> None:
     """Returns after two more answers from the service (the first may predate a loss), or
@@ -214,11 +218,12 @@ class HostWatch:
       target = self.rounds + 2
       self.answered.wait_for(lambda: self.rounds >= target, timeout)
 
-  def finish(self, timeout: float) -> None:
-    """Marks this host finished and stops watching: at once on hosts other than 0, and on host 0
-    when every other host has left (at most `timeout` seconds)."""
-    self.client.key_value_set(f"{_FINISHED}/{jax.process_index()}", "1", allow_overwrite=True)
-    self.finishing = True
+  def leave(self, timeout: float) -> None:
+    """Says how this host leaves and stops watching: at once on hosts other than 0, and on
+    host 0 once every other host has left (at most `timeout` seconds)."""
+    how = "failed" if self.failed else "finished"
+    self.client.key_value_set(f"{_LEFT}/{jax.process_index()}", how, allow_overwrite=True)
+    self.leaving = True
     self.thread.join(timeout)
 
 
@@ -229,12 +234,14 @@ _watch: HostWatch | None = None
 def lost_hosts_reported(workdir):
   """Names `workdir` in the lost-host line, and lets a failure inside the block (a collective
   whose peer died raises at once on CPU) wait up to the heartbeat timeout for the verdict: a
-  lost host ends the process with its line instead of the failure's."""
+  lost host ends the process with its line instead of the failure's. A failure marks this
+  host failed for the others (`HostWatch`)."""
   _watch.workdir = workdir
   try:
     yield
   except BaseException:
     _watch.verdict(timeout=_watch.heartbeat_timeout + 2 * HostWatch.ROUND_SECONDS)
+    _watch.failed = True
     raise
 
 
@@ -245,6 +252,6 @@ def shutdown_distributed(timeout: float = 300) -> None:
   global _watch
   if _watch is None or not jax.distributed.is_initialized():
     return
-  _watch.finish(timeout)
+  _watch.leave(timeout)
   _watch = None
   jax.distributed.shutdown()
