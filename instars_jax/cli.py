@@ -73,7 +73,8 @@ def main(target: str, reads_run: bool = False) -> None:
   function(config, workdir); `reads_run`: the config is the run's in --workdir (module doc).
   A bad flag, config value, path or dataset ends the process with one line naming the problem
   (exit status 2), not a traceback; a stop request that was checkpointed ends it with status
-  143 (128 + SIGTERM)."""
+  143 (128 + SIGTERM); a lost host of a multi-host run ends the others with one line, status
+  75 (parallel.HostWatch)."""
 
   def call_target(argv):
     if len(argv) > 1:
