@@ -10,6 +10,7 @@ training setting there is refused. Given --config (a run made elsewhere), it mus
 the saved run.
 """
 
+import contextlib
 import importlib
 import sys
 
@@ -72,7 +73,8 @@ def main(target: str, reads_run: bool = False) -> None:
   function(config, workdir); `reads_run`: the config is the run's in --workdir (module doc).
   A bad flag, config value, path or dataset ends the process with one line naming the problem
   (exit status 2), not a traceback; a stop request that was checkpointed ends it with status
-  143 (128 + SIGTERM)."""
+  143 (128 + SIGTERM); a lost host of a multi-host run ends the others with one line, status
+  75 (parallel.HostWatch)."""
 
   def call_target(argv):
     if len(argv) > 1:
@@ -87,14 +89,14 @@ def main(target: str, reads_run: bool = False) -> None:
     main_fn = getattr(importlib.import_module(module), function)
     from instars_jax.storage import checkpoints
     try:
-      main_fn(config, WORKDIR.value)
+      with parallel.lost_hosts_reported(WORKDIR.value) if distributed else contextlib.nullcontext():
+        main_fn(config, WORKDIR.value)
     except EXPECTED_ERRORS as error:
       _fail(error)
     except checkpoints.Interrupted as stopped:  # SIGTERM/SIGINT, after a checkpoint
       _fail(stopped, status=128 + 15, prefix="")
     finally:
       if distributed:
-        import jax
-        jax.distributed.shutdown()
+        parallel.shutdown_distributed()
 
   app.run(call_target, flags_parser=_parse_flags)

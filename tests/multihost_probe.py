@@ -36,4 +36,4 @@ if __name__ == "__main__":
     print("finished", flush=True)
   except checkpoints.Interrupted as stopped:
     print(stopped, flush=True)
-  jax.distributed.shutdown()
+  parallel.shutdown_distributed()

@@ -6,6 +6,7 @@ The one-device side runs in the test's own process; the other side is one pair o
 subprocesses.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import pytest
 import device_probe
 import train_probe
 from helpers import ROOT, write_npz
+from instars_jax import parallel
 from instars_jax.storage import checkpoints
 
 HERE = Path(__file__).parent
@@ -43,18 +45,34 @@ def assert_same_run(one: dict, other: dict) -> None:
   np.testing.assert_allclose(one["rows"]["radius"], other["rows"]["radius"], rtol=1e-4)
 
 
-def start_two_processes(script: str, *args, devices: int = 2) -> list:
-  """Two processes of tests/<script> joined by jax.distributed on this machine (gloo), each
-  with `devices` fake CPU devices."""
+def start_two_processes(script, *args, devices: int = 2, env=(), stderr=None) -> list:
+  """Two processes of tests/<script> (or an absolute path) joined by jax.distributed on this
+  machine (gloo), each with `devices` fake CPU devices, more `env`, stdout piped and stderr
+  piped or, with `stderr` (a list), written to stderr[k]."""
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), JAX_NUM_PROCESSES="2",
-             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **dict(env))
   command = [sys.executable, str(HERE / script), *map(str, args)]
-  return [subprocess.Popen(command, env=dict(env, JAX_PROCESS_ID=str(k)), text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k in (0, 1)]
+  return [subprocess.Popen(command, cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(k)), text=True,
+                           stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE if stderr is None else stderr[k])
+          for k in (0, 1)]
+
+
+@contextlib.contextmanager
+def killed_at_exit(processes: list):
+  """`processes`, each killed (SIGKILL: SIGTERM is JAX's preemption notice) if still running
+  when the block ends, as it ends early when an assertion fails."""
+  try:
+    yield processes
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
 
 
 def test_two_devices_give_one_device_s_counts_certificates_and_search():
@@ -107,3 +125,79 @@ def test_two_hosts_of_two_devices_give_one_device_s_results_and_stop_together(
   step = int(stops[0].group(1))
   assert int(stops[1].group(1)) == step
   assert checkpoints.manager(tmp_path / "long").latest_step() == step
+
+
+@pytest.mark.slow
+def test_a_lost_host_ends_the_other_with_one_line_naming_it_and_the_step_to_resume_from(
+    tmp_path):
+  """kill -9 of host 1 of a two-host train.py run (one CPU device each, heartbeat timeout 10 s)
+  once it has a checkpoint: host 0 exits with status 75 within the heartbeat timeout (+ 10 s)
+  and writes one line after the kill, naming host 1 and the run's last checkpoint step, with
+  no fatal-error dump. The same command rerun on both hosts resumes at that step (the epoch's
+  metrics row says after which batch) and ends the run."""
+  heartbeat = 10
+  write_npz(tmp_path / "toy.npz", n_train=256, n_test=8)  # 32 steps of 8
+  run = tmp_path / "run"
+  args = (f"--config={ROOT / 'configs' / 'default.py'}", f"--workdir={run}",
+          f"--config.dataset=npz:{tmp_path / 'toy.npz'}", "--config.distributed=True",
+          "--config.train.epochs=1", "--config.train.batch_size=8",
+          "--config.train.checkpoint_every_steps=1")
+  env = {"JAX_HEARTBEAT_TIMEOUT_SECONDS": str(heartbeat)}
+  logs = [tmp_path / f"host{k}.err" for k in (0, 1)]
+  with (open(logs[0], "w") as err0, open(logs[1], "w") as err1,
+        killed_at_exit(start_two_processes(ROOT / "train.py", *args, devices=1, env=env,
+                                           stderr=[err0, err1])) as processes):
+    deadline = time.monotonic() + 300
+    while checkpoints.latest_step_saved(run) is None and time.monotonic() < deadline:
+      assert all(p.poll() is None for p in processes), logs[0].read_text()[-3000:]
+      time.sleep(0.02)
+    processes[1].send_signal(signal.SIGKILL)
+    killed, seen = time.monotonic(), logs[0].stat().st_size
+    status = processes[0].wait(timeout=heartbeat + 60)
+    seconds = time.monotonic() - killed
+    assert processes[1].wait() == -signal.SIGKILL
+  text = logs[0].read_text()
+  assert status == parallel.LOST_HOST_STATUS == 75, text[-3000:]
+  assert seconds < heartbeat + 10, seconds
+  assert "Traceback" not in text and "Fatal Python error" not in text, text[-3000:]
+  step = checkpoints.latest_step_saved(run)
+  assert 0 < step < 32
+  assert text[seen:] == (
+      f"error: host 1 of 2 was lost (no heartbeat for {heartbeat} s); the run's last checkpoint "
+      f"is step {step} in {run}: rerun the same command on every host to resume\n")
+  with killed_at_exit(start_two_processes(ROOT / "train.py", *args, devices=1, env=env)) as rerun:
+    outputs = [p.communicate(timeout=300) for p in rerun]
+  assert [p.returncode for p in rerun] == [0, 0], [err[-2000:] for _, err in outputs]
+  rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+  assert [(row["epoch"], row.get("resumed_at_batch")) for row in rows] == [(0, step)]
+  assert checkpoints.latest_step_saved(run) == 32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failing", ["1", "0,1"])
+def test_a_host_that_fails_alone_ends_the_others_but_a_failure_of_all_ends_each_with_its_own(
+    failing, tmp_path):
+  """A ValueError on host 1 only, while host 0 waits as if in a collective with it: host 0
+  ends within the heartbeat timeout (3 s here, + 10 s) of host 1's exit, with one line naming
+  host 1 (status 75), where JAX with recoverability would leave it waiting. The same error on
+  both hosts: each exits having printed its own error, and neither names the other."""
+  heartbeat = 3
+  env = {"JAX_HEARTBEAT_TIMEOUT_SECONDS": str(heartbeat)}
+  with killed_at_exit(start_two_processes("failure_probe.py", failing, tmp_path, devices=1,
+                                          env=env)) as processes:
+    assert processes[1].wait(timeout=120) == 0
+    left = time.monotonic()
+    status = processes[0].wait(timeout=heartbeat + 60)
+    seconds = time.monotonic() - left
+    errors = [p.stderr.read() for p in processes]
+  last = [err.strip().splitlines()[-1] for err in errors]
+  assert last[1] == "error: host 1 failed", errors[1][-2000:]
+  assert "Traceback" not in errors[0] + errors[1]
+  if failing == "1":
+    assert (status, last[0]) == (parallel.LOST_HOST_STATUS, (
+        f"error: host 1 of 2 stopped with an error (see its output); the run in {tmp_path} has "
+        "no checkpoint yet: rerun the same command on every host to start it again"))
+    assert seconds < heartbeat + 10, seconds
+  else:
+    assert (status, last[0]) == (0, "error: host 0 failed"), errors[0][-2000:]
+    assert "host 1 of 2" not in errors[0] and "host 0 of 2" not in errors[1]

@@ -127,3 +127,12 @@ def restore_latest(checkpoints: ocp.CheckpointManager, template=None):
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}")
   return restore(checkpoints, step, template)
+
+
+def latest_step_saved(run_dir) -> int | None:
+  """The largest global step that any stage of the run in `run_dir` saved (None before the
+  first), read from the step directories orbax renames into place when complete: no orbax
+  manager, so no barrier across hosts."""
+  steps = [int(step.name) for step in Path(run_dir).glob("**/checkpoints/*")
+           if step.name.isdigit()]
+  return max(steps, default=None)
