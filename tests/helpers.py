@@ -249,3 +249,11 @@ def alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
   except (OSError, IndexError):
     return False
+
+
+def prepared(kind, smoothed, config):
+  """kind.prepare with `smoothed` carrying the kind's metadata (the checkpoints it loads), as
+  certification gives it."""
+  import dataclasses
+  return kind.prepare(dataclasses.replace(smoothed, metadata=kind.metadata(
+      config, smoothed.workdir)), config)

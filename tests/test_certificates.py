@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 import instars_jax as ij
-from helpers import LinearClassifier, recorded_bounds, x7_nodes
+from helpers import LinearClassifier, prepared, recorded_bounds, x7_nodes
 from instars_jax import certificates
 from instars_jax.smoothing import bounds
 from instars_jax.certificates import SmoothedModel, locally_constant
@@ -181,11 +181,12 @@ def test_every_kind_declares_the_interface_and_answers_through_it(linear, tmp_pa
   config.certify.search.update(sigma_min=0.1, sigma_max=1.0, starts=2, steps=3,
                                samples_per_step=16)
   estimator = lambda z: jnp.stack([-z[:, 0], z[:, 0]], axis=-1) * 100.0
-  monkeypatch.setattr(locally_constant.estimator, "load",
-                      lambda directory, workdir: (estimator, {"grid": [0.25, 0.5], "sigma": 0.5}))
+  monkeypatch.setattr(locally_constant.estimator, "load", lambda directory, workdir, step: (
+      estimator, {"grid": [0.25, 0.5], "sigma": 0.5}))
   # The router's nodes: node k (directory router/node_k) trained for the config's grid.
-  monkeypatch.setattr(locally_constant.estimator, "saved_settings", lambda directory: {
-      "grid": list(config.train.table.grid), "node": int(Path(directory).name.split("_")[1])})
+  monkeypatch.setattr(locally_constant.estimator, "checkpointed_settings", lambda directory: {
+      "grid": list(config.train.table.grid), "step": 1,
+      "node": int(Path(directory).name.split("_")[1]) if "node_" in str(directory) else None})
   from instars_jax.storage.workdir import Workdir
   smoothed = SmoothedModel(linear, 2, jax.random.PRNGKey(0),
                            n0=32, n=500, alpha=0.001, batch_size=4096,
@@ -197,7 +198,7 @@ def test_every_kind_declares_the_interface_and_answers_through_it(linear, tmp_pa
     kind.validate(config)
     assert kind.file_stem(config)
     assert kind.sigmas(config) in {None, (0.25,), tuple(config.train.table.grid)}
-    out = kind.prepare(smoothed, config)(x, np.arange(3))
+    out = prepared(kind, smoothed, config)(x, np.arange(3))
     assert out.prediction.shape == out.radius.shape == out.sigma.shape == (3,)
     assert np.all(out.radius <= linear.distance(x) + 1e-6)  # sound for a linear f, any kind
     assert np.sum(out.radius > 0) >= 2

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 import instars_jax as ij
-from configs import cifar10_small
 from instars_jax import certification, import_torch
 from instars_jax.storage import results
 
@@ -69,9 +68,10 @@ def test_import_then_certify_end_to_end(tmp_path):
            y_test=np.arange(4))
   import_torch.import_checkpoint(tmp_path / "checkpoint.pth.tar", tmp_path / "run",
                                  dataset=f"npz:{npz}")
-  config = cifar10_small.get_config()
-  config.dataset, config.num_classes = f"npz:{npz}", 10
-  config.certify.update(n0=8, n=64, batch=64, sigma=0.25, skip=1)
+  # certify.py --workdir=run: the imported run's own config, certification's settings set
+  config = certification.run_config(tmp_path / "run", {
+      "certify.n0": 8, "certify.n": 64, "certify.batch": 64, "certify.sigma": 0.25,
+      "certify.skip": 1})
   path = certification.certify_test_set(config, tmp_path / "run")
   assert len(results.read_results(path)["idx"]) == 4
 

@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 import instars_jax as ij
-from helpers import LinearClassifier, recorded_bounds, x7_chain
+from helpers import LinearClassifier, prepared, recorded_bounds, x7_chain
 from instars_jax import certificates
 from instars_jax.certificates import SmoothedModel, cascade, fixed_sigma, locally_constant
 from instars_jax.certificates import thresholded
@@ -242,10 +242,11 @@ def kind_run(linear, tmp_path, monkeypatch):
   config.certify.search.update(sigma_min=0.1, sigma_max=1.0, starts=2, steps=3,
                                samples_per_step=16)
   estimator = lambda z: jnp.stack([-z[:, 7], z[:, 7]], axis=-1) * 100.0
-  settings = {"grid": list(GRID), "sigma": 0.7, "node": 1}
+  settings = {"grid": list(GRID), "sigma": 0.7, "node": 1, "step": 1}
   monkeypatch.setattr(locally_constant.estimator, "load",
-                      lambda directory, workdir: (estimator, settings))
-  monkeypatch.setattr(locally_constant.estimator, "saved_settings", lambda directory: settings)
+                      lambda directory, workdir, step: (estimator, settings))
+  monkeypatch.setattr(locally_constant.estimator, "checkpointed_settings",
+                      lambda directory: settings)
   smoothed = SmoothedModel(linear, 2, jax.random.PRNGKey(0), n0=32, n=500, alpha=1e-3,
                            batch_size=4096, workdir=Workdir(tmp_path),
                            results_path=tmp_path / "results.tsv", image_size=8)
@@ -275,7 +276,7 @@ def test_every_radius_is_float32_sigma_times_the_float64_factor(name, kind_run, 
   x = linear.points_at_distance(np.linspace(0.05, 0.4, 8))
   x[:, 7] = 3.0
   tests = recorded_class_tests(monkeypatch)
-  out = certificates.get(name).prepare(smoothed, config)(x, np.arange(8))
+  out = prepared(certificates.get(name), smoothed, config)(x, np.arange(8))
   cls, n, alpha = tests[-1]
   assert out.sigma.dtype == np.float32
   configured = {"fixed_sigma": 0.3, "per_sigma": None, "memory": None}.get(name, 0.7)

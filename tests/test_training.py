@@ -362,6 +362,11 @@ def test_finetuning_at_the_estimator_sigma_trains_each_example_there_and_resumes
                   jax.tree_util.tree_leaves(resumed.params)):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(straight.sigma_table, resumed.sigma_table)
+  changed = insta_config.copy_and_resolve_references()
+  changed.estimator.finetune_learning_rate = 0.02
+  with pytest.raises(ValueError, match=r"holds a fine-tuning run with other settings: "
+                                       r"estimator.finetune_learning_rate=0.02 \(the run: 0.01\)"):
+    loop.train_and_evaluate(changed, tmp_path / "straight")
   again = loop.train_and_evaluate(insta_config, tmp_path / "straight")  # finished: no-op
   np.testing.assert_array_equal(np.asarray(again.sigma_table), assigned)
 
@@ -565,12 +570,12 @@ def test_a_router_tree_trains_one_node_per_grid_sigma_and_certifies(insta_config
   assert swept[0.8]["certified_accuracy"] == pytest.approx(summary["certified_accuracy"])
   assert results.read_metadata(path)["split"] == "holdout"
   insta_config.train.holdout = 0.5
-  with pytest.raises(ValueError, match=r"train.holdout=0.5 differs from the trained run's 0.25"):
+  with pytest.raises(ValueError, match=r"train.holdout=0.5 \(the run: 0.25\)"):
     certification.certify_test_set(insta_config, tmp_path / "run")
   insta_config.train.holdout = 0.25
   insta_config.train.table.grid = (0.25, 1.0)  # the trained nodes decide other σ
-  with pytest.raises(ValueError, match=r"node_1 was trained for grid \(0.25, 0.5, 1.0\) \(node 1\), "
-                                       r"not train.table.grid=\(0.25, 1.0\) \(node 1\)"):
+  with pytest.raises(ValueError, match=r"train.table.grid=\(0.25, 1.0\) \(the run: "
+                                       r"\(0.25, 0.5, 1.0\)\)"):
     certification.certify_test_set(insta_config, tmp_path / "run")
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
+import jax
 import jax.numpy as jnp
 
+from instars_jax.storage.files import write_json_atomic
 from instars_jax.train import estimator
 from instars_jax.train import state as state_lib
 from instars_jax.train.interface import resume, stage_manager
@@ -14,6 +18,28 @@ SECTION = "estimator"
 # DualRS's last step: after the estimator, fine-tune the base model this many epochs (cosine
 # from finetune_learning_rate), each training example at the σ the estimator picks for it.
 DEFAULTS = {"finetune_epochs": 0, "finetune_learning_rate": 0.01}
+
+
+SETTINGS_FILE = "finetune.json"
+
+
+def settings(config) -> dict:
+  return {key: config.estimator[key] for key in DEFAULTS}
+
+
+def check_settings(path, current: dict) -> None:
+  """Records the fine-tuning's settings in `path` the first time; refuses (ValueError naming
+  them) a resume with others, as the σ-estimator's stage does with its own."""
+  if path.exists():
+    saved = json.loads(path.read_text())
+    changed = sorted(k for k in current if saved.get(k) != current[k])
+    if changed:
+      shown = ", ".join(f"estimator.{k}={current[k]!r} (the run: {saved.get(k)!r})"
+                        for k in changed)
+      raise ValueError(f"{path.parent} holds a fine-tuning run with other settings: {shown}; "
+                       "rerun with the run's settings, or choose a new --workdir")
+  elif jax.process_index() == 0:
+    write_json_atomic(path, current)
 
 
 def stages(context) -> list:
@@ -44,6 +70,7 @@ class FinetuneStage(BaseStage):
 
   def start(self, base_state, offset: int):
     c = self.context
+    check_settings(c.workdir.path / SETTINGS_FILE, settings(c.config))
     base_ends = range(self.steps_per_epoch, self.first_step + 1, self.steps_per_epoch)
     self.checkpoints = stage_manager(self, c.workdir.path, offset, base_ends)
     state, step = resume(self, base_state.replace(tx=self.tx), offset)
