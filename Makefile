@@ -58,10 +58,14 @@ bench: setup fashion-mnist
 	$(PY) train.py --config=$(DEMO_CONFIG) --workdir=$(DEMO_DIR)  # the demo model (resumes if done)
 	cd bench && PYTHONPATH=.. ../$(PY) sequential.py --workdir ../$(DEMO_DIR) --images $(SEQ_IMAGES)
 
-# The accelerator figures (one H200: 3.6 minutes): ResNet-110 and ResNet-50 at N = 100,000
-# against a Cohen-style PyTorch loop on the same device; one JSON on stdout.
-bench-accelerator: setup
-	cd bench && PYTHONPATH=.. ../$(PY) accelerator.py
+# The GPU figures in one prepared script (bench/accelerator.py, ≤ 8 minutes on one H100/H200):
+# the profile, the ablation against torch.compile, the MACER and SmoothAdv recipe rows, then
+# Cohen's CIFAR-10 run while time is left; one JSON line per part in runs/accelerator.jsonl.
+# A device machine has no network: ACCEL_PY=python3 runs it with the machine's own packages.
+ACCEL_PY ?= $(abspath $(PY))
+bench-accelerator:
+	cd bench && PYTHONPATH=.. $(ACCEL_PY) accelerator.py --out ../runs/accelerator.jsonl \
+	  --dir ../runs/accelerator
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,56 +1,111 @@
-"""Accelerator figures from one script: CIFAR-10 ResNet-110 and ImageNet ResNet-50 certified at
-N = 100,000, against a Cohen-style PyTorch loop on the same device. Prints one JSON.
+"""The GPU figures in one prepared script (`make bench-accelerator`): ≤ 8 minutes on one H100 or
+H200, compilation included. A device lease is short and rare, so the parts run in priority
+order, each writing its JSON line (stdout, and --out) as soon as it finishes; a part whose
+estimated cost no longer fits in --budget is not started, and its line says so.
 
-    python bench/accelerator.py                       # one GPU; about 5 minutes
-    python bench/accelerator.py --out figures.jsonl   # and each part as soon as it is measured
-    python bench/accelerator.py --tiny                # seconds on a CPU: same code, tiny sizes
+    python bench/accelerator.py --out accelerator.jsonl     # one GPU
+    python bench/accelerator.py --tiny                      # a CPU dry run: same code, tiny sizes
     make bench-accelerator
 
-The parts, most wanted first (a device lease is short: each is written to --out when done,
-and a part that would start after --budget seconds is skipped and named in the report):
-1. ResNet-110 (32×32, random weights: the time does not depend on them) in bfloat16: a short
-   sweep of the noisy images per forward pass (`--n-sweep` samples, compilation timed apart),
-   then `--n` samples for each of `--images` images at the best setting: seconds per image,
-   noisy images per second, and achieved TFLOP/s from the model's counted multiply-adds
-   (2 FLOPs each, common.multiply_adds) against the device's bf16 peak.
-2. The same model as a Cohen-style PyTorch loop on the same device (Smooth._sample_noise: the
-   noisy copies of one image per forward pass), channels_last, cudnn.benchmark, bf16
-   autocast, its batch swept; then our speed-up over it at the same dtype.
-3. The same two in float32 (TF32 convolutions in both frameworks, their defaults).
-4. ResNet-50 at 224×224 in bfloat16: a short sweep, then seconds per image at `--n50` samples,
-   extrapolated linearly to N = 100,000 where smaller (compute is linear in n).
-5. The PyTorch loop under torch.compile at its best batch, each dtype (compilation apart;
-   not at --tiny sizes, where inductor's compile on a CPU would be most of the run).
-Sequential certification on a trained model is bench/sequential.py's job.
+1. profile: one `sample_counts` call of CIFAR ResNet-110 in bfloat16, BatchNorm folded and
+   unfolded, under `jax.profiler.trace`; the ten most expensive kernels with their share of the
+   kernel time (trace_summary.py). The traces stay under --dir.
+2. ablation: seconds per image at N = 100,000 for folded against unfolded and bfloat16 against
+   float32 (`ablation_jax`); the noise's share, the same call with its noise pre-drawn
+   (`ablation_noise`, common.predrawn_noise); and Cohen et al.'s loop under torch.compile on
+   the same device with BatchNorm folded too (torch.fx's conv-BN fusion in eval mode,
+   `ablation_torch`), with our speed-up over it at each dtype.
+3. recipes: MACER at σ = 0.25, 0.5, 1.0 and SmoothAdv at σ = 0.25, 0.5 on Fashion-MNIST with
+   the recipe table's protocol (bench/losses_table.py: 8 epochs, 500 images, n = 10,000), all
+   five side by side; stopped (SIGTERM: they resume) when the budget ends.
+4. cohen_cifar10: if time is left, Cohen et al.'s CIFAR-10 ResNet-110 at σ = 0.25
+   (configs/cifar10.py, CIFAR-10-JPEG, --cohen-epochs epochs), certified on 500 test images at
+   N = 100,000 and compared with their published file; train.py and certify.py resume, so
+   carrying --dir into the next lease continues it.
+Random weights for 1 and 2 (the time does not depend on them); σ = 0.25.
 """
 
 import argparse
 import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 
 import instars_jax as ij
-from common import device_info, emit, initialised_model, multiply_adds
+from common import device_info, initialised_model, predrawn_noise
+from instars_jax.smoothing import sampler
+from trace_summary import top_kernels
 
-# Dense bf16 peaks (TFLOP/s) from NVIDIA's datasheets (SXM parts), for the achieved share.
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
+ROOT = Path(__file__).resolve().parents[1]
+# The project's shared files: inside the checkout on a device machine, beside it here.
+SHARED = next((p for p in (ROOT / "shared", ROOT.parent / "shared") if p.exists()),
+              ROOT.parent / "shared")
+RECIPES = {"macer": (0.25, 0.5, 1.0), "smoothadv": (0.25, 0.5)}
 
+# Sizes and the seconds each part is expected to take at them (compilation included), from
+# the H200 run of 2026-12-04 (ResNet-110 bf16: 0.61 s per image at N = 100,000, 8 s compile).
 SIZES = {
-    "gpu": dict(model="resnet110", n=100_000, images=20, images_f32=10, n_sweep=10_000,
-                batches=(5_000, 20_000), instances=10, torch_images=2,
-                torch_batches=(2_000, 10_000), model50="resnet50", n50=20_000, images50=4,
-                batches50=(512, 2_048), instances50=4, torch_compile=True),
-    "tiny": dict(model="lenet", n=64, images=2, images_f32=2, n_sweep=64, batches=(32,),
-                 instances=2, torch_images=1, torch_batches=(32,), model50="lenet", n50=64,
-                 images50=2, batches50=(32,), instances50=2, torch_compile=False),
+    "gpu": dict(model="resnet110", n=100_000, profile_n=10_000, batch=20_000, instances=10,
+                torch_images=2, torch_batch=10_000, torch_compile=True, recipes=RECIPES,
+                recipe_flags=("--config.data_dir=/usr/share/datasets/fashion-mnist",),
+                cohen_epochs=90, cohen_flags=(), cost=dict(profile=60, ablation_jax=110, ablation_noise=30,
+                                          ablation_torch=80, recipes=120, cohen_cifar10=60)),
+    "tiny": dict(model="resnet20", n=64, profile_n=64, batch=32, instances=2, torch_images=1,
+                 torch_batch=32, torch_compile=False,
+                 recipes={loss: sigmas[:1] for loss, sigmas in RECIPES.items()},
+                 recipe_flags=("--config.train.epochs=1", "--config.train.batch_size=32",
+                               "--config.certify.n0=8", "--config.certify.n=32",
+                               "--config.certify.skip=1", "--config.certify.max=2",
+                               "--config.certify.batch=32", "--config.certify.instances=2"),
+                 cohen_epochs=1,
+                 cohen_flags=("--config.model.name=resnet20", "--config.train.batch_size=16",
+                              "--config.train.eval_examples=8", "--config.certify.n0=8",
+                              "--config.certify.n=32", "--config.certify.skip=1",
+                              "--config.certify.max=2", "--config.certify.batch=32",
+                              "--config.certify.instances=2"),
+                 cost=dict(profile=1, ablation_jax=1, ablation_noise=1, ablation_torch=1,
+                           recipes=1, cohen_cifar10=1)),
 }
 
 
-def peak_tflops() -> float | None:
-  kind = jax.local_devices()[0].device_kind
-  return next((peak for name, peak in PEAK_BF16_TFLOPS.items() if name in kind), None)
+class Report:
+  """Each part's JSON line, written when the part ends: its result, or why it did not run
+  (skipped: its estimated cost would pass the budget) or did not finish (error)."""
+
+  def __init__(self, out, budget):
+    self.out, self.budget, self.began = out, budget, time.perf_counter()
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self.began
+
+  def left(self) -> float:
+    return self.budget - self.elapsed()
+
+  def part(self, name, cost, measure):
+    """measure(), if `cost` seconds still fit in the budget."""
+    if cost > self.left():
+      return self.write(name, skipped=f"needs about {cost} s, {self.left():.0f} s left")
+    try:
+      result = measure()
+    except Exception as e:  # noqa: BLE001: the later parts still get the device
+      return self.write(name, error=f"{type(e).__name__}: {e}")
+    self.write(name, result=result)
+    return result
+
+  def write(self, name, **fields):
+    line = json.dumps({"part": name, **device_info(), "elapsed_s": round(self.elapsed(), 1),
+                       **fields})
+    print(line, flush=True)
+    if self.out:
+      with open(self.out, "a") as f:
+        f.write(line + "\n")
 
 
 def timed(fn) -> float:
@@ -59,50 +114,73 @@ def timed(fn) -> float:
   return time.perf_counter() - began
 
 
-def jax_rate(name, dtype, n, images, batch, instances) -> dict:
-  """sample_counts over `images` images, `instances` per call: seconds per image after a
-  first call (which compiles, unless a call of the same shapes already did), the first
-  call's excess over a steady call, images/s and TFLOP/s."""
-  apply_fn, shape, classes = initialised_model(name, dtype)
-  x = np.random.default_rng(0).uniform(size=(images,) + shape).astype(np.float32)
-  count = lambda part: ij.sample_counts(apply_fn, part, 0.25, jax.random.PRNGKey(1), num=n,
-                                        batch_size=batch, num_classes=classes)
-  first = timed(lambda: count(x[:instances]))
-  seconds = sum(timed(lambda s=s: count(x[s: s + instances]))
-                for s in range(0, images, instances))
-  steady = seconds / images * instances
-  flops = 2.0 * multiply_adds(name) * n * images
-  peak = peak_tflops()
-  return {"model": name, "dtype": dtype, "n": n, "images": images, "batch": batch,
-          "instances_per_call": instances, "seconds_per_image": seconds / images,
-          "compile_seconds": max(0.0, first - steady),
-          "noisy_images_per_s": n * images / seconds, "tflops": flops / seconds / 1e12,
-          "share_of_bf16_peak": None if peak is None else flops / seconds / 1e12 / peak}
+def counts_call(name, dtype, folded, s, n):
+  """() -> sample_counts of s["instances"] images at n samples each; compiled on first use."""
+  apply_fn, shape, classes = initialised_model(name, dtype, folded)
+  x = np.random.default_rng(0).uniform(size=(s["instances"],) + shape).astype(np.float32)
+  return lambda: ij.sample_counts(apply_fn, x, 0.25, jax.random.PRNGKey(1), num=n,
+                                  batch_size=s["batch"], num_classes=classes)
 
 
-def sweep(name, dtype, n, batches, instances) -> dict:
-  """The batch of the highest throughput at a short n; each setting compiles once, and the
-  full-length run at the chosen batch reuses its program."""
-  rates = [jax_rate(name, dtype, n, instances, b, instances) for b in batches]
-  best = max(rates, key=lambda r: r["noisy_images_per_s"])
-  return {"batch": best["batch"], "instances_per_call": instances,
-          "tried": [{k: r[k] for k in ("batch", "noisy_images_per_s", "compile_seconds")}
-                    for r in rates]}
+def jax_rate(name, dtype, folded, s) -> dict:
+  """Seconds per image at n = s["n"] after a first call at one pass per image (which
+  compiles: the sample count is traced, so both calls share the program)."""
+  compile_s = timed(counts_call(name, dtype, folded, s, s["batch"] // s["instances"]))
+  seconds = timed(counts_call(name, dtype, folded, s, s["n"])) / s["instances"]
+  return {"model": name, "dtype": dtype, "folded": folded, "n": s["n"], "batch": s["batch"],
+          "instances_per_call": s["instances"], "seconds_per_image": seconds,
+          "noisy_images_per_s": s["n"] / seconds, "first_call_seconds": compile_s}
+
+
+def profile(s, trace_dir: Path) -> dict:
+  """Part 1: both graphs' top kernels in one sample_counts call at profile_n samples."""
+  out = {}
+  for folded in (False, True):
+    call = counts_call(s["model"], "bfloat16", folded, s, s["profile_n"])
+    timed(call)  # compiles
+    log_dir = trace_dir / ("folded" if folded else "unfolded")
+    with jax.profiler.trace(str(log_dir)):
+      wall = timed(call)
+    out["folded" if folded else "unfolded"] = {"wall_seconds": wall, **top_kernels(log_dir)}
+  return {"model": s["model"], "dtype": "bfloat16", "n": s["profile_n"], "batch": s["batch"],
+          "instances_per_call": s["instances"], **out}
+
+
+def ablation_jax(s) -> dict:
+  rows = {dtype: {("folded" if f else "unfolded"): jax_rate(s["model"], dtype, f, s)
+                  for f in (True, False)} for dtype in ("bfloat16", "float32")}
+  ratio = lambda a, b: b["seconds_per_image"] / a["seconds_per_image"]
+  return {"rows": rows,
+          "folded_over_unfolded": {d: ratio(r["folded"], r["unfolded"]) for d, r in rows.items()},
+          "bfloat16_over_float32": ratio(rows["bfloat16"]["folded"], rows["float32"]["folded"])}
+
+
+def ablation_noise(s) -> dict:
+  """The folded bfloat16 call with its noise drawn and pre-drawn (one recompile each)."""
+  drawn = jax_rate(s["model"], "bfloat16", True, s)
+  shape = initialised_model(s["model"])[1]
+  chunk = sampler.samples_per_pass(s["batch"], s["instances"], s["n"])
+  with predrawn_noise(s["instances"], chunk, shape):
+    predrawn = jax_rate(s["model"], "bfloat16", True, s)
+  return {"drawn": drawn, "predrawn": predrawn,
+          "noise_share": 1 - predrawn["seconds_per_image"] / drawn["seconds_per_image"]}
 
 
 def torch_rate(name, dtype, n, images, batch, compile_model) -> dict:
-  """Cohen et al.'s loop on the same device: one image's noisy copies per forward pass."""
+  """Cohen et al.'s loop on the same device (one image's noisy copies per forward pass),
+  channels_last, cudnn.benchmark, BatchNorm folded into the convolutions (torch.fx, eval)."""
   import torch
+  from torch.fx.experimental import optimization
   from torch_models import MODELS
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch.backends.cudnn.benchmark = True
-  model = MODELS[name]().eval().to(device).to(memory_format=torch.channels_last)
+  model = optimization.fuse(MODELS[name]().eval()).to(device).to(
+      memory_format=torch.channels_last)
   if compile_model:
     torch._dynamo.reset()
     model = torch.compile(model)
   shape = initialised_model(name)[1]
-  channels_first = (shape[-1], *shape[:2]) if len(shape) == 3 else (1, *shape)
-  image = torch.rand((1, *channels_first), device=device).contiguous(
+  image = torch.rand((1, shape[-1], *shape[:2]), device=device).contiguous(
       memory_format=torch.channels_last)
   autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -125,77 +203,124 @@ def torch_rate(name, dtype, n, images, batch, compile_model) -> dict:
     certify_one(n)
   seconds = (time.perf_counter() - began) / images
   return {"model": name, "dtype": dtype, "n": n, "images": images, "batch": batch,
-          "torch_compile": compile_model, "seconds_per_image": seconds,
-          "warm_up_seconds": warm_up, "noisy_images_per_s": n / seconds,
-          "torch": torch.__version__}
+          "torch_compile": compile_model, "batch_norm_folded": True,
+          "seconds_per_image": seconds, "warm_up_seconds": warm_up,
+          "noisy_images_per_s": n / seconds, "torch": torch.__version__}
 
 
-class Report:
-  """The parts measured so far: each appended to `out` (JSON lines) as it completes, and
-  parts that would start after `budget` seconds skipped by name."""
+def ablation_torch(s, ours) -> dict:
+  rows = {dtype: torch_rate(s["model"], dtype, s["n"], s["torch_images"], s["torch_batch"],
+                            s["torch_compile"]) for dtype in ("bfloat16", "float32")}
+  speedup = {d: rows[d]["seconds_per_image"] / ours["rows"][d]["folded"]["seconds_per_image"]
+             for d in rows if ours}
+  return {"rows": rows, "our_folded_speedup": speedup}
 
-  def __init__(self, out, budget):
-    self.out, self.budget, self.began = out, budget, time.perf_counter()
-    self.skipped = []
 
-  def part(self, name, measure):
-    if time.perf_counter() - self.began > self.budget:
-      self.skipped.append(name)
-      return None
-    result = measure()
-    if self.out:
-      with open(self.out, "a") as f:
-        f.write(json.dumps({"part": name, **device_info(), "elapsed_s":
-                            time.perf_counter() - self.began, "result": result}) + "\n")
-    return result
+def tiny_dataset(path: Path, shape: tuple) -> str:
+  """The dry run's stand-in for a dataset: random uint8 images of `shape`, 10 classes."""
+  rng = np.random.default_rng(0)
+  np.savez(path, **{f"{xy}_{split}": (rng.integers(0, 256, (n,) + shape, np.uint8) if xy == "x"
+                                      else np.arange(n) % 10)
+                    for split, n in (("train", 64), ("test", 8)) for xy in "xy"})
+  return f"--config.dataset=npz:{path}"
+
+
+def run_until(commands, seconds, log_dir: Path) -> list:
+  """Runs `commands` side by side from ROOT; SIGTERM to those still running after `seconds`
+  (train.py checkpoints, certify.py keeps its rows, losses_table.py stops its children).
+  Returns each command's exit status (negative: the signal that ended it)."""
+  log_dir.mkdir(parents=True, exist_ok=True)
+  env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  processes = []
+  for i, command in enumerate(commands):
+    log = open(log_dir / f"{i}.log", "w")
+    processes.append((subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                       env=env), log))
+  deadline = time.time() + seconds
+  for process, log in processes:
+    try:
+      process.wait(max(0.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+      process.send_signal(signal.SIGTERM)
+      process.wait()
+    log.close()
+  return [process.returncode for process, _ in processes]
+
+
+def recipes(s, work: Path, seconds: float, data_flags) -> dict:
+  """Part 3: one losses_table.py per loss (its σ side by side), no command started after
+  `seconds` − 60 and the rest stopped at `seconds` − 20."""
+  commands = [[sys.executable, "bench/losses_table.py", "--runs", str(work / loss),
+               "--losses", loss, "--sigmas", ",".join(map(str, sigmas)), "--insta", "",
+               "--parallel", str(len(sigmas)), "--deadline", str(max(0, seconds - 60)),
+               "--stop-at", str(max(1, seconds - 20)), "--", *data_flags, *s["recipe_flags"]]
+              for loss, sigmas in s["recipes"].items()]
+  statuses = run_until(commands, seconds, work / "logs")
+  out = {}
+  for (loss, sigmas), status in zip(s["recipes"].items(), statuses):
+    summary = work / loss / "summary.json"
+    out[loss] = {"sigmas": sigmas, "exit": status,
+                 **(json.loads(summary.read_text()) if summary.exists() else {})}
+  return out
+
+
+def cohen_cifar10(s, work: Path, seconds: float, cifar: Path, fixtures: Path,
+                  data_flags) -> dict:
+  """Part 4: train (resuming), then certify (resuming) within `seconds`; the comparison with
+  Cohen et al.'s file once all 500 rows are there."""
+  flags = ["--config=configs/cifar10.py", f"--workdir={work}", "--config.dataset=cifar10_jpeg",
+           f"--config.data_dir={cifar}", "--config.model.dtype=bfloat16",
+           "--config.train.insta=False", "--config.train.sigma=0.25",
+           "--config.estimator.epochs=0", f"--config.train.epochs={s['cohen_epochs']}",
+           *data_flags, *s["cohen_flags"]]
+  began = time.time()
+  (trained,) = run_until([[sys.executable, "train.py", *flags]], seconds, work / "logs_train")
+  out = {"epochs": s["cohen_epochs"], "train_exit": trained}
+  if trained == 0:
+    (certified,) = run_until([[sys.executable, "certify.py", *flags,
+                               "--config.certify.sigma=0.25"]],
+                             seconds - (time.time() - began), work / "logs_certify")
+    out["certify_exit"] = certified
+  ours = work / "certify" / "sigma_0.25.tsv"
+  theirs = fixtures / "certify/cifar10/resnet110/noise_0.25/test/sigma_0.25"
+  if ours.exists():
+    out["rows_certified"] = sum(1 for line in ours.read_text().splitlines()
+                                if line and line[0].isdigit())
+    table = subprocess.run(
+        [sys.executable, "-m", "instars_jax.analyze", str(ours), str(theirs), "--radii",
+         "0,0.25,0.5,0.75,1"], cwd=ROOT, capture_output=True, text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    out["table"] = table.stdout or table.stderr
+  return out
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--tiny", action="store_true", help="CPU sizes: seconds, same code paths")
-  parser.add_argument("--out", help="append each part to this JSON-lines file when measured")
-  parser.add_argument("--budget", type=float, default=float("inf"),
-                      help="seconds after which no further part starts")
+  parser.add_argument("--tiny", action="store_true", help="CPU sizes: the same code paths")
+  parser.add_argument("--out", help="append each part's JSON line to this file")
+  parser.add_argument("--budget", type=float, default=480.0,
+                      help="seconds: no part starts whose estimated cost passes them")
+  parser.add_argument("--dir", default=None,
+                      help="traces and runs (default: a new temporary directory)")
+  parser.add_argument("--cifar", default=str(SHARED / "data" / "cifar10-jpeg-q75.tar.xz"))
+  parser.add_argument("--cohen-fixtures", default=str(SHARED / "fixtures" / "cohen2019"))
   args = parser.parse_args(argv)
   s = SIZES["tiny" if args.tiny else "gpu"]
-  report = Report(args.out, args.budget)
-  model, n = s["model"], s["n"]
+  work = Path(args.dir or tempfile.mkdtemp(prefix="accelerator_")).resolve()
+  work.mkdir(parents=True, exist_ok=True)
+  report, cost = Report(args.out, args.budget), s["cost"]
 
-  best = report.part("sweep_bfloat16", lambda: sweep(model, "bfloat16", s["n_sweep"],
-                                                      s["batches"], s["instances"]))
-  batch, instances = best["batch"], best["instances_per_call"]
-  ours, theirs = {}, {}
-  ours["bfloat16"] = report.part("certify_bfloat16", lambda: jax_rate(
-      model, "bfloat16", n, s["images"], batch, instances))
-  eager = lambda dtype: lambda: min(
-      (torch_rate(model, dtype, n, s["torch_images"], b, False) for b in s["torch_batches"]),
-      key=lambda r: r["seconds_per_image"])
-  theirs["bfloat16"] = report.part("torch_bfloat16", eager("bfloat16"))
-  ours["float32"] = report.part("certify_float32", lambda: jax_rate(
-      model, "float32", n, s["images_f32"], batch, instances))
-  theirs["float32"] = report.part("torch_float32", eager("float32"))
-
-  best50 = report.part("sweep50_bfloat16", lambda: sweep(
-      s["model50"], "bfloat16", min(s["n50"], 2 * max(s["batches50"]) // s["instances50"]),
-      s["batches50"], s["instances50"]))
-  fifty = report.part("imagenet", lambda: jax_rate(
-      s["model50"], "bfloat16", s["n50"], s["images50"], best50["batch"], s["instances50"]))
-  if fifty:
-    fifty["seconds_per_image_at_100000"] = fifty["seconds_per_image"] * 100_000 / s["n50"]
-
-  for dtype in ("bfloat16", "float32"):
-    if s["torch_compile"] and theirs.get(dtype):
-      compiled = report.part(f"torch_compile_{dtype}", lambda d=dtype: torch_rate(
-          model, d, n, s["torch_images"], theirs[d]["batch"], True))
-      if compiled and compiled["seconds_per_image"] < theirs[dtype]["seconds_per_image"]:
-        theirs[dtype] = compiled
-
-  emit({"benchmark": "accelerator", **device_info(), "tiny": args.tiny,
-        "certify": ours, "torch_loop": theirs,
-        "speedup_over_torch": {d: theirs[d]["seconds_per_image"] / ours[d]["seconds_per_image"]
-                               for d in ours if ours[d] and theirs.get(d)},
-        "imagenet": fifty, "best_settings": {model: best, s["model50"]: best50},
-        "skipped": report.skipped})
+  report.part("profile", cost["profile"], lambda: profile(s, work / "traces"))
+  ours = report.part("ablation_jax", cost["ablation_jax"], lambda: ablation_jax(s))
+  report.part("ablation_noise", cost["ablation_noise"], lambda: ablation_noise(s))
+  report.part("ablation_torch", cost["ablation_torch"], lambda: ablation_torch(s, ours))
+  fashion = [tiny_dataset(work / "fashion.npz", (28, 28))] if args.tiny else []
+  report.part("recipes", cost["recipes"], lambda: recipes(
+      s, work / "recipes", report.left() - cost["cohen_cifar10"], fashion))
+  cifar = [tiny_dataset(work / "cifar.npz", (32, 32, 3))] if args.tiny else []
+  report.part("cohen_cifar10", cost["cohen_cifar10"], lambda: cohen_cifar10(
+      s, work / "cohen_cifar10", report.left(), Path(args.cifar), Path(args.cohen_fixtures),
+      cifar))
 
 
 if __name__ == "__main__":

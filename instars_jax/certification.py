@@ -36,7 +36,7 @@ from instars_jax.storage.workdir import Workdir
 from instars_jax.smoothing.sequential import rules
 from instars_jax.smoothing.streams import Stream
 from instars_jax.train import estimator, experts
-from instars_jax.train.state import load_train_state, logits_fn
+from instars_jax.train.state import inference_fn, load_train_state
 
 # With sequential sampling each call queues this many times certify.instances images per device:
 # slots freed by early stops are refilled from the queue (continuous batching; the batch stays
@@ -115,7 +115,7 @@ def smoothed_model(config, workdir, dataset, metadata, **more) -> certificates.S
   c = config.certify
   state = load_train_state(workdir, metadata["checkpoint"])
   return certificates.SmoothedModel(
-      apply_fn=logits_fn(state), num_classes=dataset.num_classes,
+      apply_fn=inference_fn(state), num_classes=dataset.num_classes,
       key=jax.random.fold_in(jax.random.PRNGKey(config.seed), Stream.CERTIFY), n0=c.n0, n=c.n,
       alpha=c.alpha, batch_size=c.batch, rule=rules.from_config(c), workdir=workdir,
       image_size=int(np.prod(dataset.image_shape)),

@@ -2,7 +2,8 @@
 added in [0, 1] pixel space, before it, as in Cohen et al.'s code.
 
 `model(x, train)`: BatchNorm uses batch statistics when train is True and running statistics
-otherwise (certification).
+otherwise. Certification runs `fold_batch_norm`'s model, whose convolutions absorb those
+running statistics.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ class Normalize(nn.Module):
   @nn.compact
   def __call__(self, x):
     return (x - jnp.asarray(self.mean, x.dtype)) / jnp.asarray(self.std, x.dtype)
+
+
+# BatchNorm's ε, the same as PyTorch's (so imported checkpoints match) and in the folded kernels.
+BATCH_NORM_EPSILON = 1e-5
 
 
 def _channels_last(x):
@@ -67,15 +72,21 @@ def _torch_padding(kernel_size):
   return [(k // 2, k // 2) for k in kernel_size]
 
 
+def _folded_norm(**_):
+  """The norm of a folded model: its affine map lives in the convolution before it."""
+  return lambda x: x
+
+
 class _Block(nn.Module):
   features: int
   strides: int
   norm: Any
   dtype: Any
+  folded: bool = False
 
   def conv(self, features, kernel_size, strides=1):
     return nn.Conv(features, kernel_size, strides, padding=_torch_padding(kernel_size),
-                   use_bias=False, dtype=self.dtype)
+                   use_bias=self.folded, dtype=self.dtype)
 
 
 class BasicBlock(_Block):
@@ -101,7 +112,10 @@ class ResNet(nn.Module):
   """ResNet with projection shortcuts. CIFAR variants (stem 3×3, widths 16/32/64) follow
   Cohen et al.'s `cifar_resnet`; the ImageNet variant is torchvision's ResNet-50 (stride in the
   3×3 convolution). Layer for layer and padding for padding as in PyTorch, so published
-  checkpoints import exactly (`import_torch.py`)."""
+  checkpoints import exactly (`import_torch.py`).
+
+  `folded`: every BatchNorm is folded into the convolution before it, whose kernel and bias
+  `fold_batch_norm` computes (inference only)."""
   stage_sizes: Sequence[int]
   block: Any
   num_classes: int
@@ -110,24 +124,28 @@ class ResNet(nn.Module):
   std: Sequence[float]
   imagenet_stem: bool = False
   dtype: Any = jnp.float32
+  folded: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype)
+    if self.folded and train:
+      raise ValueError("a model with BatchNorm folded into its convolutions cannot train")
+    norm = _folded_norm if self.folded else functools.partial(
+        nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=BATCH_NORM_EPSILON,
+        dtype=self.dtype)
     x = Normalize(self.mean, self.std)(_channels_last(x)).astype(self.dtype)
     if self.imagenet_stem:
-      x = nn.Conv(self.widths[0], (7, 7), 2, padding=[(3, 3), (3, 3)], use_bias=False,
+      x = nn.Conv(self.widths[0], (7, 7), 2, padding=[(3, 3), (3, 3)], use_bias=self.folded,
                   dtype=self.dtype)(x)
       x = nn.relu(norm()(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_torch_padding((3, 3)))
     else:
       x = nn.relu(norm()(nn.Conv(self.widths[0], (3, 3), padding=_torch_padding((3, 3)),
-                                 use_bias=False, dtype=self.dtype)(x)))
+                                 use_bias=self.folded, dtype=self.dtype)(x)))
     for stage, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for i in range(size):
         strides = 2 if stage > 0 and i == 0 else 1
-        x = self.block(width, strides, norm, self.dtype)(x)
+        x = self.block(width, strides, norm, self.dtype, self.folded)(x)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
@@ -182,6 +200,38 @@ def create_model(name: str, num_classes: int, dtype: str = "float32", stats="cif
   if name == "resnet50":
     return resnet50(num_classes, DTYPES[dtype], stats)
   raise ValueError(f"model.name must be one of {ARCHITECTURES}; got {name!r}")
+
+
+def fold_batch_norm(model, variables) -> tuple:
+  """(model, variables) of the same function at inference with every BatchNorm folded into
+  the convolution before it: BN(conv(x; W)) = conv(x; W·s) + β − μ·s per output channel, with
+  s = γ / √(var + ε) from the running statistics (exact in real arithmetic; in floating point
+  the logits move by rounding only). `variables` is left untouched; a model without BatchNorm
+  comes back as it is.
+
+  In ResNet and its blocks BatchNorm_k normalizes the output of Conv_k: each pair is created
+  in the same order (`norm()(conv(...)(x))`), so the folded model's Conv_k, now with a bias,
+  takes the pair's place under the same name."""
+  if not isinstance(model, ResNet) or model.folded:
+    return model, variables
+  return (model.clone(folded=True),
+          {"params": _fold(variables["params"], variables["batch_stats"])})
+
+
+def _fold(params, batch_stats) -> dict:
+  folded = {}
+  for name, value in params.items():
+    norm = f"BatchNorm_{name.removeprefix('Conv_')}"
+    if name.startswith("BatchNorm_"):
+      continue
+    if name.startswith("Conv_") and norm in params:
+      stats = batch_stats[norm]
+      scale = params[norm]["scale"] * jax.lax.rsqrt(stats["var"] + BATCH_NORM_EPSILON)
+      folded[name] = {"kernel": value["kernel"] * scale,
+                      "bias": params[norm]["bias"] - stats["mean"] * scale}
+    else:
+      folded[name] = _fold(value, batch_stats[name]) if name in batch_stats else value
+  return folded
 
 
 def bind_variables(apply, variables) -> jax.tree_util.Partial:
