@@ -25,7 +25,7 @@ from instars_jax.storage import checkpoints
 from instars_jax.storage.workdir import CONFIG_FILE, Workdir
 from instars_jax.parallel import Sharder
 from instars_jax.train import actions, estimator, loop, sigma_table, stages, steps
-from instars_jax.train.stages import sigma_estimators
+from instars_jax.train.stages import finetune, sigma_estimators
 from instars_jax.train import state as state_lib
 
 GRID = (0.25, 0.5, 1.0)
@@ -229,7 +229,7 @@ def test_estimator_stage_resumes_after_a_kill_to_the_same_estimator(insta_config
   insta_config.estimator.update(epochs=2, label_samples=4)
   loop.train_and_evaluate(insta_config, tmp_path / "straight")
   with monkeypatch.context() as m:  # killed in the estimator's second epoch
-    stop_after(estimator, "train_step", 3 + 2, m)
+    stop_after(sigma_estimators, "train_step", 3 + 2, m)
     with pytest.raises(Killed):
       loop.train_and_evaluate(insta_config, tmp_path / "resumed")
   assert (tmp_path / "resumed" / "estimator" / "profile.npz").exists()
@@ -311,12 +311,12 @@ def test_router_nodes_resume_bit_identically_after_sigterm_and_kill_by_global_st
                                                           manager.latest_step()]
     ends.append(manager.latest_step())
   node_steps = ends[1] - ends[0]
-  with sigterm_during_step(monkeypatch, 2, estimator):  # node 2, its second step
+  with sigterm_during_step(monkeypatch, 2, sigma_estimators):  # node 2, its second step
     with pytest.raises(checkpoints.Interrupted, match=r"stopped at step 2 "):
       loop.train_and_evaluate(insta_config, tmp_path / "resumed")
   assert checkpoints.manager(tmp_path / "resumed" / "router" / "node_2").latest_step() == 11
   with monkeypatch.context() as m:  # resumed, then killed in node 1's second step
-    stop_after(estimator, "train_step", node_steps - 2 + 2, m)
+    stop_after(sigma_estimators, "train_step", node_steps - 2 + 2, m)
     with pytest.raises(Killed):
       loop.train_and_evaluate(insta_config, tmp_path / "resumed")
   node_1 = checkpoints.manager(tmp_path / "resumed" / "router" / "node_1")
@@ -336,8 +336,8 @@ def test_finetuning_at_the_estimator_sigma_trains_each_example_there_and_resumes
   insta_config.estimator.update(epochs=1, label_samples=4, finetune_epochs=2)
   first = insta_config.train.epochs
   straight = loop.train_and_evaluate(insta_config, tmp_path / "straight")
-  assigned = estimator.assigned_sigmas(tmp_path / "straight",
-                                       data.load_dataset(insta_config.dataset).train, insta_config)
+  assigned = finetune.assigned_sigmas(tmp_path / "straight",
+                                      data.load_dataset(insta_config.dataset).train, insta_config)
   np.testing.assert_array_equal(np.asarray(straight.sigma_table), assigned)
   assert set(np.unique(assigned)) <= {0.25, 0.5, 1.0}
   manager = checkpoints.manager(tmp_path / "straight")

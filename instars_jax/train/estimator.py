@@ -1,42 +1,14 @@
 """The σ-estimator of the sound instance-wise certificate, after Dual Randomized Smoothing
-(Sun, Mao & Vechev, ICLR 2026), and its training stage.
+(Sun, Mao & Vechev, ICLR 2026), as a model: what it is, its saved settings, loading it.
 
 A classifier over the K noise levels of `train.table.grid`, smoothed at σ_e (default: the top
-of the grid) and certified by CERTIFY like any base classifier
-(instars_jax/certificates/). It learns from the trained base model:
+of the grid) and certified by CERTIFY like any base classifier (instars_jax/certificates/).
+With `estimator.router`, a router tree instead (the `router` certificate): for the grid
+σ_1 < … < σ_K, node k (k = K … 2) decides "σ_k" against "a lower σ", smoothed at σ_k.
 
-1. Labels. Each training example's radius profile R_k at every grid σ (`sigma_table.update`
-   with `estimator.label_samples` noise vectors, on the final base model, or with
-   `estimator.experts` on expert k at σ_k: train/stages/sigma_estimators.py) becomes the
-   soft label softmax(R_k / τ), R clipped at 0; examples whose R is 0 at every σ are dropped
-   (no σ certifies them, so they say nothing about which σ is best).
-2. Loss. `estimator.loss`, a module of train/losses/ that takes soft targets, by default
-   the consistency loss (Jeong & Shin, NeurIPS 2020) with λ = 10, m = 2: soft-label
-   cross-entropy on two noisy copies at σ_e plus λ times the KL divergence of each copy's
-   prediction from the copies' mean, which makes the smoothed estimator confident, so its
-   certified radius is rarely the smaller of the two.
-3. Weights. Each example weighs 1 / (frequency of its label's top bin), normalised to mean 1,
-   so that rare σ bins are learnt too.
-
-Works for Insta-RS and Cohen base models alike. Saved in WORKDIR/estimator/ (orbax, one
-checkpoint per epoch, resumable) with `estimator.json`, the settings certification reads; the
-profile of step 1 is kept in WORKDIR/estimator/profile.npz.
-
-With `estimator.router`, the same recipe trains a router tree instead (the `router`
-certificate): for the grid σ_1 < … < σ_K, node k (k = K … 2) decides "σ_k" against "a lower
-σ", smoothed at σ_k, from soft labels over (max_{j<k} R_j, R_k); saved in WORKDIR/router/
-node_k/. Options (DualRS's, `configs/default.py`): `estimator.init` = base starts each
-estimator from the base model's weights with a new head; `estimator.consistency.eta` (η)
-adds η·H(p̄) of the copies' mean prediction; `estimator.radius_weight` (w_r) weighs each
-example by its best radius to the power w_r; `estimator.balance_bins` = False drops the
-1/frequency weights; `estimator.gain_weight` weighs each example by its radius gain, its best
-bin's radius minus the next bin's (what choosing wrong there costs), so that examples where
-the choice hardly matters teach little (with balance_bins: gain-weighted, bin-balanced).
-
-4. Optionally (`estimator.finetune_epochs`, DualRS's last step) the base model is fine-tuned
-   with each training example at the σ the trained estimator picks for it (`assigned_sigmas`:
-   the majority bin over `label_samples` noisy copies at σ_e), so that the base model is
-   trained where the certificate will use it (train/stages/finetune.py, after this stage).
+Trained by train/stages/sigma_estimators.py. Saved in WORKDIR/estimator/ (a router node in
+WORKDIR/router/node_k/): orbax checkpoints, one per epoch, and `estimator.json`, the settings
+certification reads.
 """
 
 from __future__ import annotations
@@ -54,12 +26,9 @@ import numpy as np
 from instars_jax import data, models
 from instars_jax.storage import checkpoints
 from instars_jax.storage.workdir import Workdir
-from instars_jax.smoothing.streams import Stream
-from instars_jax.train import losses, steps
 from instars_jax.train import state as state_lib
 
 SETTINGS_FILE = "estimator.json"
-INITS = ("scratch", "base")
 # Settings added after estimators were trained, with the value that means what those did.
 LATER_SETTINGS = {"node": None, "init": "scratch", "radius_weight": 0.0,
                   "balance_bins": True, "gain_weight": False, "experts": ""}
@@ -113,72 +82,8 @@ def grid_of(config) -> tuple:
   return tuple(float(s) for s in config.train.table.grid)
 
 
-def choosers(config, workdir: Workdir) -> list:
-  """The estimators `config` asks for: one over the grid, or with estimator.router the router
-  nodes from the top of the grid down."""
-  grid = grid_of(config)
-  if not config.estimator.router:
-    return [Estimator(grid, smoothing_sigma(config), directory=workdir.estimator_dir)]
-  return [router_node(workdir, grid, k) for k in range(len(grid) - 1, 0, -1)]
-
-
 def router_node(workdir: Workdir, grid: tuple, node: int) -> Estimator:
   return Estimator(grid, grid[node], node, workdir.router_dir(node))
-
-
-def soft_labels(radii, temperature: float):
-  """(labels float32[N, K], keep bool[N]): softmax(max(R, 0) / τ) per example, and whether
-  any R is positive (the examples the estimator trains on)."""
-  radii = np.maximum(np.asarray(radii, np.float64), 0.0)
-  logits = radii / temperature
-  labels = np.exp(logits - logits.max(axis=1, keepdims=True))
-  labels /= labels.sum(axis=1, keepdims=True)
-  return labels.astype(np.float32), radii.max(axis=1) > 0
-
-
-def bin_weights(labels) -> np.ndarray:
-  """float32[N]: 1 / frequency of each example's top bin, normalised to mean 1."""
-  top = np.argmax(labels, axis=1)
-  counts = np.bincount(top, minlength=labels.shape[1]).astype(np.float64)
-  weights = 1.0 / counts[top]
-  return (weights / weights.mean()).astype(np.float32)
-
-
-def training_labels(radii, chooser: Estimator, e):
-  """(weight × soft label float32[N, bins], kept indices) for `chooser` from the profile
-  [N, K] over the grid, with the estimator settings `e` (temperature, balance_bins,
-  radius_weight, gain_weight); each weight factor is normalised to mean 1."""
-  binned = chooser.bins(np.asarray(radii))
-  labels, keep = soft_labels(binned, e.temperature)
-  kept = np.flatnonzero(keep)
-  weights = np.ones(len(kept), np.float32)
-  if len(kept) and e.balance_bins:
-    weights *= bin_weights(labels[kept])
-  if len(kept) and e.radius_weight:
-    best = np.maximum(binned[kept].max(axis=1), 0.0) ** e.radius_weight
-    weights *= (best / best.mean()).astype(np.float32)
-  if len(kept) and e.gain_weight:
-    top_two = -np.sort(-np.maximum(binned[kept], 0.0), axis=1)[:, :2]
-    gain = top_two[:, 0] - top_two[:, 1]
-    weights *= (gain / max(gain.mean(), np.finfo(np.float32).tiny)).astype(np.float32)
-  weighted = np.zeros_like(labels)
-  weighted[kept] = labels[kept] * weights[:, None]
-  return weighted, kept
-
-
-def smoothing_sigma(config) -> float:
-  return float(config.estimator.sigma or max(config.train.table.grid))
-
-
-def settings(config, chooser: Estimator) -> dict:
-  """What an estimator depends on; certification reads the grid and σ_e from here."""
-  e = config.estimator
-  return {"grid": list(chooser.grid), "sigma": chooser.sigma, "node": chooser.node,
-          "model": e.model or config.model.name, "dtype": config.model.dtype,
-          "epochs": e.epochs, "label_samples": e.label_samples, "temperature": e.temperature,
-          "loss": e.loss, "loss_settings": e[e.loss].to_dict(), "learning_rate": e.learning_rate,
-          "init": e.init, "radius_weight": e.radius_weight, "balance_bins": e.balance_bins,
-          "gain_weight": e.gain_weight, "experts": e.experts, "seed": config.seed}
 
 
 def upgrade(saved: dict) -> dict:
@@ -221,41 +126,6 @@ def finished_steps(manager, saved: dict) -> int | None:
   return latest if latest == saved["epochs"] else None
 
 
-def validate(config) -> list:
-  e = config.estimator
-  return [
-      (e.epochs >= 0, f"estimator.epochs must be >= 0; got {e.epochs}"),
-      (e.sigma >= 0, f"estimator.sigma must be > 0 (or 0: the top of the grid); got {e.sigma}"),
-      (e.label_samples >= 1, f"estimator.label_samples must be >= 1; got {e.label_samples}"),
-      (e.temperature > 0, f"estimator.temperature must be > 0; got {e.temperature}"),
-      (e.radius_weight >= 0, f"estimator.radius_weight must be >= 0; got {e.radius_weight}"),
-      (e.learning_rate > 0, f"estimator.learning_rate must be > 0; got {e.learning_rate}"),
-      (e.init in INITS, f"estimator.init must be one of {INITS}; got {e.init!r}"),
-      (e.init == "scratch" or e.model in ("", config.model.name),
-       f"estimator.init=base needs the base model's architecture; got estimator.model={e.model!r}"),
-      (e.finetune_epochs >= 0, f"estimator.finetune_epochs must be >= 0; got {e.finetune_epochs}"),
-      (e.finetune_learning_rate > 0,
-       f"estimator.finetune_learning_rate must be > 0; got {e.finetune_learning_rate}"),
-      (not (e.router and e.finetune_epochs),
-       "estimator.finetune_epochs needs the estimator over the grid, not estimator.router"),
-      ((e.model or config.model.name) in models.ARCHITECTURES,
-       f"estimator.model must be one of {models.ARCHITECTURES}; got {e.model!r}"),
-  ] + losses.validate(e, "estimator", losses.estimator_defaults, soft_targets=True)
-
-
-@functools.partial(jax.jit, static_argnames=("sigma", "loss"), donate_argnames="state")
-def train_step(state: state_lib.ModelState, batch, epoch_key, epoch=0, *, sigma, loss):
-  """One SGD step of `loss` (estimator.loss: consistency by default, the losses/ module the
-  base model can train with too) at σ_e on `batch["label"]`, weight × soft label; its
-  "agreement" is the share of noisy copies whose top bin is the label's."""
-  keys = state_lib.example_keys(epoch_key, batch["index"])
-  state, metrics = steps.loss_step(state, batch["image"], batch["label"],
-                                   jnp.full(keys.shape[:1], sigma, jnp.float32), keys, loss,
-                                   epoch)
-  metrics["agreement"] = metrics.pop("noisy_accuracy")
-  return state, metrics
-
-
 def checkpointed_settings(directory) -> dict:
   """The settings of the finished estimator in `directory` (`saved_settings`) and "step", the
   checkpoint that certifies with them (what a results file records)."""
@@ -273,17 +143,6 @@ def load(directory, workdir, step: int | None = None):
   model = models.create_model(saved["model"], bins, saved["dtype"], Workdir(workdir).read_facts().stats)
   variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
   return models.bind_variables(model.apply, variables), saved
-
-
-def assigned_sigmas(workdir, split: data.Split, config) -> np.ndarray:
-  """float32[N]: for each example of `split`, the grid σ of the estimator's majority bin over
-  `estimator.label_samples` copies at σ_e (noise keyed on (seed, example, copy); ties go to
-  the smaller σ). Every host computes all of them, on its first local device."""
-  apply, saved = load(Workdir(workdir).estimator_dir, workdir)
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), Stream.ESTIMATOR_ASSIGN)
-  bins = majority_bins(apply, saved["sigma"], len(saved["grid"]), split,
-                       np.arange(len(split)), key, config)
-  return np.asarray(saved["grid"], np.float32)[bins]
 
 
 def majority_bins(apply, sigma: float, num_bins: int, split: data.Split, order: np.ndarray,
