@@ -227,7 +227,7 @@ def test_consistency_takes_the_estimators_weighted_soft_labels():
 
 
 def test_the_estimator_trains_with_a_loss_module_that_takes_soft_labels():
-  from instars_jax.train import estimator
+  from instars_jax.selection import estimator
   from instars_jax.train.stages import sigma_estimators
   config = default.get_config()
   config.estimator.epochs = 1

@@ -8,8 +8,9 @@ import numpy as np
 import optax
 from scipy import stats
 
+from instars_jax.selection import estimator
 from instars_jax.smoothing import bounds
-from instars_jax.train import estimator, sigma_table
+from instars_jax.train import sigma_table
 from instars_jax.train import state as state_lib
 from instars_jax.train.stages import sigma_estimators
 

@@ -24,7 +24,8 @@ from instars_jax import data
 from instars_jax.storage import checkpoints
 from instars_jax.storage.workdir import CONFIG_FILE, Workdir
 from instars_jax.parallel import Sharder
-from instars_jax.train import actions, estimator, loop, sigma_table, stages, steps
+from instars_jax.selection import estimator
+from instars_jax.train import actions, loop, sigma_table, stages, steps
 from instars_jax.train.stages import finetune, sigma_estimators
 from instars_jax.train import state as state_lib
 

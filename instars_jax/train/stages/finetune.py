@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from instars_jax import data
+from instars_jax.selection import estimator
 from instars_jax.smoothing.streams import Stream
 from instars_jax.storage.workdir import Workdir
-from instars_jax.train import estimator
 from instars_jax.train import state as state_lib
 from instars_jax.train.interface import resume, stage_manager
 from instars_jax.train.stages.base import FINETUNE, BaseStage

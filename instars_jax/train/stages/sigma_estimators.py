@@ -1,4 +1,4 @@
-"""The training stage of a σ-estimator or router node (the model of train/estimator.py), in
+"""The training stage of a σ-estimator or router node (the model of selection/estimator.py), in
 the loop of loop.py, after the base model, which it leaves as it is (Insta-RS and Cohen base
 models alike):
 
@@ -25,7 +25,7 @@ the next bin's (what choosing wrong there costs), so that examples where the cho
 matters teach little (with balance_bins: gain-weighted, bin-balanced).
 
 The profile is the base model's at every grid σ, or with `estimator.experts` (one fixed-σ
-run per grid σ, train/experts.py) expert k's at σ_k: the labels then come from the
+run per grid σ, selection/experts.py) expert k's at σ_k: the labels then come from the
 classifiers that certification deploys with the same `certify.experts`. With a held-out
 share (train.holdout), each epoch's metrics row also scores the estimator there, on labels
 computed the same way from the held-out examples: `heldout_agreement` (its majority bin over
@@ -47,18 +47,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from instars_jax import data, models
+from instars_jax.selection import estimator, experts
 from instars_jax.storage import checkpoints, events
 from instars_jax.storage.files import write_json_atomic
 from instars_jax.storage.workdir import Workdir
 from instars_jax.smoothing.streams import Stream, numpy_rng
-from instars_jax.train import actions, estimator, experts, losses, sigma_table, steps
+from instars_jax.train import actions, losses, sigma_table, steps
 from instars_jax.train import state as state_lib
 from instars_jax.train.interface import resume, stage_manager
 
 ORDER = 1
 SECTION = "estimator"
 INITS = ("scratch", "base")
-# The σ-estimator of the sound instance-wise certificate (train/estimator.py), trained after
+# The σ-estimator of the sound instance-wise certificate (selection/estimator.py), trained after
 # the base model in the same train.py run; 0 epochs: none. Its loss's settings are the
 # section estimator.<loss>, which configs/default.py adds from the loss modules.
 DEFAULTS = {
@@ -89,7 +90,7 @@ DEFAULTS = {
     # deciding grid σ_k against the lower ones, smoothed at σ_k (the `router` certificate).
     "router": False,
     # σ experts whose radius profiles label the estimators: one fixed-σ workdir per
-    # train.table.grid σ, smallest first, commas between (train/experts.py), the ones
+    # train.table.grid σ, smallest first, commas between (selection/experts.py), the ones
     # certify.experts will name. Empty: the base model at every σ.
     "experts": "",
 }

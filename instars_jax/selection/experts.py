@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from instars_jax.selection import classifier
+from instars_jax.selection.estimator import grid_of
 from instars_jax.storage.workdir import Workdir
-from instars_jax.train.estimator import grid_of
-from instars_jax.train.state import load_train_state, logits_fn
 
 
 CERTIFY_SETTING, LABELS_SETTING = "certify.experts", "estimator.experts"
@@ -92,5 +92,4 @@ def check(config, workdir, needed, on_holdout: bool = False,
 def load(checked: list[dict]) -> dict:
   """{float32 σ: x -> logits} of the experts `check` returned ({}: none), each at the
   checkpoint step it records."""
-  return {np.float32(e["sigma"]): logits_fn(load_train_state(e["workdir"], e["step"]))
-          for e in checked}
+  return {np.float32(e["sigma"]): classifier.load(e["workdir"], e["step"]) for e in checked}

@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from instars_jax import data, models
+from instars_jax.selection import classifier
+from instars_jax.smoothing.bounds import instance_noise
 from instars_jax.storage import checkpoints
 from instars_jax.storage.workdir import Workdir
-from instars_jax.train import state as state_lib
 
 SETTINGS_FILE = "estimator.json"
 # Settings added after estimators were trained, with the value that means what those did.
@@ -137,12 +138,11 @@ def load(directory, workdir, step: int | None = None):
   `directory` of the run in `workdir`, at checkpoint `step` (None: the latest)."""
   saved = LATER_SETTINGS | saved_settings(directory)
   manager = checkpoints.manager(directory)
-  restored = (checkpoints.restore_latest(manager) if step is None
-              else checkpoints.restore(manager, step))
   bins = len(saved["grid"]) if saved["node"] is None else 2
-  model = models.create_model(saved["model"], bins, saved["dtype"], Workdir(workdir).read_facts().stats)
-  variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
-  return models.bind_variables(model.apply, variables), saved
+  model = models.create_model(saved["model"], bins, saved["dtype"],
+                              Workdir(workdir).read_facts().stats)
+  step = manager.latest_step() if step is None else step
+  return classifier.from_checkpoint(model, manager, step), saved
 
 
 def majority_bins(apply, sigma: float, num_bins: int, split: data.Split, order: np.ndarray,
@@ -159,10 +159,9 @@ def majority_bins(apply, sigma: float, num_bins: int, split: data.Split, order: 
 
 @functools.partial(jax.jit, static_argnames=("num_bins", "copies"))
 def _votes(apply, images, indices, key, sigma, *, num_bins, copies):
-  keys = state_lib.example_keys(key, indices)
+  noise = jax.vmap(instance_noise, in_axes=(None, 0, None, None))
 
   def copy_votes(c):
-    noisy = state_lib.gaussian_noise(jax.vmap(lambda k: jax.random.fold_in(k, c))(keys),
-                                     images, jnp.full(indices.shape, sigma))
+    noisy = images + sigma * noise(key, indices, c[None], images.shape[1:])[:, 0]
     return jax.nn.one_hot(jnp.argmax(apply(noisy), -1), num_bins)
   return jax.lax.map(copy_votes, jnp.arange(copies)).sum(axis=0)
