@@ -123,7 +123,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.certify.name = ""  # output DIR/certify/<name>.tsv; default sigma_<sigma> / the kind's own
   # σ experts: one fixed-σ run per train.table.grid σ, smallest first, commas between (e.g.
   # runs/cohen_0.25,runs/cohen_0.5,runs/cohen_1.0); the class test at σ_k uses expert k
-  # (instars_jax/train/experts.py). Empty: this run's model at every σ. Default file names gain
+  # (instars_jax/selection/experts.py). Empty: this run's model at every σ. Default file names gain
   # "_experts".
   config.certify.experts = ""
   config.certify.split = "test"  # test | holdout (the training examples train.holdout kept out)

@@ -3,8 +3,10 @@
   smoothing/      the statistics and the sampler: bounds, noise streams, CERTIFY and PREDICT,
                   sequential stopping rules and their engine, the σ search
   certificates/   the certificate kinds, one module each, found by name from the config
-  train/          the train state with its σ table, the steps, one loop over stages, the
-                  σ-estimator, periodic actions
+  selection/      the σ-estimator and router nodes as models, the σ experts, a run's
+                  classifier: loaded from a workdir for training and certification alike
+  train/          the train state with its σ table, the steps, one loop over stages (the
+                  σ-estimators' among them), periodic actions
   data/           dataset sources by name or prefix, the grain input pipeline, augmentation
   storage/        a run's directory (Workdir), checkpoints, results files, locks, events
   certification.py, analyze.py, models.py, parallel.py, import_torch.py, convert.py, cli.py

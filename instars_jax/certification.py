@@ -31,12 +31,11 @@ from ml_collections.config_flags import config_path
 import instars_jax
 from configs import default
 from instars_jax import analyze, certificates, data
+from instars_jax.selection import classifier, estimator, experts
 from instars_jax.storage import checkpoints, events, results
 from instars_jax.storage.workdir import Workdir
 from instars_jax.smoothing.sequential import rules
 from instars_jax.smoothing.streams import Stream
-from instars_jax.train import estimator, experts
-from instars_jax.train.state import inference_fn, load_train_state
 
 # With sequential sampling each call queues this many times certify.instances images per device:
 # slots freed by early stops are refilled from the queue (continuous batching; the batch stays
@@ -113,9 +112,8 @@ def smoothed_model(config, workdir, dataset, metadata, **more) -> certificates.S
   records, its key and the CERTIFY settings of config.certify; `more` fills the rest of
   certificates.SmoothedModel."""
   c = config.certify
-  state = load_train_state(workdir, metadata["checkpoint"])
   return certificates.SmoothedModel(
-      apply_fn=inference_fn(state), num_classes=dataset.num_classes,
+      apply_fn=classifier.load(workdir, metadata["checkpoint"]), num_classes=dataset.num_classes,
       key=jax.random.fold_in(jax.random.PRNGKey(config.seed), Stream.CERTIFY), n0=c.n0, n=c.n,
       alpha=c.alpha, batch_size=c.batch, rule=rules.from_config(c), workdir=workdir,
       image_size=int(np.prod(dataset.image_shape)),

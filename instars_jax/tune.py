@@ -24,7 +24,7 @@ from instars_jax.storage.files import write_json_atomic
 from instars_jax.storage.results import format_down
 from instars_jax.storage.workdir import Workdir
 from instars_jax.smoothing import sampler
-from instars_jax.train import estimator
+from instars_jax.selection import estimator
 
 
 def validate(config) -> None:

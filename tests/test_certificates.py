@@ -15,7 +15,7 @@ from instars_jax import certificates
 from instars_jax.smoothing import bounds
 from instars_jax.certificates import SmoothedModel, locally_constant
 from instars_jax.certificates import memory as memory_kind
-from instars_jax.train.estimator import Estimator
+from instars_jax.selection.estimator import Estimator
 
 DIM = 16
 

@@ -20,6 +20,7 @@ from helpers import (Killed, as_experts, event_values, make_toy_config, rows_wit
                      stop_after)
 from instars_jax import analyze, certificates, certification, data
 from instars_jax.certificates import locally_constant
+from instars_jax.selection import classifier
 from instars_jax.storage import checkpoints, results
 from instars_jax.smoothing.streams import Stream
 from instars_jax.train import loop
@@ -83,6 +84,27 @@ def test_a_results_file_holds_one_model_a_resume_after_a_new_checkpoint_is_refus
   with pytest.raises(ValueError, match=rf"made with other settings \({changed}\)"):
     certification.certify_test_set(config, workdir)
   assert path.read_bytes() == before
+
+
+def test_certification_loads_each_checkpoint_s_classifier_bit_identical_to_its_train_state(run):
+  # selection/classifier.py restores a checkpoint's model variables alone (no optimizer, no
+  # σ table); its logits are those of the whole train state (train/state.py, the notebooks'
+  # path), at each step asked for.
+  config, workdir = run
+  first = checkpoints.manager(workdir).latest_step()
+  manager = checkpoints.manager(workdir, keep=[first])
+  state = ij.load_train_state(workdir, first)
+  later = state.replace(params=jax.tree_util.tree_map(lambda p: p * 1.5, state.params))
+  checkpoints.save(manager, first + 1, later, checkpoints.progress(manager, first))
+  x = np.random.default_rng(0).uniform(size=(8, 28, 28)).astype(np.float32)
+  logits = {}
+  for step in (first, first + 1):
+    loaded = classifier.load(workdir, step)
+    assert set(loaded.args[0]) == {"params", "batch_stats"}
+    logits[step] = np.asarray(loaded(x))
+    np.testing.assert_array_equal(
+        logits[step], np.asarray(ij.logits_fn(ij.load_train_state(workdir, step))(x)))
+  assert not np.array_equal(logits[first], logits[first + 1])
 
 
 def test_grid_mode_certifies_every_grid_sigma_in_one_call_with_the_label_oracle(run, capsys):
@@ -288,8 +310,7 @@ def island_config(kind, tmp_path, monkeypatch):
   for stand_in in ("check_run", "check_dataset"):
     monkeypatch.setattr(certification, stand_in, lambda *args: None)
   monkeypatch.setattr(certification, "model_step", lambda workdir: 1)
-  monkeypatch.setattr(certification, "load_train_state", lambda workdir, step: None)
-  monkeypatch.setattr(certification, "logits_fn", lambda state: island_classifier)
+  monkeypatch.setattr(certification.classifier, "load", lambda workdir, step: island_classifier)
   # the estimator; the router's node
   settings = {"grid": [0.03, 0.2], "sigma": 0.2, "node": 1, "step": 1}
   monkeypatch.setattr(locally_constant.estimator, "checkpointed_settings",

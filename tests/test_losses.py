@@ -227,19 +227,20 @@ def test_consistency_takes_the_estimators_weighted_soft_labels():
 
 
 def test_the_estimator_trains_with_a_loss_module_that_takes_soft_labels():
-  from instars_jax.train import estimator
+  from instars_jax.selection import estimator
+  from instars_jax.train.stages import sigma_estimators
   config = default.get_config()
   config.estimator.epochs = 1
   assert config.estimator.loss == "consistency"
   assert config.estimator.consistency.to_dict() == {"num_noise_vec": 2, "lbd": 10.0, "eta": 0.0}
-  assert [m for ok, m in estimator.validate(config) if not ok] == []
+  assert [m for ok, m in sigma_estimators.validate(config) if not ok] == []
   config.estimator.loss = "macer"
-  assert [m for ok, m in estimator.validate(config) if not ok] == [
+  assert [m for ok, m in sigma_estimators.validate(config) if not ok] == [
       "estimator.loss=macer needs class labels; the σ-estimators train on soft labels: use one "
       "of ['consistency', 'gaussian', 'stability']"]
   config.estimator.loss = "stability"
   config.estimator.consistency.eta = 0.5
-  assert [m for ok, m in estimator.validate(config) if not ok] == [
+  assert [m for ok, m in sigma_estimators.validate(config) if not ok] == [
       "estimator.consistency.eta is set but estimator.loss is 'stability': it would be ignored "
       "(set estimator.loss=consistency, or leave estimator.consistency at its defaults)"]
   # Settings an estimator saved before: the float λ and η are the consistency loss's.

@@ -157,15 +157,23 @@ def test_folded_counts_match_on_a_fixed_seed():
   assert np.abs(ours - theirs).sum() // 2 <= 1
 
 
-def test_certification_runs_the_folded_model():
-  """state.inference_fn, what certification applies: the folded graph of the saved weights."""
+def test_certification_runs_the_folded_model(tmp_path):
+  """selection.classifier, what certification applies: the folded graph of the saved weights,
+  the checkpoint left as it was."""
+  from instars_jax.selection import classifier
+  from instars_jax.storage import checkpoints
   model, variables, images = _model_with_statistics("resnet20", (8, 8, 3))
   state = state_lib.ModelState.create(apply_fn=model.apply, params=variables["params"],
                                       batch_stats=variables["batch_stats"], tx=optax.sgd(0.1))
-  inference = state_lib.inference_fn(state)
+  manager = checkpoints.manager(tmp_path)
+  checkpoints.save(manager, 1, state, {"stage": "base", "step": 1, "steps": 1})
+  inference = classifier.from_checkpoint(model, manager, 1)
   assert "batch_stats" not in inference.args[0]
   np.testing.assert_allclose(inference(images), state_lib.logits_fn(state)(images), rtol=1e-5,
                              atol=1e-5)
+  saved = checkpoints.restore_variables(manager, 1)
+  np.testing.assert_array_equal(saved["batch_stats"]["BatchNorm_0"]["mean"],
+                                variables["batch_stats"]["BatchNorm_0"]["mean"])
   lenet = models.create_model("lenet", 10, stats="fashion_mnist")
   lenet_variables = lenet.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28)))
   assert models.fold_batch_norm(lenet, lenet_variables) == (lenet, lenet_variables)

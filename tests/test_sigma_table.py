@@ -8,9 +8,11 @@ import numpy as np
 import optax
 from scipy import stats
 
+from instars_jax.selection import estimator
 from instars_jax.smoothing import bounds
-from instars_jax.train import estimator, sigma_table
+from instars_jax.train import sigma_table
 from instars_jax.train import state as state_lib
+from instars_jax.train.stages import sigma_estimators
 
 GRID = (0.25, 0.5, 1.0)
 N, ALPHA = 10_000, 0.001
@@ -79,24 +81,24 @@ def test_estimator_soft_labels_follow_the_per_sigma_radii():
   # their mass there, sharper as τ falls, and drop examples no σ certifies.
   distances = np.array([0.05, 3.0, 5.0, -0.5, 0.3])
   truth = np.stack([analytic_radius(distances, s) for s in GRID], axis=1)
-  labels, keep = estimator.soft_labels(truth, temperature=0.1)
+  labels, keep = sigma_estimators.soft_labels(truth, temperature=0.1)
   np.testing.assert_array_equal(keep, [True, True, True, False, True])
   np.testing.assert_array_equal(np.argmax(labels[keep], 1), np.argmax(truth[keep], 1))
   np.testing.assert_allclose(labels.sum(1), 1.0, rtol=1e-6)
   expected = np.exp(np.maximum(truth[1], 0) / 0.1)
   np.testing.assert_allclose(labels[1], expected / expected.sum(), rtol=1e-5)
-  soft, _ = estimator.soft_labels(truth, temperature=10.0)
+  soft, _ = sigma_estimators.soft_labels(truth, temperature=10.0)
   assert soft[1].max() < labels[1].max()
   # Rare top bins weigh more: 1 / frequency, mean 1.
-  weights = estimator.bin_weights(labels[keep])
+  weights = sigma_estimators.bin_weights(labels[keep])
   np.testing.assert_allclose(weights.mean(), 1.0, rtol=1e-6)
   top = np.argmax(np.array([[0.9, 0.1, 0], [0, 0.2, 0.8], [0, 0, 1], [0.1, 0, 0.9]]), 1)
-  weights = estimator.bin_weights(np.eye(3)[top])
+  weights = sigma_estimators.bin_weights(np.eye(3)[top])
   # bin 0 holds 1 example, bin 2 holds 3: each bin weighs the same in total
   np.testing.assert_allclose(weights, [2, 2 / 3, 2 / 3, 2 / 3], rtol=1e-6)
   # On the trained state: labels from a profile pass of the linear base model.
   state = profile_once(linear_state(5), points(distances), [0] * 5)
-  labels_state, keep_state = estimator.soft_labels(np.asarray(state.sigma_profile), 0.1)
+  labels_state, keep_state = sigma_estimators.soft_labels(np.asarray(state.sigma_profile), 0.1)
   np.testing.assert_array_equal(keep_state, keep)
   np.testing.assert_array_equal(np.argmax(labels_state[keep], 1)[:3], np.argmax(truth[keep], 1)[:3])
 
@@ -121,12 +123,12 @@ def test_gain_weights_follow_the_radius_gain_and_balance_the_bins():
   node = estimator.Estimator(grid=GRID, sigma=1.0, node=2)
   settings = types.SimpleNamespace(temperature=0.1, balance_bins=False, radius_weight=0.0,
                                    gain_weight=True)
-  weighted, kept = estimator.training_labels(radii, node, settings)
+  weighted, kept = sigma_estimators.training_labels(radii, node, settings)
   np.testing.assert_array_equal(kept, [0, 1, 2])
   weights = weighted[kept].sum(axis=1)
   np.testing.assert_allclose(weights, np.array([1.0, 0.3, 0.1]) / (1.4 / 3), rtol=1e-5)
   settings.balance_bins = True
-  weighted, _ = estimator.training_labels(radii, node, settings)
+  weighted, _ = sigma_estimators.training_labels(radii, node, settings)
   balanced = weighted[kept].sum(axis=1)
   # bin 1 holds examples 0 and 2 (1/frequency 1/2 each), bin 0 example 1 (1): mean-1 factors.
   bins = np.array([0.5, 1.0, 0.5]) / (2 / 3)

@@ -24,8 +24,9 @@ from instars_jax import data
 from instars_jax.storage import checkpoints
 from instars_jax.storage.workdir import CONFIG_FILE, Workdir
 from instars_jax.parallel import Sharder
-from instars_jax.train import actions, estimator, loop, sigma_table, stages, steps
-from instars_jax.train.stages import sigma_estimators
+from instars_jax.selection import estimator
+from instars_jax.train import actions, loop, sigma_table, stages, steps
+from instars_jax.train.stages import finetune, sigma_estimators
 from instars_jax.train import state as state_lib
 
 GRID = (0.25, 0.5, 1.0)
@@ -229,7 +230,7 @@ def test_estimator_stage_resumes_after_a_kill_to_the_same_estimator(insta_config
   insta_config.estimator.update(epochs=2, label_samples=4)
   loop.train_and_evaluate(insta_config, tmp_path / "straight")
   with monkeypatch.context() as m:  # killed in the estimator's second epoch
-    stop_after(estimator, "train_step", 3 + 2, m)
+    stop_after(sigma_estimators, "train_step", 3 + 2, m)
     with pytest.raises(Killed):
       loop.train_and_evaluate(insta_config, tmp_path / "resumed")
   assert (tmp_path / "resumed" / "estimator" / "profile.npz").exists()
@@ -311,12 +312,12 @@ def test_router_nodes_resume_bit_identically_after_sigterm_and_kill_by_global_st
                                                           manager.latest_step()]
     ends.append(manager.latest_step())
   node_steps = ends[1] - ends[0]
-  with sigterm_during_step(monkeypatch, 2, estimator):  # node 2, its second step
+  with sigterm_during_step(monkeypatch, 2, sigma_estimators):  # node 2, its second step
     with pytest.raises(checkpoints.Interrupted, match=r"stopped at step 2 "):
       loop.train_and_evaluate(insta_config, tmp_path / "resumed")
   assert checkpoints.manager(tmp_path / "resumed" / "router" / "node_2").latest_step() == 11
   with monkeypatch.context() as m:  # resumed, then killed in node 1's second step
-    stop_after(estimator, "train_step", node_steps - 2 + 2, m)
+    stop_after(sigma_estimators, "train_step", node_steps - 2 + 2, m)
     with pytest.raises(Killed):
       loop.train_and_evaluate(insta_config, tmp_path / "resumed")
   node_1 = checkpoints.manager(tmp_path / "resumed" / "router" / "node_1")
@@ -336,8 +337,8 @@ def test_finetuning_at_the_estimator_sigma_trains_each_example_there_and_resumes
   insta_config.estimator.update(epochs=1, label_samples=4, finetune_epochs=2)
   first = insta_config.train.epochs
   straight = loop.train_and_evaluate(insta_config, tmp_path / "straight")
-  assigned = estimator.assigned_sigmas(tmp_path / "straight",
-                                       data.load_dataset(insta_config.dataset).train, insta_config)
+  assigned = finetune.assigned_sigmas(tmp_path / "straight",
+                                      data.load_dataset(insta_config.dataset).train, insta_config)
   np.testing.assert_array_equal(np.asarray(straight.sigma_table), assigned)
   assert set(np.unique(assigned)) <= {0.25, 0.5, 1.0}
   manager = checkpoints.manager(tmp_path / "straight")
@@ -574,8 +575,8 @@ def test_a_router_tree_trains_one_node_per_grid_sigma_and_certifies(insta_config
     certification.certify_test_set(insta_config, tmp_path / "run")
   insta_config.train.holdout = 0.25
   insta_config.train.table.grid = (0.25, 1.0)  # the trained nodes decide other σ
-  with pytest.raises(ValueError, match=r"train.table.grid=\(0.25, 1.0\) \(the run: "
-                                       r"\(0.25, 0.5, 1.0\)\)"):
+  with pytest.raises(ValueError, match=r"train.table.grid=\(0.25, 1.0\) "
+                                       r"\(the run: \(0.25, 0.5, 1.0\)\)"):
     certification.certify_test_set(insta_config, tmp_path / "run")
 
 

@@ -16,7 +16,7 @@ A kind module declares
   MULTI_HOST                 whether hosts may certify disjoint shares of the test set
   validate(config)           ValueError naming a bad value of its own settings
   sigmas(config)             the σ its class test may certify at (None: any, found by search),
-                             which σ experts (train/experts.py) must cover
+                             which σ experts (selection/experts.py) must cover
   file_stem(config)          its default results file name
   metadata(config, workdir)  its settings, recorded in the results' metadata
   prepare(smoothed, config)       -> certify(x, ids) -> Certified, for one batch of test images
@@ -80,7 +80,7 @@ class SmoothedModel:
   metadata: dict = dataclasses.field(default_factory=dict)
 
   def model_at(self, sigma) -> Callable:
-    """The classifier smoothed at `sigma`: its σ expert (train/experts.py), or the base
+    """The classifier smoothed at `sigma`: its σ expert (selection/experts.py), or the base
     model when the run has none; ValueError for a σ off the experts' grid."""
     if not self.experts:
       return self.apply_fn

@@ -5,8 +5,8 @@ classifier G(x) = g_{σ_ẽ(x)}(x).
 The radius is min(estimator radius, class radius): inside it the estimator's choice ẽ is
 constant, so G is g at one σ there, and that g is constant too. The failure probability α
 (`certify.alpha`) is split by the union bound: β = `certify.estimator.beta_share` · α for the
-estimator's tests, α − β for the class test (`certify_locally_constant`). The estimator is
-trained by train.py (`estimator.epochs`; train/estimator.py).
+estimator's tests, α − β for the class test (`certify_locally_constant`). The estimator
+(selection/estimator.py) is trained by train.py (`estimator.epochs`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from scipy import stats
 from instars_jax.certificates import Certified
 from instars_jax.smoothing import bounds, sampler
 from instars_jax.smoothing.streams import Stream
-from instars_jax.train import estimator
-from instars_jax.train.estimator import Estimator
+from instars_jax.selection import estimator
+from instars_jax.selection.estimator import Estimator
 
 NAME = __name__.rpartition(".")[2]  # the kind is named by its file
 SOUND = True

@@ -36,7 +36,7 @@ from scipy import stats
 from instars_jax.certificates import Certified, locally_constant, router
 from instars_jax.smoothing import bounds, sampler
 from instars_jax.smoothing.streams import Stream
-from instars_jax.train import estimator
+from instars_jax.selection import estimator
 
 NAME = __name__.rpartition(".")[2]  # the kind is named by its file
 SOUND = True

@@ -13,16 +13,21 @@ never leaves a half-written checkpoint behind.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from orbax.checkpoint import checkpoint_managers as policies
 
 from instars_jax.storage.files import raise_write_error
+
+ITEM = "default"  # the directory of a checkpoint's one item (orbax's name for it)
+VARIABLES = ("params", "batch_stats")  # what a model needs of its train state to infer
 
 
 class Interrupted(Exception):
@@ -96,9 +101,33 @@ def restore(checkpoints: ocp.CheckpointManager, step: int, template=None):
   else:
     args = ocp.args.StandardRestore(
         jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template))
+  return _restoring(checkpoints, step, lambda: checkpoints.restore(step, args=args))
+
+
+def restore_variables(checkpoints: ocp.CheckpointManager, step: int) -> dict:
+  """The model variables of checkpoint `step`, {"params", "batch_stats"} ({} for a model
+  without BatchNorm), on the default device: read alone, without the optimizer state or the
+  σ table, as inference needs. A damaged step: one ValueError line, as `restore`."""
+
+  def read():
+    saved = checkpoints.item_metadata(step)
+    item = {k: v for k, v in getattr(saved, "tree", saved).items() if k in VARIABLES}
+    as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    # The manager's handler restores a whole tree only; the item's PyTree handler, a part.
+    with contextlib.closing(ocp.PyTreeCheckpointer()) as reader:
+      return reader.restore(
+          Path(checkpoints.directory) / str(step) / ITEM,
+          args=ocp.args.PyTreeRestore(item, restore_args=as_numpy, partial_restore=True))
+
+  return jax.device_put({"batch_stats": {}} | _restoring(checkpoints, step, read))
+
+
+def _restoring(checkpoints: ocp.CheckpointManager, step: int, read):
+  """read(), checkpoint `step` checked readable first, with any failure turned into one
+  ValueError line (orbax and tensorstore report them in many types, some kilobytes long)."""
   try:
     _check_readable(Path(checkpoints.directory) / str(step))
-    return checkpoints.restore(step, args=args)
+    return read()
   except Exception as error:  # noqa: BLE001 (re-raised as one line)
     while error.__cause__ is not None or error.__context__ is not None:  # the root cause
       error = error.__cause__ or error.__context__
@@ -113,7 +142,7 @@ def _check_readable(step_dir: Path) -> None:
   damaged one fails here, before orbax's concurrent restore would fail with reads still in
   flight (whose callbacks then print tracebacks into its closed event loop). The values land
   in the page cache, where orbax reads them next."""
-  item = step_dir / "default"
+  item = step_dir / ITEM
   if not (item / "manifest.ocdbt").exists():
     return
   store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{item}/"}).result()

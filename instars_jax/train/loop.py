@@ -34,8 +34,9 @@ from instars_jax import data, models, parallel
 from instars_jax.data import pipeline
 from instars_jax.storage import checkpoints
 from instars_jax.storage.workdir import Workdir
-from instars_jax.train import estimator, losses, sigma_table, stages
+from instars_jax.train import losses, sigma_table, stages
 from instars_jax.train.interface import Stage
+from instars_jax.train.stages import sigma_estimators
 
 
 def train_and_evaluate(config, workdir):
@@ -141,7 +142,7 @@ def validate_config(config, devices: int) -> None:
   if t.insta or t.stage1_noise == "grid" or config.estimator.epochs:
     checks += sigma_table.validate(config, devices)
   if config.estimator.epochs or config.estimator.finetune_epochs:
-    checks += estimator.validate(config)
+    checks += sigma_estimators.validate(config)
   for ok, message in checks:
     if not ok:
       raise ValueError(message)

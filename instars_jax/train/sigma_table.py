@@ -14,7 +14,7 @@ example near the boundary, as it will at certification. CP_lower is tabulated wi
 p̂ ∈ [0, 1] and interpolated on the device. p̂ averages softmax probabilities rather than
 counting hard votes, so the few samples an update can afford (≤ 25% of an epoch) still rank
 the grid σ. None of this is a certificate: it chooses training noise and gives the
-σ-estimator its labels (`estimator.py`).
+σ-estimator its labels (`stages/sigma_estimators.py`).
 
 Deterministic: the noise of example i in the update before epoch e depends only on
 (seed, e, i), so a resumed run computes the same table.

@@ -81,14 +81,6 @@ def logits_fn(state: ModelState) -> jax.tree_util.Partial:
                                          "batch_stats": state.batch_stats})
 
 
-def inference_fn(state: ModelState) -> jax.tree_util.Partial:
-  """`logits_fn(state)` with BatchNorm folded into the convolutions (models.fold_batch_norm):
-  the same function, the graph certification runs. The state's variables are left as they are."""
-  model, variables = models.fold_batch_norm(
-      state.apply_fn.__self__, {"params": state.params, "batch_stats": state.batch_stats})
-  return models.bind_variables(model.apply, variables)
-
-
 def example_keys(key, indices):
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
 

@@ -1,4 +1,7 @@
-"""DualRS's last step: the base model again, each example at the σ the estimator picks."""
+"""DualRS's last step (`estimator.finetune_epochs`): the base model fine-tuned again, each
+training example at the σ the trained estimator picks for it (`assigned_sigmas`: the majority
+bin over `estimator.label_samples` noisy copies at σ_e), so that the base model is trained
+where the certificate will use it."""
 
 from __future__ import annotations
 
@@ -6,9 +9,13 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from instars_jax.storage.files import write_json_atomic
-from instars_jax.train import estimator
+from instars_jax import data
+from instars_jax.selection import estimator
+from instars_jax.smoothing.streams import Stream
+from instars_jax.storage.workdir import Workdir
 from instars_jax.train import state as state_lib
 from instars_jax.train.interface import resume, stage_manager
 from instars_jax.train.stages.base import FINETUNE, BaseStage
@@ -46,11 +53,22 @@ def stages(context) -> list:
   return [FinetuneStage(context)] if context.config.estimator.finetune_epochs else []
 
 
+def assigned_sigmas(workdir, split: data.Split, config) -> np.ndarray:
+  """float32[N]: for each example of `split`, the grid σ of the estimator's majority bin over
+  `estimator.label_samples` copies at σ_e (noise keyed on (seed, example, copy); ties go to
+  the smaller σ). Every host computes all of them, on its first local device."""
+  apply, saved = estimator.load(Workdir(workdir).estimator_dir, workdir)
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), Stream.ESTIMATOR_ASSIGN)
+  bins = estimator.majority_bins(apply, saved["sigma"], len(saved["grid"]), split,
+                                 np.arange(len(split)), key, config)
+  return np.asarray(saved["grid"], np.float32)[bins]
+
+
 class FinetuneStage(BaseStage):
-  """DualRS's last step (estimator.py): `estimator.finetune_epochs` more epochs of the base
-  model with a fresh cosine schedule from `estimator.finetune_learning_rate`, each example at
-  the σ the estimator assigns it (kept in the σ table), checkpointed beside the base model's
-  (whose epoch ends it keeps)."""
+  """DualRS's last step: `estimator.finetune_epochs` more epochs of the base model with a
+  fresh cosine schedule from `estimator.finetune_learning_rate`, each example at the σ the
+  estimator assigns it (kept in the σ table), checkpointed beside the base model's (whose
+  epoch ends it keeps)."""
   name = "finetune"
 
   def __init__(self, context):
@@ -76,7 +94,7 @@ class FinetuneStage(BaseStage):
     state, step = resume(self, base_state.replace(tx=self.tx), offset)
     if step > self.first_step:  # the checkpoint holds the assigned table and the optimizer
       return state, step
-    sigmas = estimator.assigned_sigmas(c.workdir, c.dataset.train, c.config)
+    sigmas = assigned_sigmas(c.workdir, c.dataset.train, c.config)
     opt_state = c.sharder.replicate(self.tx.init(base_state.params))
     return (base_state.replace(tx=self.tx, opt_state=opt_state,
                                sigma_table=c.sharder.replicate(jnp.asarray(sigmas))),

@@ -1,11 +1,31 @@
-"""The training stage of a σ-estimator or router node (estimator.py), in the loop of loop.py:
-the radius profile of every training example (computed once, kept in
-WORKDIR/estimator/profile.npz), soft labels from it, then `estimator.epochs` epochs over the
-examples with a positive radius somewhere, checkpointed after each. Leaves the base model as
-it is.
+"""The training stage of a σ-estimator or router node (the model of selection/estimator.py), in
+the loop of loop.py, after the base model, which it leaves as it is (Insta-RS and Cohen base
+models alike):
+
+1. Labels. Each training example's radius profile R_k at every grid σ (`sigma_table.update`
+   with `estimator.label_samples` noise vectors on the final base model, computed once and
+   kept in WORKDIR/estimator/profile.npz) becomes the soft label softmax(R_k / τ), R clipped
+   at 0; examples whose R is 0 at every σ are dropped (no σ certifies them, so they say
+   nothing about which σ is best). Router node k's labels are over (max_{j<k} R_j, R_k).
+2. Loss. `estimator.loss`, a module of train/losses/ that takes soft targets, by default
+   the consistency loss (Jeong & Shin, NeurIPS 2020) with λ = 10, m = 2: soft-label
+   cross-entropy on two noisy copies at σ_e plus λ times the KL divergence of each copy's
+   prediction from the copies' mean, which makes the smoothed estimator confident, so its
+   certified radius is rarely the smaller of the two.
+3. Weights. Each example weighs 1 / (frequency of its label's top bin), normalised to mean 1,
+   so that rare σ bins are learnt too.
+4. `estimator.epochs` epochs over the examples kept, checkpointed after each.
+
+Options (DualRS's, `configs/default.py`): `estimator.init` = base starts each estimator from
+the base model's weights with a new head; `estimator.consistency.eta` (η) adds η·H(p̄) of the
+copies' mean prediction; `estimator.radius_weight` (w_r) weighs each example by its best
+radius to the power w_r; `estimator.balance_bins` = False drops the 1/frequency weights;
+`estimator.gain_weight` weighs each example by its radius gain, its best bin's radius minus
+the next bin's (what choosing wrong there costs), so that examples where the choice hardly
+matters teach little (with balance_bins: gain-weighted, bin-balanced).
 
 The profile is the base model's at every grid σ, or with `estimator.experts` (one fixed-σ
-run per grid σ, train/experts.py) expert k's at σ_k: the labels then come from the
+run per grid σ, selection/experts.py) expert k's at σ_k: the labels then come from the
 classifiers that certification deploys with the same `certify.experts`. With a held-out
 share (train.holdout), each epoch's metrics row also scores the estimator there, on labels
 computed the same way from the held-out examples: `heldout_agreement` (its majority bin over
@@ -19,23 +39,27 @@ to stop training by, not a certificate."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instars_jax import data
+from instars_jax import data, models
+from instars_jax.selection import estimator, experts
 from instars_jax.storage import checkpoints, events
 from instars_jax.storage.files import write_json_atomic
+from instars_jax.storage.workdir import Workdir
 from instars_jax.smoothing.streams import Stream, numpy_rng
-from instars_jax.train import actions, estimator, experts, losses, sigma_table
+from instars_jax.train import actions, losses, sigma_table, steps
 from instars_jax.train import state as state_lib
 from instars_jax.train.interface import resume, stage_manager
 
 ORDER = 1
 SECTION = "estimator"
-# The σ-estimator of the sound instance-wise certificate (train/estimator.py), trained after
+INITS = ("scratch", "base")
+# The σ-estimator of the sound instance-wise certificate (selection/estimator.py), trained after
 # the base model in the same train.py run; 0 epochs: none. Its loss's settings are the
 # section estimator.<loss>, which configs/default.py adds from the loss modules.
 DEFAULTS = {
@@ -66,7 +90,7 @@ DEFAULTS = {
     # deciding grid σ_k against the lower ones, smoothed at σ_k (the `router` certificate).
     "router": False,
     # σ experts whose radius profiles label the estimators: one fixed-σ workdir per
-    # train.table.grid σ, smallest first, commas between (train/experts.py), the ones
+    # train.table.grid σ, smallest first, commas between (selection/experts.py), the ones
     # certify.experts will name. Empty: the base model at every σ.
     "experts": "",
 }
@@ -82,7 +106,94 @@ def stages(context) -> list:
                             on_holdout=context.dataset.holdout is not None,
                             setting=experts.LABELS_SETTING)
   return [EstimatorStage(context, chooser, labellers)
-          for chooser in estimator.choosers(context.config, context.workdir)]
+          for chooser in choosers(context.config, context.workdir)]
+
+
+def choosers(config, workdir: Workdir) -> list:
+  """The estimators `config` asks for: one over the grid, or with estimator.router the router
+  nodes from the top of the grid down."""
+  grid = estimator.grid_of(config)
+  if not config.estimator.router:
+    return [estimator.Estimator(grid, smoothing_sigma(config), directory=workdir.estimator_dir)]
+  return [estimator.router_node(workdir, grid, k) for k in range(len(grid) - 1, 0, -1)]
+
+
+def smoothing_sigma(config) -> float:
+  return float(config.estimator.sigma or max(config.train.table.grid))
+
+
+def estimator_settings(config, chooser: estimator.Estimator) -> dict:
+  """What an estimator depends on; certification reads the grid and σ_e from here."""
+  e = config.estimator
+  return {"grid": list(chooser.grid), "sigma": chooser.sigma, "node": chooser.node,
+          "model": e.model or config.model.name, "dtype": config.model.dtype,
+          "epochs": e.epochs, "label_samples": e.label_samples, "temperature": e.temperature,
+          "loss": e.loss, "loss_settings": e[e.loss].to_dict(), "learning_rate": e.learning_rate,
+          "init": e.init, "radius_weight": e.radius_weight, "balance_bins": e.balance_bins,
+          "gain_weight": e.gain_weight, "experts": e.experts, "seed": config.seed}
+
+
+def validate(config) -> list:
+  """(ok, message) of each check of the estimator's and fine-tuning's settings."""
+  e = config.estimator
+  return [
+      (e.epochs >= 0, f"estimator.epochs must be >= 0; got {e.epochs}"),
+      (e.sigma >= 0, f"estimator.sigma must be > 0 (or 0: the top of the grid); got {e.sigma}"),
+      (e.label_samples >= 1, f"estimator.label_samples must be >= 1; got {e.label_samples}"),
+      (e.temperature > 0, f"estimator.temperature must be > 0; got {e.temperature}"),
+      (e.radius_weight >= 0, f"estimator.radius_weight must be >= 0; got {e.radius_weight}"),
+      (e.learning_rate > 0, f"estimator.learning_rate must be > 0; got {e.learning_rate}"),
+      (e.init in INITS, f"estimator.init must be one of {INITS}; got {e.init!r}"),
+      (e.init == "scratch" or e.model in ("", config.model.name),
+       f"estimator.init=base needs the base model's architecture; got estimator.model={e.model!r}"),
+      (e.finetune_epochs >= 0, f"estimator.finetune_epochs must be >= 0; got {e.finetune_epochs}"),
+      (e.finetune_learning_rate > 0,
+       f"estimator.finetune_learning_rate must be > 0; got {e.finetune_learning_rate}"),
+      (not (e.router and e.finetune_epochs),
+       "estimator.finetune_epochs needs the estimator over the grid, not estimator.router"),
+      ((e.model or config.model.name) in models.ARCHITECTURES,
+       f"estimator.model must be one of {models.ARCHITECTURES}; got {e.model!r}"),
+  ] + losses.validate(e, "estimator", losses.estimator_defaults, soft_targets=True)
+
+
+def soft_labels(radii, temperature: float):
+  """(labels float32[N, K], keep bool[N]): softmax(max(R, 0) / τ) per example, and whether
+  any R is positive (the examples the estimator trains on)."""
+  radii = np.maximum(np.asarray(radii, np.float64), 0.0)
+  logits = radii / temperature
+  labels = np.exp(logits - logits.max(axis=1, keepdims=True))
+  labels /= labels.sum(axis=1, keepdims=True)
+  return labels.astype(np.float32), radii.max(axis=1) > 0
+
+
+def bin_weights(labels) -> np.ndarray:
+  """float32[N]: 1 / frequency of each example's top bin, normalised to mean 1."""
+  top = np.argmax(labels, axis=1)
+  counts = np.bincount(top, minlength=labels.shape[1]).astype(np.float64)
+  weights = 1.0 / counts[top]
+  return (weights / weights.mean()).astype(np.float32)
+
+
+def training_labels(radii, chooser: estimator.Estimator, e):
+  """(weight × soft label float32[N, bins], kept indices) for `chooser` from the profile
+  [N, K] over the grid, with the estimator settings `e` (temperature, balance_bins,
+  radius_weight, gain_weight); each weight factor is normalised to mean 1."""
+  binned = chooser.bins(np.asarray(radii))
+  labels, keep = soft_labels(binned, e.temperature)
+  kept = np.flatnonzero(keep)
+  weights = np.ones(len(kept), np.float32)
+  if len(kept) and e.balance_bins:
+    weights *= bin_weights(labels[kept])
+  if len(kept) and e.radius_weight:
+    best = np.maximum(binned[kept].max(axis=1), 0.0) ** e.radius_weight
+    weights *= (best / best.mean()).astype(np.float32)
+  if len(kept) and e.gain_weight:
+    top_two = -np.sort(-np.maximum(binned[kept], 0.0), axis=1)[:, :2]
+    gain = top_two[:, 0] - top_two[:, 1]
+    weights *= (gain / max(gain.mean(), np.finfo(np.float32).tiny)).astype(np.float32)
+  weighted = np.zeros_like(labels)
+  weighted[kept] = labels[kept] * weights[:, None]
+  return weighted, kept
 
 
 def labels_visit(config, size: int, stream: Stream = Stream.ESTIMATOR_LABELS):
@@ -160,12 +271,25 @@ def from_base(template: state_lib.ModelState, base_state) -> state_lib.ModelStat
   return template.replace(params=params, batch_stats=host(base_state.batch_stats))
 
 
+@functools.partial(jax.jit, static_argnames=("sigma", "loss"), donate_argnames="state")
+def train_step(state: state_lib.ModelState, batch, epoch_key, epoch=0, *, sigma, loss):
+  """One SGD step of `loss` (estimator.loss: consistency by default, the losses/ module the
+  base model can train with too) at σ_e on `batch["label"]`, weight × soft label; its
+  "agreement" is the share of noisy copies whose top bin is the label's."""
+  keys = state_lib.example_keys(epoch_key, batch["index"])
+  state, metrics = steps.loss_step(state, batch["image"], batch["label"],
+                                   jnp.full(keys.shape[:1], sigma, jnp.float32), keys, loss,
+                                   epoch)
+  metrics["agreement"] = metrics.pop("noisy_accuracy")
+  return state, metrics
+
+
 class EstimatorStage:
   """A σ-estimator's or router node's training stage (train/interface.py's `Stage`)."""
 
   def __init__(self, context, chooser: estimator.Estimator, labellers: list):
     self.context, self.chooser, self.labellers = context, chooser, labellers
-    self.settings = estimator.settings(context.config, chooser)
+    self.settings = estimator_settings(context.config, chooser)
     self.loss = losses.from_config(context.config.estimator)
     self.name, self.sigma = chooser.name, chooser.sigma
     self.directory = chooser.directory
@@ -186,8 +310,7 @@ class EstimatorStage:
         return None, finished
     c = self.context
     profile = cached_profile(c, base_state, self.labellers)
-    labels, self.kept = estimator.training_labels(profile["train"], self.chooser,
-                                                  c.config.estimator)
+    labels, self.kept = training_labels(profile["train"], self.chooser, c.config.estimator)
     self.heldout = self.chooser.bins(profile["holdout"])
     self.steps_per_epoch = len(self.kept) // self.batch_size
     if self.steps_per_epoch == 0:
@@ -252,8 +375,8 @@ class EstimatorStage:
   def step(self, state, batch, epoch: int):
     key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(self.context.config.seed),
                                                 Stream.ESTIMATOR_NOISE), epoch)
-    return estimator.train_step(state, self.context.sharder.batch(batch), key, epoch,
-                                sigma=self.sigma, loss=self.loss)
+    return train_step(state, self.context.sharder.batch(batch), key, epoch, sigma=self.sigma,
+                      loss=self.loss)
 
   def end_epoch(self, state, epoch: int, row: dict, seconds: float) -> dict:
     row = row | {"examples": len(self.kept)}

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from instars_jax.selection import classifier
+from instars_jax.selection.estimator import grid_of
 from instars_jax.storage.workdir import Workdir
-from instars_jax.train.estimator import grid_of
-from instars_jax.train.state import inference_fn, load_train_state
 
 
 CERTIFY_SETTING, LABELS_SETTING = "certify.experts", "estimator.experts"
@@ -91,6 +91,5 @@ def check(config, workdir, needed, on_holdout: bool = False,
 
 def load(checked: list[dict]) -> dict:
   """{float32 σ: x -> logits} of the experts `check` returned ({}: none), each at the
-  checkpoint step it records, BatchNorm folded for inference."""
-  return {np.float32(e["sigma"]): inference_fn(load_train_state(e["workdir"], e["step"]))
-          for e in checked}
+  checkpoint step it records."""
+  return {np.float32(e["sigma"]): classifier.load(e["workdir"], e["step"]) for e in checked}
