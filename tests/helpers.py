@@ -15,7 +15,7 @@ from PIL import Image
 from configs import default
 from instars_jax.smoothing import bounds
 from instars_jax.storage import results
-from instars_jax.train.estimator import Estimator
+from instars_jax.selection.estimator import Estimator
 
 ROOT = Path(__file__).resolve().parents[1]
 
