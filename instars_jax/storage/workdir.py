@@ -108,9 +108,10 @@ class Workdir:
   def write_facts(self, info: TrainingFacts) -> None:
     write_json_atomic(self.path / RUN_FILE, info.to_json())
 
-  def check_resumable(self, config, later_keys=None) -> None:
-    """Refuses a config that differs from the saved one outside RESUMABLE_SECTIONS (keys
-    added later count as their LATER_KEYS value, or their `later_keys` one)."""
+  def check_resumable(self, config, later_keys=None, ignored=()) -> None:
+    """Refuses a config that differs from the saved one outside RESUMABLE_SECTIONS and the
+    `ignored` key prefixes (settings the run does not read); keys added later count as their
+    LATER_KEYS value, or their `later_keys` one."""
     if not self.config_path.exists():
       return
     saved = _dotted(json.loads(self.config_path.read_text()))
@@ -119,6 +120,7 @@ class Workdir:
     current = _dotted(json.loads(config.to_json()))
     differing = sorted(k for k in set(saved) | set(current)
                        if k.split(".")[0] not in RESUMABLE_SECTIONS
+                       and not k.startswith(tuple(ignored))
                        and saved.get(k) != current.get(k))
     if differing:
       raise ValueError(f"{self.path} holds a run with a different config "

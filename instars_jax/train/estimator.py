@@ -183,13 +183,17 @@ def settings(config, chooser: Estimator) -> dict:
 
 def upgrade(saved: dict) -> dict:
   """Settings saved before the estimators took their loss from losses/ (a float
-  `consistency` λ and `entropy` η), as the consistency loss's settings; others unchanged."""
-  if "consistency" not in saved:
-    return saved
+  `consistency` λ and `entropy` η), as the consistency loss's settings, and loss settings
+  saved before a key of their section existed, with what they trained with (losses.EARLIER);
+  others unchanged."""
   saved = dict(saved)
-  settings = {"num_noise_vec": 2, "lbd": saved.pop("consistency"),
-              "eta": saved.pop("entropy", 0.0)}
-  return saved | {"loss": "consistency", "loss_settings": settings}
+  if "consistency" in saved:
+    saved |= {"loss": "consistency",
+              "loss_settings": {"num_noise_vec": 2, "lbd": saved.pop("consistency"),
+                                "eta": saved.pop("entropy", 0.0)}}
+  section = losses.estimator_defaults(saved["loss"])
+  earlier = {k: v for k, v in losses.EARLIER.items() if k in section}
+  return saved | {"loss_settings": earlier | saved["loss_settings"]}
 
 
 def saved_settings(directory) -> dict:
@@ -240,7 +244,8 @@ def validate(config) -> list:
        "estimator.finetune_epochs needs the estimator over the grid, not estimator.router"),
       ((e.model or config.model.name) in models.ARCHITECTURES,
        f"estimator.model must be one of {models.ARCHITECTURES}; got {e.model!r}"),
-  ] + losses.validate(e, "estimator", losses.estimator_defaults, soft_targets=True)
+  ] + losses.validate(e, "estimator", None, config.train.batch_size, losses.estimator_defaults,
+                      soft_targets=True)
 
 
 @functools.partial(jax.jit, static_argnames=("sigma", "loss"), donate_argnames="state")

@@ -37,7 +37,7 @@ class BaseStage:
     self.first_step, self.last_step = 0, self.last_epoch * self.steps_per_epoch
     self.histogram = t.insta
     self.sigma = t.sigma  # the metrics rows' `sigma`
-    self.loss = losses.from_config(t)
+    self.loss = losses.from_config(t, t.sigma)
     self.update_seconds = 0.0  # the σ-table update before the current epoch
 
   def start(self, base_state, offset: int):

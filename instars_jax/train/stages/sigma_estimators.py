@@ -169,7 +169,7 @@ class EstimatorStage:
   def __init__(self, context, chooser: estimator.Estimator, labellers: list):
     self.context, self.chooser, self.labellers = context, chooser, labellers
     self.settings = estimator.settings(context.config, chooser)
-    self.loss = losses.from_config(context.config.estimator)
+    self.loss = losses.from_config(context.config.estimator, chooser.sigma)
     self.name, self.sigma = chooser.name, chooser.sigma
     self.events_part = "estimator" if chooser.node is None else f"router_node_{chooser.node}"
     self.directory = chooser.directory
@@ -219,7 +219,8 @@ class EstimatorStage:
       t.learning_rate, t.warmup_epochs, t.schedule = s["learning_rate"], 0.0, "cosine"
     return state_lib.ModelState.create(
         apply_fn=model.apply, params=params, batch_stats=batch_stats,
-        tx=state_lib.optimizer(t, self.steps_per_epoch, s["epochs"]))
+        tx=state_lib.optimizer(t, self.steps_per_epoch * self.loss.updates_per_step,
+                               s["epochs"]))
 
   def stream(self, first_step: int):
     """The batches of steps [first_step, last_step): each epoch the kept examples in the
