@@ -26,7 +26,7 @@ def measure(name: str, batch_size: int, loss_name: str) -> dict:
   config.model.name = name
   config.train.batch_size = batch_size
   config.train.loss = loss_name
-  loss = losses.from_config(config.train)
+  loss = losses.from_config(config.train, config.train.sigma)
   settings = dict(loss.settings)
   state = create_train_state(config, TrainingFacts(shape, num_classes, stats, 10 * batch_size, 10,
                                              "synthetic"))

@@ -51,11 +51,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.grad_clip = 0.0  # global gradient-norm clip; 0: none
   config.train.sigma = 0.25  # Gaussian augmentation noise level
   # The training loss, a module of instars_jax/train/losses/ (gaussian | consistency | macer |
-  # smoothadv | stability); each module's settings are the section train.<loss>, with the
-  # published defaults that the module's docstring cites.
+  # smoothadv | stability); each module's settings are the section train.<loss>. Its `preset`
+  # (mnist | cifar10 | imagenet) fills the settings its paper used at train.sigma where they
+  # are None (unset); an unset key without a preset takes the module's default (its DEFAULTS,
+  # whose sources its docstring cites). `batching`: split (each SGD step B/m examples with m
+  # noise copies, the references') | whole (B examples with m copies: m times fewer updates).
   config.train.loss = losses.DEFAULT_LOSS
-  for name, section in losses.sections().items():
-    config.train[name] = ml_collections.ConfigDict(section)
+  for name in losses.names():
+    config.train[name] = losses.section(name)
   config.train.augment = "none"  # none | crop_flip | random_resized_crop (instars_jax/data/augment.py)
   config.train.eval_examples = 0  # test examples evaluated after each epoch; 0: all
   # Besides every epoch end, a checkpoint every this many global steps (0: none; only the

@@ -2,8 +2,11 @@
 added in [0, 1] pixel space, before it, as in Cohen et al.'s code.
 
 `model(x, train)`: BatchNorm uses batch statistics when train is True and running statistics
-otherwise. Certification runs `fold_batch_norm`'s model, whose convolutions absorb those
-running statistics.
+otherwise. Under bfloat16 compute the last layer (and ResNet's pooling before
+it) computes in float32: the logits carry no bfloat16 rounding, which a loss that scales them
+would amplify (MACER's softmax(β · logits), β = 16).
+Certification runs `fold_batch_norm`'s model, whose convolutions absorb those running
+statistics.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ class LeNet(nn.Module):
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(128, dtype=self.dtype)(x))
-    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+    return nn.Dense(self.num_classes, dtype=jnp.float32)(x)
 
 
 def _residual(x, y, strides, norm, conv):
@@ -146,8 +149,8 @@ class ResNet(nn.Module):
       for i in range(size):
         strides = 2 if stage > 0 and i == 0 else 1
         x = self.block(width, strides, norm, self.dtype, self.folded)(x)
-    x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=jnp.float32)(x)
 
 
 def cifar_resnet(depth: int, num_classes: int = 10, dtype=jnp.float32, stats="cifar10"):

@@ -376,7 +376,8 @@ def test_finetuning_at_the_estimator_sigma_trains_each_example_there_and_resumes
 def test_sigterm_in_stage_2_checkpoints_the_step_and_resumes_bit_identically(toy_config, tmp_path,
                                                                            monkeypatch):
   # With the consistency loss (two noise copies per example, each at its table σ, a share of
-  # them exploring the grid): Insta-RS Train composes with a multi-copy loss.
+  # them exploring the grid; the references' batching: two SGD updates per step): Insta-RS
+  # Train composes with a multi-copy loss.
   toy_config.train.update(insta=True, stage1_epochs=1, epochs=3, checkpoint_every_steps=2,
                           loss="consistency")
   toy_config.train.table.explore = 0.5
@@ -401,7 +402,7 @@ def test_sigterm_in_stage_2_checkpoints_the_step_and_resumes_bit_identically(toy
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(straight.sigma_table, resumed.sigma_table)
   np.testing.assert_array_equal(straight.sigma_profile, resumed.sigma_profile)
-  assert int(resumed.step) == 9
+  assert int(resumed.step) == 18  # 9 steps of 2 updates
 
 
 def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(toy_config, tmp_path):

@@ -86,11 +86,12 @@ class Workdir:
   def results_path(self, stem: str) -> Path:
     return self.path / "certify" / f"{stem}.tsv"
 
-  def read_config(self, defaults: ml_collections.ConfigDict | None = None
-                  ) -> ml_collections.ConfigDict:
+  def read_config(self, defaults: ml_collections.ConfigDict | None = None,
+                  later_keys: dict | None = None) -> ml_collections.ConfigDict:
     """The run's saved config; with `defaults` (configs/default.py's), completed for the keys
-    added since the run was saved (a key added later has a default that means what runs
-    before it did) and those that moved (MOVED_KEYS), sequences as tuples."""
+    added since the run was saved (by their `later_keys` value, {dotted key: what runs before
+    it did} where the default means otherwise, else by their default) and those that moved
+    (MOVED_KEYS), sequences as tuples."""
     if not self.config_path.exists():
       raise FileNotFoundError(f"no training run in {self.path}: {CONFIG_FILE} is missing "
                               "(train first with train.py --workdir)")
@@ -98,14 +99,15 @@ class Workdir:
     if defaults is None:
       return ml_collections.ConfigDict(saved)
     flat = _dotted(saved)
-    flat = (_dotted(json.loads(defaults.to_json()))
+    flat = (_dotted(json.loads(defaults.to_json())) | (later_keys or {})
             | {new: flat[old] for new, old in MOVED_KEYS.items() if old in flat} | flat)
     return ml_collections.ConfigDict(_nested({k: _tupled(v) for k, v in flat.items()}))
 
-  def differing(self, config, defaults, own=lambda key: False) -> list:
+  def differing(self, config, defaults, own=lambda key: False, later_keys=None) -> list:
     """The dotted keys of `config` whose value differs from the saved run's (completed by
-    `defaults`, as `read_config`), except those `own(key)` lets change, sorted."""
-    saved = _dotted(json.loads(self.read_config(defaults).to_json()))
+    `defaults` and `later_keys`, as `read_config`), except those `own(key)` lets change,
+    sorted."""
+    saved = _dotted(json.loads(self.read_config(defaults, later_keys).to_json()))
     current = _dotted(json.loads(config.to_json()))
     return sorted(k for k in current if not own(k) and saved.get(k) != current[k])
 
@@ -118,13 +120,16 @@ class Workdir:
   def write_facts(self, info: TrainingFacts) -> None:
     write_json_atomic(self.path / RUN_FILE, info.to_json())
 
-  def check_resumable(self, config, defaults) -> None:
-    """Refuses a config that differs from the saved one outside RESUMABLE_SECTIONS (keys
-    added since the run was saved count as their value in `defaults`)."""
+  def check_resumable(self, config, defaults, later_keys=None, ignored=()) -> None:
+    """Refuses a config that differs from the saved one outside RESUMABLE_SECTIONS and the
+    `ignored` key prefixes (settings the run does not read); keys added since the run was
+    saved count as their `later_keys` value (what those runs did, where the default means
+    otherwise), else their value in `defaults`."""
     if not self.config_path.exists():
       return
-    differing = self.differing(config, defaults,
-                               lambda key: key.split(".")[0] in RESUMABLE_SECTIONS)
+    differing = self.differing(
+        config, defaults, lambda key: (key.split(".")[0] in RESUMABLE_SECTIONS
+                                       or key.startswith(tuple(ignored))), later_keys)
     if differing:
       raise ValueError(f"{self.path} holds a run with a different config "
                        f"({', '.join(differing)}): rerun with the same config to resume, or "

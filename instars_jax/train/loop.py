@@ -44,8 +44,10 @@ def train_and_evaluate(config, workdir):
   the same command resumes from the latest checkpoint."""
   workdir = Workdir(workdir)
   validate_config(config, jax.device_count())
+  config = losses.resolved_config(config)  # config.json records the loss settings that ran
   dataset = data.from_config(config)
-  workdir.check_resumable(config, default.get_config())
+  workdir.check_resumable(config, default.get_config(), losses.later_keys(config.train.loss),
+                          ignored=losses.inactive_sections(config.train, "train"))
   workdir.path.mkdir(parents=True, exist_ok=True)
   # One writer per workdir: process 0 of a run holds the lock (the other hosts write nothing).
   lock = workdir.training_lock() if jax.process_index() == 0 else contextlib.nullcontext()
@@ -137,7 +139,7 @@ def validate_config(config, devices: int) -> None:
                                      f"got {d.chance_fraction}")]
   if t.stage1_noise not in ("sigma", "grid"):
     checks.append((False, f"train.stage1_noise must be 'sigma' or 'grid'; got {t.stage1_noise!r}"))
-  checks += losses.validate(t, "train")
+  checks += losses.validate(t, "train", t.sigma, t.batch_size)
   checks += pipeline.validate(config)
   if t.insta or t.stage1_noise == "grid" or config.estimator.epochs:
     checks += sigma_table.validate(config, devices)

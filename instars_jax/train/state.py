@@ -14,6 +14,7 @@ from flax.training import train_state
 from instars_jax import models
 from instars_jax.storage import checkpoints
 from instars_jax.storage.workdir import TrainingFacts, Workdir
+from instars_jax.train import losses
 
 
 class ModelState(train_state.TrainState):
@@ -26,18 +27,19 @@ class TrainState(ModelState):
   sigma_profile: jax.Array  # float32[num_train, K]: estimated radius at each grid σ
 
 
-def learning_rate_schedule(t, steps_per_epoch: int, epochs: int) -> optax.Schedule:
-  """`t.schedule` (step or cosine) over `epochs`, after a linear warm-up of `t.warmup_epochs`.
+def learning_rate_schedule(t, updates_per_epoch: int, epochs: int) -> optax.Schedule:
+  """`t.schedule` (step or cosine) over `epochs` of `updates_per_epoch` SGD updates, after a
+  linear warm-up of `t.warmup_epochs`.
 
   Large σ needs a gentle start: at σ = 1 the first full-rate SGD steps on very noisy inputs
   blow up (loss 5.6 in epoch 1), and the network then sits at chance for every later epoch.
   A warm-up or a gradient-norm clip (`grad_clip`) avoids that."""
-  warmup = int(t.warmup_epochs * steps_per_epoch)
+  warmup = int(t.warmup_epochs * updates_per_epoch)
   if t.schedule == "step":
-    boundaries = {int(e * steps_per_epoch): t.lr_decay_factor for e in t.lr_decay_epochs}
+    boundaries = {int(e * updates_per_epoch): t.lr_decay_factor for e in t.lr_decay_epochs}
     main = optax.piecewise_constant_schedule(t.learning_rate, boundaries)
   elif t.schedule == "cosine":
-    main = optax.cosine_decay_schedule(t.learning_rate, max(1, epochs * steps_per_epoch - warmup))
+    main = optax.cosine_decay_schedule(t.learning_rate, max(1, epochs * updates_per_epoch - warmup))
   else:
     raise ValueError(f"train.schedule must be 'step' or 'cosine'; got {t.schedule!r}")
   if warmup == 0:
@@ -46,11 +48,13 @@ def learning_rate_schedule(t, steps_per_epoch: int, epochs: int) -> optax.Schedu
   return optax.join_schedules([ramp, main], [warmup])
 
 
-def optimizer(t, steps_per_epoch: int, epochs: int) -> optax.GradientTransformation:
-  """SGD with momentum, weight decay and an optional global-norm clip (`t` = config.train)."""
+def optimizer(t, updates_per_epoch: int, epochs: int) -> optax.GradientTransformation:
+  """SGD with momentum, weight decay and an optional global-norm clip (`t` = config.train),
+  its schedule counting SGD updates: a training step's loss makes loss.updates_per_step of
+  them (losses/: m with the references' batching), so an epoch makes steps per epoch × that."""
   clip = optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity()
   return optax.chain(clip, optax.add_decayed_weights(t.weight_decay),
-                     optax.sgd(learning_rate_schedule(t, steps_per_epoch, epochs),
+                     optax.sgd(learning_rate_schedule(t, updates_per_epoch, epochs),
                                momentum=t.momentum))
 
 
@@ -67,8 +71,13 @@ def create_train_state(config, facts: TrainingFacts) -> TrainState:
                                           facts.num_classes, facts.stats, facts.image_shape,
                                           config.seed)
   grid = len(config.train.table.grid)
+  # SGD updates per training step: m with the references' batching (a config saved before the
+  # losses existed trained Gaussian augmentation: one).
+  updates = (losses.from_config(config.train, config.train.sigma).updates_per_step
+             if "loss" in config.train else 1)
   return TrainState.create(apply_fn=model.apply, params=params,
-                           tx=optimizer(config.train, facts.steps_per_epoch, config.train.epochs),
+                           tx=optimizer(config.train, facts.steps_per_epoch * updates,
+                                        config.train.epochs),
                            batch_stats=batch_stats,
                            sigma_table=jnp.full((facts.num_train,), config.train.sigma, jnp.float32),
                            sigma_profile=jnp.zeros((facts.num_train, grid), jnp.float32))

@@ -24,31 +24,64 @@ GAUSSIAN = losses.Loss(losses.DEFAULT_LOSS, ())
 @functools.partial(jax.jit, static_argnames=("grid", "explore", "loss"), donate_argnames="state")
 def train_step(state: TrainState, batch, epoch_key, grid: tuple | None = None,
                explore: float = 1.0, loss: losses.Loss = GAUSSIAN, epoch=0):
-  """One SGD step on `loss` (losses/: Gaussian augmentation by default) over the batch (uint8
-  or [0, 1] images, augmented by the input pipeline), each example at its table σ; with
+  """One training step on `loss` (losses/: Gaussian augmentation by default) over the batch
+  (uint8 or [0, 1] images, augmented by the input pipeline), each example at its table σ; with
   `grid`, a share `explore` of the examples (drawn from each one's own key) at a random grid
-  σ instead. The loss's inputs of every example go through one forward pass."""
+  σ instead (loss_step: one SGD update, or m with the references' batching)."""
   keys = example_keys(epoch_key, batch["index"])
   sigma = training_sigmas(state.sigma_table[batch["index"]], keys, grid, explore)
   return loss_step(state, unit_range(batch["image"]), batch["label"], sigma, keys, loss, epoch)
 
 
 def loss_step(state, images, labels, sigma, keys, loss: losses.Loss, epoch):
-  """One SGD step of `state` on `loss` over examples (images, labels, their σ and keys): the
-  loss's inputs of every example in one forward pass; the state and the step's metrics."""
+  """SGD on `loss` over examples (images, labels, their σ and keys); the state and the mean of
+  the metrics of its updates. With loss.updates_per_step = m > 1 (batching "split", the
+  references'), m updates in turn, update c on the examples c, c + m, c + 2m, ... (B/m of
+  them, each with its m inputs): their code takes consecutive rows of a shuffled batch, and
+  strided ones keep each update's examples spread over the devices. Else one update on all."""
+  m = loss.updates_per_step
+  if m == 1:
+    return sgd_step(state, images, labels, sigma, keys, loss, epoch)
+
+  def strided(a):  # [m, B/m, ...]: row c holds examples c, c + m, ...
+    return jnp.swapaxes(a.reshape((-1, m) + a.shape[1:]), 0, 1)
+
+  state, metrics = jax.lax.scan(lambda s, part: sgd_step(s, *part, loss, epoch), state,
+                                tuple(strided(a) for a in (images, labels, sigma, keys)))
+  return state, jax.tree_util.tree_map(lambda v: v.mean(axis=0), metrics)
+
+
+def sgd_step(state, images, labels, sigma, keys, loss: losses.Loss, epoch):
+  """One SGD update of `state` on `loss` over the examples: their inputs from the current
+  model (SmoothAdv's attack: no gradient to the weights), then the loss's forward pass."""
   inputs = loss.inputs(images, labels, sigma, keys, predict=logits_fn(state), epoch=epoch)
 
   def loss_fn(params):
-    logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
-                                     inputs.reshape((-1,) + inputs.shape[2:]), train=True,
-                                     mutable=["batch_stats"])
-    logits = logits.reshape(inputs.shape[:2] + logits.shape[1:])
+    logits, batch_stats = forward(state, params, inputs, loss.separate_passes)
     per_example, metrics = loss.objective(logits, labels, sigma, epoch=epoch)
-    return per_example.mean(), (metrics, updates)
+    return per_example.mean(), (metrics, batch_stats)
 
-  (value, (metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
+  (value, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   return state, {"loss": value, **metrics}
+
+
+def forward(state, params, inputs, separate: bool):
+  """The training-mode logits [m, B, C] of `inputs` [m, B, ...] and the BatchNorm statistics
+  after them: one pass over all m·B inputs, or with `separate` (on a model with BatchNorm) one
+  pass per input of each example in turn, each normalised by its own batch statistics."""
+  apply = functools.partial(state.apply_fn, train=True, mutable=["batch_stats"])
+  if not (separate and state.batch_stats):
+    logits, updates = apply({"params": params, "batch_stats": state.batch_stats},
+                            inputs.reshape((-1,) + inputs.shape[2:]))
+    return logits.reshape(inputs.shape[:2] + logits.shape[1:]), updates.get("batch_stats", {})
+  stats, passes = state.batch_stats, []
+  for group in inputs:
+    logits, updates = apply({"params": params, "batch_stats": stats}, group)
+    stats = updates["batch_stats"]
+    passes.append(logits)
+  return jnp.stack(passes), stats
 
 
 def training_sigmas(table_sigma, keys, grid: tuple | None, explore: float):

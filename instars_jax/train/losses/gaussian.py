@@ -12,6 +12,7 @@ from instars_jax.train.state import gaussian_noise
 
 DEFAULTS = {}
 SOFT_TARGETS = True
+SEPARATE_PASSES = False
 
 
 def validate() -> list:

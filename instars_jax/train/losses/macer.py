@@ -5,12 +5,20 @@
 p̄ the mean softmax of the copies (classification), q̄ the mean of softmax(β · logits) (the
 soft smoothed classifier), ŷ its top class and q̄_(1) ≥ q̄_(2) its two largest values: the
 hinge on the radius σ/2 · ξ of each correctly classified example whose ξ is at most γ (the
-authors' code, which also drops examples whose ξ is not finite). σ is each example's own σ.
-The robustness term starts after `deferred_epochs` epochs (jh-jeong/smoothing-consistency's
---deferred: after the first learning-rate drop, epoch 30 of 90).
-Published: MNIST m = 16, λ = 16 (6 at σ = 1.0), γ = 8, β = 16, deferred 30 epochs;
-CIFAR-10 m = 16, γ = 8, β = 16, λ = 12 (paper) or 4 (ResNet-20 at σ = 0.5 in
-jh-jeong/smoothing-consistency's data); ImageNet m = 2, λ = 3 (1 at σ = 1.0).
+authors' code, which also drops examples whose ξ is not finite), with the gradient through
+both values. σ is each example's own σ. β scales float32 logits (the models' last layer
+computes in float32 under bfloat16). The robustness term starts after `deferred_epochs`
+epochs (jh-jeong/smoothing-consistency's --deferred: after the first learning-rate drop,
+epoch 30 of 90).
+
+Published settings, γ = 8 and β = 16 throughout:
+  mnist     m = 16, λ = 16 at σ = 0.25 and 0.5, 6 at σ = 1.0, deferred 30 epochs
+            (jh-jeong/smoothing-consistency's EXPERIMENTS.MD)
+  cifar10   m = 16, λ = 12 at σ = 0.25 and 0.5, 4 at σ = 1.0, not deferred (Zhai et al. §4.1;
+            RuntianZ/macer's main.py defaults to λ = 12)
+  imagenet  m = 2, λ = 3 at σ = 0.25 and 0.5, 1 at σ = 1.0, not deferred (Zhai et al. §4.1)
+Their code takes all B examples with their m copies in one SGD step (macer.py): batching =
+"whole" (losses/__init__.py).
 """
 
 from __future__ import annotations
@@ -21,8 +29,33 @@ from jax.scipy.special import ndtri
 
 from instars_jax.train.losses._terms import accuracy, noise_copies
 
-DEFAULTS = {"num_noise_vec": 16, "lbd": 16.0, "gamma": 8.0, "beta": 16.0, "deferred_epochs": 30}
+DEFAULTS = {"preset": "", "batching": "whole", "num_noise_vec": 16, "lbd": 16.0, "gamma": 8.0,
+            "beta": 16.0, "deferred_epochs": 30}
+PRESETS = {
+    "mnist": {
+        0.25: {"num_noise_vec": 16, "lbd": 16.0, "gamma": 8.0, "beta": 16.0,
+               "deferred_epochs": 30},
+        0.5: {"num_noise_vec": 16, "lbd": 16.0, "gamma": 8.0, "beta": 16.0,
+              "deferred_epochs": 30},
+        1.0: {"num_noise_vec": 16, "lbd": 6.0, "gamma": 8.0, "beta": 16.0,
+              "deferred_epochs": 30}},
+    "cifar10": {
+        0.25: {"num_noise_vec": 16, "lbd": 12.0, "gamma": 8.0, "beta": 16.0,
+               "deferred_epochs": 0},
+        0.5: {"num_noise_vec": 16, "lbd": 12.0, "gamma": 8.0, "beta": 16.0,
+              "deferred_epochs": 0},
+        1.0: {"num_noise_vec": 16, "lbd": 4.0, "gamma": 8.0, "beta": 16.0,
+              "deferred_epochs": 0}},
+    "imagenet": {
+        0.25: {"num_noise_vec": 2, "lbd": 3.0, "gamma": 8.0, "beta": 16.0,
+               "deferred_epochs": 0},
+        0.5: {"num_noise_vec": 2, "lbd": 3.0, "gamma": 8.0, "beta": 16.0,
+              "deferred_epochs": 0},
+        1.0: {"num_noise_vec": 2, "lbd": 1.0, "gamma": 8.0, "beta": 16.0,
+              "deferred_epochs": 0}},
+}
 SOFT_TARGETS = False  # its radius hinge needs the true class
+SEPARATE_PASSES = False
 
 
 def validate(num_noise_vec, lbd, gamma, beta, deferred_epochs) -> list:

@@ -33,7 +33,7 @@ class BaseStage:
     self.num_classes = context.facts.num_classes
     self.first_epoch, self.last_epoch = 0, t.epochs
     self.first_step, self.last_step = 0, self.last_epoch * self.steps_per_epoch
-    self.loss = losses.from_config(t)
+    self.loss = losses.from_config(t, t.sigma)
     self.update_seconds = 0.0  # the σ-table update before the current epoch
 
   def start(self, base_state, offset: int):

@@ -81,7 +81,8 @@ class FinetuneStage(BaseStage):
     t = context.config.train.copy_and_resolve_references()
     with t.unlocked():
       t.learning_rate, t.warmup_epochs, t.schedule = e.finetune_learning_rate, 0.0, "cosine"
-    self.tx = state_lib.optimizer(t, self.steps_per_epoch, e.finetune_epochs)
+    self.tx = state_lib.optimizer(t, self.steps_per_epoch * self.loss.updates_per_step,
+                                  e.finetune_epochs)
 
   def label(self, epoch: int):
     return FINETUNE

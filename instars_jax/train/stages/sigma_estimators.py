@@ -133,6 +133,14 @@ def estimator_settings(config, chooser: estimator.Estimator) -> dict:
           "gain_weight": e.gain_weight, "experts": e.experts, "seed": config.seed}
 
 
+def with_earlier_loss_keys(saved: dict) -> dict:
+  """Saved estimator settings whose loss section predates some of its keys, with what they
+  trained with (losses.EARLIER)."""
+  section = losses.estimator_defaults(saved["loss"])
+  earlier = {k: v for k, v in losses.EARLIER.items() if k in section}
+  return saved | {"loss_settings": earlier | saved["loss_settings"]}
+
+
 def validate(config) -> list:
   """(ok, message) of each check of the estimator's and fine-tuning's settings."""
   e = config.estimator
@@ -153,7 +161,8 @@ def validate(config) -> list:
        "estimator.finetune_epochs needs the estimator over the grid, not estimator.router"),
       ((e.model or config.model.name) in models.ARCHITECTURES,
        f"estimator.model must be one of {models.ARCHITECTURES}; got {e.model!r}"),
-  ] + losses.validate(e, "estimator", losses.estimator_defaults, soft_targets=True)
+  ] + losses.validate(e, "estimator", None, config.train.batch_size, losses.estimator_defaults,
+                      soft_targets=True)
 
 
 def soft_labels(radii, temperature: float):
@@ -290,7 +299,7 @@ class EstimatorStage:
   def __init__(self, context, chooser: estimator.Estimator, labellers: list):
     self.context, self.chooser, self.labellers = context, chooser, labellers
     self.settings = estimator_settings(context.config, chooser)
-    self.loss = losses.from_config(context.config.estimator)
+    self.loss = losses.from_config(context.config.estimator, chooser.sigma)
     self.name, self.sigma = chooser.name, chooser.sigma
     self.directory = chooser.directory
     self.batch_size, self.num_classes = context.config.train.batch_size, chooser.num_bins
@@ -301,7 +310,8 @@ class EstimatorStage:
     self.checkpoints = checkpoints.manager(self.directory)
     if self.checkpoints.latest_step() is not None:
       saved = json.loads(settings_path.read_text())
-      if estimator.LATER_SETTINGS | estimator.upgrade(saved) != self.settings:
+      if with_earlier_loss_keys(estimator.LATER_SETTINGS | estimator.upgrade(saved)) != \
+          self.settings:
         raise ValueError(f"{self.directory} holds an estimator trained with other settings: "
                          "remove it, or rerun with the same estimator settings")
       finished = estimator.finished_steps(self.checkpoints, saved)
@@ -349,7 +359,8 @@ class EstimatorStage:
       t.learning_rate, t.warmup_epochs, t.schedule = s["learning_rate"], 0.0, "cosine"
     return state_lib.ModelState.create(
         apply_fn=model.apply, params=params, batch_stats=batch_stats,
-        tx=state_lib.optimizer(t, self.steps_per_epoch, s["epochs"]))
+        tx=state_lib.optimizer(t, self.steps_per_epoch * self.loss.updates_per_step,
+                               s["epochs"]))
 
   def stream(self, first_step: int):
     """The batches of steps [first_step, last_step): each epoch the kept examples in the
