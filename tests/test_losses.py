@@ -309,11 +309,12 @@ def test_the_estimator_trains_with_a_loss_module_that_takes_soft_labels():
   # Settings an estimator saved before: the float λ and η are the consistency loss's, on the
   # whole batch; a stability estimator trained on the KL.
   old = {"grid": [0.25, 1.0], "consistency": 20.0, "entropy": 0.1, "epochs": 2}
-  assert estimator.upgrade(old) == {"grid": [0.25, 1.0], "epochs": 2, "loss": "consistency",
-                                    "loss_settings": {"num_noise_vec": 2, "lbd": 20.0,
-                                                      "eta": 0.1, "batching": "whole"}}
+  upgraded = lambda saved: sigma_estimators.with_earlier_loss_keys(estimator.upgrade(saved))
+  assert upgraded(old) == {"grid": [0.25, 1.0], "epochs": 2, "loss": "consistency",
+                           "loss_settings": {"num_noise_vec": 2, "lbd": 20.0, "eta": 0.1,
+                                             "batching": "whole"}}
   old = {"epochs": 2, "loss": "stability", "loss_settings": {"lbd": 2.0}}
-  assert estimator.upgrade(old)["loss_settings"] == {"lbd": 2.0, "term": "kl"}
+  assert upgraded(old)["loss_settings"] == {"lbd": 2.0, "term": "kl"}
 
 
 # ---------------------------------------------------------------------------
@@ -659,7 +660,8 @@ def test_an_old_run_resumes_unless_it_trained_a_loss_whose_batching_changed(tmp_
     current.train.loss = loss
     current.train[loss].update(flags)
     current = losses.resolved_config(current)
-    check = lambda: workdir.check_resumable(current, losses.later_keys(loss),
+    check = lambda: workdir.check_resumable(current, default.get_config(),
+                                            losses.later_keys(loss),
                                             ignored=losses.inactive_sections(current.train,
                                                                              "train"))
     if refused:
