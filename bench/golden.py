@@ -29,23 +29,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import instars_jax as ij  # noqa: E402
+from instars_jax import certificates  # noqa: E402
 
 TIMING = ("images_per_s", "seconds", "input_wait_share", "table_update_seconds",
           "table_update_share_of_epoch")
+INSTANCE = "--config.certify.sigma_mode=instance"
+# Every kind of the registry, then both sequential modes at fixed σ.
 KINDS = {
     "fixed": ["--config.certify.sigma_mode=fixed"],
-    "per_sigma": ["--config.certify.sigma_mode=instance", "--config.certify.certificate=per_sigma"],
-    "memory": ["--config.certify.sigma_mode=instance", "--config.certify.certificate=memory"],
-    "locally_constant": ["--config.certify.sigma_mode=instance",
-                         "--config.certify.certificate=locally_constant"],
+    **{kind: [INSTANCE, f"--config.certify.certificate={kind}"]
+       for kind in certificates.instance_kinds()},
     "radius": ["--config.certify.sampling=sequential", "--config.certify.n=4000",
                "--config.certify.name=radius"],
     "decision": ["--config.certify.sampling=sequential", "--config.certify.n=4000",
                  "--config.certify.radii=(0.25,0.5)", "--config.certify.name=decision"],
-    "cascade": ["--config.certify.sigma_mode=instance", "--config.certify.certificate=cascade"],
-    "router": ["--config.certify.sigma_mode=instance", "--config.certify.certificate=router"],
-    "thresholded": ["--config.certify.sigma_mode=instance",
-                    "--config.certify.certificate=thresholded"],
 }
 
 
@@ -115,8 +112,8 @@ def main() -> None:
   rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
   record["metrics"] = digest(np.frombuffer(json.dumps(
       [{k: v for k, v in r.items() if k not in TIMING} for r in rows]).encode(), np.uint8))
-  for kind, flags in KINDS.items():
-    run("certify.py", common + flags)
+  for kind, flags in KINDS.items():  # the run's own settings, certify.* included, from its workdir
+    run("certify.py", [f"--workdir={run_dir}", *flags])
   for tsv in sorted((run_dir / "certify").glob("*.tsv")):
     lines = [line.split("\t") for line in tsv.read_text().splitlines()]
     keep = [i for i, name in enumerate(lines[0]) if name != "time"]

@@ -15,11 +15,13 @@ mkdir -p "$out"
 for loss in gaussian consistency; do
   config=configs/cifar10_$loss.py
   [ "$loss" = gaussian ] && config=configs/cifar10_gpu.py
-  flags=(--config=$config --workdir=runs/cifar_$loss --config.train.insta=False
+  workdir=runs/cifar_$loss
+  flags=(--config=$config --workdir=$workdir --config.train.insta=False
          --config.train.sigma=0.5 --config.estimator.epochs=0
          --config.train.epochs=$epochs --config.data_dir=$cifar)
-  timeout "${CIFAR_TIMEOUT:-470}" bash -c 'python3 train.py "$@" && python3 certify.py "$@" \
-    --config.certify.sigma=0.5' _ "${flags[@]}" > "$out/cifar_$loss.log" 2>&1 &
+  # certify.py reads the run from its workdir (σ: the run's train.sigma)
+  timeout "${CIFAR_TIMEOUT:-470}" bash -c 'python3 train.py "${@:2}" && python3 certify.py \
+    --workdir="$1"' _ "$workdir" "${flags[@]}" > "$out/cifar_$loss.log" 2>&1 &
 done
 timeout "${TABLE_TIMEOUT:-470}" python3 bench/losses_table.py --runs runs/losses --parallel 24 \
   --deadline "${DEADLINE:-300}" --stop-at "${STOP_AT:-420}" -- --config.data_dir="$fm" > "$out/table.log" 2>&1

@@ -29,6 +29,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from instars_jax import certification  # noqa: E402
+
 GRID = (0.25, 0.5, 1.0)
 LOSSES = ("gaussian", "consistency", "stability", "macer", "smoothadv")
 CERTIFY = ["--config.certify.n=10000", "--config.certify.skip=20"]
@@ -44,9 +48,13 @@ def loss_flags(loss: str) -> list:
 
 def jobs(args) -> list:
   """(workdir, training commands, certification commands) of every row."""
-  def command(script, workdir, *flags):
-    return [sys.executable, script, f"--config={args.config}", f"--workdir={workdir}",
+  def train(workdir, *flags):
+    return [sys.executable, "train.py", f"--config={args.config}", f"--workdir={workdir}",
             *flags, *args.extra]
+
+  def certify(workdir, *flags):  # the run's settings from its workdir (σ: its train.sigma)
+    owned = [f for f in args.extra if certification.owns(f.split("=")[0][len("--config."):])]
+    return [sys.executable, "certify.py", f"--workdir={workdir}", *CERTIFY, *flags, *owned]
 
   out = []
   for loss in args.losses:
@@ -54,23 +62,17 @@ def jobs(args) -> list:
       workdir = Path(args.runs) / f"{loss}_{sigma}"
       flags = ["--config.train.insta=False", f"--config.train.sigma={sigma}",
                "--config.estimator.epochs=0", *loss_flags(loss)]
-      out.append((workdir, [command("train.py", workdir, *flags)],
-                  [command("certify.py", workdir, *flags, f"--config.certify.sigma={sigma}",
-                           *CERTIFY)]))
+      out.append((workdir, [train(workdir, *flags)], [certify(workdir)]))
+  instance = ["--config.certify.sigma_mode=instance"]
   for loss in args.insta:
     workdir = Path(args.runs) / f"insta_{loss}"
-    flags, router = loss_flags(loss), ["--config.estimator.router=True"]
-    instance = ["--config.certify.sigma_mode=instance", *CERTIFY]
+    flags = loss_flags(loss)
     out.append((workdir,
-                [command("train.py", workdir, *flags),
-                 command("train.py", workdir, *flags, *router)],
-                [command("certify.py", workdir, *flags, f"--config.certify.sigma={s}", *CERTIFY)
-                 for s in GRID]
-                + [command("certify.py", workdir, *flags, *instance,
-                           f"--config.certify.certificate={kind}")
-                   for kind in ("locally_constant", "cascade", "per_sigma")]
-                + [command("certify.py", workdir, *flags, *router, *instance,
-                           "--config.certify.certificate=router")]))
+                [train(workdir, *flags),
+                 train(workdir, *flags, "--config.estimator.router=True")],
+                [certify(workdir, "--config.certify.sigma_mode=grid")]  # sigma_<σ>.tsv each
+                + [certify(workdir, *instance, f"--config.certify.certificate={kind}")
+                   for kind in ("locally_constant", "cascade", "per_sigma", "router")]))
   return out
 
 
@@ -125,7 +127,8 @@ def main():
                       default=list(GRID))
   parser.add_argument("--insta", type=lambda s: s.split(",") if s else [],
                       default=["gaussian", "consistency"])
-  parser.add_argument("extra", nargs="*", help="flags added to every train.py and certify.py")
+  parser.add_argument("extra", nargs="*", help="flags added to every train.py, and those "
+                      "certification owns (certify.*, input.*, data_dir, ...) to certify.py")
   args = parser.parse_args()
   runs = Path(args.runs)
   run = Runner(runs, args.deadline)

@@ -32,7 +32,6 @@ def get_config():
   config.train.table.explore = 0.5
   config.train.table.n = 4_000
   config.estimator.epochs = 2
-  config.certify.sigma = 0.25
   config.certify.n = 4_000
   config.certify.skip = 20
   config.certify.batch = 1000
