@@ -101,7 +101,7 @@ def _folded_logits_error(name, shape, fold=models.fold_batch_norm):
 
 
 @pytest.mark.parametrize("name, shape", [
-    ("resnet20", (8, 8, 3)), ("resnet110", (8, 8, 3)),
+    ("resnet20", (8, 8, 3)), pytest.param("resnet110", (8, 8, 3), marks=pytest.mark.slow),
     pytest.param("resnet50", (32, 32, 3), marks=pytest.mark.slow)])
 def test_folded_batch_norm_keeps_the_logits(name, shape):
   model, variables, _ = _model_with_statistics(name, shape)
@@ -125,6 +125,7 @@ def test_a_fold_without_epsilon_moves_the_logits(monkeypatch):
   assert _folded_logits_error("resnet20", (8, 8, 3), fold_without_epsilon) > 1e-4
 
 
+@pytest.mark.slow
 def test_folded_bfloat16_predictions_agree_on_noisy_inputs():
   """bfloat16 rounds the folded kernels and adds the bias in bfloat16, so near-ties may flip:
   on 2,000 noisy inputs the folded model disagrees with the unfolded one at most two points
