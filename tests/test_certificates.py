@@ -138,6 +138,7 @@ def test_locally_constant_never_certifies_intersecting_balls(island_points):
   assert np.all(cert.radius[certified] <= np.abs(island_points[certified, 0]) + 1e-6)
 
 
+@pytest.mark.slow
 def test_sound_modes_never_exceed_the_true_radius_of_G(linear):
   # A linear base classifier is its own smoothed classifier at every σ, so G equals it
   # whatever σ(x) is, and its exact robust radius is the distance to the hyperplane.
@@ -261,6 +262,7 @@ def test_cascade_never_exceeds_the_true_radius_and_answers_at_every_level(linear
   assert cert.radius[6] == pytest.approx(stats.norm.ppf(lower) - stats.norm.ppf(0.6), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_router_never_exceeds_the_true_radius_at_any_node(linear):
   # Nodes on an unrelated feature x_7: node 2 (σ = 1.0 against lower) says "1.0" where
   # x_7 > 0.5, node 1 (0.5 against 0.25) says "0.5" where x_7 > 0. The base model is linear in
@@ -416,6 +418,7 @@ def test_memory_balls_stay_apart_in_the_radii_written():
           assert ra + rb <= distance, trial
 
 
+@pytest.mark.slow
 def test_thresholded_chain_never_exceeds_the_exact_radius_and_takes_the_min_over_its_path(
     linear, monkeypatch):
   # Nodes on an unrelated feature x_7, logits (cut − x_7, x_7 − cut) · 100: under noise σ_k

@@ -144,6 +144,7 @@ def test_certification_refuses_other_settings_and_missing_checkpoints(run, tmp_p
       (0, pytest.approx(summary["certified_accuracy"]["0.5"]))]
 
 
+@pytest.mark.slow
 def test_instance_sigma_mode(run):
   config, workdir = run
   config.certify.sigma_mode = "instance"
@@ -347,6 +348,7 @@ def test_sound_kinds_through_certification_never_certify_intersecting_balls(kind
     assert clashes > 20
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["locally_constant", "router"])
 def test_sequential_sampling_with_a_sound_instance_kind_resumes_to_the_same_rows(kind, tmp_path,
                                                                                 monkeypatch):
@@ -368,6 +370,7 @@ def test_sequential_sampling_with_a_sound_instance_kind_resumes_to_the_same_rows
   assert results.read_metadata(straight)["sampling"] == "sequential"
 
 
+@pytest.mark.slow
 def test_hosts_split_the_test_set_and_merge_one_tsv(run):
   config, workdir = run
   single = certification.certify_test_set(config, workdir)
@@ -425,6 +428,7 @@ def test_bad_sequential_config(toy_config, tmp_path, changes, message):
     certification.certify_test_set(toy_config, tmp_path)
 
 
+@pytest.mark.slow
 def test_experts_with_the_run_s_own_weights_write_its_rows_and_are_named(run, tmp_path):
   # Grouping the class test by σ does not change its noise: experts that are the run's own
   # model give the rows of the run without experts, in a file of their own that names them.
@@ -477,6 +481,7 @@ def test_experts_that_disagree_with_the_run_are_refused_before_any_row(run, tmp_
   assert not (workdir / "certify").exists()
 
 
+@pytest.mark.slow
 def test_a_kind_is_one_new_file_or_a_dotted_module_path(run, tmp_path, monkeypatch, request):
   # per_sigma.py copied under another name into the package's folder (here a second folder
   # of the package) certifies under that name with no other edit; so does a copy outside the

@@ -91,6 +91,7 @@ def test_every_tensor_of_resnet110_finds_its_flax_parameter(tmp_path):
   assert len(import_torch.layer_map("resnet110")) == 3 + 54 * 4 + 2 * 2
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_fail_with_one_line(tmp_path):
   model = published("cifar_resnet20", tmp_path / "good.pth.tar")
   state = model.state_dict()

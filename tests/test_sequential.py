@@ -141,6 +141,7 @@ def certify_linear(linear, rule=None, key=0, n=20_000, alpha=0.001, batch_size=1
                     batch_size=batch_size, num_classes=2, rule=rule)
 
 
+@pytest.mark.slow
 def test_radius_mode_is_sound_close_to_fixed_and_cheaper(linear):
   fixed = certify_linear(linear, n=100_000)
   seq = certify_linear(linear, ij.RadiusRule(0.05), n=100_000)
@@ -167,6 +168,7 @@ def test_radius_mode_is_sound_close_to_fixed_and_cheaper(linear):
     np.testing.assert_array_equal(np.asarray(first)[0], seq.counts[i])
 
 
+@pytest.mark.slow
 def test_a_looser_tolerance_level_stops_sooner_and_stays_sound(linear):
   strict = certify_linear(linear, ij.RadiusRule(0.05, None), n=100_000)
   loose = certify_linear(linear, ij.RadiusRule(0.05), n=100_000)  # at 0.05
@@ -204,6 +206,7 @@ def test_decision_mode_reports_the_largest_proven_radius(linear):
   assert seq.num_samples.sum() < 0.3 * fixed.num_samples.sum()
 
 
+@pytest.mark.slow
 def test_sound_on_many_instances_with_a_loose_alpha(linear):
   # α = 0.05 over 300 instances at distance 0.3: the radius exceeds the truth in at most ~5%.
   x = linear.points_at_distance(np.full(300, 0.3))

@@ -133,6 +133,7 @@ def test_stages_switch_at_e1_and_the_table_round_trips(insta_config, tmp_path):
   assert (tmp_path / "run" / "sigma_by_class.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_killed_in_stage_2_resumes_to_the_same_table(insta_config, tmp_path, monkeypatch):
   # Resumed with another certify.n (certification's, which training never reads): the same
   # table and weights. With another train.table.n (the table's own): refused.
@@ -154,6 +155,7 @@ def test_killed_in_stage_2_resumes_to_the_same_table(insta_config, tmp_path, mon
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_cohen_training_keeps_the_table_constant(insta_config, tmp_path):
   insta_config.train.insta = False
   insta_config.train.epochs = 2
@@ -172,6 +174,7 @@ def test_cohen_training_keeps_the_table_constant(insta_config, tmp_path):
                             jax.tree_util.tree_leaves(state.params)[0])
 
 
+@pytest.mark.slow
 def test_explore_trains_a_share_of_stage_2_examples_at_a_random_grid_sigma(insta_config, tmp_path):
   keys = state_lib.example_keys(jax.random.PRNGKey(0), jnp.arange(4000))
   table = jnp.full((4000,), 0.3, jnp.float32)  # off the grid: shows which examples moved
@@ -193,6 +196,7 @@ def test_explore_trains_a_share_of_stage_2_examples_at_a_random_grid_sigma(insta
                             jax.tree_util.tree_leaves(plain.params)[0])
 
 
+@pytest.mark.slow
 def test_a_fractional_update_profiles_only_its_slice(insta_config, tmp_path):
   insta_config.train.epochs = 2
   insta_config.train.table.fraction = 0.25
@@ -405,6 +409,7 @@ def test_sigterm_in_stage_2_checkpoints_the_step_and_resumes_bit_identically(toy
   assert int(resumed.step) == 18  # 9 steps of 2 updates
 
 
+@pytest.mark.slow
 def test_divergence_stops_training_and_keeps_the_last_good_checkpoint(toy_config, tmp_path):
   toy_config.train.learning_rate = 1e4  # NaN within the first epoch
   with pytest.raises(ValueError, match=r"diverged by step 3 \(epoch 1\): train_loss is not finite"):
@@ -467,6 +472,7 @@ def test_bad_training_config(toy_config, tmp_path, section, key, value, message)
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_full_disk_gives_one_error_and_keeps_the_checkpoints_before(toy_config, tmp_path,
                                                                      monkeypatch):
   full = OSError(errno.ENOSPC, "No space left on device")
@@ -496,6 +502,7 @@ def test_a_second_trainer_on_the_workdir_is_refused_naming_the_first(toy_config,
   loop.train_and_evaluate(toy_config, workdir.path)  # once it is gone, training runs
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_named_and_the_one_before_still_resumes(toy_config, tmp_path,
                                                                        monkeypatch):
   toy_config.train.checkpoint_every_steps = 1
@@ -515,6 +522,7 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_still_resumes(toy_conf
   same_params(loop.train_and_evaluate(toy_config, tmp_path / "run"), straight)
 
 
+@pytest.mark.slow
 def test_a_stop_in_an_epoch_s_last_step_keeps_that_epoch_s_row_and_checkpoint(toy_config,
                                                                               tmp_path,
                                                                               monkeypatch):
@@ -528,6 +536,7 @@ def test_a_stop_in_an_epoch_s_last_step_keeps_that_epoch_s_row_and_checkpoint(to
   assert metrics_without_timing(tmp_path / "resumed") == metrics_without_timing(tmp_path / "straight")
 
 
+@pytest.mark.slow
 def test_a_router_tree_trains_one_node_per_grid_sigma_and_certifies(insta_config, tmp_path):
   from instars_jax import certification
   from instars_jax.storage import results
