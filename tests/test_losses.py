@@ -611,6 +611,7 @@ def test_an_explicit_setting_wins_over_the_preset_even_at_the_default_value():
       ("warmup", 10))
 
 
+@pytest.mark.slow
 def test_an_unknown_preset_or_sigma_ends_train_py_with_one_line_and_exit_status_2(tmp_path):
   config = default.get_config()
   config.train.update(loss="consistency", sigma=0.25)
@@ -626,7 +627,7 @@ def test_an_unknown_preset_or_sigma_ends_train_py_with_one_line_and_exit_status_
   assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("name", ["lenet", "resnet20"])
+@pytest.mark.parametrize("name", ["lenet", pytest.param("resnet20", marks=pytest.mark.slow)])
 def test_the_logits_come_from_a_float32_last_layer_under_bfloat16(name):
   model = models.create_model(name, 10, "bfloat16", "cifar10")
   x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 28, 28, 1) if name == "lenet"

@@ -88,7 +88,7 @@ def test_device_tables_match_the_float64_bounds():
 
 
 
-@pytest.mark.parametrize("look", [12, 13])
+@pytest.mark.parametrize("look", [pytest.param(12, marks=pytest.mark.slow), 13])
 def test_radius_stop_is_the_documented_rule_in_float64(look):
   # Stop iff Φ⁻¹(L_t) ≥ (1 − ε)·Φ⁻¹(L_final(S + ⌈U^δ(n_max − t)⌉)): the S successes seen are
   # kept and only the rest continue at U^δ (docs/sequential.md), checked against scipy in float64.

@@ -115,6 +115,7 @@ def test_tensorboard_writes_through_any_writer_with_clu_s_method_names():
                    ("histograms", 12, {"sigma_table": [0.25, 1.0]}), ("flush",), ("close",)]
 
 
+@pytest.mark.slow
 def test_stages_switch_at_e1_and_the_table_round_trips(insta_config, tmp_path):
   state = loop.train_and_evaluate(insta_config, tmp_path / "run")
   rows = read_metrics(tmp_path / "run")
@@ -434,6 +435,7 @@ def test_training_refuses_a_workdir_with_another_config(toy_config, tmp_path):
     loop.train_and_evaluate(toy_config, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_a_run_saved_before_later_keys_existed_still_resumes(toy_config, tmp_path):
   toy_config.train.epochs = 1
   loop.train_and_evaluate(toy_config, tmp_path / "run")
