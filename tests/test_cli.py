@@ -139,7 +139,7 @@ def bad_input_cases(common, workdir, tmp_path) -> dict:
           "certify.py", *common, "--config.certify.sigma_mode=instance",
           "--config.certify.certificate=cascade", "--config.certify.cascade.threshold=0.4"),
       "no training run in": ("certify.py", f"--workdir={tmp_path / 'none'}"),
-      "older instars_jax": ("certify.py", f"--workdir={stale}"),
+      "no checkpoint in": ("certify.py", f"--workdir={stale}"),
       "is corrupt or incomplete": ("certify.py", f"--workdir={damaged}"),
       f"corrupt image {bad_image}": ("train.py", "--config=configs/default.py",
                                      f"--workdir={tmp_path / 'images'}",
