@@ -76,7 +76,7 @@ def check_run(config, workdir) -> None:
   certification owns (its dataset, model, σ grid, estimator, held-out split and seed)."""
   workdir = Workdir(workdir)
   saved = workdir.read_config(default.get_config())
-  differing = workdir.differing(config, default.get_config(), owns)
+  differing = workdir.differing(config, saved, owns)
   if differing:
     shown = ", ".join(f"{k}={config_path.get_value(k, config)!r} (the run: "
                       f"{config_path.get_value(k, saved)!r})" for k in differing[:3])
@@ -163,8 +163,8 @@ def run_metadata(config, kind, workdir) -> dict:
   when there is none), the kind's own models' steps in its metadata, and with σ experts,
   "experts" (σ, workdir, checkpoint step); without, the run's own model certifies at every σ."""
   c = config.certify
-  metadata = {"checkpoint": model_step(workdir), "certificate": kind.NAME, "certificate_meaning": kind.MEANING,
-              "sound": kind.SOUND, "sigma_mode": c.sigma_mode, "n0": c.n0, "n": c.n,
+  metadata = {"checkpoint": model_step(workdir), "certificate": kind.NAME,
+              "certificate_meaning": kind.MEANING, "sound": kind.SOUND, "sigma_mode": c.sigma_mode, "n0": c.n0, "n": c.n,
               "alpha": c.alpha, "skip": c.skip, "max": c.max, "seed": config.seed,
               "dataset": config.dataset, "package_version": instars_jax.__version__,
               "sampling": c.sampling}

@@ -103,11 +103,11 @@ class Workdir:
             | {new: flat[old] for new, old in MOVED_KEYS.items() if old in flat} | flat)
     return ml_collections.ConfigDict(_nested({k: _tupled(v) for k, v in flat.items()}))
 
-  def differing(self, config, defaults, own=lambda key: False, later_keys=None) -> list:
-    """The dotted keys of `config` whose value differs from the saved run's (completed by
-    `defaults` and `later_keys`, as `read_config`), except those `own(key)` lets change,
-    sorted."""
-    saved = _dotted(json.loads(self.read_config(defaults, later_keys).to_json()))
+  @staticmethod
+  def differing(config, saved, own=lambda key: False) -> list:
+    """The dotted keys of `config` whose value differs from `saved` (the run's config as
+    `read_config` completes it), except those `own(key)` lets change, sorted."""
+    saved = _dotted(json.loads(saved.to_json()))
     current = _dotted(json.loads(config.to_json()))
     return sorted(k for k in current if not own(k) and saved.get(k) != current[k])
 
@@ -128,8 +128,8 @@ class Workdir:
     if not self.config_path.exists():
       return
     differing = self.differing(
-        config, defaults, lambda key: (key.split(".")[0] in RESUMABLE_SECTIONS
-                                       or key.startswith(tuple(ignored))), later_keys)
+        config, self.read_config(defaults, later_keys),
+        lambda key: key.split(".")[0] in RESUMABLE_SECTIONS or key.startswith(tuple(ignored)))
     if differing:
       raise ValueError(f"{self.path} holds a run with a different config "
                        f"({', '.join(differing)}): rerun with the same config to resume, or "

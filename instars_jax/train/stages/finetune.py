@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instars_jax.storage.files import write_json_atomic
 from instars_jax import data
 from instars_jax.selection import estimator
 from instars_jax.smoothing.streams import Stream
+from instars_jax.storage.files import write_json_atomic
 from instars_jax.storage.workdir import Workdir
 from instars_jax.train import state as state_lib
 from instars_jax.train.interface import resume, stage_manager
