@@ -272,7 +272,7 @@ def cohen_cifar10(s, work: Path, seconds: float, cifar: Path, fixtures: Path,
   flags = ["--config=configs/cifar10.py", f"--workdir={work}", "--config.dataset=cifar10_jpeg",
            f"--config.data_dir={cifar}", "--config.model.dtype=bfloat16",
            "--config.train.insta=False", "--config.train.sigma=0.25",
-           "--config.estimator.epochs=0", f"--config.train.epochs={s['cohen_epochs']}",
+           "--config.train.estimator.epochs=0", f"--config.train.epochs={s['cohen_epochs']}",
            *data_flags, *s["cohen_flags"]]
   began = time.time()
   (trained,) = run_until([[sys.executable, "train.py", *flags]], seconds, work / "logs_train")

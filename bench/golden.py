@@ -93,12 +93,12 @@ def main() -> None:
   common = [f"--config={ROOT / 'configs' / 'fashion_mnist_demo.py'}", f"--workdir={run_dir}",
             f"--config.dataset=npz:{npz}", "--config.train.table.fraction=0.5",
             "--config.train.examples=0", "--config.train.table.n=500",
-            "--config.estimator.finetune_epochs=1", "--config.certify.n=500",
+            "--config.train.finetune.epochs=1", "--config.certify.n=500",
             "--config.certify.skip=4", "--config.certify.batch=500",
             "--config.certify.instances=5", "--config.certify.estimator.n=500"]
   run("train.py", common)
-  run("train.py", common + ["--config.estimator.router=True",  # the router's nodes
-                            "--config.estimator.finetune_epochs=0"])
+  run("train.py", common + ["--config.train.estimator.router=True",  # the router's nodes
+                            "--config.train.finetune.epochs=0"])
   record = {}
   state = ij.load_train_state(run_dir)
   record["params"] = tree_digest(state.params)

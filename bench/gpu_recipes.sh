@@ -17,7 +17,7 @@ for loss in gaussian consistency; do
   [ "$loss" = gaussian ] && config=configs/cifar10_gpu.py
   workdir=runs/cifar_$loss
   flags=(--config=$config --workdir=$workdir --config.train.insta=False
-         --config.train.sigma=0.5 --config.estimator.epochs=0
+         --config.train.sigma=0.5 --config.train.estimator.epochs=0
          --config.train.epochs=$epochs --config.data_dir=$cifar)
   # certify.py reads the run from its workdir (σ: the run's train.sigma)
   timeout "${CIFAR_TIMEOUT:-470}" bash -c 'python3 train.py "${@:2}" && python3 certify.py \

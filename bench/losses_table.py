@@ -61,7 +61,7 @@ def jobs(args) -> list:
     for sigma in args.sigmas:
       workdir = Path(args.runs) / f"{loss}_{sigma}"
       flags = ["--config.train.insta=False", f"--config.train.sigma={sigma}",
-               "--config.estimator.epochs=0", *loss_flags(loss)]
+               "--config.train.estimator.epochs=0", *loss_flags(loss)]
       out.append((workdir, [train(workdir, *flags)], [certify(workdir)]))
   instance = ["--config.certify.sigma_mode=instance"]
   for loss in args.insta:
@@ -69,7 +69,7 @@ def jobs(args) -> list:
     flags = loss_flags(loss)
     out.append((workdir,
                 [train(workdir, *flags),
-                 train(workdir, *flags, "--config.estimator.router=True")],
+                 train(workdir, *flags, "--config.train.estimator.router=True")],
                 [certify(workdir, "--config.certify.sigma_mode=grid")]  # sigma_<σ>.tsv each
                 + [certify(workdir, *instance, f"--config.certify.certificate={kind}")
                    for kind in ("locally_constant", "cascade", "per_sigma", "router")]))

@@ -5,8 +5,8 @@ alpha=0.001. Needs the TFDS cifar10 dataset (or --config.dataset=cifar10_jpeg)."
 from configs import default
 
 
-def get_config():
-  config = default.cohen_recipe(default.get_config())
+def get_config(outside: str = ""):  # outside plug-ins: configs/default.get_config
+  config = default.cohen_recipe(default.get_config(outside))
   config.dataset = "cifar10"
   config.model.name = "resnet110"
   config.train.batch_size = 400

@@ -5,8 +5,8 @@
 from configs import cifar10_gpu
 
 
-def get_config():
-  config = cifar10_gpu.get_config()
+def get_config(outside: str = ""):  # outside plug-ins: configs/default.get_config
+  config = cifar10_gpu.get_config(outside)
   config.train.loss = "consistency"
   config.train.consistency.update(num_noise_vec=2, lbd=10.0, eta=0.5)
   return config

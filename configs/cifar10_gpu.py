@@ -9,8 +9,8 @@ Certifies every 20th test image (500) at n = 10,000 with 20,000 noisy images per
 from configs import cifar10_small
 
 
-def get_config():
-  config = cifar10_small.get_config()
+def get_config(outside: str = ""):  # outside plug-ins: configs/default.get_config
+  config = cifar10_small.get_config(outside)
   config.model.dtype = "bfloat16"
   config.input.workers = 4
   config.train.epochs = 30
@@ -22,7 +22,7 @@ def get_config():
   config.train.table.grid = (0.25, 0.5, 1.0)
   config.train.table.samples = 2
   config.train.table.fraction = 0.35
-  config.estimator.epochs = 4
+  config.train.estimator.epochs = 4
   config.certify.n = 10_000
   config.train.table.n = 10_000
   config.certify.skip = 20

@@ -6,8 +6,8 @@ the fixed-σ model."""
 from configs import cifar10_gpu
 
 
-def get_config():
-  config = cifar10_gpu.get_config()
+def get_config(outside: str = ""):  # outside plug-ins: configs/default.get_config
+  config = cifar10_gpu.get_config(outside)
   config.train.loss = "macer"
   config.train.macer.update(num_noise_vec=16, lbd=4.0, gamma=8.0, beta=16.0, deferred_epochs=0)
   return config

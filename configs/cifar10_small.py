@@ -3,8 +3,8 @@
 from configs import default
 
 
-def get_config():
-  config = default.get_config()
+def get_config(outside: str = ""):  # outside plug-ins: configs/default.get_config
+  config = default.get_config(outside)
   config.dataset = "cifar10_jpeg"
   config.model.name = "resnet20"
   config.train.epochs = 15

@@ -6,8 +6,8 @@ of 32 examples). --config.train.insta=False --config.train.sigma=S gives the fix
 from configs import cifar10_gpu
 
 
-def get_config():
-  config = cifar10_gpu.get_config()
+def get_config(outside: str = ""):  # outside plug-ins: configs/default.get_config
+  config = cifar10_gpu.get_config(outside)
   config.train.loss = "smoothadv"
   config.train.smoothadv.update(num_noise_vec=8, epsilon=1.0, num_steps=10, warmup=10)
   return config

@@ -5,8 +5,8 @@
 from configs import cifar10_gpu
 
 
-def get_config():
-  config = cifar10_gpu.get_config()
+def get_config(outside: str = ""):  # outside plug-ins: configs/default.get_config
+  config = cifar10_gpu.get_config(outside)
   config.train.loss = "stability"
   config.train.stability.lbd = 2.0
   return config

@@ -3,10 +3,15 @@
 import ml_collections
 
 from instars_jax import plugins
-from instars_jax.train import losses
+
+STAGES, LOSSES = "instars_jax.train.stages", "instars_jax.train.losses"
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(outside: str = "") -> ml_collections.ConfigDict:
+  """The defaults, every plug-in's section included; `outside` (the text after the config
+  file's ':', e.g. --config=configs/default.py:my_pkg.my_loss,my_pkg.my_stage): plug-ins
+  outside the package, by dotted path, whose sections are added and which config.plugins
+  records (instars_jax/plugins.py)."""
   config = ml_collections.ConfigDict()
   config.dataset = "fashion_mnist"  # fashion_mnist | cifar10_jpeg | cifar10 | imagenet2012 | npz:PATH | tfds:NAME
   config.data_dir = ""  # overrides where the dataset is read from
@@ -17,10 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.image_size = 0
   config.corrupt_images = "fail"  # fail | skip: an unreadable image is replaced by the next one
   # Each data source's own settings, sources.<module>, from the DEFAULTS of its module in
-  # instars_jax/data/ (tfds: the TFDS splits read as training and test sets).
+  # instars_jax/data/ (tfds: the TFDS splits read as training and test sets); added below.
   config.sources = ml_collections.ConfigDict()
-  for section, values in plugins.sections("instars_jax.data").items():
-    config.sources[section] = ml_collections.ConfigDict(values)
   # The input pipeline on grain (instars_jax/data/pipeline.py); none of these changes the batches.
   config.input = ml_collections.ConfigDict()
   config.input.workers = 0  # processes decoding and augmenting training batches (0: the trainer)
@@ -56,9 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
   # are None (unset); an unset key without a preset takes the module's default (its DEFAULTS,
   # whose sources its docstring cites). `batching`: split (each SGD step B/m examples with m
   # noise copies, the references') | whole (B examples with m copies: m times fewer updates).
-  config.train.loss = losses.DEFAULT_LOSS
-  for name in losses.names():
-    config.train[name] = losses.section(name)
+  # A loss outside the package: its dotted path (its section: get_config's `outside`).
+  config.train.loss = "gaussian"
   config.train.augment = "none"  # none | crop_flip | random_resized_crop (instars_jax/data/augment.py)
   config.train.eval_examples = 0  # test examples evaluated after each epoch; 0: all
   # Besides every epoch end, a checkpoint every this many global steps (0: none; only the
@@ -94,13 +96,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.table.n = 100_000
   config.train.table.alpha = 0.001
 
-  # The training stages' own sections (instars_jax/train/stages/: estimator, from the
-  # σ-estimators' and the fine-tuning stage's DEFAULTS), then the loss sections of the
-  # estimators' loss (estimator.<loss>: consistency | gaussian | stability).
-  for section, values in plugins.sections("instars_jax.train.stages").items():
-    config[section] = ml_collections.ConfigDict(values)
-  for name in losses.names():
-    config.estimator[name] = ml_collections.ConfigDict(losses.estimator_defaults(name))
 
   config.certify = ml_collections.ConfigDict()
   config.certify.sigma = ml_collections.config_dict.placeholder(float)  # None: train.sigma
@@ -137,18 +132,28 @@ def get_config() -> ml_collections.ConfigDict:
 
   # With sigma_mode = instance, the kind: a module of instars_jax/certificates/, by its file
   # name, or any module by its dotted path: locally_constant (sound: σ from the smoothed
-  # σ-estimator; needs estimator.epochs > 0 at training) | router (sound: σ from a tree of
-  # binary estimators; needs estimator.router = True at training) | thresholded (sound: the
+  # σ-estimator; needs train.estimator.epochs > 0 at training) | router (sound: σ from a tree of
+  # binary estimators; needs train.estimator.router = True at training) | thresholded (sound: the
   # router's nodes as a chain that moves an input lower only where its probability of
   # "lower" is at least certify.thresholded.threshold; tune it with python -m
   # instars_jax.tune) | cascade (sound: cascaded smoothing over the grid, no estimator) |
   # memory (sound for one fixed query order) | per_sigma (Insta-RS as published: NOT a
   # certificate of the input-dependent classifier).
   config.certify.certificate = "locally_constant"
-  # Each kind's own settings, certify.<section>, from the DEFAULTS of its module (estimator:
+
+  # Every plug-in's own section, from the DEFAULTS of its module (instars_jax/plugins.py):
+  # sources.<source>; train.<loss> (each loss's); train.<stage> (the training stages':
+  # train.estimator, the σ-estimators', and train.finetune); certify.<kind> (estimator:
   # locally_constant, router and thresholded; thresholded; cascade; search: per_sigma, memory).
-  for section, values in plugins.sections("instars_jax.certificates").items():
-    config.certify[section] = ml_collections.ConfigDict(values)
+  plugins.add_sections(config, [m for m in outside.split(",") if m])
+  # The σ-estimators train with a loss of their own (train.estimator.loss), whose settings
+  # are train.estimator.<loss>: the loss's defaults without a preset, and the estimators' own
+  # (sigma_estimators.LOSS_DEFAULTS).
+  own = plugins.literal(plugins.source_path(STAGES, "sigma_estimators"), "LOSS_DEFAULTS")
+  for name in plugins.names(LOSSES) + plugins.outside(LOSSES, config.plugins):
+    values = plugins.literals(plugins.source_path(LOSSES, name), "DEFAULTS").get("DEFAULTS", {})
+    config.train.estimator[plugins.section_name(LOSSES, name)] = ml_collections.ConfigDict(
+        {k: v for k, v in values.items() if k != "preset"} | own.get(name, {}))
   return config
 
 

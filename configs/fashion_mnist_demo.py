@@ -9,14 +9,14 @@ at α = 0.001)."""
 from configs import fashion_mnist
 
 
-def get_config():
-  config = fashion_mnist.get_config()
+def get_config(outside: str = ""):  # outside plug-ins: configs/default.get_config
+  config = fashion_mnist.get_config(outside)
   config.train.epochs = 2
   config.train.stage1_epochs = 1
   config.train.examples = 20_000
   config.train.eval_examples = 1_000
-  config.estimator.epochs = 1
-  config.estimator.label_samples = 4
+  config.train.estimator.epochs = 1
+  config.train.estimator.label_samples = 4
   config.certify.n = 1_000
   config.train.table.n = 1_000
   config.certify.skip = 100

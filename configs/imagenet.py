@@ -7,8 +7,8 @@ download, or an ImageFolder tree (--config.dataset=folder:PATH with train/ and v
 from configs import default
 
 
-def get_config():
-  config = default.cohen_recipe(default.get_config())
+def get_config(outside: str = ""):  # outside plug-ins: configs/default.get_config
+  config = default.cohen_recipe(default.get_config(outside))
   config.dataset = "imagenet2012"
   config.model.name = "resnet50"
   config.train.batch_size = 256

@@ -57,25 +57,34 @@ def own_settings() -> str:
   return ", ".join([f"{s}.*" for s in OWN_SECTIONS] + list(OWN_KEYS))
 
 
-def run_config(workdir, overrides: dict) -> ml_collections.ConfigDict:
+def run_config(workdir, overrides: dict, outside=()) -> ml_collections.ConfigDict:
   """The saved config of the run in `workdir` (completed by configs/default.py for keys added
-  since) with `overrides` ({dotted key: value}) set; ValueError naming an override that is a
-  setting of the trained run, FileNotFoundError when there is no run."""
+  since, and by the sections of the outside plug-ins `outside`, e.g. a kind's) with
+  `overrides` ({dotted key: value}) set; ValueError naming an override that is a setting of
+  the trained run, FileNotFoundError when there is no run."""
   foreign = [key for key in overrides if not owns(key)]
   if foreign:
     raise ValueError(f"--config.{foreign[0]} is a setting of the trained run in {workdir}, "
                      f"read from its config.json: the command line may set only {own_settings()}")
-  config = Workdir(workdir).read_config(default.get_config())
+  config = saved_config(workdir, outside)
   for key, value in overrides.items():
     config_path.set_value(key, config, value)
   return config
+
+
+def saved_config(workdir, outside=()) -> ml_collections.ConfigDict:
+  """The run's saved config, completed by the defaults with its outside plug-ins' sections
+  and those of `outside`."""
+  workdir = Workdir(workdir)
+  modules = dict.fromkeys(tuple(workdir.read_config().get("plugins", ())) + tuple(outside))
+  return workdir.read_config(default.get_config(",".join(modules)))
 
 
 def check_run(config, workdir) -> None:
   """ValueError unless `config` agrees with the run trained in `workdir` outside what
   certification owns (its dataset, model, σ grid, estimator, held-out split and seed)."""
   workdir = Workdir(workdir)
-  saved = workdir.read_config(default.get_config())
+  saved = saved_config(workdir)
   differing = workdir.differing(config, saved, owns)
   if differing:
     shown = ", ".join(f"{k}={config_path.get_value(k, config)!r} (the run: "

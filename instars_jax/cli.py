@@ -7,7 +7,8 @@ train.py needs --config. certify.py and `python -m instars_jax.tune` read the tr
 --workdir: its saved config, with the certification settings of the command line
 (`--config.certify.*`, where the data lives, runtime settings; certification.owns); a
 training setting there is refused. Given --config (a run made elsewhere), it must agree with
-the saved run.
+the saved run; --config=configs/default.py:my_pkg.my_kind only adds an outside plug-in's
+section (plugins.py) to the run's.
 """
 
 import contextlib
@@ -42,8 +43,9 @@ def _fail(message, status: int = 2, prefix: str = "error: ") -> None:
 def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
-  except flags.Error as error:
-    _fail(error)
+  except flags.Error as error:  # a config file that raised: its first line and its error's
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    _fail(f"{lines[0]} {lines[-1]}" if "Traceback" in str(error) else error)
   except (AttributeError, KeyError) as error:  # config_flags: --config.<key> that does not exist
     detail = str(error.args[0] if error.args else error).strip("'").replace("\\'", "'")
     _fail(f"unknown config key {detail.replace(chr(92) + 'n', ' ')}")
@@ -52,20 +54,23 @@ def _parse_flags(argv):
 def _config(reads_run: bool):
   """The config the run gets: --config's, or (reads_run, without --config) the saved run's in
   --workdir with the command line's certification settings."""
-  if not flags.FLAGS["config"].present:
-    if not reads_run:
-      _fail("--config is required: the config file of the run (configs/*.py)")
-    from instars_jax import certification
-    try:
-      return certification.run_config(WORKDIR.value,
-                                      config_flags.get_override_values(flags.FLAGS["config"]))
-    except (ValueError, FileNotFoundError) as error:
-      _fail(error)
+  given = flags.FLAGS["config"].present
+  if not given and not reads_run:
+    _fail("--config is required: the config file of the run (configs/*.py)")
   try:
     CONFIG.value.distributed
   except OSError as error:  # config_flags reports a config file it could not load lazily
     _fail(f"cannot load --config: {str(error).strip().splitlines()[-1].strip()}")
-  return CONFIG.value
+  path = Path(config_flags.get_config_filename(flags.FLAGS["config"]))
+  if not reads_run or (given and path.resolve() != DEFAULT_CONFIG):
+    return CONFIG.value
+  from instars_jax import certification
+  try:
+    return certification.run_config(WORKDIR.value,
+                                    config_flags.get_override_values(flags.FLAGS["config"]),
+                                    CONFIG.value.plugins)
+  except (ValueError, FileNotFoundError) as error:
+    _fail(error)
 
 
 def main(target: str, reads_run: bool = False) -> None:

@@ -1,8 +1,23 @@
-"""Plug-ins found by name (big_vision's pattern): a package's modules are its plug-ins, each
-naming itself by its file, and a literal dict in each (its config section's defaults) is read
-from the source without importing the module, so that configs/default.py can gather every
-section before JAX loads and flags are parsed. A dotted module path names a plug-in that lives
-outside the package."""
+"""Plug-ins found by name (big_vision's pattern), one contract for every family.
+
+A family is a package whose modules are its plug-ins (FAMILIES), each named by its file; a
+dotted module path names a plug-in that lives outside the package. Every plug-in declares its
+settings the same way, as module-level literals read from the source without importing the
+module (so configs/default.py gathers every section before JAX loads and flags are parsed):
+
+  DEFAULTS   a dict: its config section <parent>.<SECTION> (FAMILIES gives the parent) with
+             its defaults, passed to it as keyword arguments or read from the config
+  SECTION    optional: the section's name (default: the module's last name); plug-ins that
+             share a section must agree on the defaults of the keys they share
+  PRESETS    optional: {preset: {σ: {key: value}}}; a key a preset fills stays unset (None)
+             in the config until the run resolves it, so an explicit value always wins
+  FAMILY     an outside module only: the package of the family it belongs to
+
+An outside plug-in with a section is named where the config is built:
+`--config=configs/x.py:my_pkg.my_loss,my_pkg.my_stage` (configs/default.get_config's
+argument), which records the modules in config.plugins and adds their sections; an outside
+stage also runs, in its ORDER. Each family's docstring states the rest of its interface and its
+validate hook."""
 
 from __future__ import annotations
 
@@ -11,6 +26,17 @@ import importlib
 import importlib.util
 import pkgutil
 from pathlib import Path
+
+import ml_collections
+from ml_collections import config_dict
+
+# Each family's package: the config section its plug-ins' sections live in.
+FAMILIES = {
+    "instars_jax.data": "sources",
+    "instars_jax.train.losses": "train",
+    "instars_jax.train.stages": "train",
+    "instars_jax.certificates": "certify",
+}
 
 
 def package_dirs(package: str) -> list:
@@ -58,21 +84,68 @@ def literal(path: Path, variable: str):
   return found[variable]
 
 
-def sections(package: str) -> dict:
-  """{section: defaults} of the plug-ins of `package` that declare a literal DEFAULTS, each
-  under its literal SECTION (default: its own name). Plug-ins sharing a section add their
+def section_name(package: str, name: str) -> str:
+  """The config section of the plug-in `name` of `package` (or of the dotted module `name`)."""
+  path = source_path(package, name)
+  return literals(path, "SECTION").get("SECTION", name.rpartition(".")[2])
+
+
+def defaults(package: str, name: str) -> dict:
+  """The section of plug-in `name` as a config starts it: its DEFAULTS ({} without), with None
+  for each key one of its PRESETS fills (unset until the run resolves it)."""
+  declared = literals(source_path(package, name), "DEFAULTS", "PRESETS")
+  filled = {key for by_sigma in declared.get("PRESETS", {}).values()
+            for values in by_sigma.values() for key in values}
+  return {key: None if key in filled else value
+          for key, value in declared.get("DEFAULTS", {}).items()}
+
+
+def outside(package: str, modules) -> list:
+  """The dotted modules among `modules` that declare themselves plug-ins of `package`;
+  ValueError naming one that declares no family FAMILIES knows."""
+  found = []
+  for module in modules:
+    family = literals(source_path(package, module), "FAMILY").get("FAMILY")
+    if family not in FAMILIES:
+      raise ValueError(f"the plug-in {module!r} must declare FAMILY, one of {list(FAMILIES)}; "
+                       f"got {family!r}")
+    found += [module] * (family == package)
+  return found
+
+
+def sections(package: str, modules=()) -> dict:
+  """{section: defaults} of the plug-ins of `package` and of the outside `modules` of its
+  family that declare DEFAULTS (`defaults`), each under its `section_name`; plug-ins sharing a section add their
   keys to it, and must agree on the defaults of the keys they share."""
+  return {section: {key: value for key, (value, _) in keys.items()}
+          for section, keys in _typed_sections(package, modules).items()}
+
+
+def add_sections(config, modules=()) -> None:
+  """Every family's sections (`sections`) under its parent in `config`, each unset key a
+  placeholder of its DEFAULTS value's type (so that a flag sets it); the outside `modules`
+  included, which config.plugins records."""
+  config.plugins = tuple(modules)
+  for package, parent in FAMILIES.items():
+    for section, keys in _typed_sections(package, modules).items():
+      config[parent][section] = ml_collections.ConfigDict({
+          key: config_dict.placeholder(kind) if value is None else value
+          for key, (value, kind) in keys.items()})
+
+
+def _typed_sections(package: str, modules) -> dict:
+  """{section: {key: (default, type of its DEFAULTS value)}} (sections)."""
   found = {}
-  for name in names(package):
+  for name in names(package) + outside(package, modules):
     path = source_path(package, name)
-    declared = literals(path, "DEFAULTS", "SECTION")
+    declared = literals(path, "DEFAULTS")
     if "DEFAULTS" not in declared:
       continue
-    section = found.setdefault(declared.get("SECTION", name), {})
-    for key, value in declared["DEFAULTS"].items():
-      if section.setdefault(key, value) != value:
-        raise ValueError(f"{path.name} declares another default for "
-                         f"{declared.get('SECTION', name)}.{key}")
+    section = found.setdefault(section_name(package, name), {})
+    for key, value in defaults(package, name).items():
+      known = section.setdefault(key, (value, type(declared["DEFAULTS"][key])))
+      if known[0] != value:
+        raise ValueError(f"{path.name} declares another default for {section}.{key}")
   return found
 
 

@@ -1,7 +1,7 @@
 """python -m instars_jax.tune --workdir=DIR [--config.certify.*=...]: the thresholded chain's
 τ, chosen on held-out training examples, never on test images.
 
-The run must have been trained with train.holdout > 0 (and estimator.router = True, for the
+The run must have been trained with train.holdout > 0 (and train.estimator.router = True, for the
 chain's nodes). The held-out examples (every certify.skip-th below certify.max) are sampled
 once per node and once per grid σ (certificates/thresholded.py's `sweep`: each τ's rows are
 exactly those certify.py would write with that τ), and for every τ of

@@ -181,7 +181,7 @@ def metrics_without_timing(workdir):
 
 
 def as_experts(config, workdir, root) -> str:
-  """certify.experts (or estimator.experts) naming three copies of the trained toy run, each recorded as a fixed-σ
+  """certify.experts (or train.estimator.experts) naming three copies of the trained toy run, each recorded as a fixed-σ
   model at its grid σ (same weights as the run itself)."""
   paths = []
   for sigma in config.train.table.grid:

@@ -33,7 +33,7 @@ def trained(tmp_path_factory):
   root = tmp_path_factory.mktemp("trained")
   config = make_toy_config(root)
   config.train.epochs = 1
-  config.estimator.update(epochs=1, label_samples=4)
+  config.train.estimator.update(epochs=1, label_samples=4)
   loop.train_and_evaluate(config, root / "run")
   return config, root / "run"
 

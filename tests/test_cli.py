@@ -19,8 +19,8 @@ def toy_flags(tmp_path, workdir):
   npz = write_npz(tmp_path / "toy.npz", n_train=64, n_test=16)
   return [CONFIG, f"--workdir={workdir}", f"--config.dataset=npz:{npz}",
           "--config.train.batch_size=32",
-          "--config.train.stage1_epochs=0", "--config.estimator.epochs=1",
-          "--config.estimator.label_samples=2", "--config.certify.n=100",
+          "--config.train.stage1_epochs=0", "--config.train.estimator.epochs=1",
+          "--config.train.estimator.label_samples=2", "--config.certify.n=100",
           "--config.certify.skip=1", "--config.certify.instances=8"]
 
 

@@ -113,5 +113,5 @@ def test_the_reader_sees_imports_of_every_form():
   assert imports("instars_jax.train.stages.finetune") >= {
       "instars_jax.selection.estimator", "instars_jax.train.stages.base", "instars_jax.data"}
   assert "instars_jax.train.state" in imports("instars_jax.train.stages.sigma_estimators")
-  assert import_chain("instars_jax.train.loop", lambda m: within(m, SELECTION))[-1].startswith(
+  assert import_chain("instars_jax.certificates.thresholded", lambda m: within(m, SELECTION))[-1].startswith(
       SELECTION)

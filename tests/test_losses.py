@@ -6,6 +6,7 @@ SmoothAdv's attack against a numpy PGD, the presets, a per-example σ in every n
 bad settings."""
 
 import json
+import re
 
 import flax.linen as nn
 import jax
@@ -215,7 +216,7 @@ def test_noise_copies_depend_only_on_key_example_and_copy():
 
 @pytest.mark.parametrize("key, value, message", [
     ("loss", "hinge", r"train.loss must be one of \['consistency', 'gaussian', 'macer', "
-                      r"'smoothadv', 'stability'\]; got 'hinge'"),
+                      r"'smoothadv', 'stability'\] or a dotted module path; got 'hinge'"),
     ("consistency.num_noise_vec", 0, "train.consistency.num_noise_vec must be >= 1; got 0"),
     ("consistency.lbd", -1.0, "train.consistency.lbd must be >= 0; got -1.0"),
     ("smoothadv.epsilon", -0.5, "train.smoothadv.epsilon must be >= 0; got -0.5"),
@@ -292,20 +293,23 @@ def test_the_estimator_trains_with_a_loss_module_that_takes_soft_labels():
   from instars_jax.selection import estimator
   from instars_jax.train.stages import sigma_estimators
   config = default.get_config()
-  config.estimator.epochs = 1
-  assert config.estimator.loss == "consistency"
-  assert config.estimator.consistency.to_dict() == {"num_noise_vec": 2, "lbd": 10.0, "eta": 0.0,
-                                                    "batching": "whole"}
-  assert [m for ok, m in sigma_estimators.validate(config) if not ok] == []
-  config.estimator.loss = "macer"
-  assert [m for ok, m in sigma_estimators.validate(config) if not ok] == [
-      "estimator.loss=macer needs class labels; the σ-estimators train on soft labels: use one "
-      "of ['consistency', 'gaussian', 'stability']"]
-  config.estimator.loss = "stability"
-  config.estimator.consistency.eta = 0.5
-  assert [m for ok, m in sigma_estimators.validate(config) if not ok] == [
-      "estimator.consistency.eta is set but estimator.loss is 'stability': it would be ignored "
-      "(set estimator.loss=consistency, or leave estimator.consistency at its defaults)"]
+  config.train.estimator.epochs = 1
+  assert config.train.estimator.loss == "consistency"
+  assert config.train.estimator.consistency.to_dict() == {
+      "num_noise_vec": 2, "lbd": 10.0, "eta": 0.0, "batching": "whole"}
+  sigma_estimators.validate(config)
+  config.train.estimator.loss = "macer"
+  with pytest.raises(ValueError, match=re.escape(
+      "train.estimator.loss=macer needs class labels; the σ-estimators train on soft labels: "
+      "use one of ['consistency', 'gaussian', 'stability']")):
+    sigma_estimators.validate(config)
+  config.train.estimator.loss = "stability"
+  config.train.estimator.consistency.eta = 0.5
+  with pytest.raises(ValueError, match=re.escape(
+      "train.estimator.consistency.eta is set but train.estimator.loss is 'stability': it "
+      "would be ignored (set train.estimator.loss=consistency, or leave "
+      "train.estimator.consistency at its defaults)")):
+    sigma_estimators.validate(config)
   # Settings an estimator saved before: the float λ and η are the consistency loss's, on the
   # whole batch; a stability estimator trained on the KL.
   old = {"grid": [0.25, 1.0], "consistency": 20.0, "entropy": 0.1, "epochs": 2}

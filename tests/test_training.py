@@ -232,7 +232,7 @@ def test_bad_knobs_are_rejected(insta_config, tmp_path, key, value, message):
 @pytest.mark.slow
 def test_estimator_stage_resumes_after_a_kill_to_the_same_estimator(insta_config, tmp_path,
                                                                     monkeypatch):
-  insta_config.estimator.update(epochs=2, label_samples=4)
+  insta_config.train.estimator.update(epochs=2, label_samples=4)
   loop.train_and_evaluate(insta_config, tmp_path / "straight")
   with monkeypatch.context() as m:  # killed in the estimator's second epoch
     stop_after(sigma_estimators, "train_step", 3 + 2, m)
@@ -246,7 +246,7 @@ def test_estimator_stage_resumes_after_a_kill_to_the_same_estimator(insta_config
   x = np.random.default_rng(0).uniform(size=(4, 28, 28)).astype(np.float32)
   np.testing.assert_array_equal(np.asarray(f(x)), np.asarray(g(x)))
   # Other estimator settings on a finished run: refused, not silently mixed.
-  insta_config.estimator.temperature = 0.5
+  insta_config.train.estimator.temperature = 0.5
   with pytest.raises(ValueError, match="estimator trained with other settings"):
     loop.train_and_evaluate(insta_config, tmp_path / "straight")
 
@@ -255,7 +255,7 @@ def test_estimator_stage_resumes_after_a_kill_to_the_same_estimator(insta_config
 def test_experts_label_the_estimator_and_held_out_examples_score_each_epoch(insta_config,
                                                                            tmp_path, monkeypatch):
   insta_config.train.holdout = 0.25
-  insta_config.estimator.update(epochs=2, label_samples=4)
+  insta_config.train.estimator.update(epochs=2, label_samples=4)
   workdir = tmp_path / "run"
   loop.train_and_evaluate(insta_config, workdir)
   with np.load(workdir / "estimator" / "profile.npz") as saved:
@@ -273,7 +273,7 @@ def test_experts_label_the_estimator_and_held_out_examples_score_each_epoch(inst
       scores["heldout_radius_oracle"][0] + 1e-6
   # Experts that are the base model's own weights at every σ label as the base model does
   # (the same classifier and noise); an expert's labels fill its own σ's column only.
-  insta_config.estimator.experts = as_experts(insta_config, workdir, tmp_path)
+  insta_config.train.estimator.experts = as_experts(insta_config, workdir, tmp_path)
   context = stages.Context.start(insta_config, Workdir(workdir), data.from_config(insta_config),
                                  Sharder(), None)
   labellers = sigma_estimators.stages(context)[0].labellers
@@ -291,8 +291,8 @@ def test_experts_label_the_estimator_and_held_out_examples_score_each_epoch(inst
   labels = context.dataset.train.labels
   assert np.all(swapped[labels == 0, 1] > 0) and np.all(swapped[labels != 0, 1] < 0)
   # Experts on another grid are refused when the stages are built, before any training.
-  insta_config.estimator.experts = ",".join(insta_config.estimator.experts.split(",")[:2])
-  with pytest.raises(ValueError, match=r"estimator.experts names 2 workdirs"):
+  insta_config.train.estimator.experts = ",".join(insta_config.train.estimator.experts.split(",")[:2])
+  with pytest.raises(ValueError, match=r"train.estimator.experts names 2 workdirs"):
     loop.train_and_evaluate(insta_config, tmp_path / "other")
   assert Workdir(tmp_path / "other").checkpoints().latest_step() is None
 
@@ -303,7 +303,7 @@ def test_router_nodes_resume_bit_identically_after_sigterm_and_kill_by_global_st
   """Each node's checkpoints follow the stage before it in the global step count; SIGTERM in
   node 2 and a kill in node 1 both resume to the uninterrupted nodes."""
   insta_config.train.checkpoint_every_steps = 1
-  insta_config.estimator.update(epochs=2, label_samples=4, router=True, init="base")
+  insta_config.train.estimator.update(epochs=2, label_samples=4, router=True, init="base")
   loop.train_and_evaluate(insta_config, tmp_path / "straight")
   ends = [9]  # the base model: 3 epochs of 3 steps
   for k in (2, 1):
@@ -339,7 +339,8 @@ def test_router_nodes_resume_bit_identically_after_sigterm_and_kill_by_global_st
 @pytest.mark.slow
 def test_finetuning_at_the_estimator_sigma_trains_each_example_there_and_resumes(
     insta_config, tmp_path, monkeypatch):
-  insta_config.estimator.update(epochs=1, label_samples=4, finetune_epochs=2)
+  insta_config.train.estimator.update(epochs=1, label_samples=4)
+  insta_config.train.finetune.epochs = 2
   first = insta_config.train.epochs
   straight = loop.train_and_evaluate(insta_config, tmp_path / "straight")
   assigned = finetune.assigned_sigmas(tmp_path / "straight",
@@ -369,9 +370,9 @@ def test_finetuning_at_the_estimator_sigma_trains_each_example_there_and_resumes
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(straight.sigma_table, resumed.sigma_table)
   changed = insta_config.copy_and_resolve_references()
-  changed.estimator.finetune_learning_rate = 0.02
+  changed.train.finetune.learning_rate = 0.02
   with pytest.raises(ValueError, match=r"holds a fine-tuning run with other settings: "
-                                       r"estimator.finetune_learning_rate=0.02 \(the run: 0.01\)"):
+                                       r"train.finetune.learning_rate=0.02 \(the run: 0.01\)"):
     loop.train_and_evaluate(changed, tmp_path / "straight")
   again = loop.train_and_evaluate(insta_config, tmp_path / "straight")  # finished: no-op
   np.testing.assert_array_equal(np.asarray(again.sigma_table), assigned)
@@ -544,7 +545,7 @@ def test_a_router_tree_trains_one_node_per_grid_sigma_and_certifies(insta_config
   from instars_jax.storage import results
   insta_config.train.epochs = 2
   insta_config.train.holdout = 0.25  # 24 of the 96 training examples, kept for tuning
-  insta_config.estimator.update(epochs=1, label_samples=4, router=True, init="base",
+  insta_config.train.estimator.update(epochs=1, label_samples=4, router=True, init="base",
                                 balance_bins=False, entropy=0.1, radius_weight=1.0)
   base = loop.train_and_evaluate(insta_config, tmp_path / "run")
   for k, sigma in ((2, 1.0), (1, 0.5)):
@@ -597,13 +598,128 @@ def test_a_stage_is_one_new_file_with_its_section_run_in_the_order_it_declares(i
   extra.mkdir()
   (extra / "probe.py").write_text("ORDER = 1.5  # after the σ-estimators, before fine-tuning\n"
                                   "DEFAULTS = {'every': 2}  # its config section, probe\n"
+                                  "def validate(config):\n  pass\n"
                                   "class Probe:\n  pass\n"
                                   "def stages(context):\n  return [Probe()]\n")
   stages.__path__.append(str(extra))  # the package's folders, as imports see them
   request.addfinalizer(lambda: stages.__path__.remove(str(extra)))
-  assert default.get_config().probe.to_dict() == {"every": 2}
-  insta_config.estimator.update(epochs=1, finetune_epochs=1)
+  assert default.get_config().train.probe.to_dict() == {"every": 2}
+  insta_config.train.estimator.epochs = 1
+  insta_config.train.finetune.epochs = 1
   context = stages.Context.start(insta_config, Workdir(tmp_path / "run"),
                                  data.from_config(insta_config), Sharder(), None)
   assert [type(stage).__name__ for stage in stages.for_config(context)] == [
       "BaseStage", "EstimatorStage", "Probe", "FinetuneStage"]
+
+
+OUTSIDE_LOSS = '''"""Gaussian augmentation with its loss scaled by a setting of its own."""
+from instars_jax.train.losses import gaussian
+
+FAMILY = "instars_jax.train.losses"
+DEFAULTS = {"weight": 1.0}
+SOFT_TARGETS, SEPARATE_PASSES = True, False
+
+
+def validate(weight):
+  return [] if weight > 0 else [f"weight must be > 0; got {weight}"]
+
+
+def inputs(images, labels, sigma, keys, *, predict, epoch, weight):
+  del weight
+  return gaussian.inputs(images, labels, sigma, keys, predict=predict, epoch=epoch)
+
+
+def objective(logits, labels, sigma, *, epoch, weight):
+  loss, metrics = gaussian.objective(logits, labels, sigma, epoch=epoch)
+  return weight * loss, metrics
+'''
+OUTSIDE_STAGE = '''"""A stage after the others that records the note of its own section, and adds no steps."""
+FAMILY = "instars_jax.train.stages"
+ORDER = 3
+DEFAULTS = {"note": "seen"}
+
+
+def validate(config):
+  if not config.train.probe.note:
+    raise ValueError("train.probe.note must not be empty")
+
+
+def stages(context):
+  (context.workdir.path / "probe.txt").write_text(context.config.train.probe.note)
+  return []
+'''
+
+
+def test_an_outside_loss_and_stage_with_their_sections_run_by_dotted_path(tmp_path, monkeypatch):
+  # Two modules outside the package, named to the config (configs/x.py:my_pkg.scaled,...),
+  # with no other edit: the loss trains (weight 1 exactly as Gaussian augmentation, weight 2
+  # otherwise), the stage runs in its ORDER, both sections are validated, saved and checked on
+  # resume; certification reads the run with them from its workdir.
+  package = tmp_path / "outside" / "my_pkg"
+  package.mkdir(parents=True)
+  (package / "__init__.py").write_text("")
+  (package / "scaled.py").write_text(OUTSIDE_LOSS)
+  (package / "probe.py").write_text(OUTSIDE_STAGE)
+  monkeypatch.syspath_prepend(str(tmp_path / "outside"))
+  toy = make_toy_config(tmp_path)
+  toy.train.epochs = 1
+
+  def config(**loss):
+    c = default.get_config("my_pkg.scaled,my_pkg.probe")
+    c.update(dataset=toy.dataset)
+    c.train.update(epochs=1, batch_size=32, learning_rate=0.05, loss="my_pkg.scaled")
+    c.train.scaled.update(loss)
+    return c
+
+  assert config().plugins == ("my_pkg.scaled", "my_pkg.probe")
+  assert config().train.probe.to_dict() == {"note": "seen"}
+  assert config().train.estimator.scaled.to_dict() == {"weight": 1.0}
+  gaussian = loop.train_and_evaluate(toy, tmp_path / "gaussian")
+  same_params(gaussian, loop.train_and_evaluate(config(), tmp_path / "scaled_1"))
+  assert (tmp_path / "scaled_1" / "probe.txt").read_text() == "seen"
+  doubled = loop.train_and_evaluate(config(weight=2.0), tmp_path / "scaled_2")
+  assert not np.array_equal(jax.tree_util.tree_leaves(doubled.params)[0],
+                            jax.tree_util.tree_leaves(gaussian.params)[0])
+  saved = json.loads((tmp_path / "scaled_2" / CONFIG_FILE).read_text())
+  assert saved["plugins"] == ["my_pkg.scaled", "my_pkg.probe"]
+  assert saved["train"]["scaled"] == {"weight": 2.0} and saved["train"]["probe"] == {"note": "seen"}
+  with pytest.raises(ValueError, match=r"different config \(train\.scaled\.weight\)"):
+    loop.train_and_evaluate(config(weight=3.0), tmp_path / "scaled_2")
+  with pytest.raises(ValueError, match=r"train\.scaled\.weight must be > 0; got 0\.0"):
+    loop.train_and_evaluate(config(weight=0.0), tmp_path / "bad")
+  bad = config()
+  bad.train.probe.note = ""
+  with pytest.raises(ValueError, match="train.probe.note must not be empty"):
+    loop.train_and_evaluate(bad, tmp_path / "bad")
+  unnamed = default.get_config()
+  unnamed.train.loss = "my_pkg.scaled"
+  with pytest.raises(ValueError, match=r"train.loss=my_pkg.scaled has no section "
+                                       r"train.scaled: name the module to the config"):
+    loop.validate_config(unnamed, 1)
+  from instars_jax import certification
+  read = certification.run_config(tmp_path / "scaled_2", {"certify.n": 10})
+  assert read.train.scaled.weight == 2.0 and read.train.loss == "my_pkg.scaled"
+
+
+def test_a_run_saved_before_the_stage_sections_moved_resumes_and_certifies(toy_config, tmp_path):
+  # An older run's config.json: the σ-estimators' section at the top level with fine-tuning's
+  # settings in it, no train.finetune and no plugins. It resumes under today's config (a
+  # changed estimator setting is still the estimator's to check), and certify reads it.
+  from instars_jax import certification
+  toy_config.train.epochs = 1
+  loop.train_and_evaluate(toy_config, tmp_path / "run")
+  path = tmp_path / "run" / CONFIG_FILE
+  saved = json.loads(path.read_text())
+  older = saved["train"].pop("estimator") | {"finetune_epochs": 0, "finetune_learning_rate": 0.02}
+  del saved["train"]["finetune"], saved["plugins"]
+  path.write_text(json.dumps(saved | {"estimator": older}))
+  read = certification.run_config(tmp_path / "run", {})
+  assert read.train.finetune.to_dict() == {"epochs": 0, "learning_rate": 0.02}
+  assert read.train.estimator.to_dict() == toy_config.train.estimator.to_dict()
+  assert "estimator" not in read and read.plugins == ()
+  toy_config.train.epochs = 2
+  saved["train"]["epochs"] = 2
+  path.write_text(json.dumps(saved | {"estimator": older}))
+  toy_config.train.finetune.learning_rate = 0.02
+  loop.train_and_evaluate(toy_config, tmp_path / "run")
+  assert checkpoints.manager(tmp_path / "run").latest_step() == 6

@@ -21,8 +21,9 @@ A kind module declares
   metadata(config, workdir)  its settings, recorded in the results' metadata
   prepare(smoothed, config)       -> certify(x, ids) -> Certified, for one batch of test images
 Adding a kind is one new module here (found by name: certify.certificate=<file name>), or
-a module anywhere on the path, named by its dotted path (certify.certificate=my_pkg.my_kind;
-it may use the existing sections, but cannot add one).
+a module anywhere on the path, named by its dotted path (certify.certificate=my_pkg.my_kind);
+one with a section of its own declares FAMILY = "instars_jax.certificates" and is named to
+the config (--config=configs/default.py:my_pkg.my_kind; plugins.py).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ The radius is min(estimator radius, class radius): inside it the estimator's cho
 constant, so G is g at one σ there, and that g is constant too. The failure probability α
 (`certify.alpha`) is split by the union bound: β = `certify.estimator.beta_share` · α for the
 estimator's tests, α − β for the class test (`certify_locally_constant`). The estimator
-(selection/estimator.py) is trained by train.py (`estimator.epochs`).
+(selection/estimator.py) is trained by train.py (`train.estimator.epochs`).
 """
 
 from __future__ import annotations

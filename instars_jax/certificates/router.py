@@ -1,5 +1,5 @@
 """router: σ from a grid σ_1 < … < σ_K, picked by a tree of binary σ-estimators, each certified
-(train with --config.estimator.router=True). Sound for the input-dependent classifier
+(train with --config.train.estimator.router=True). Sound for the input-dependent classifier
 G(x) = g_{σ(x)}(x).
 
 Node k (k = K … 2) decides "σ_k" against "a lower σ", smoothed at σ_k, the largest σ it

@@ -1,5 +1,5 @@
 """thresholded: σ from a grid σ_1 < … < σ_K by a chain of thresholded binary selectors, the
-router's trained nodes (train with --config.estimator.router=True). Sound for the
+router's trained nodes (train with --config.train.estimator.router=True). Sound for the
 input-dependent classifier G(x) = g_{σ(x)}(x).
 
 The largest σ is the default. Node k (k = K … 2), smoothed at σ_k, gives q_k(x), the

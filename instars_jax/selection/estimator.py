@@ -3,7 +3,7 @@
 
 A classifier over the K noise levels of `train.table.grid`, smoothed at σ_e (default: the top
 of the grid) and certified by CERTIFY like any base classifier (instars_jax/certificates/).
-With `estimator.router`, a router tree instead (the `router` certificate): for the grid
+With `train.estimator.router`, a router tree instead (the `router` certificate): for the grid
 σ_1 < … < σ_K, node k (k = K … 2) decides "σ_k" against "a lower σ", smoothed at σ_k.
 
 Trained by train/stages/sigma_estimators.py. Saved in WORKDIR/estimator/ (a router node in
@@ -106,9 +106,9 @@ def saved_settings(directory) -> dict:
   manager = checkpoints.manager(directory) if settings_path.exists() else None
   if manager is None or manager.latest_step() is None:
     what = "router node" if directory.parent.name == "router" else "σ-estimator"
-    option = " --config.estimator.router=True" if what == "router node" else ""
+    option = " --config.train.estimator.router=True" if what == "router node" else ""
     raise FileNotFoundError(f"no {what} in {directory}: train one with train.py (same "
-                            f"--config and --workdir) and --config.estimator.epochs=N{option}")
+                            f"--config and --workdir) and --config.train.estimator.epochs=N{option}")
   saved = upgrade(json.loads(settings_path.read_text()))
   if finished_steps(manager, saved) is None:
     raise FileNotFoundError(f"the σ-estimator in {directory} stopped before its last step "
@@ -148,10 +148,10 @@ def load(directory, workdir, step: int | None = None):
 def majority_bins(apply, sigma: float, num_bins: int, split: data.Split, order: np.ndarray,
                   key, config) -> np.ndarray:
   """int[len(order)]: the majority bin of `apply` (x -> logits over the bins) over
-  `estimator.label_samples` noisy copies at `sigma` of each example `order` of `split` (the
+  `train.estimator.label_samples` noisy copies at `sigma` of each example `order` of `split` (the
   noise of example i, copy c from (key, i, c); ties go to the lower bin)."""
   counts = [np.asarray(_votes(apply, b["image"], b["index"], key, sigma, num_bins=num_bins,
-                              copies=config.estimator.label_samples))
+                              copies=config.train.estimator.label_samples))
             for b in data.batches(split, config.train.table.chunk, order=order,
                                   settings=config.input)]
   return np.argmax(np.concatenate(counts), axis=1) if counts else np.zeros(0, np.int64)

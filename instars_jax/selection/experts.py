@@ -9,7 +9,7 @@ the same with g_{σ_k} the smoothed f_k.
 
 `certify.experts` names one workdir per grid σ (smallest first, commas between), for example
 the Cohen et al. models trained with `--config.train.insta=False --config.train.sigma=S`, and
-`estimator.experts` the ones whose radius profiles label the σ-estimators (the classifiers
+`train.estimator.experts` the ones whose radius profiles label the σ-estimators (the classifiers
 that certification will deploy). Each must be a finished fixed-σ run at its grid σ on the
 same dataset, image shape, classes and model family as the run that uses it; anything else
 is refused before any sampling or training.
@@ -26,14 +26,16 @@ from instars_jax.selection.estimator import grid_of
 from instars_jax.storage.workdir import Workdir
 
 
-CERTIFY_SETTING, LABELS_SETTING = "certify.experts", "estimator.experts"
+CERTIFY_SETTING, LABELS_SETTING = "certify.experts", "train.estimator.experts"
 
 
 def workdirs(config, setting: str = CERTIFY_SETTING) -> tuple[str, ...]:
-  """The workdirs `setting` (certify.experts or estimator.experts) names, in grid order
+  """The workdirs `setting` (certify.experts or train.estimator.experts) names, in grid order
   ((): no experts)."""
-  section, key = setting.split(".")
-  return tuple(part.strip() for part in config[section][key].split(",") if part.strip())
+  value = config
+  for part in setting.split("."):
+    value = value[part]
+  return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
 def check(config, workdir, needed, on_holdout: bool = False,

@@ -6,7 +6,8 @@ managers, its locks, and whether a config may resume it.
   checkpoints/<step>/      orbax, by global step: the latest and every epoch end of the base
                            model and its fine-tuning (storage/checkpoints.py)
   estimator/               the σ-estimator: checkpoints/, estimator.json, profile.npz
-  router/node_<k>/         the router tree's nodes (estimator.router)
+  router/node_<k>/         the router tree's nodes (train.estimator.router)
+  finetune.json            the fine-tuning stage's settings (train.finetune)
   certify/<name>.tsv       results, each with a .json sidecar (storage/results.py)
   metrics.jsonl, tensorboard/, train.lock
 """
@@ -28,10 +29,14 @@ ESTIMATOR_DIR = "estimator"
 ROUTER_DIR = "router"
 METRICS_FILE = "metrics.jsonl"
 # Keys that moved, new name: old name. A run saved before the move used the old key's value.
-MOVED_KEYS = {"train.table.n": "certify.n", "train.table.alpha": "certify.alpha"}
-# Sections a run may resume with changed: certification, the estimator (which checks its own
-# settings, so a finished run can get one) and the input settings (they never change batches).
-RESUMABLE_SECTIONS = ("certify", "estimator", "input")
+MOVED_KEYS = {"train.table.n": "certify.n", "train.table.alpha": "certify.alpha",
+              "train.finetune.epochs": "estimator.finetune_epochs",
+              "train.finetune.learning_rate": "estimator.finetune_learning_rate"}
+# Sections that moved, new prefix: old prefix (the σ-estimators' settings, once top-level).
+MOVED_SECTIONS = {"train.estimator.": "estimator."}
+# Sections a run may resume with changed: certification and the input settings (they never
+# change batches); training stages that check their own settings add theirs (check_resumable).
+RESUMABLE_SECTIONS = ("certify", "input")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,17 +95,15 @@ class Workdir:
                   later_keys: dict | None = None) -> ml_collections.ConfigDict:
     """The run's saved config; with `defaults` (configs/default.py's), completed for the keys
     added since the run was saved (by their `later_keys` value, {dotted key: what runs before
-    it did} where the default means otherwise, else by their default) and those that moved
-    (MOVED_KEYS), sequences as tuples."""
+    it did} where the default means otherwise, else by their default); keys that moved
+    (MOVED_KEYS, MOVED_SECTIONS) under their new names, sequences as tuples."""
     if not self.config_path.exists():
       raise FileNotFoundError(f"no training run in {self.path}: {CONFIG_FILE} is missing "
                               "(train first with train.py --workdir)")
-    saved = json.loads(self.config_path.read_text())
+    flat = _moved(_dotted(json.loads(self.config_path.read_text())))
     if defaults is None:
-      return ml_collections.ConfigDict(saved)
-    flat = _dotted(saved)
-    flat = (_dotted(json.loads(defaults.to_json())) | (later_keys or {})
-            | {new: flat[old] for new, old in MOVED_KEYS.items() if old in flat} | flat)
+      return ml_collections.ConfigDict(_nested(flat))
+    flat = _dotted(json.loads(defaults.to_json())) | (later_keys or {}) | flat
     return ml_collections.ConfigDict(_nested({k: _tupled(v) for k, v in flat.items()}))
 
   @staticmethod
@@ -122,9 +125,9 @@ class Workdir:
 
   def check_resumable(self, config, defaults, later_keys=None, ignored=()) -> None:
     """Refuses a config that differs from the saved one outside RESUMABLE_SECTIONS and the
-    `ignored` key prefixes (settings the run does not read); keys added since the run was
-    saved count as their `later_keys` value (what those runs did, where the default means
-    otherwise), else their value in `defaults`."""
+    `ignored` key prefixes (settings the run does not read, or that their stage checks
+    itself); keys added since the run was saved count as their `later_keys` value (what those
+    runs did, where the default means otherwise), else their value in `defaults`."""
     if not self.config_path.exists():
       return
     differing = self.differing(
@@ -149,6 +152,20 @@ class Workdir:
     return locks.exclusive(path.with_name(path.name + ".lock"), f"the results file {path}")
 
 
+def _moved(flat: dict) -> dict:
+  """A saved run's {dotted key: value} with the keys that moved under their new names too
+  (MOVED_KEYS: the old key may live on; MOVED_SECTIONS: the old section is gone)."""
+  moved = {new: flat[old] for new, old in MOVED_KEYS.items() if old in flat}
+  for key, value in flat.items():
+    old = next((prefix for prefix in MOVED_SECTIONS.values() if key.startswith(prefix)), None)
+    if old is None:
+      moved[key] = value
+    elif key not in MOVED_KEYS.values():
+      new = next(n for n, o in MOVED_SECTIONS.items() if o == old)
+      moved[new + key[len(old):]] = value
+  return moved
+
+
 def _tupled(value):
   """JSON's lists as the tuples configs hold."""
   return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
@@ -167,10 +184,10 @@ def _nested(flat: dict) -> dict:
 
 
 def _dotted(tree: dict, prefix: str = "") -> dict:
-  """{"a.b": value} for every leaf of a nested dict."""
+  """{"a.b": value} for every leaf of a nested dict (an empty dict is a leaf)."""
   flat = {}
   for key, value in tree.items():
-    if isinstance(value, dict):
+    if isinstance(value, dict) and value:
       flat |= _dotted(value, f"{prefix}{key}.")
     else:
       flat[prefix + key] = value

@@ -5,9 +5,10 @@ The stages (train/stages/, one module each, in their declared ORDER):
   base       Gaussian augmentation (Cohen et al.), or Insta-RS Train: stage 1 at one σ (or a
              grid σ per example), stage 2 at each example's σ-table entry, the table
              re-estimated before every `table.update_every`-th stage-2 epoch (sigma_table.py)
-  estimator  the σ-estimator of the sound instance-wise certificate (estimator.epochs > 0)
+  sigma_estimators  the σ-estimator of the sound instance-wise certificate
+             (train.estimator.epochs > 0)
   finetune   the base model again, each example at the σ the estimator picks for it
-             (estimator.finetune_epochs > 0, DualRS's last step)
+             (train.finetune.epochs > 0, DualRS's last step)
 After every step and epoch, the small actions each stage supplies (train/actions.py): the
 divergence watch, the metrics log, the checkpoints with the stop request, TensorBoard. The
 stages' steps count on from one to the next as the run's global step, which numbers every
@@ -34,9 +35,8 @@ from instars_jax import data, models, parallel
 from instars_jax.data import pipeline
 from instars_jax.storage import checkpoints
 from instars_jax.storage.workdir import Workdir
-from instars_jax.train import losses, sigma_table, stages
+from instars_jax.train import losses, stages
 from instars_jax.train.interface import Stage
-from instars_jax.train.stages import sigma_estimators
 
 
 def train_and_evaluate(config, workdir):
@@ -46,8 +46,10 @@ def train_and_evaluate(config, workdir):
   validate_config(config, jax.device_count())
   config = losses.resolved_config(config)  # config.json records the loss settings that ran
   dataset = data.from_config(config)
-  workdir.check_resumable(config, default.get_config(), losses.later_keys(config.train.loss),
-                          ignored=losses.inactive_sections(config.train, "train"))
+  workdir.check_resumable(
+      config, default.get_config(",".join(config.plugins)), losses.later_keys(config.train.loss),
+      ignored=(losses.inactive_sections(config.train, "train", config.plugins)
+               + stages.self_checked_sections(config)))
   workdir.path.mkdir(parents=True, exist_ok=True)
   # One writer per workdir: process 0 of a run holds the lock (the other hosts write nothing).
   lock = workdir.training_lock() if jax.process_index() == 0 else contextlib.nullcontext()
@@ -137,14 +139,9 @@ def validate_config(config, devices: int) -> None:
   checks += [(d.chance_steps >= 0, f"train.divergence.chance_steps must be >= 0; got {d.chance_steps}"),
              (0 < d.chance_fraction, f"train.divergence.chance_fraction must be > 0; "
                                      f"got {d.chance_fraction}")]
-  if t.stage1_noise not in ("sigma", "grid"):
-    checks.append((False, f"train.stage1_noise must be 'sigma' or 'grid'; got {t.stage1_noise!r}"))
   checks += losses.validate(t, "train", t.sigma, t.batch_size)
   checks += pipeline.validate(config)
-  if t.insta or t.stage1_noise == "grid" or config.estimator.epochs:
-    checks += sigma_table.validate(config, devices)
-  if config.estimator.epochs or config.estimator.finetune_epochs:
-    checks += sigma_estimators.validate(config)
   for ok, message in checks:
     if not ok:
       raise ValueError(message)
+  stages.validate(config)

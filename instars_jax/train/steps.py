@@ -18,7 +18,7 @@ from instars_jax.smoothing.streams import ExampleStream, Stream
 from instars_jax.train import losses
 from instars_jax.train.state import TrainState, example_keys, gaussian_noise, logits_fn
 
-GAUSSIAN = losses.Loss(losses.DEFAULT_LOSS, ())
+GAUSSIAN = losses.Loss("gaussian", ())
 
 
 @functools.partial(jax.jit, static_argnames=("grid", "explore", "loss"), donate_argnames="state")

@@ -1,7 +1,10 @@
 """The training losses of randomized smoothing, one module each, found by name (big_vision's
-plug-in pattern): `--config.train.loss=NAME` selects `instars_jax/train/losses/NAME.py`, and
-the config section `train.NAME` holds that module's settings, passed to it as keyword
-arguments. A new loss is one new file here; `configs/default.py` finds its section.
+plug-in pattern, instars_jax/plugins.py): `--config.train.loss=NAME` selects
+`instars_jax/train/losses/NAME.py`, and the config section `train.NAME` holds that module's
+settings, passed to it as keyword arguments. A new loss is one new file here, which
+`configs/default.py` finds with its section; or a module outside the package, named by its
+dotted path (train.loss=my_pkg.my_loss, declaring FAMILY = "instars_jax.train.losses"), whose
+section train.my_loss is added by naming it to the config: --config=configs/x.py:my_pkg.my_loss.
 
 A loss module has
   DEFAULTS                a literal dict: its config section, with its defaults (read without
@@ -48,29 +51,23 @@ the input pipeline, one checkpoint step) makes m updates: the learning-rate sche
 updates (Loss.updates_per_step).
 
 The base model trains with `train.loss` and its section `train.<loss>`; the σ-estimators and
-router nodes with `estimator.loss` and `estimator.<loss>` (consistency by default), which take
-no preset.
+router nodes with `train.estimator.loss` and `train.estimator.<loss>` (consistency by default),
+which take no preset.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 
 import ml_collections
-from ml_collections import config_dict
 
 from instars_jax import plugins
 
-DEFAULT_LOSS = "gaussian"
 BATCHINGS = ("split", "whole")
 # Keys added to the loss sections after runs were saved, with what those runs trained with
 # (workdir.check_resumable): no preset, all B examples with their copies in one step, and
 # stability's KL term.
 EARLIER = {"preset": "", "batching": "whole", "term": "kl"}
-# The σ-estimators' settings where they differ from a base model's: the consistency λ = 10
-# without the entropy term, on the whole batch, as the estimator was tuned (docs/results.md).
-ESTIMATOR_DEFAULTS = {"consistency": {"lbd": 10.0, "eta": 0.0, "batching": "whole"}}
 
 
 def names() -> list:
@@ -91,38 +88,27 @@ def presets(name: str) -> dict:
 def unset(name: str) -> dict:
   """train.<name> as configs/default.py builds it: DEFAULTS, with None for each key a preset
   can fill."""
-  filled = {key for by_sigma in presets(name).values() for values in by_sigma.values()
-            for key in values}
-  return {key: None if key in filled else value for key, value in defaults(name).items()}
+  return plugins.defaults(__name__, name)
 
 
-def section(name: str) -> ml_collections.ConfigDict:
-  """train.<name> for configs/default.py: `unset(name)`, each unset key a placeholder of its
-  default's type (so that a flag sets it)."""
-  typed = defaults(name)
-  return ml_collections.ConfigDict({
-      key: config_dict.placeholder(type(typed[key])) if value is None else value
-      for key, value in unset(name).items()})
-
-
-def estimator_defaults(name: str) -> dict:
-  """The section of loss `name` under `estimator`: its DEFAULTS without a preset, and the
-  estimators' own settings."""
-  return ({k: v for k, v in defaults(name).items() if k != "preset"}
-          | ESTIMATOR_DEFAULTS.get(name, {}))
+def section_name(name: str) -> str:
+  """The config section of loss `name` (a dotted module's: its last name, or its SECTION)."""
+  return plugins.section_name(__name__, name)
 
 
 def later_keys(name: str) -> dict:
   """The dotted config keys of loss `name`'s section added after runs were saved, with what
   those runs trained with (workdir.check_resumable; the other losses' sections do not count)."""
-  return {"train.loss": DEFAULT_LOSS} | {f"train.{name}.{key}": value
+  return {"train.loss": "gaussian"} | {f"train.{section_name(name)}.{key}": value
                                          for key, value in EARLIER.items()
                                          if key in defaults(name)}
 
 
-def inactive_sections(section, prefix: str) -> tuple:
-  """The config prefixes of the loss sections that `section.loss` does not read."""
-  return tuple(f"{prefix}.{name}." for name in names() if name != section.loss)
+def inactive_sections(section, prefix: str, outside=()) -> tuple:
+  """The config prefixes of the loss sections that `section.loss` does not read (the
+  package's, and those of the outside plug-ins `outside` that are losses)."""
+  return tuple(f"{prefix}.{section_name(name)}." for name in names()
+               + plugins.outside(__name__, outside) if name != section.loss)
 
 
 def resolve(name: str, given: dict, sigma) -> dict:
@@ -153,7 +139,7 @@ class Loss:
 
   @property
   def module(self):
-    return importlib.import_module(f"{__name__}.{self.name}")
+    return plugins.load(__name__, self.name)
 
   @property
   def updates_per_step(self) -> int:
@@ -179,10 +165,10 @@ def of(name: str, settings: dict) -> Loss:
 
 
 def from_config(section, sigma) -> Loss:
-  """The loss `section.loss` names (section: config.train or config.estimator), with its
+  """The loss `section.loss` names (section: config.train or config.train.estimator), with its
   settings `section.<loss>` resolved at `sigma` (the run's train.sigma)."""
   name = section.loss
-  return of(name, resolve(name, section[name].to_dict(), sigma))
+  return of(name, resolve(name, section[section_name(name)].to_dict(), sigma))
 
 
 def resolved_config(config) -> ml_collections.ConfigDict:
@@ -190,36 +176,44 @@ def resolved_config(config) -> ml_collections.ConfigDict:
   resolved settings: what the run trains with, as config.json records it."""
   config = config.copy_and_resolve_references()
   t = config.train
-  t[t.loss].update(resolve(t.loss, t[t.loss].to_dict(), t.sigma))
+  own = t[section_name(t.loss)]
+  own.update(resolve(t.loss, own.to_dict(), t.sigma))
   return config
 
 
 def validate(section, prefix: str, sigma, batch_size: int, defaults_of=unset,
              soft_targets: bool = False) -> list:
   """(ok, message) checks of the loss settings of `section` (config.train at `sigma`, or
-  config.estimator with `soft_targets`): a known loss, a known preset with a setting at
+  config.train.estimator with `soft_targets`): a known loss, a known preset with a setting at
   `sigma`, good values of its own settings, a batch that splits into its m steps, and no other
   loss's settings changed from `defaults_of(loss)` (an option given for another loss would be
   silently ignored)."""
   name = section.loss
-  if name not in names():
-    return [(False, f"{prefix}.loss must be one of {names()}; got {name!r}")]
-  module = importlib.import_module(f"{__name__}.{name}")
+  if name not in names() and "." not in name:
+    return [(False, f"{prefix}.loss must be one of {names()} or a dotted module path; got "
+                    f"{name!r}")]
+  try:
+    module, own = plugins.load(__name__, name), section_name(name)
+  except (ImportError, ValueError) as error:
+    return [(False, f"{prefix}.loss={name}: cannot import it: {error}")]
+  if own not in section:
+    return [(False, f"{prefix}.loss={name} has no section {prefix}.{own}: name the module "
+                    f"to the config (--config=configs/x.py:{name})")]
   if soft_targets and not module.SOFT_TARGETS:
-    trainable = [n for n in names() if importlib.import_module(f"{__name__}.{n}").SOFT_TARGETS]
+    trainable = [n for n in names() if plugins.load(__name__, n).SOFT_TARGETS]
     return [(False, f"{prefix}.loss={name} needs class labels; the σ-estimators train on soft "
                     f"labels: use one of {trainable}")]
   try:
-    loss = of(name, resolve(name, section[name].to_dict(), sigma))
+    loss = of(name, resolve(name, section[own].to_dict(), sigma))
   except ValueError as error:
-    return [(False, f"{prefix}.{name}.{error}")]
-  checks = [(False, f"{prefix}.{name}.{message}")
+    return [(False, f"{prefix}.{own}.{error}")]
+  checks = [(False, f"{prefix}.{own}.{message}")
             for message in module.validate(**dict(loss.settings))]
-  if "batching" in section[name]:
-    checks.append((loss.batching in BATCHINGS, f"{prefix}.{name}.batching must be one of "
+  if "batching" in section[own]:
+    checks.append((loss.batching in BATCHINGS, f"{prefix}.{own}.batching must be one of "
                                                f"{BATCHINGS}; got {loss.batching!r}"))
     checks.append((batch_size % max(loss.updates_per_step, 1) == 0,
-                   f"train.batch_size={batch_size} must be a multiple of {prefix}.{name}."
+                   f"train.batch_size={batch_size} must be a multiple of {prefix}.{own}."
                    f"num_noise_vec={loss.updates_per_step} with batching='split' (B/m examples "
                    "per SGD step)"))
   for other in names():

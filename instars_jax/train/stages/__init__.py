@@ -1,11 +1,22 @@
 """The stages the training loop (loop.py) runs, one module each, behind one interface
-(train/interface.py): a module here declares a literal ORDER (where its stages run) and
-`stages(context)`, the stages it adds for the run's config (none, one, or one per σ-estimator),
-and is found by name (plugins.py): adding a stage is one new file.
+(train/interface.py), found by name (plugins.py): adding a stage is one new file here, or a
+module outside the package that declares FAMILY = "instars_jax.train.stages", named to the
+config (--config=configs/x.py:my_pkg.my_stage; config.plugins). A stage module declares
+
+  ORDER                 a literal number: where its stages run
+  DEFAULTS, SECTION     optional: its settings, the section train.<SECTION> (plugins.py)
+  CHECKS_OWN_RESUME     optional, True: its section may differ on resume from the saved
+                        run's, because the stage compares the settings its checkpoints were
+                        made with itself (a finished run can add the stage); otherwise a
+                        changed setting refuses the resume (Workdir.check_resumable)
+  validate(config)      ValueError naming a bad value of its settings
+  stages(context)       the stages it adds for the run's config (none, one, or one per
+                        σ-estimator)
 
   base               the base model: Gaussian augmentation, or Insta-RS Train (ORDER 0)
-  sigma_estimators   the σ-estimator, or the router's nodes (ORDER 1)
-  finetune           the base model again at the σ the estimator picks (ORDER 2)
+  sigma_estimators   the σ-estimator, or the router's nodes (ORDER 1; train.estimator)
+  finetune           the base model again at the σ the estimator picks (ORDER 2;
+                     train.finetune)
 """
 
 from __future__ import annotations
@@ -54,8 +65,29 @@ class Context:
     return cls(config, workdir, dataset, sharder, stop, facts, history)
 
 
+def modules(config) -> list:
+  """The stage modules of the package and the outside ones config.plugins names, in the order
+  of their ORDER."""
+  found = plugins.names(__name__) + plugins.outside(__name__, config.plugins)
+  return sorted(found, key=lambda name: plugins.literal(plugins.source_path(__name__, name),
+                                                        "ORDER"))
+
+
+def validate(config) -> None:
+  """Each stage module's validate(config): ValueError naming a bad stage setting."""
+  for name in modules(config):
+    plugins.load(__name__, name).validate(config)
+
+
+def self_checked_sections(config) -> tuple:
+  """The config prefixes (train.<section>.) of the stages that check their own settings on
+  resume (CHECKS_OWN_RESUME)."""
+  return tuple(f"train.{plugins.section_name(__name__, name)}." for name in modules(config)
+               if plugins.literals(plugins.source_path(__name__, name),
+                                   "CHECKS_OWN_RESUME").get("CHECKS_OWN_RESUME"))
+
+
 def for_config(context: Context) -> list:
   """The stages `context.config` asks for, in the order of their modules' ORDER."""
-  modules = sorted(plugins.names(__name__),
-                   key=lambda name: plugins.literal(plugins.source_path(__name__, name), "ORDER"))
-  return [stage for name in modules for stage in plugins.load(__name__, name).stages(context)]
+  return [stage for name in modules(context.config)
+          for stage in plugins.load(__name__, name).stages(context)]

@@ -19,6 +19,17 @@ ORDER = 0
 FINETUNE = "finetune"  # the `stage` of the epochs after train.epochs (finetune.py)
 
 
+def validate(config) -> None:
+  """ValueError naming a bad Insta-RS Train setting (train.stage1_noise, train.table)."""
+  t = config.train
+  if t.stage1_noise not in ("sigma", "grid"):
+    raise ValueError(f"train.stage1_noise must be 'sigma' or 'grid'; got {t.stage1_noise!r}")
+  if t.insta or t.stage1_noise == "grid":
+    for ok, message in sigma_table.validate(config, jax.device_count()):
+      if not ok:
+        raise ValueError(message)
+
+
 def stages(context) -> list:
   return [BaseStage(context)]
 

@@ -1,6 +1,6 @@
-"""DualRS's last step (`estimator.finetune_epochs`): the base model fine-tuned again, each
+"""DualRS's last step (`train.finetune.epochs`): the base model fine-tuned again, each
 training example at the σ the trained estimator picks for it (`assigned_sigmas`: the majority
-bin over `estimator.label_samples` noisy copies at σ_e), so that the base model is trained
+bin over `train.estimator.label_samples` noisy copies at σ_e), so that the base model is trained
 where the certificate will use it."""
 
 from __future__ import annotations
@@ -21,27 +21,45 @@ from instars_jax.train.interface import resume, stage_manager
 from instars_jax.train.stages.base import FINETUNE, BaseStage
 
 ORDER = 2
-SECTION = "estimator"
-# DualRS's last step: after the estimator, fine-tune the base model this many epochs (cosine
-# from finetune_learning_rate), each training example at the σ the estimator picks for it.
-DEFAULTS = {"finetune_epochs": 0, "finetune_learning_rate": 0.01}
-
-
+# DualRS's last step, train.finetune: after the estimator, fine-tune the base model this many
+# epochs (cosine from learning_rate), each training example at the σ the estimator picks.
+DEFAULTS = {"epochs": 0, "learning_rate": 0.01}
+# Its section may change on resume (a finished run can be fine-tuned later): the stage checks
+# its settings against the ones its checkpoints were made with (check_settings).
+CHECKS_OWN_RESUME = True
 SETTINGS_FILE = "finetune.json"
+# The names this stage's settings had before they moved to train.finetune, as finetune.json
+# files of earlier runs record them.
+EARLIER_NAMES = {"finetune_epochs": "epochs", "finetune_learning_rate": "learning_rate"}
 
 
 def settings(config) -> dict:
-  return {key: config.estimator[key] for key in DEFAULTS}
+  return {key: config.train.finetune[key] for key in DEFAULTS}
+
+
+def validate(config) -> None:
+  """ValueError naming a bad fine-tuning setting."""
+  f = config.train.finetune
+  if f.epochs < 0:
+    raise ValueError(f"train.finetune.epochs must be >= 0; got {f.epochs}")
+  if f.learning_rate <= 0:
+    raise ValueError(f"train.finetune.learning_rate must be > 0; got {f.learning_rate}")
+  if f.epochs and not config.train.estimator.epochs:
+    raise ValueError("train.finetune.epochs needs the σ-estimator it fine-tunes at: set "
+                     "train.estimator.epochs > 0")
+  if f.epochs and config.train.estimator.router:
+    raise ValueError("train.finetune.epochs needs the estimator over the grid, not "
+                     "train.estimator.router")
 
 
 def check_settings(path, current: dict) -> None:
   """Records the fine-tuning's settings in `path` the first time; refuses (ValueError naming
   them) a resume with others, as the σ-estimator's stage does with its own."""
   if path.exists():
-    saved = json.loads(path.read_text())
+    saved = {EARLIER_NAMES.get(k, k): v for k, v in json.loads(path.read_text()).items()}
     changed = sorted(k for k in current if saved.get(k) != current[k])
     if changed:
-      shown = ", ".join(f"estimator.{k}={current[k]!r} (the run: {saved.get(k)!r})"
+      shown = ", ".join(f"train.finetune.{k}={current[k]!r} (the run: {saved.get(k)!r})"
                         for k in changed)
       raise ValueError(f"{path.parent} holds a fine-tuning run with other settings: {shown}; "
                        "rerun with the run's settings, or choose a new --workdir")
@@ -50,12 +68,12 @@ def check_settings(path, current: dict) -> None:
 
 
 def stages(context) -> list:
-  return [FinetuneStage(context)] if context.config.estimator.finetune_epochs else []
+  return [FinetuneStage(context)] if context.config.train.finetune.epochs else []
 
 
 def assigned_sigmas(workdir, split: data.Split, config) -> np.ndarray:
   """float32[N]: for each example of `split`, the grid σ of the estimator's majority bin over
-  `estimator.label_samples` copies at σ_e (noise keyed on (seed, example, copy); ties go to
+  `train.estimator.label_samples` copies at σ_e (noise keyed on (seed, example, copy); ties go to
   the smaller σ). Every host computes all of them, on its first local device."""
   apply, saved = estimator.load(Workdir(workdir).estimator_dir, workdir)
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), Stream.ESTIMATOR_ASSIGN)
@@ -65,24 +83,24 @@ def assigned_sigmas(workdir, split: data.Split, config) -> np.ndarray:
 
 
 class FinetuneStage(BaseStage):
-  """DualRS's last step: `estimator.finetune_epochs` more epochs of the base model with a
-  fresh cosine schedule from `estimator.finetune_learning_rate`, each example at the σ the
+  """DualRS's last step: `train.finetune.epochs` more epochs of the base model with a
+  fresh cosine schedule from `train.finetune.learning_rate`, each example at the σ the
   estimator assigns it (kept in the σ table), checkpointed beside the base model's (whose
   epoch ends it keeps)."""
   name = "finetune"
 
   def __init__(self, context):
     super().__init__(context)
-    e = context.config.estimator
+    f = context.config.train.finetune
     self.first_epoch = context.config.train.epochs
-    self.last_epoch = self.first_epoch + e.finetune_epochs
+    self.last_epoch = self.first_epoch + f.epochs
     self.first_step = self.first_epoch * self.steps_per_epoch
     self.last_step = self.last_epoch * self.steps_per_epoch
     t = context.config.train.copy_and_resolve_references()
     with t.unlocked():
-      t.learning_rate, t.warmup_epochs, t.schedule = e.finetune_learning_rate, 0.0, "cosine"
+      t.learning_rate, t.warmup_epochs, t.schedule = f.learning_rate, 0.0, "cosine"
     self.tx = state_lib.optimizer(t, self.steps_per_epoch * self.loss.updates_per_step,
-                                  e.finetune_epochs)
+                                  f.epochs)
 
   def label(self, epoch: int):
     return FINETUNE

@@ -3,28 +3,28 @@ the loop of loop.py, after the base model, which it leaves as it is (Insta-RS an
 models alike):
 
 1. Labels. Each training example's radius profile R_k at every grid σ (`sigma_table.update`
-   with `estimator.label_samples` noise vectors on the final base model, computed once and
+   with `train.estimator.label_samples` noise vectors on the final base model, computed once and
    kept in WORKDIR/estimator/profile.npz) becomes the soft label softmax(R_k / τ), R clipped
    at 0; examples whose R is 0 at every σ are dropped (no σ certifies them, so they say
    nothing about which σ is best). Router node k's labels are over (max_{j<k} R_j, R_k).
-2. Loss. `estimator.loss`, a module of train/losses/ that takes soft targets, by default
+2. Loss. `train.estimator.loss`, a module of train/losses/ that takes soft targets, by default
    the consistency loss (Jeong & Shin, NeurIPS 2020) with λ = 10, m = 2: soft-label
    cross-entropy on two noisy copies at σ_e plus λ times the KL divergence of each copy's
    prediction from the copies' mean, which makes the smoothed estimator confident, so its
    certified radius is rarely the smaller of the two.
 3. Weights. Each example weighs 1 / (frequency of its label's top bin), normalised to mean 1,
    so that rare σ bins are learnt too.
-4. `estimator.epochs` epochs over the examples kept, checkpointed after each.
+4. `train.estimator.epochs` epochs over the examples kept, checkpointed after each.
 
-Options (DualRS's, `configs/default.py`): `estimator.init` = base starts each estimator from
-the base model's weights with a new head; `estimator.consistency.eta` (η) adds η·H(p̄) of the
-copies' mean prediction; `estimator.radius_weight` (w_r) weighs each example by its best
-radius to the power w_r; `estimator.balance_bins` = False drops the 1/frequency weights;
-`estimator.gain_weight` weighs each example by its radius gain, its best bin's radius minus
+Options (DualRS's, `configs/default.py`): `train.estimator.init` = base starts each estimator from
+the base model's weights with a new head; `train.estimator.consistency.eta` (η) adds η·H(p̄) of the
+copies' mean prediction; `train.estimator.radius_weight` (w_r) weighs each example by its best
+radius to the power w_r; `train.estimator.balance_bins` = False drops the 1/frequency weights;
+`train.estimator.gain_weight` weighs each example by its radius gain, its best bin's radius minus
 the next bin's (what choosing wrong there costs), so that examples where the choice hardly
 matters teach little (with balance_bins: gain-weighted, bin-balanced).
 
-The profile is the base model's at every grid σ, or with `estimator.experts` (one fixed-σ
+The profile is the base model's at every grid σ, or with `train.estimator.experts` (one fixed-σ
 run per grid σ, selection/experts.py) expert k's at σ_k: the labels then come from the
 classifiers that certification deploys with the same `certify.experts`. With a held-out
 share (train.holdout), each epoch's metrics row also scores the estimator there, on labels
@@ -71,13 +71,13 @@ DEFAULTS = {
     # The loss the estimators train with on their soft labels (a module of train/losses/
     # that takes soft targets: consistency | gaussian | stability). Consistency (Jeong & Shin
     # 2020) with λ = 10, m = 2 makes the smoothed estimator confident, so its radius is
-    # rarely the smaller of the two; estimator.consistency.eta is DualRS's entropy term η·H(p̄).
+    # rarely the smaller of the two; train.estimator.consistency.eta is DualRS's entropy term η·H(p̄).
     "loss": "consistency",
     # Lower than a base model's: at σ_e = 1 and lr 0.05 the LeNet estimator collapsed to one
     # bin on Fashion-MNIST (holdout agreement with its labels 0.63 = the majority share).
     "learning_rate": 0.01,
     # init: scratch | base (every layer but the head from the base model, which already sees
-    # through every grid σ). DualRS's loss options (besides estimator.consistency.eta):
+    # through every grid σ). DualRS's loss options (besides train.estimator.consistency.eta):
     # radius_weight w_r (examples weigh their best radius to the power w_r), balance_bins
     # (1 / frequency-of-top-bin weights; DualRS has none when ACR is the goal). init = base
     # without them measured best in ACR on Fashion-MNIST (docs/results.md: 1.190 against
@@ -94,13 +94,26 @@ DEFAULTS = {
     # certify.experts will name. Empty: the base model at every σ.
     "experts": "",
 }
+# The estimators' settings of their loss (train.estimator.<loss>: the loss's DEFAULTS without
+# a preset, and these): the consistency λ = 10 without the entropy term, on the whole batch,
+# as the estimator was tuned (docs/results.md).
+LOSS_DEFAULTS = {"consistency": {"lbd": 10.0, "eta": 0.0, "batching": "whole"}}
+# Its section may change on resume (a finished run can get an estimator later): each estimator
+# checks the settings its checkpoints were made with (estimator.json; `estimator_settings`).
+CHECKS_OWN_RESUME = True
 PROFILE_FILE = "profile.npz"
 
 
+def loss_defaults(name: str) -> dict:
+  """train.estimator.<loss> as configs/default.py builds it."""
+  return ({k: v for k, v in losses.defaults(name).items() if k != "preset"}
+          | LOSS_DEFAULTS.get(name, {}))
+
+
 def stages(context) -> list:
-  """One stage per σ-estimator `context.config` asks for (estimator.epochs > 0): the one over
+  """One stage per σ-estimator `context.config` asks for (train.estimator.epochs > 0): the one over
   the grid, or the router's nodes."""
-  if not context.config.estimator.epochs:
+  if not context.config.train.estimator.epochs:
     return []
   labellers = experts.check(context.config, context.workdir, estimator.grid_of(context.config),
                             on_holdout=context.dataset.holdout is not None,
@@ -110,21 +123,21 @@ def stages(context) -> list:
 
 
 def choosers(config, workdir: Workdir) -> list:
-  """The estimators `config` asks for: one over the grid, or with estimator.router the router
+  """The estimators `config` asks for: one over the grid, or with train.estimator.router the router
   nodes from the top of the grid down."""
   grid = estimator.grid_of(config)
-  if not config.estimator.router:
+  if not config.train.estimator.router:
     return [estimator.Estimator(grid, smoothing_sigma(config), directory=workdir.estimator_dir)]
   return [estimator.router_node(workdir, grid, k) for k in range(len(grid) - 1, 0, -1)]
 
 
 def smoothing_sigma(config) -> float:
-  return float(config.estimator.sigma or max(config.train.table.grid))
+  return float(config.train.estimator.sigma or max(config.train.table.grid))
 
 
 def estimator_settings(config, chooser: estimator.Estimator) -> dict:
   """What an estimator depends on; certification reads the grid and σ_e from here."""
-  e = config.estimator
+  e = config.train.estimator
   return {"grid": list(chooser.grid), "sigma": chooser.sigma, "node": chooser.node,
           "model": e.model or config.model.name, "dtype": config.model.dtype,
           "epochs": e.epochs, "label_samples": e.label_samples, "temperature": e.temperature,
@@ -136,33 +149,37 @@ def estimator_settings(config, chooser: estimator.Estimator) -> dict:
 def with_earlier_loss_keys(saved: dict) -> dict:
   """Saved estimator settings whose loss section predates some of its keys, with what they
   trained with (losses.EARLIER)."""
-  section = losses.estimator_defaults(saved["loss"])
+  section = loss_defaults(saved["loss"])
   earlier = {k: v for k, v in losses.EARLIER.items() if k in section}
   return saved | {"loss_settings": earlier | saved["loss_settings"]}
 
 
-def validate(config) -> list:
-  """(ok, message) of each check of the estimator's and fine-tuning's settings."""
-  e = config.estimator
-  return [
-      (e.epochs >= 0, f"estimator.epochs must be >= 0; got {e.epochs}"),
-      (e.sigma >= 0, f"estimator.sigma must be > 0 (or 0: the top of the grid); got {e.sigma}"),
-      (e.label_samples >= 1, f"estimator.label_samples must be >= 1; got {e.label_samples}"),
-      (e.temperature > 0, f"estimator.temperature must be > 0; got {e.temperature}"),
-      (e.radius_weight >= 0, f"estimator.radius_weight must be >= 0; got {e.radius_weight}"),
-      (e.learning_rate > 0, f"estimator.learning_rate must be > 0; got {e.learning_rate}"),
-      (e.init in INITS, f"estimator.init must be one of {INITS}; got {e.init!r}"),
+def validate(config) -> None:
+  """ValueError naming a bad setting of the σ-estimators (train.estimator), their loss's
+  included; none is checked while train.estimator.epochs is 0 (no estimator trains)."""
+  e = config.train.estimator
+  if e.epochs < 0:
+    raise ValueError(f"train.estimator.epochs must be >= 0; got {e.epochs}")
+  if not e.epochs:
+    return
+  checks = [
+      (e.sigma >= 0, f"train.estimator.sigma must be > 0 (or 0: the top of the grid); got {e.sigma}"),
+      (e.label_samples >= 1, f"train.estimator.label_samples must be >= 1; got {e.label_samples}"),
+      (e.temperature > 0, f"train.estimator.temperature must be > 0; got {e.temperature}"),
+      (e.radius_weight >= 0, f"train.estimator.radius_weight must be >= 0; got {e.radius_weight}"),
+      (e.learning_rate > 0, f"train.estimator.learning_rate must be > 0; got {e.learning_rate}"),
+      (e.init in INITS, f"train.estimator.init must be one of {INITS}; got {e.init!r}"),
       (e.init == "scratch" or e.model in ("", config.model.name),
-       f"estimator.init=base needs the base model's architecture; got estimator.model={e.model!r}"),
-      (e.finetune_epochs >= 0, f"estimator.finetune_epochs must be >= 0; got {e.finetune_epochs}"),
-      (e.finetune_learning_rate > 0,
-       f"estimator.finetune_learning_rate must be > 0; got {e.finetune_learning_rate}"),
-      (not (e.router and e.finetune_epochs),
-       "estimator.finetune_epochs needs the estimator over the grid, not estimator.router"),
+       "train.estimator.init=base needs the base model's architecture; got "
+       f"train.estimator.model={e.model!r}"),
       ((e.model or config.model.name) in models.ARCHITECTURES,
-       f"estimator.model must be one of {models.ARCHITECTURES}; got {e.model!r}"),
-  ] + losses.validate(e, "estimator", None, config.train.batch_size, losses.estimator_defaults,
+       f"train.estimator.model must be one of {models.ARCHITECTURES}; got {e.model!r}"),
+  ] + losses.validate(e, "train.estimator", None, config.train.batch_size, loss_defaults,
                       soft_targets=True)
+  checks += sigma_table.validate(config, jax.device_count())
+  for ok, message in checks:
+    if not ok:
+      raise ValueError(message)
 
 
 def soft_labels(radii, temperature: float):
@@ -206,15 +223,15 @@ def training_labels(radii, chooser: estimator.Estimator, e):
 
 
 def labels_visit(config, size: int, stream: Stream = Stream.ESTIMATOR_LABELS):
-  """The label profile's pass over `size` examples: all of them, `estimator.label_samples`
+  """The label profile's pass over `size` examples: all of them, `train.estimator.label_samples`
   noise vectors each."""
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), stream)
-  return sigma_table.Visit(np.arange(size), key, config.estimator.label_samples)
+  return sigma_table.Visit(np.arange(size), key, config.train.estimator.label_samples)
 
 
 def profile_from_base(config, dataset, base_state, sharder) -> np.ndarray:
   """float32[N, K]: the base model's radius profile of every training example over the grid,
-  with `estimator.label_samples` noise vectors (on a copy of its state: the base model's own
+  with `train.estimator.label_samples` noise vectors (on a copy of its state: the base model's own
   table is left as is)."""
   profiled = sigma_table.update(jax.tree_util.tree_map(jnp.copy, base_state), dataset.train,
                                 sharder, config, labels_visit(config, len(dataset.train)))
@@ -246,7 +263,7 @@ def cached_profile(context, base_state, checked: list) -> dict:
   router node, skip the profile pass."""
   c = context
   path = c.workdir.estimator_dir / PROFILE_FILE
-  settings = {"label_samples": c.config.estimator.label_samples, "seed": c.config.seed,
+  settings = {"label_samples": c.config.train.estimator.label_samples, "seed": c.config.seed,
               "grid": list(estimator.grid_of(c.config)), "n": c.config.train.table.n,
               "alpha": c.config.train.table.alpha}
   if checked:  # a profile of the base model keeps the key it had before experts existed
@@ -271,7 +288,7 @@ def cached_profile(context, base_state, checked: list) -> dict:
 
 def from_base(template: state_lib.ModelState, base_state) -> state_lib.ModelState:
   """`template` with every layer but its head (the last Dense) from the base model: the base
-  model already sees through every grid σ (estimator.init = base)."""
+  model already sees through every grid σ (train.estimator.init = base)."""
   host = lambda tree: jax.tree_util.tree_map(
       lambda a: np.asarray(a.addressable_data(0) if isinstance(a, jax.Array) else a), tree)
   params, base = dict(host(template.params)), host(base_state.params)
@@ -282,7 +299,7 @@ def from_base(template: state_lib.ModelState, base_state) -> state_lib.ModelStat
 
 @functools.partial(jax.jit, static_argnames=("sigma", "loss"), donate_argnames="state")
 def train_step(state: state_lib.ModelState, batch, epoch_key, epoch=0, *, sigma, loss):
-  """One SGD step of `loss` (estimator.loss: consistency by default, the losses/ module the
+  """One SGD step of `loss` (train.estimator.loss: consistency by default, the losses/ module the
   base model can train with too) at σ_e on `batch["label"]`, weight × soft label; its
   "agreement" is the share of noisy copies whose top bin is the label's."""
   keys = state_lib.example_keys(epoch_key, batch["index"])
@@ -299,7 +316,7 @@ class EstimatorStage:
   def __init__(self, context, chooser: estimator.Estimator, labellers: list):
     self.context, self.chooser, self.labellers = context, chooser, labellers
     self.settings = estimator_settings(context.config, chooser)
-    self.loss = losses.from_config(context.config.estimator, chooser.sigma)
+    self.loss = losses.from_config(context.config.train.estimator, chooser.sigma)
     self.name, self.sigma = chooser.name, chooser.sigma
     self.directory = chooser.directory
     self.batch_size, self.num_classes = context.config.train.batch_size, chooser.num_bins
@@ -320,7 +337,7 @@ class EstimatorStage:
         return None, finished
     c = self.context
     profile = cached_profile(c, base_state, self.labellers)
-    labels, self.kept = training_labels(profile["train"], self.chooser, c.config.estimator)
+    labels, self.kept = training_labels(profile["train"], self.chooser, c.config.train.estimator)
     self.heldout = self.chooser.bins(profile["holdout"])
     self.steps_per_epoch = len(self.kept) // self.batch_size
     if self.steps_per_epoch == 0:
