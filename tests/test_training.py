@@ -699,6 +699,16 @@ def test_an_outside_loss_and_stage_with_their_sections_run_by_dotted_path(tmp_pa
   from instars_jax import certification
   read = certification.run_config(tmp_path / "scaled_2", {"certify.n": 10})
   assert read.train.scaled.weight == 2.0 and read.train.loss == "my_pkg.scaled"
+  # A certificate kind's section, named at certification (certify.py
+  # --config=configs/default.py:my_pkg.kind adds it to the run's config).
+  (package / "kind.py").write_text('FAMILY = "instars_jax.certificates"\n'
+                                   'DEFAULTS = {"depth": 1}\n')
+  read = certification.run_config(tmp_path / "scaled_2", {"certify.kind.depth": 2},
+                                  outside=("my_pkg.kind",))
+  assert read.certify.kind.depth == 2 and read.train.scaled.weight == 2.0
+  (package / "stray.py").write_text("DEFAULTS = {}\n")
+  with pytest.raises(ValueError, match=r"the plug-in 'my_pkg.stray' must declare FAMILY"):
+    default.get_config("my_pkg.stray")
 
 
 def test_a_run_saved_before_the_stage_sections_moved_resumes_and_certifies(toy_config, tmp_path):
