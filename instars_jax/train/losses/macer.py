@@ -15,8 +15,13 @@ Published settings, γ = 8 and β = 16 throughout:
   mnist     m = 16, λ = 16 at σ = 0.25 and 0.5, 6 at σ = 1.0, deferred 30 epochs
             (jh-jeong/smoothing-consistency's EXPERIMENTS.MD)
   cifar10   m = 16, λ = 12 at σ = 0.25 and 0.5, 4 at σ = 1.0, not deferred (Zhai et al. §4.1;
-            RuntianZ/macer's main.py defaults to λ = 12)
+            RuntianZ/macer's main.py defaults, checked 2026-12-07: gauss_num 16, λ 12, γ 8,
+            β 16, batch 64, lr 0.01, 440 epochs)
   imagenet  m = 2, λ = 3 at σ = 0.25 and 0.5, 1 at σ = 1.0, not deferred (Zhai et al. §4.1)
+The CIFAR-10 λ = 4 at σ = 1.0 and the ImageNet values rest on the paper's §4.1 as cited; its
+text was not at hand to check them again (RuntianZ/macer sets only the defaults above; a
+third-party script in jh-jeong's style uses λ = 4 at σ = 0.5 instead, which nothing official
+supports).
 Their code takes all B examples with their m copies in one SGD step (macer.py): batching =
 "whole" (losses/__init__.py).
 """
