@@ -47,7 +47,8 @@ def loss_step(state, images, labels, sigma, keys, loss: losses.Loss, epoch):
     return jnp.swapaxes(a.reshape((-1, m) + a.shape[1:]), 0, 1)
 
   state, metrics = jax.lax.scan(lambda s, part: sgd_step(s, *part, loss, epoch), state,
-                                tuple(strided(a) for a in (images, labels, sigma, keys)))
+                                tuple(strided(a) for a in (images, labels, sigma, keys)),
+                                unroll=True)
   return state, jax.tree_util.tree_map(lambda v: v.mean(axis=0), metrics)
 
 
