@@ -61,7 +61,7 @@ def _config(reads_run: bool):
     CONFIG.value.distributed
   except OSError as error:  # config_flags reports a config file it could not load lazily
     _fail(f"cannot load --config: {str(error).strip().splitlines()[-1].strip()}")
-  path = Path(config_flags.get_config_filename(flags.FLAGS["config"]))
+  path = Path(config_flags.get_config_filename(flags.FLAGS["config"]).partition(":")[0])
   if not reads_run or (given and path.resolve() != DEFAULT_CONFIG):
     return CONFIG.value
   from instars_jax import certification

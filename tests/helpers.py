@@ -215,13 +215,16 @@ def event_values(directory) -> dict:
 # Subprocesses
 
 
-def cli_env(**extra) -> dict:
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **extra)
+def cli_env(path=(), **extra) -> dict:
+  """The environment of a subprocess: the CPU, this checkout on the path, and the folders
+  `path` after it (outside plug-ins)."""
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              PYTHONPATH=os.pathsep.join(map(str, (ROOT, *path))), **extra)
 
 
-def run_cli(*args, cwd=ROOT, timeout=300):
-  """python ARGS in a subprocess, as a user runs it."""
-  return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=cli_env(),
+def run_cli(*args, cwd=ROOT, timeout=300, path=()):
+  """python ARGS in a subprocess, as a user runs it (with the folders `path` on its path)."""
+  return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=cli_env(path),
                         capture_output=True, text=True, timeout=timeout)
 
 

@@ -7,9 +7,12 @@ import signal
 import subprocess
 import time
 
+from pathlib import Path
+
 import pytest
 
 from helpers import ROOT, run_cli, start_cli, write_npz, write_tree
+from instars_jax import certificates
 from instars_jax.storage.workdir import Workdir
 
 CONFIG = f"--config={ROOT / 'configs' / 'fashion_mnist.py'}"
@@ -97,6 +100,23 @@ def test_certify_py_reads_the_run_from_its_workdir_alone(trained):
   meta = json.loads((workdir / "certify" / "locally_constant.json").read_text())
   assert meta["n"] == 100 and meta["max"] == 8
   assert meta["checkpoint"] == 6 and meta["estimator"]["step"] >= 1
+  # An outside kind's section, named after configs/default.py (which then gives only the
+  # flags' types: the run's settings still come from its workdir).
+  package = workdir.parent / "outside" / "my_pkg"
+  package.mkdir(parents=True)
+  (package / "__init__.py").write_text("")
+  source = (Path(certificates.__file__).parent / "fixed_sigma.py").read_text()
+  (package / "fixed_deep.py").write_text(
+      source + '\nFAMILY = "instars_jax.certificates"\nDEFAULTS = {"depth": 1}\n')
+  done = run_cli("certify.py", f"--workdir={workdir}",
+                 "--config=configs/default.py:my_pkg.fixed_deep",
+                 "--config.certify.sigma_mode=instance", "--config.certify.max=2",
+                 "--config.certify.certificate=my_pkg.fixed_deep",
+                 "--config.certify.fixed_deep.depth=3", "--config.certify.name=deep",
+                 path=[workdir.parent / "outside"])
+  assert done.returncode == 0, done.stderr[-2000:]
+  meta = json.loads((workdir / "certify" / "deep.json").read_text())
+  assert meta["certificate"] == "fixed_deep" and meta["n"] == 100 and meta["max"] == 2
 
 
 # Cases whose failure comes from one mechanism each (flag parsing, config keys, a library
