@@ -152,7 +152,11 @@ def get_config(outside: str = "") -> ml_collections.ConfigDict:
   own = plugins.literal(plugins.source_path(STAGES, "sigma_estimators"), "LOSS_DEFAULTS")
   for name in plugins.names(LOSSES) + plugins.outside(LOSSES, config.plugins):
     values = plugins.literals(plugins.source_path(LOSSES, name), "DEFAULTS").get("DEFAULTS", {})
-    config.train.estimator[plugins.section_name(LOSSES, name)] = ml_collections.ConfigDict(
+    section = plugins.section_name(LOSSES, name)
+    if section in config.train.estimator:
+      raise ValueError(f"the loss {name} declares the section {section}, a setting of "
+                       "train.estimator: name its SECTION otherwise")
+    config.train.estimator[section] = ml_collections.ConfigDict(
         {k: v for k, v in values.items() if k != "preset"} | own.get(name, {}))
   return config
 

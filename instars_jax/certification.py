@@ -85,7 +85,9 @@ def check_run(config, workdir) -> None:
   certification owns (its dataset, model, σ grid, estimator, held-out split and seed)."""
   workdir = Workdir(workdir)
   saved = saved_config(workdir)
-  differing = workdir.differing(config, saved, owns)
+  # config.plugins names the outside plug-ins whose sections the config has, and those are
+  # compared themselves (a config may also name a kind's, which is certification's).
+  differing = workdir.differing(config, saved, lambda key: owns(key) or key == "plugins")
   if differing:
     shown = ", ".join(f"{k}={config_path.get_value(k, config)!r} (the run: "
                       f"{config_path.get_value(k, saved)!r})" for k in differing[:3])

@@ -54,7 +54,10 @@ def names(package: str) -> list:
 def source_path(package: str, name: str) -> Path:
   """The source file of the plug-in `name` of `package`, or of the dotted module `name`."""
   if "." in name:
-    spec = importlib.util.find_spec(name)
+    try:
+      spec = importlib.util.find_spec(name)
+    except ImportError:  # its package is missing
+      spec = None
     if spec is None or spec.origin is None:
       raise ValueError(f"cannot find the module {name!r}")
     return Path(spec.origin)
@@ -113,28 +116,27 @@ def outside(package: str, modules) -> list:
   return found
 
 
-def sections(package: str, modules=()) -> dict:
-  """{section: defaults} of the plug-ins of `package` and of the outside `modules` of its
-  family that declare DEFAULTS (`defaults`), each under its `section_name`; plug-ins sharing a section add their
-  keys to it, and must agree on the defaults of the keys they share."""
-  return {section: {key: value for key, (value, _) in keys.items()}
-          for section, keys in _typed_sections(package, modules).items()}
-
-
 def add_sections(config, modules=()) -> None:
-  """Every family's sections (`sections`) under its parent in `config`, each unset key a
-  placeholder of its DEFAULTS value's type (so that a flag sets it); the outside `modules`
-  included, which config.plugins records."""
+  """Every family's sections under its parent in `config`: the DEFAULTS of the plug-ins of
+  each package and of the outside `modules` (which config.plugins records) that declare
+  them, each under its `section_name` (plug-ins sharing a section add their keys to it, and
+  must agree on the defaults of the keys they share), each unset key a placeholder of its
+  DEFAULTS value's type (so that a flag sets it). ValueError naming a section that would
+  replace a setting the config already has (another family's section, or its own keys)."""
   config.plugins = tuple(modules)
   for package, parent in FAMILIES.items():
     for section, keys in _typed_sections(package, modules).items():
+      if section in config[parent]:
+        raise ValueError(f"a plug-in of {package} declares the section {parent}.{section}, "
+                         "which the config already has: name its SECTION otherwise")
       config[parent][section] = ml_collections.ConfigDict({
           key: config_dict.placeholder(kind) if value is None else value
           for key, (value, kind) in keys.items()})
 
 
 def _typed_sections(package: str, modules) -> dict:
-  """{section: {key: (default, type of its DEFAULTS value)}} (sections)."""
+  """{section: {key: (default, type of its DEFAULTS value)}} of the plug-ins of `package` and
+  of the outside `modules` of its family that declare DEFAULTS (add_sections)."""
   found = {}
   for name in names(package) + outside(package, modules):
     path = source_path(package, name)

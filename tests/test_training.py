@@ -696,6 +696,17 @@ def test_an_outside_loss_and_stage_with_their_sections_run_by_dotted_path(tmp_pa
   with pytest.raises(ValueError, match=r"train.loss=my_pkg.scaled has no section "
                                        r"train.scaled: name the module to the config"):
     loop.validate_config(unnamed, 1)
+  # The σ-estimators train with it too, under its section train.estimator.scaled.
+  estimated = config()
+  estimated.train.estimator.update(epochs=1, label_samples=2, loss="my_pkg.scaled")
+  estimated.train.estimator.scaled.weight = 0.5
+  loop.train_and_evaluate(estimated, tmp_path / "estimated")
+  recorded = json.loads((tmp_path / "estimated" / "estimator" / "estimator.json").read_text())
+  assert recorded["loss"] == "my_pkg.scaled" and recorded["loss_settings"] == {"weight": 0.5}
+  (package / "table.py").write_text(OUTSIDE_LOSS)  # its section would replace train.table
+  with pytest.raises(ValueError, match=r"declares the section train.table, which the config "
+                                       r"already has"):
+    default.get_config("my_pkg.table")
   from instars_jax import certification
   read = certification.run_config(tmp_path / "scaled_2", {"certify.n": 10})
   assert read.train.scaled.weight == 2.0 and read.train.loss == "my_pkg.scaled"
@@ -713,8 +724,8 @@ def test_an_outside_loss_and_stage_with_their_sections_run_by_dotted_path(tmp_pa
 
 def test_a_run_saved_before_the_stage_sections_moved_resumes_and_certifies(toy_config, tmp_path):
   # An older run's config.json: the σ-estimators' section at the top level with fine-tuning's
-  # settings in it, no train.finetune and no plugins. It resumes under today's config (a
-  # changed estimator setting is still the estimator's to check), and certify reads it.
+  # settings in it, no train.finetune and no plugins, and a section saved empty that has a key
+  # today (train.gaussian). It resumes under today's config, and certify reads it.
   from instars_jax import certification
   toy_config.train.epochs = 1
   loop.train_and_evaluate(toy_config, tmp_path / "run")
@@ -723,6 +734,10 @@ def test_a_run_saved_before_the_stage_sections_moved_resumes_and_certifies(toy_c
   older = saved["train"].pop("estimator") | {"finetune_epochs": 0, "finetune_learning_rate": 0.02}
   del saved["train"]["finetune"], saved["plugins"]
   path.write_text(json.dumps(saved | {"estimator": older}))
+  defaults = default.get_config()
+  defaults.train.gaussian = {"unused": 1}
+  read = Workdir(tmp_path / "run").read_config(defaults)
+  assert read.train.gaussian.to_dict() == {"unused": 1}
   read = certification.run_config(tmp_path / "run", {})
   assert read.train.finetune.to_dict() == {"epochs": 0, "learning_rate": 0.02}
   assert read.train.estimator.to_dict() == toy_config.train.estimator.to_dict()
@@ -730,6 +745,5 @@ def test_a_run_saved_before_the_stage_sections_moved_resumes_and_certifies(toy_c
   toy_config.train.epochs = 2
   saved["train"]["epochs"] = 2
   path.write_text(json.dumps(saved | {"estimator": older}))
-  toy_config.train.finetune.learning_rate = 0.02
   loop.train_and_evaluate(toy_config, tmp_path / "run")
   assert checkpoints.manager(tmp_path / "run").latest_step() == 6

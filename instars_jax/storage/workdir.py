@@ -172,14 +172,16 @@ def _tupled(value):
 
 
 def _nested(flat: dict) -> dict:
-  """The nested dict of {"a.b": value}."""
+  """The nested dict of {"a.b": value}; an empty dict (a section without keys when it was
+  saved) does not replace the keys other entries give it."""
   tree = {}
   for key, value in flat.items():
     *parents, leaf = key.split(".")
     node = tree
     for parent in parents:
       node = node.setdefault(parent, {})
-    node[leaf] = value
+    if value != {} or not isinstance(node.get(leaf), dict):
+      node[leaf] = value
   return tree
 
 

@@ -49,7 +49,7 @@ def train_and_evaluate(config, workdir):
   workdir.check_resumable(
       config, default.get_config(",".join(config.plugins)), losses.later_keys(config.train.loss),
       ignored=(losses.inactive_sections(config.train, "train", config.plugins)
-               + stages.self_checked_sections(config)))
+               + stages.self_checked_sections(config) + ("plugins",)))
   workdir.path.mkdir(parents=True, exist_ok=True)
   # One writer per workdir: process 0 of a run holds the lock (the other hosts write nothing).
   lock = workdir.training_lock() if jax.process_index() == 0 else contextlib.nullcontext()

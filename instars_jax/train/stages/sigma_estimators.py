@@ -61,7 +61,7 @@ SECTION = "estimator"
 INITS = ("scratch", "base")
 # The σ-estimator of the sound instance-wise certificate (selection/estimator.py), trained after
 # the base model in the same train.py run; 0 epochs: none. Its loss's settings are the
-# section estimator.<loss>, which configs/default.py adds from the loss modules.
+# section train.estimator.<loss>, which configs/default.py adds from the loss modules.
 DEFAULTS = {
     "epochs": 0,
     "model": "",  # architecture; "": model.name
@@ -141,7 +141,7 @@ def estimator_settings(config, chooser: estimator.Estimator) -> dict:
   return {"grid": list(chooser.grid), "sigma": chooser.sigma, "node": chooser.node,
           "model": e.model or config.model.name, "dtype": config.model.dtype,
           "epochs": e.epochs, "label_samples": e.label_samples, "temperature": e.temperature,
-          "loss": e.loss, "loss_settings": e[e.loss].to_dict(), "learning_rate": e.learning_rate,
+          "loss": e.loss, "loss_settings": e[losses.section_name(e.loss)].to_dict(), "learning_rate": e.learning_rate,
           "init": e.init, "radius_weight": e.radius_weight, "balance_bins": e.balance_bins,
           "gain_weight": e.gain_weight, "experts": e.experts, "seed": config.seed}
 
