@@ -46,9 +46,11 @@ def loss_step(state, images, labels, sigma, keys, loss: losses.Loss, epoch):
   def strided(a):  # [m, B/m, ...]: row c holds examples c, c + m, ...
     return jnp.swapaxes(a.reshape((-1, m) + a.shape[1:]), 0, 1)
 
+  # Unrolled on the CPU, whose backend ran the rolled scan's convolutions 7.5x slower
+  # (docs/performance.md); rolled elsewhere, where it compiles m times faster.
   state, metrics = jax.lax.scan(lambda s, part: sgd_step(s, *part, loss, epoch), state,
                                 tuple(strided(a) for a in (images, labels, sigma, keys)),
-                                unroll=True)
+                                unroll=jax.default_backend() == "cpu")
   return state, jax.tree_util.tree_map(lambda v: v.mean(axis=0), metrics)
 
 
