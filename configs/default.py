@@ -4,8 +4,6 @@ import ml_collections
 
 from instars_jax import plugins
 
-STAGES, LOSSES = "instars_jax.train.stages", "instars_jax.train.losses"
-
 
 def get_config(outside: str = "") -> ml_collections.ConfigDict:
   """The defaults, every plug-in's section included; `outside` (the text after the config
@@ -149,15 +147,13 @@ def get_config(outside: str = "") -> ml_collections.ConfigDict:
   # The σ-estimators train with a loss of their own (train.estimator.loss), whose settings
   # are train.estimator.<loss>: the loss's defaults without a preset, and the estimators' own
   # (sigma_estimators.LOSS_DEFAULTS).
-  own = plugins.literal(plugins.source_path(STAGES, "sigma_estimators"), "LOSS_DEFAULTS")
-  for name in plugins.names(LOSSES) + plugins.outside(LOSSES, config.plugins):
-    values = plugins.literals(plugins.source_path(LOSSES, name), "DEFAULTS").get("DEFAULTS", {})
-    section = plugins.section_name(LOSSES, name)
+  for name in plugins.names(plugins.LOSSES) + plugins.outside(plugins.LOSSES, config.plugins):
+    section = plugins.section_name(plugins.LOSSES, name)
     if section in config.train.estimator:
       raise ValueError(f"the loss {name} declares the section {section}, a setting of "
                        "train.estimator: name its SECTION otherwise")
     config.train.estimator[section] = ml_collections.ConfigDict(
-        {k: v for k, v in values.items() if k != "preset"} | own.get(name, {}))
+        plugins.stage_loss_section("sigma_estimators", name))
   return config
 
 

@@ -30,7 +30,7 @@ from ml_collections.config_flags import config_path
 
 import instars_jax
 from configs import default
-from instars_jax import analyze, certificates, data
+from instars_jax import analyze, certificates, data, plugins
 from instars_jax.selection import classifier, estimator, experts
 from instars_jax.storage import checkpoints, events, results
 from instars_jax.storage.workdir import Workdir
@@ -111,9 +111,7 @@ def validate_config(config):
       (c.split == "test" or config.train.holdout > 0,
        "certify.split=holdout needs the run's train.holdout > 0"),
   ]
-  for ok, message in checks:
-    if not ok:
-      raise ValueError(message)
+  plugins.raise_first_failure(checks)
   rules.from_config(c)
   return certificates.for_config(config)
 

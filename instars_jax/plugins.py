@@ -22,6 +22,7 @@ validate hook."""
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import importlib.util
 import pkgutil
@@ -30,11 +31,12 @@ from pathlib import Path
 import ml_collections
 from ml_collections import config_dict
 
+STAGES, LOSSES = "instars_jax.train.stages", "instars_jax.train.losses"
 # Each family's package: the config section its plug-ins' sections live in.
 FAMILIES = {
     "instars_jax.data": "sources",
-    "instars_jax.train.losses": "train",
-    "instars_jax.train.stages": "train",
+    LOSSES: "train",
+    STAGES: "train",
     "instars_jax.certificates": "certify",
 }
 
@@ -71,11 +73,21 @@ def source_path(package: str, name: str) -> Path:
 def literals(path: Path, *variables: str) -> dict:
   """{variable: value} of the module-level literal assignments `variable = ...` among
   `variables` in the source at `path` (the ones it lacks are left out)."""
+  stat = Path(path).stat()
+  assigned = _assignments(str(path), stat.st_mtime_ns, stat.st_size)
+  return {name: ast.literal_eval(assigned[name]) for name in variables if name in assigned}
+
+
+@functools.lru_cache(maxsize=None)
+def _assignments(path: str, mtime_ns: int, size: int) -> dict:
+  """{variable: value node} of the module-level single-target assignments in the source at
+  `path`, parsed once per version of the file (a config is built several times a run)."""
+  del mtime_ns, size  # the cache key: an edited file is parsed again
   found = {}
   for node in ast.parse(Path(path).read_text()).body:
     targets = [getattr(target, "id", None) for target in getattr(node, "targets", ())]
-    if isinstance(node, ast.Assign) and len(targets) == 1 and targets[0] in variables:
-      found[targets[0]] = ast.literal_eval(node.value)
+    if isinstance(node, ast.Assign) and len(targets) == 1 and targets[0]:
+      found[targets[0]] = node.value
   return found
 
 
@@ -149,6 +161,23 @@ def _typed_sections(package: str, modules) -> dict:
       if known[0] != value:
         raise ValueError(f"{path.name} declares another default for {section}.{key}")
   return found
+
+
+def stage_loss_section(stage: str, loss: str) -> dict:
+  """The settings of `loss` (a loss plug-in) for the training stage `stage` that trains with a
+  loss of its own (its section's train.<stage section>.<loss section>): the loss's DEFAULTS
+  without a preset, updated by the stage's literal LOSS_DEFAULTS for that loss."""
+  own = literals(source_path(STAGES, stage), "LOSS_DEFAULTS").get("LOSS_DEFAULTS", {})
+  values = literals(source_path(LOSSES, loss), "DEFAULTS").get("DEFAULTS", {})
+  return {k: v for k, v in values.items() if k != "preset"} | own.get(loss, {})
+
+
+def raise_first_failure(checks) -> None:
+  """The validate hooks' convention for lists of (ok, message) checks: ValueError with the
+  message of the first that failed."""
+  for ok, message in checks:
+    if not ok:
+      raise ValueError(message)
 
 
 def load(package: str, name: str):

@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from ml_collections.config_flags import config_path
 
 from instars_jax.selection import classifier
 from instars_jax.selection.estimator import grid_of
@@ -32,10 +33,8 @@ CERTIFY_SETTING, LABELS_SETTING = "certify.experts", "train.estimator.experts"
 def workdirs(config, setting: str = CERTIFY_SETTING) -> tuple[str, ...]:
   """The workdirs `setting` (certify.experts or train.estimator.experts) names, in grid order
   ((): no experts)."""
-  value = config
-  for part in setting.split("."):
-    value = value[part]
-  return tuple(part.strip() for part in value.split(",") if part.strip())
+  return tuple(part.strip() for part in config_path.get_value(setting, config).split(",")
+               if part.strip())
 
 
 def check(config, workdir, needed, on_holdout: bool = False,

@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from configs import default
-from instars_jax import data, models, parallel
+from instars_jax import data, models, parallel, plugins
 from instars_jax.data import pipeline
 from instars_jax.storage import checkpoints
 from instars_jax.storage.workdir import Workdir
@@ -140,8 +140,5 @@ def validate_config(config, devices: int) -> None:
              (0 < d.chance_fraction, f"train.divergence.chance_fraction must be > 0; "
                                      f"got {d.chance_fraction}")]
   checks += losses.validate(t, "train", t.sigma, t.batch_size)
-  checks += pipeline.validate(config)
-  for ok, message in checks:
-    if not ok:
-      raise ValueError(message)
+  plugins.raise_first_failure(checks + pipeline.validate(config))
   stages.validate(config)

@@ -8,6 +8,7 @@ import time
 
 import jax
 
+from instars_jax import plugins
 from instars_jax.data import pipeline
 from instars_jax.smoothing.streams import Stream
 from instars_jax.storage import events
@@ -25,9 +26,7 @@ def validate(config) -> None:
   if t.stage1_noise not in ("sigma", "grid"):
     raise ValueError(f"train.stage1_noise must be 'sigma' or 'grid'; got {t.stage1_noise!r}")
   if t.insta or t.stage1_noise == "grid":
-    for ok, message in sigma_table.validate(config, jax.device_count()):
-      if not ok:
-        raise ValueError(message)
+    plugins.raise_first_failure(sigma_table.validate(config, jax.device_count()))
 
 
 def stages(context) -> list:

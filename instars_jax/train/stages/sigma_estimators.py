@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instars_jax import data, models
+from instars_jax import data, models, plugins
 from instars_jax.selection import estimator, experts
 from instars_jax.storage import checkpoints, events
 from instars_jax.storage.files import write_json_atomic
@@ -106,8 +106,7 @@ PROFILE_FILE = "profile.npz"
 
 def loss_defaults(name: str) -> dict:
   """train.estimator.<loss> as configs/default.py builds it."""
-  return ({k: v for k, v in losses.defaults(name).items() if k != "preset"}
-          | LOSS_DEFAULTS.get(name, {}))
+  return plugins.stage_loss_section(__name__.rpartition(".")[2], name)
 
 
 def stages(context) -> list:
@@ -176,10 +175,7 @@ def validate(config) -> None:
        f"train.estimator.model must be one of {models.ARCHITECTURES}; got {e.model!r}"),
   ] + losses.validate(e, "train.estimator", None, config.train.batch_size, loss_defaults,
                       soft_targets=True)
-  checks += sigma_table.validate(config, jax.device_count())
-  for ok, message in checks:
-    if not ok:
-      raise ValueError(message)
+  plugins.raise_first_failure(checks + sigma_table.validate(config, jax.device_count()))
 
 
 def soft_labels(radii, temperature: float):
