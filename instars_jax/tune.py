@@ -6,7 +6,8 @@ chain's nodes). The held-out examples (every certify.skip-th below certify.max) 
 once per node and once per grid σ (certificates/thresholded.py's `sweep`: each τ's rows are
 exactly those certify.py would write with that τ), and for every τ of
 certify.thresholded.sweep the command prints the sound ACR and certified accuracy there, the
-share of examples moved off the largest σ and the share that abstain, and writes them to
+share of examples moved off the default route's σ (the largest for τ ≥ 1/2, the smallest
+below) and the share that abstain, and writes them to
 DIR/certify/tune_thresholded[_experts].json. Pass the best τ to certify.py as
 --config.certify.thresholded.threshold. σ experts (certify.experts) are used as certify.py
 would use them. A tuning aid: it does not resume; rerunning recomputes the same numbers.
@@ -30,8 +31,8 @@ from instars_jax.selection import estimator
 def validate(config) -> None:
   thresholded.validate(config)
   taus = tuple(config.certify.thresholded.sweep)
-  if not taus or not all(0.5 < t < 1.0 for t in taus):
-    raise ValueError(f"certify.thresholded.sweep must list thresholds in (1/2, 1); got {taus}")
+  if not taus or not all(0.0 < t < 1.0 for t in taus):
+    raise ValueError(f"certify.thresholded.sweep must list thresholds in (0, 1); got {taus}")
   if config.train.holdout <= 0:
     raise ValueError("tuning needs held-out training examples: train the run with "
                      "--config.train.holdout > 0 (e.g. 0.1)")
@@ -64,7 +65,8 @@ def tune_thresholds(config, workdir) -> dict:
                                        taus).items():
       found[tau].append(cert)
   label = np.concatenate(labels)
-  summaries = {tau: _summary(label, certs, grid) for tau, certs in found.items()}
+  summaries = {tau: _summary(label, certs, default_sigma(grid, tau))
+               for tau, certs in found.items()}
   out = workdir.results_path("tune_thresholded" + ("_experts" if checked else "")
                              ).with_suffix(".json")
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +83,13 @@ def tune_thresholds(config, workdir) -> dict:
   return summaries
 
 
-def _summary(label, certs, grid) -> dict:
+def default_sigma(grid, tau: float) -> float:
+  """The σ of the chain's default route at threshold τ: the largest grid σ for τ ≥ 1/2 (a
+  node moves x lower only where sure), the smallest below (every node's default is "lower")."""
+  return float(grid[-1] if tau >= 0.5 else grid[0])
+
+
+def _summary(label, certs, default) -> dict:
   prediction = np.concatenate([c.prediction for c in certs])
   radius = np.concatenate([c.radius for c in certs])
   sigma = np.concatenate([c.sigma for c in certs])
@@ -90,7 +98,8 @@ def _summary(label, certs, grid) -> dict:
   return {"acr": analyze.average_certified_radius(radius, correct),
           "certified_accuracy": {analyze.radius_key(r): float(a)
                                  for r, a in zip(analyze.DEFAULT_RADII, accuracy)},
-          "moved": float(np.mean(sigma < grid[-1])),
+          "default_sigma": default,
+          "moved": float(np.mean(sigma != np.float32(default))),
           "abstain": float(np.mean(prediction == sampler.ABSTAIN))}
 
 
@@ -99,13 +108,13 @@ def table(summaries: dict) -> str:
   down (results.format_down)."""
   best = max(summaries, key=lambda t: summaries[t]["acr"])
   radii = list(next(iter(summaries.values()))["certified_accuracy"])
-  lines = ["| τ | " + " | ".join(f"r = {r}" for r in radii) + " | ACR | moved | abstain |",
-           "|---" * (len(radii) + 4) + "|"]
+  lines = ["| τ | " + " | ".join(f"r = {r}" for r in radii)
+           + " | ACR | default σ | moved off it | abstain |", "|---" * (len(radii) + 5) + "|"]
   for tau, s in summaries.items():
     acr = f"**{format_down(s['acr'], 3)}**" if tau == best else format_down(s["acr"], 3)
     lines.append(f"| {tau:g} | " + " | ".join(format_down(a, 3)
                                               for a in s["certified_accuracy"].values())
-                 + f" | {acr} | {s['moved']:.1%} | {s['abstain']:.1%} |")
+                 + f" | {acr} | {s['default_sigma']:g} | {s['moved']:.1%} | {s['abstain']:.1%} |")
   return "\n".join(lines)
 
 

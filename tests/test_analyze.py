@@ -105,8 +105,9 @@ def test_tables_and_tensorboard_never_show_an_aggregate_above_its_value(tmp_path
   assert summary["certified_accuracy"]["0"] == 2 / 3 and summary["acr"] == pytest.approx(0.1239997)
   assert analyze.markdown_table([summary], radii=(0.0, 0.5)).splitlines()[2].startswith(
       f"| {path} | 3 | 0.666 | 0.000 | 0.123 |")
-  lines = tune.table({0.9: summary | {"moved": 0.5, "abstain": 0.0}}).splitlines()
-  assert lines[2] == "| 0.9 | 0.666 | 0.000 | **0.123** | 50.0% | 0.0% |"
+  lines = tune.table({0.9: summary | {"default_sigma": 1.0, "moved": 0.5, "abstain": 0.0}}
+                     ).splitlines()
+  assert lines[2] == "| 0.9 | 0.666 | 0.000 | **0.123** | 1 | 50.0% | 0.0% |"
   # TensorBoard keeps float32: each value is stored as the largest float32 not above it.
   values = np.random.default_rng(0).uniform(0, 2, 200).tolist() + [2 / 3, summary["acr"]]
   writer = events.EventWriter(tmp_path, "certify")

@@ -419,8 +419,9 @@ def test_memory_balls_stay_apart_in_the_radii_written():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("tau", [0.8, 0.2])  # the largest σ the default route, or the smallest
 def test_thresholded_chain_never_exceeds_the_exact_radius_and_takes_the_min_over_its_path(
-    linear, monkeypatch):
+    linear, monkeypatch, tau):
   # Nodes on an unrelated feature x_7, logits (cut − x_7, x_7 − cut) · 100: under noise σ_k
   # node k's probability of "lower" is q = Φ((cut − x_7)/σ_k), so it moves x exactly where
   # x_7 ≤ cut − σ_k Φ⁻¹(τ), and the radius within which it decides alike is the distance
@@ -429,7 +430,6 @@ def test_thresholded_chain_never_exceeds_the_exact_radius_and_takes_the_min_over
   # distance to the hyperplane, and at most every exact node margin on the path; a variant
   # keeping only the deciding node's radius exceeds node 2's margin on moved points.
   from instars_jax.certificates import thresholded
-  tau = 0.8
   x, chain = x7_nodes(linear, 8, 400, scale=100.0, sigmas=(0.3, 0.2), n=4000)
   boundary = [0.5 - 0.3 * stats.norm.ppf(tau), 0.0 - 0.2 * stats.norm.ppf(tau)]
   # Each input's certificate may fail with probability α (a node's bound, the class test):
@@ -459,12 +459,14 @@ def sampler_module():
   return sampler
 
 
-def test_thresholded_refuses_a_threshold_outside_one_half_to_one(toy_config):
+def test_thresholded_refuses_a_threshold_outside_zero_to_one(toy_config):
   from instars_jax.certificates import thresholded
-  for tau in (0.5, 1.0, 0.3):
+  for tau in (0.0, 1.0, -0.2, 1.5):
     toy_config.certify.thresholded.threshold = tau
-    with pytest.raises(ValueError, match=r"certify.thresholded.threshold must lie in \(1/2, 1\)"):
+    with pytest.raises(ValueError, match=r"certify.thresholded.threshold must lie in \(0, 1\)"):
       thresholded.validate(toy_config)
+  toy_config.certify.thresholded.threshold = 0.2  # the lower σ as the default route
+  thresholded.validate(toy_config)
 
 
 def test_experts_certify_each_sigma_with_their_own_classifier(linear):

@@ -114,6 +114,58 @@ def test_thresholded_bounds_each_node_at_its_share_and_its_rows_recompute_exactl
   assert np.all(cert.radius <= linear.distance(x) + 1e-6)
 
 
+def test_thresholded_below_one_half_starts_low_with_the_nodes_own_sigma_and_n(linear,
+                                                                            monkeypatch):
+  # τ = 0.2: node 2 keeps x at σ = 1.0 only where sure that q = Φ((0.5 − x_7)/0.3) < 0.2, i.e.
+  # x_7 beyond 0.5 + 0.3 Φ⁻¹(0.8) = 0.752. x_7 = 1.0 (q = 0.05) stays at 1.0; 0.6 (q = 0.37),
+  # which τ = 0.8 keeps at 1.0, is moved, and node 1 (q = Φ(−0.6/0.2) = 0.001) keeps it at
+  # 0.5; 0.15 is too close to node 1's boundary 0.2 Φ⁻¹(0.8) = 0.168 (abstains); −0.5 goes to
+  # 0.25. The nodes draw n = 300 samples at σ 0.3 and 0.2, the class test n = 200 at the grid's
+  # σ: each row recomputes exactly from the module doc's formulas with the node's own σ and n.
+  tau, beta, grid = 0.2, 5e-4, np.float32([0.25, 0.5, 1.0])
+  chain = x7_chain(scale=100.0, sigmas=(0.3, 0.2), n=300)
+  x = linear.points_at_distance(np.full(4, 1.5))
+  x[:, 7] = [1.0, 0.6, 0.15, -0.5]
+  ids = np.arange(40, 44)
+  smoothed = SmoothedModel(linear, 2, jax.random.PRNGKey(12), n0=16, n=200, alpha=1e-3,
+                           batch_size=4096)
+  calls = recorded_bounds(monkeypatch)
+  cert = thresholded.certify_thresholded(smoothed, chain, grid, x, ids, beta, tau)
+  trials = {int(t) for _, t, _ in calls["lower"]}
+  monkeypatch.undo()
+  assert trials == {300}
+  sigma, path, abstains, _ = thresholded_path(node_lower_counts(smoothed, chain, grid, x, ids),
+                                              chain, grid, beta, tau)
+  np.testing.assert_array_equal(sigma, np.float32([1.0, 0.5, 0.25, 0.25]))
+  np.testing.assert_array_equal(abstains, [False, False, True, False])
+  prediction, radius, cls = chain_rows(smoothed, sigma, path, abstains, x, ids, beta)
+  assert set(cls.num_samples) == {200}
+  np.testing.assert_array_equal(cert.sigma, sigma)
+  np.testing.assert_array_equal(cert.prediction, prediction)
+  np.testing.assert_allclose(cert.radius, radius, rtol=1e-13, atol=0)
+  assert np.all(cert.radius[[0, 1, 3]] > 0)
+
+
+@pytest.mark.parametrize("tau", [0.8, 0.2])
+def test_a_node_radius_with_its_exact_probability_is_the_distance_to_its_boundary(monkeypatch,
+                                                                                 tau):
+  # A node smoothed at 1.5 (1.5x the grid's top σ, its own) on x_7 with cut 0.5 has
+  # q(x) = Φ((0.5 − x_7)/1.5) exactly; its decision boundary is x_7 = 0.5 − 1.5 Φ⁻¹(τ).
+  # With the interval replaced by the exact q (any n), the node's radius must be the exact
+  # distance to that boundary on both routes: the formula σ_node |Φ⁻¹(q) − Φ⁻¹(τ)| with the
+  # node's σ, not the class test's.
+  node = x7_chain(scale=1.0, sigmas=(1.5, 0.2), n=777)[0]
+  x7 = np.array([-2.0, -0.7, 0.1, 0.9, 1.6, 3.0])
+  exact = stats.norm.cdf((0.5 - x7) / 1.5)
+  monkeypatch.setattr(bounds, "clopper_pearson_lower", lambda successes, trials, level: exact)
+  monkeypatch.setattr(bounds, "clopper_pearson_upper", lambda successes, trials, level: exact)
+  moves, keeps, radius = thresholded.node_decision(np.zeros(len(x7), int), node, 1e-3, tau)
+  boundary = 0.5 - 1.5 * stats.norm.ppf(tau)
+  np.testing.assert_array_equal(moves, x7 <= boundary)
+  np.testing.assert_array_equal(keeps, x7 > boundary)
+  np.testing.assert_allclose(radius, np.abs(x7 - boundary), rtol=1e-12)
+
+
 # ---------------------------------------------------------------------------
 # cascade: an island that its levels see
 

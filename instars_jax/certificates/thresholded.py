@@ -2,13 +2,17 @@
 router's trained nodes (train with --config.train.estimator.router=True). Sound for the
 input-dependent classifier G(x) = g_{σ(x)}(x).
 
-The largest σ is the default. Node k (k = K … 2), smoothed at σ_k, gives q_k(x), the
-probability under N(0, σ_k²I) noise of its bin "a lower σ". The chain moves x down from σ_k
-only where q_k(x) ≥ τ (`certify.thresholded.threshold`, τ ∈ (1/2, 1)): node K first, then,
-where it moved, node K − 1, and so on; the first node that keeps x fixes σ(x) = σ_k, and x
-that every node moves gets σ_1. (The package's one tie rule: q_k = τ moves, with radius 0.)
-A high τ moves an input only where the selector is sure, and keeps a large radius where it
-does not move it: both routes take their radius from the distance to τ, not to 1/2.
+Node k (k = K … 2), smoothed at its own σ (saved with it: σ_k × train.estimator.node_sigma_factor),
+gives q_k(x), the probability of its bin "a lower σ" under that noise. The chain moves x down
+from σ_k only where q_k(x) ≥ τ (`certify.thresholded.threshold`, τ ∈ (0, 1)): node K first,
+then, where it moved, node K − 1, and so on; the first node that keeps x fixes σ(x) = σ_k,
+and x that every node moves gets σ_1. (The package's one tie rule: q_k = τ moves, with radius
+0.) Both routes take their radius from the distance to τ, not to 1/2, so τ sets the default
+route and its price. τ > 1/2: the largest σ is the default, and a high τ moves an input only
+where the selector is sure, keeping a large radius where it does not move it. τ < 1/2: "lower"
+is the default, and a node keeps x at σ_k only where it is sure that q_k < τ (with one node,
+K = 2, the chain starts at σ_1 and moves up). `python -m instars_jax.tune` picks τ on held-out
+data from both sides, so the default route is the one most held-out images are best served by.
 
 Certificate. For each node on the path, a two-sided Clopper–Pearson interval L ≤ q_k(x) ≤ U
 from n samples. The node moved x with radius σ_k (Φ⁻¹(L) − Φ⁻¹(τ)) where L ≥ τ, kept it with
@@ -42,13 +46,14 @@ NAME = __name__.rpartition(".")[2]  # the kind is named by its file
 SOUND = True
 MULTI_HOST = True
 MEANING = ("sound for G(x) = g_sigma(x)(x) with sigma from the largest down, moved lower by "
-           "binary smoothed selectors only where their probability of 'lower' is at least the "
-           "threshold tau: radius = min(each node's distance to tau on the path, class "
+           "binary smoothed selectors where their probability of 'lower' is at least the "
+           "threshold tau (tau < 1/2: lower is the default): radius = min(each node's distance to tau on the path, class "
            "radius); failure probability alpha = beta (split over the nodes and their two "
            "bounds) + the class test's alpha")
 DEFAULTS = {
-    "threshold": 0.8,  # τ in (1/2, 1)
-    "sweep": (0.55, 0.6, 0.7, 0.8, 0.9, 0.95),  # the τ python -m instars_jax.tune tries
+    "threshold": 0.8,  # τ in (0, 1); below 1/2 the lower σ is the default route
+    # the τ python -m instars_jax.tune tries, both default routes
+    "sweep": (0.05, 0.1, 0.2, 0.3, 0.45, 0.55, 0.6, 0.7, 0.8, 0.9, 0.95),
 }
 alpha_split = locally_constant.alpha_split
 sigmas = locally_constant.sigmas
@@ -57,8 +62,8 @@ sigmas = locally_constant.sigmas
 def validate(config) -> None:
   locally_constant.validate(config)
   tau = config.certify.thresholded.threshold
-  if not 0.5 < tau < 1.0:
-    raise ValueError(f"certify.thresholded.threshold must lie in (1/2, 1); got {tau}")
+  if not 0.0 < tau < 1.0:
+    raise ValueError(f"certify.thresholded.threshold must lie in (0, 1); got {tau}")
 
 
 def file_stem(config) -> str:
