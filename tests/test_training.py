@@ -217,8 +217,11 @@ def test_a_fractional_update_profiles_only_its_slice(insta_config, tmp_path):
     ("table.chunk", 0, "train.table.chunk"),
     ("table.fraction", 0.0, "train.table.fraction"),
     ("table.explore", 1.5, "train.table.explore must lie in"),
+    ("estimator.node_sigma_factor", 0.0, "train.estimator.node_sigma_factor must be finite and > 0"),
+    ("estimator.node_sigma_factor", 2.0, "node_sigma_factor sets the router nodes' σ: it needs"),
 ])
 def test_bad_knobs_are_rejected(insta_config, tmp_path, key, value, message):
+  insta_config.train.estimator.epochs = 1
   section = insta_config.train
   *parents, leaf = key.split(".")
   for p in parents:
@@ -546,9 +549,10 @@ def test_a_router_tree_trains_one_node_per_grid_sigma_and_certifies(insta_config
   insta_config.train.epochs = 2
   insta_config.train.holdout = 0.25  # 24 of the 96 training examples, kept for tuning
   insta_config.train.estimator.update(epochs=1, label_samples=4, router=True, init="base",
-                                balance_bins=False, entropy=0.1, radius_weight=1.0)
+                                balance_bins=False, entropy=0.1, radius_weight=1.0,
+                                node_sigma_factor=1.5)  # each node smoothed at 1.5 σ_k
   base = loop.train_and_evaluate(insta_config, tmp_path / "run")
-  for k, sigma in ((2, 1.0), (1, 0.5)):
+  for k, sigma in ((2, 1.5), (1, 0.75)):
     fn, saved = estimator.load(tmp_path / "run" / "router" / f"node_{k}", tmp_path / "run")
     assert (saved["node"], saved["sigma"], saved["init"]) == (k, sigma, "base")
     assert fn(np.zeros((2, 28, 28), np.float32)).shape == (2, 2)  # two bins: lower, σ_k
@@ -568,6 +572,7 @@ def test_a_router_tree_trains_one_node_per_grid_sigma_and_certifies(insta_config
   assert path.name == "router.tsv" and set(table["sigma"]) <= {0.25, 0.5, 1.0}
   meta = results.read_metadata(path)
   assert meta["certificate"] == "router" and meta["router"]["beta_per_node"] == 0.00025
+  assert [node["sigma"] for node in meta["router"]["nodes"]] == [1.5, 0.75]
   assert Workdir(tmp_path / "run").read_facts().num_train == 72
   # τ tuned on the held-out examples: a τ's numbers are those of certify.py on that split.
   from instars_jax import analyze, tune

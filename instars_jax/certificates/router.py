@@ -3,7 +3,8 @@
 G(x) = g_{σ(x)}(x).
 
 Node k (k = K … 2) decides "σ_k" against "a lower σ", smoothed at σ_k, the largest σ it
-decides between: node K first; where it says "lower", node K − 1; and so on down to σ_1. Each
+decides between (or at a multiple of it, train.estimator.node_sigma_factor: the σ saved with
+the node is the one its radius uses): node K first; where it says "lower", node K − 1; and so on down to σ_1. Each
 node is a smoothed classifier over two bins certified like locally_constant's estimator
 (`locally_constant.certify_estimator`: its decision with the radius within which it holds,
 or an abstention where the node is unsure: with two bins there is no undecided route, so a

@@ -83,8 +83,9 @@ def grid_of(config) -> tuple:
   return tuple(float(s) for s in config.train.table.grid)
 
 
-def router_node(workdir: Workdir, grid: tuple, node: int) -> Estimator:
-  return Estimator(grid, grid[node], node, workdir.router_dir(node))
+def router_node(workdir: Workdir, grid: tuple, node: int, sigma_factor: float = 1.0) -> Estimator:
+  """Router node `node` (σ_node against the lower σ), smoothed at sigma_factor × σ_node."""
+  return Estimator(grid, grid[node] * sigma_factor, node, workdir.router_dir(node))
 
 
 def upgrade(saved: dict) -> dict:

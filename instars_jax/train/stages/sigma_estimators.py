@@ -89,6 +89,9 @@ DEFAULTS = {
     # router: instead of one estimator over the grid, a router tree of binary nodes, node k
     # deciding grid σ_k against the lower ones, smoothed at σ_k (the `router` certificate).
     "router": False,
+    # Each router node's own smoothing σ as a multiple of the σ_k it decides at (1.0: σ_k).
+    # Above 1 its radius σ_node |Φ⁻¹(q) − Φ⁻¹(τ)| grows with σ_node while its accuracy falls.
+    "node_sigma_factor": 1.0,
     # σ experts whose radius profiles label the estimators: one fixed-σ workdir per
     # train.table.grid σ, smallest first, commas between (selection/experts.py), the ones
     # certify.experts will name. Empty: the base model at every σ.
@@ -127,7 +130,8 @@ def choosers(config, workdir: Workdir) -> list:
   grid = estimator.grid_of(config)
   if not config.train.estimator.router:
     return [estimator.Estimator(grid, smoothing_sigma(config), directory=workdir.estimator_dir)]
-  return [estimator.router_node(workdir, grid, k) for k in range(len(grid) - 1, 0, -1)]
+  factor = config.train.estimator.node_sigma_factor
+  return [estimator.router_node(workdir, grid, k, factor) for k in range(len(grid) - 1, 0, -1)]
 
 
 def smoothing_sigma(config) -> float:
@@ -163,6 +167,11 @@ def validate(config) -> None:
     return
   checks = [
       (e.sigma >= 0, f"train.estimator.sigma must be > 0 (or 0: the top of the grid); got {e.sigma}"),
+      (np.isfinite(e.node_sigma_factor) and e.node_sigma_factor > 0,
+       f"train.estimator.node_sigma_factor must be finite and > 0; got {e.node_sigma_factor}"),
+      (e.router or e.node_sigma_factor == 1.0,
+       "train.estimator.node_sigma_factor sets the router nodes' σ: it needs "
+       "train.estimator.router=True (the estimator over the grid takes train.estimator.sigma)"),
       (e.label_samples >= 1, f"train.estimator.label_samples must be >= 1; got {e.label_samples}"),
       (e.temperature > 0, f"train.estimator.temperature must be > 0; got {e.temperature}"),
       (e.radius_weight >= 0, f"train.estimator.radius_weight must be >= 0; got {e.radius_weight}"),
