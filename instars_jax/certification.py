@@ -74,10 +74,13 @@ def run_config(workdir, overrides: dict, outside=()) -> ml_collections.ConfigDic
 
 def saved_config(workdir, outside=()) -> ml_collections.ConfigDict:
   """The run's saved config, completed by the defaults with its outside plug-ins' sections
-  and those of `outside`."""
+  and those of `outside`, with the certification settings its training tuned (tuned.json)."""
   workdir = Workdir(workdir)
   modules = dict.fromkeys(tuple(workdir.read_config().get("plugins", ())) + tuple(outside))
-  return workdir.read_config(default.get_config(",".join(modules)))
+  config = workdir.read_config(default.get_config(",".join(modules)))
+  for key, value in workdir.tuned_settings().items():
+    config_path.set_value(key, config, value)
+  return config
 
 
 def check_run(config, workdir) -> None:

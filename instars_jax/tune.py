@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from instars_jax import analyze, certification, cli, data
+from instars_jax import analyze, certification, data
 from instars_jax.certificates import router, thresholded
 from instars_jax.storage.files import write_json_atomic
 from instars_jax.storage.results import format_down
@@ -38,8 +38,9 @@ def validate(config) -> None:
                      "--config.train.holdout > 0 (e.g. 0.1)")
 
 
-def tune_thresholds(config, workdir) -> dict:
-  """{τ: summary} of the thresholded chain on the held-out examples (module doc)."""
+def tune_thresholds(config, workdir, check_stop=None) -> dict:
+  """{τ: summary} of the thresholded chain on the held-out examples (module doc);
+  `check_stop(doing)` is called before each sampling call (the training stage's stop)."""
   validate(config)
   workdir = Workdir(workdir)
   certification.check_run(config, workdir)
@@ -59,6 +60,8 @@ def tune_thresholds(config, workdir) -> dict:
   found = {tau: [] for tau in taus}
   labels = []
   for start in tqdm(range(0, len(todo), per_call), desc="tune", unit="call", disable=None):
+    if check_stop is not None:
+      check_stop("tuning τ (it starts over)")
     batch = dataset.holdout.take(todo[start: start + per_call])
     labels.append(batch["label"])
     for tau, cert in thresholded.sweep(smoothed, chain, grid, batch["image"], batch["index"], beta,
@@ -103,10 +106,15 @@ def _summary(label, certs, default) -> dict:
           "abstain": float(np.mean(prediction == sampler.ABSTAIN))}
 
 
+def best_threshold(summaries: dict) -> float:
+  """The τ of the largest held-out ACR (the first of the sweep's order on a tie)."""
+  return max(summaries, key=lambda t: summaries[t]["acr"])
+
+
 def table(summaries: dict) -> str:
   """A markdown table: one row per τ, the best ACR in bold, ACR and certified accuracy rounded
   down (results.format_down)."""
-  best = max(summaries, key=lambda t: summaries[t]["acr"])
+  best = best_threshold(summaries)
   radii = list(next(iter(summaries.values()))["certified_accuracy"])
   lines = ["| τ | " + " | ".join(f"r = {r}" for r in radii)
            + " | ACR | default σ | moved off it | abstain |", "|---" * (len(radii) + 5) + "|"]
@@ -119,4 +127,5 @@ def table(summaries: dict) -> str:
 
 
 if __name__ == "__main__":
+  from instars_jax import cli
   cli.main("instars_jax.tune:tune_thresholds", reads_run=True)

@@ -1,9 +1,11 @@
 """What several test modules share: toy datasets, analytic classifiers, simulated kills,
 results and metrics without their timings, TensorBoard values, and subprocess runs."""
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +153,23 @@ def recorded_bounds(monkeypatch) -> dict:
 
 class Killed(Exception):
   """Stands for the process dying at that point: whatever is on disk stays."""
+
+
+@contextlib.contextmanager
+def sigterm_during_step(monkeypatch, step: int, module, name: str = "train_step"):
+  """Sends this process SIGTERM during `module`.`name`'s call number `step` (1-based) inside
+  the block."""
+  original, calls = getattr(module, name), [0]
+
+  def step_then_sigterm(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == step:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return original(*args, **kwargs)
+
+  with monkeypatch.context() as m:
+    m.setattr(module, name, step_then_sigterm)
+    yield
 
 
 def stop_after(module, name, calls, monkeypatch):

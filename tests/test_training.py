@@ -2,10 +2,8 @@
 SIGTERM, the estimator and fine-tuning stages, the divergence watch, the training lock,
 damaged checkpoints, TensorBoard values, and bad settings."""
 
-import contextlib
 import errno
 import json
-import os
 import shutil
 import signal
 import types
@@ -18,7 +16,7 @@ import pytest
 
 import instars_jax as ij
 from helpers import (Killed, as_experts, event_values, make_toy_config, metrics_without_timing,
-                     read_metrics, stop_after, write_npz)
+                     read_metrics, sigterm_during_step, stop_after, write_npz)
 from configs import default
 from instars_jax import data
 from instars_jax.storage import checkpoints
@@ -48,23 +46,6 @@ def insta_config(tmp_path):
 def same_params(a, b) -> None:
   for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
     np.testing.assert_array_equal(x, y)
-
-
-@contextlib.contextmanager
-def sigterm_during_step(monkeypatch, step: int, module=steps):
-  """Sends this process SIGTERM during `module`.train_step's call number `step` (1-based)
-  inside the block."""
-  original, calls = module.train_step, [0]
-
-  def step_then_sigterm(*args, **kwargs):
-    calls[0] += 1
-    if calls[0] == step:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return original(*args, **kwargs)
-
-  with monkeypatch.context() as m:
-    m.setattr(module, "train_step", step_then_sigterm)
-    yield
 
 
 def test_killed_training_resumes_to_the_same_parameters_and_metrics(tmp_path, monkeypatch):
@@ -399,7 +380,7 @@ def test_sigterm_in_stage_2_checkpoints_the_step_and_resumes_bit_identically(toy
     assert [step for step, _ in events[tag]] == [3, 6, 9]  # the global steps
     np.testing.assert_allclose([v for _, v in events[tag]], [r[tag] for r in rows], rtol=1e-6)
   assert [step for step, _ in events["sigma_table"]] == [3, 6, 9]
-  with sigterm_during_step(monkeypatch, 5):  # epoch 2 (stage 2), batch 2
+  with sigterm_during_step(monkeypatch, 5, steps):  # epoch 2 (stage 2), batch 2
     with pytest.raises(checkpoints.Interrupted, match=r"stopped at step 5 \(epoch 2, batch 2 of 3\)"):
       loop.train_and_evaluate(toy_config, tmp_path / "resumed")
   # Nothing lost: the step the signal interrupted is saved; of the others (every 2 steps and
@@ -533,7 +514,7 @@ def test_a_stop_in_an_epoch_s_last_step_keeps_that_epoch_s_row_and_checkpoint(to
                                                                               tmp_path,
                                                                               monkeypatch):
   straight = loop.train_and_evaluate(toy_config, tmp_path / "straight")
-  with sigterm_during_step(monkeypatch, 3):  # the last of epoch 1's three steps
+  with sigterm_during_step(monkeypatch, 3, steps):  # the last of epoch 1's three steps
     with pytest.raises(checkpoints.Interrupted, match=r"stopped at step 3 \(epoch 1, batch 3 of 3\)"):
       loop.train_and_evaluate(toy_config, tmp_path / "resumed")
   assert checkpoints.manager(tmp_path / "resumed").latest_step() == 3

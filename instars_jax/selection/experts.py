@@ -8,8 +8,9 @@ its guarantee when the class test at σ_k uses f_k, and the proof in each kind's
 the same with g_{σ_k} the smoothed f_k.
 
 `certify.experts` names one workdir per grid σ (smallest first, commas between), for example
-the Cohen et al. models trained with `--config.train.insta=False --config.train.sigma=S`, and
-`train.estimator.experts` the ones whose radius profiles label the σ-estimators (the classifiers
+the Cohen et al. models trained with `--config.train.insta=False --config.train.sigma=S`
+("{workdir}" stands for the directory of the run that names them: the experts a run trains
+itself, train/stages/sigma_experts.py), and `train.estimator.experts` the ones whose radius profiles label the σ-estimators (the classifiers
 that certification will deploy). Each must be a finished fixed-σ run at its grid σ on the
 same dataset, image shape, classes and model family as the run that uses it; anything else
 is refused before any sampling or training.
@@ -28,13 +29,16 @@ from instars_jax.storage.workdir import Workdir
 
 
 CERTIFY_SETTING, LABELS_SETTING = "certify.experts", "train.estimator.experts"
+RUN_DIR = "{workdir}"  # in a setting: the directory of the run that names the experts
 
 
-def workdirs(config, setting: str = CERTIFY_SETTING) -> tuple[str, ...]:
+def workdirs(config, setting: str = CERTIFY_SETTING, workdir=None) -> tuple[str, ...]:
   """The workdirs `setting` (certify.experts or train.estimator.experts) names, in grid order
-  ((): no experts)."""
-  return tuple(part.strip() for part in config_path.get_value(setting, config).split(",")
-               if part.strip())
+  ((): no experts), with RUN_DIR replaced by `workdir` where it is given."""
+  named = config_path.get_value(setting, config)
+  if workdir is not None:
+    named = named.replace(RUN_DIR, str(workdir))
+  return tuple(part.strip() for part in named.split(",") if part.strip())
 
 
 def check(config, workdir, needed, on_holdout: bool = False,
@@ -45,7 +49,7 @@ def check(config, workdir, needed, on_holdout: bool = False,
   `on_holdout`: the experts will see the held-out examples, so they must have held out the
   same ones (train.holdout and seed). ValueError (a mismatch) or FileNotFoundError (a missing
   run or checkpoint) naming the expert otherwise."""
-  paths, grid = workdirs(config, setting), grid_of(config)
+  paths, grid = workdirs(config, setting, Path(workdir)), grid_of(config)
   if not paths:
     return []
   if len(paths) != len(grid):

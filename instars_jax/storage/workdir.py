@@ -28,6 +28,10 @@ RUN_FILE = "run.json"
 ESTIMATOR_DIR = "estimator"
 ROUTER_DIR = "router"
 METRICS_FILE = "metrics.jsonl"
+# Certification settings chosen by the run's training on held-out data ({"settings": {dotted
+# certify key: value}, ...}; train/stages/tune_threshold.py): the run's defaults at
+# certification, under the command line's.
+TUNED_FILE = "tuned.json"
 # Keys that moved, new name: old name. A run saved before the move used the old key's value.
 MOVED_KEYS = {"train.table.n": "certify.n", "train.table.alpha": "certify.alpha",
               "train.finetune.epochs": "estimator.finetune_epochs",
@@ -87,6 +91,14 @@ class Workdir:
   def router_dir(self, node: int) -> Path:
     """The router-tree node that decides the grid's σ number `node` against the lower ones."""
     return self.path / ROUTER_DIR / f"node_{node}"
+
+  @property
+  def tuned_path(self) -> Path:
+    return self.path / TUNED_FILE
+
+  def tuned_settings(self) -> dict:
+    """{dotted certify key: value} the run's training tuned ({}: none)."""
+    return json.loads(self.tuned_path.read_text())["settings"] if self.tuned_path.exists() else {}
 
   def results_path(self, stem: str) -> Path:
     return self.path / "certify" / f"{stem}.tsv"

@@ -49,6 +49,16 @@ class Stage(Protocol):
     """What the next stage starts from: the base model's state."""
 
 
+class WithoutSteps:
+  """The Stage attributes of a stage that does its work in `start` (sub-runs, a tuning pass)
+  and takes no steps of its own: the loop calls its start and finish only."""
+  steps_per_epoch, first_step, last_step, batch_size = 1, 0, 0, 0
+
+  def finish(self, state, base_state):
+    del state
+    return base_state
+
+
 def stage_manager(stage, directory, offset: int, more_kept=()) -> ocp.CheckpointManager:
   """The checkpoints of `stage` (starting after global step `offset`; its `context` gives
   train.checkpoint_every_steps) in `directory`: every train.checkpoint_every_steps steps and

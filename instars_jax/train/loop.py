@@ -5,10 +5,12 @@ The stages (train/stages/, one module each, in their declared ORDER):
   base       Gaussian augmentation (Cohen et al.), or Insta-RS Train: stage 1 at one σ (or a
              grid σ per example), stage 2 at each example's σ-table entry, the table
              re-estimated before every `table.update_every`-th stage-2 epoch (sigma_table.py)
+  sigma_experts  fixed-σ expert runs of their own in WORKDIR/experts/ (train.experts.sigmas)
   sigma_estimators  the σ-estimator of the sound instance-wise certificate
              (train.estimator.epochs > 0)
   finetune   the base model again, each example at the σ the estimator picks for it
              (train.finetune.epochs > 0, DualRS's last step)
+  tune_threshold  the thresholded chain's τ chosen on the held-out examples (train.tune)
 After every step and epoch, the small actions each stage supplies (train/actions.py): the
 divergence watch, the metrics log, the checkpoints with the stop request, TensorBoard. The
 stages' steps count on from one to the next as the run's global step, which numbers every
@@ -54,7 +56,8 @@ def train_and_evaluate(config, workdir):
   # One writer per workdir: process 0 of a run holds the lock (the other hosts write nothing).
   lock = workdir.training_lock() if jax.process_index() == 0 else contextlib.nullcontext()
   with lock, checkpoints.StopRequest() as stop:
-    context = stages.Context.start(config, workdir, dataset, parallel.Sharder(), stop)
+    context = stages.Context.start(config, workdir, dataset, parallel.Sharder(), stop,
+                                   train_and_evaluate)
     state, offset = None, 0
     for stage in stages.for_config(context):
       state, offset = run_stage(stage, state, offset)

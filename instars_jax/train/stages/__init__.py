@@ -14,15 +14,18 @@ config (--config=configs/x.py:my_pkg.my_stage; config.plugins). A stage module d
                         σ-estimator)
 
   base               the base model: Gaussian augmentation, or Insta-RS Train (ORDER 0)
+  sigma_experts      fixed-σ expert runs beside the base model (ORDER 0.5; train.experts)
   sigma_estimators   the σ-estimator, or the router's nodes (ORDER 1; train.estimator)
   finetune           the base model again at the σ the estimator picks (ORDER 2;
                      train.finetune)
+  tune_threshold     the thresholded chain's τ chosen on held-out data (ORDER 3; train.tune)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Callable
 
 import jax
 
@@ -35,7 +38,8 @@ from instars_jax.train import actions
 @dataclasses.dataclass
 class Context:
   """What every stage reads: the config, the run's directory and dataset, the device mesh,
-  the stop request, the run's shapes, and the metrics rows written so far."""
+  the stop request, the run's shapes, the metrics rows written so far, and the loop's entry
+  point `train_run(config, workdir)` for a stage that trains runs of its own."""
   config: object
   workdir: Workdir
   dataset: data.Dataset
@@ -43,9 +47,18 @@ class Context:
   stop: checkpoints.StopRequest
   facts: TrainingFacts
   history: list
+  train_run: Callable | None = None
+
+  def check_stop(self, doing: str) -> None:
+    """checkpoints.Interrupted where a stop was requested (between a stage's own units of
+    work that keep nothing half done: `doing` says what a rerun starts again)."""
+    if self.stop is not None and self.stop.requested:
+      raise checkpoints.Interrupted(f"stopped before {doing}: rerun the same command to "
+                                    "resume there")
 
   @classmethod
-  def start(cls, config, workdir: Workdir, dataset, sharder, stop) -> "Context":
+  def start(cls, config, workdir: Workdir, dataset, sharder, stop,
+            train_run: Callable | None = None) -> "Context":
     """Writes config.json and run.json (process 0) and keeps the metrics rows of the epochs
     that a resume does not redo."""
     steps_per_epoch = data.num_batches(len(dataset.train), config.train.batch_size, True)
@@ -62,7 +75,7 @@ class Context:
       workdir.write_config(config)
       workdir.write_facts(facts)
       actions.write_rows(path, history)
-    return cls(config, workdir, dataset, sharder, stop, facts, history)
+    return cls(config, workdir, dataset, sharder, stop, facts, history, train_run)
 
 
 def modules(config) -> list:

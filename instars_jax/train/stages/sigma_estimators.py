@@ -117,11 +117,17 @@ def stages(context) -> list:
   the grid, or the router's nodes."""
   if not context.config.train.estimator.epochs:
     return []
-  labellers = experts.check(context.config, context.workdir, estimator.grid_of(context.config),
-                            on_holdout=context.dataset.holdout is not None,
-                            setting=experts.LABELS_SETTING)
-  return [EstimatorStage(context, chooser, labellers)
-          for chooser in choosers(context.config, context.workdir)]
+  if experts.RUN_DIR not in context.config.train.estimator.experts:
+    labelling_experts(context)  # experts of other runs: refused before any training
+  return [EstimatorStage(context, chooser) for chooser in choosers(context.config, context.workdir)]
+
+
+def labelling_experts(context) -> list:
+  """train.estimator.experts checked (experts.check), once the stages before have run (an
+  experts stage may have trained them)."""
+  return experts.check(context.config, context.workdir, estimator.grid_of(context.config),
+                       on_holdout=context.dataset.holdout is not None,
+                       setting=experts.LABELS_SETTING)
 
 
 def choosers(config, workdir: Workdir) -> list:
@@ -318,8 +324,8 @@ def train_step(state: state_lib.ModelState, batch, epoch_key, epoch=0, *, sigma,
 class EstimatorStage:
   """A σ-estimator's or router node's training stage (train/interface.py's `Stage`)."""
 
-  def __init__(self, context, chooser: estimator.Estimator, labellers: list):
-    self.context, self.chooser, self.labellers = context, chooser, labellers
+  def __init__(self, context, chooser: estimator.Estimator):
+    self.context, self.chooser = context, chooser
     self.settings = estimator_settings(context.config, chooser)
     self.loss = losses.from_config(context.config.train.estimator, chooser.sigma)
     self.name, self.sigma = chooser.name, chooser.sigma
@@ -341,7 +347,7 @@ class EstimatorStage:
         self.last_step = finished
         return None, finished
     c = self.context
-    profile = cached_profile(c, base_state, self.labellers)
+    profile = cached_profile(c, base_state, labelling_experts(c))
     labels, self.kept = training_labels(profile["train"], self.chooser, c.config.train.estimator)
     self.heldout = self.chooser.bins(profile["holdout"])
     self.steps_per_epoch = len(self.kept) // self.batch_size

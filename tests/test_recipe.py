@@ -1,0 +1,99 @@
+"""configs/fashion_mnist_sound.py's stages on a toy dataset: the base model (the top expert),
+the σ = 0.5 expert in a run of its own, the router node labelled by both, and τ tuned on the
+held-out examples into tuned.json, which certification reads; stopped in every stage (SIGTERM
+or a kill) and resumed, the run gives the same tuned τ and results file as an uninterrupted
+one."""
+
+import json
+
+import numpy as np
+import pytest
+
+from configs import fashion_mnist_sound
+from helpers import Killed, rows_without_time, sigterm_during_step, stop_after, write_npz
+from instars_jax import certification, tune
+from instars_jax.certificates import thresholded
+from instars_jax.selection import estimator
+from instars_jax.storage import checkpoints, results
+from instars_jax.storage.workdir import Workdir
+from instars_jax.train import loop, steps
+from instars_jax.train.stages import sigma_estimators, sigma_experts
+
+
+def toy_recipe(tmp_path):
+  config = fashion_mnist_sound.get_config()
+  config.dataset = f"npz:{write_npz(tmp_path / 'toy.npz', n_train=96, n_test=16)}"
+  config.train.update(epochs=2, stage1_epochs=1, batch_size=32, holdout=0.25, eval_examples=16)
+  config.train.table.n = 100
+  config.train.estimator.update(epochs=1, label_samples=4)
+  config.certify.update(n0=16, n=100, batch=64, instances=4, skip=2)
+  config.certify.thresholded.sweep = (0.2, 0.6, 0.9)
+  return config
+
+
+def certified(config, workdir):
+  """The sound row certify.py --workdir=DIR writes: the saved config with tuned.json."""
+  run = certification.run_config(workdir, {})
+  assert run.certify.thresholded.threshold == json.loads(
+      Workdir(workdir).tuned_path.read_text())["settings"]["certify.thresholded.threshold"]
+  return certification.certify_test_set(run, workdir)
+
+
+def test_the_recipe_stopped_in_every_stage_resumes_to_the_same_tuned_tau_and_results(
+    tmp_path, monkeypatch):
+  config = toy_recipe(tmp_path)
+  straight = tmp_path / "straight"
+  loop.train_and_evaluate(config, straight)
+  expert = sigma_experts.expert_dir(straight, 0.5)
+  saved = Workdir(expert).read_config()
+  assert (saved.train.insta, saved.train.sigma, saved.train.holdout) == (False, 0.5, 0.25)
+  assert (saved.train.estimator.epochs, saved.train.tune.threshold) == (0, False)
+  _, node = estimator.load(straight / "router" / "node_1", straight)
+  assert node["sigma"] == 1.0 and node["experts"] == fashion_mnist_sound.EXPERTS  # {workdir}
+  tuned = json.loads(Workdir(straight).tuned_path.read_text())
+  assert tuned["settings"]["certify.thresholded.threshold"] in (0.2, 0.6, 0.9)
+  swept = tune.tune_thresholds(config, straight)  # the stage's choice is the sweep's best
+  assert tuned["settings"]["certify.thresholded.threshold"] == tune.best_threshold(swept)
+  straight_rows = certified(config, straight)
+  meta = results.read_metadata(straight_rows)
+  assert meta["certificate"] == "thresholded" and [e["sigma"] for e in meta["experts"]] == [0.5, 1.0]
+
+  resumed = tmp_path / "resumed"
+  with sigterm_during_step(monkeypatch, 2, steps):  # the base model, its second step
+    with pytest.raises(checkpoints.Interrupted):
+      loop.train_and_evaluate(config, resumed)
+  with monkeypatch.context() as m:  # the base model's last 2 steps, then the expert's run,
+    stop_after(steps, "train_step", 2 + 3, m)  # killed in its third step (epoch 2)
+    with pytest.raises(Killed):
+      loop.train_and_evaluate(config, resumed)
+  assert checkpoints.manager(sigma_experts.expert_dir(resumed, 0.5)).latest_step() == 2
+  with sigterm_during_step(monkeypatch, 1, sigma_estimators):  # the router node
+    with pytest.raises(checkpoints.Interrupted):
+      loop.train_and_evaluate(config, resumed)
+  with sigterm_during_step(monkeypatch, 1, thresholded, "sweep"):  # tuning: stops before call 2
+    with pytest.raises(checkpoints.Interrupted, match="tuning"):
+      loop.train_and_evaluate(config, resumed)
+  assert not Workdir(resumed).tuned_path.exists()
+  with monkeypatch.context() as m:  # tuning, killed in its second call
+    stop_after(thresholded, "sweep", 2, m)
+    with pytest.raises(Killed):
+      loop.train_and_evaluate(config, resumed)
+  loop.train_and_evaluate(config, resumed)
+  assert Workdir(resumed).tuned_path.read_text() == Workdir(straight).tuned_path.read_text()
+  with monkeypatch.context() as m:  # a finished run: every stage finds its work done
+    stop_after(thresholded, "sweep", 1, m)
+    stop_after(steps, "train_step", 1, m)
+    loop.train_and_evaluate(config, resumed)
+  assert rows_without_time(certified(config, resumed)) == rows_without_time(straight_rows)
+  assert np.isin(results.read_results(straight_rows)["sigma"], (0.5, 1.0)).all()
+
+
+def test_experts_are_refused_at_the_base_model_s_own_sigma(tmp_path):
+  config = toy_recipe(tmp_path)
+  config.train.experts.sigmas = (0.5, 1.0)
+  with pytest.raises(ValueError, match=r"lists σ = 1, the base model's own train.sigma"):
+    loop.train_and_evaluate(config, tmp_path / "run")
+  config.train.experts.sigmas = (0.5,)
+  config.train.holdout = 0.0
+  with pytest.raises(ValueError, match="train.tune.threshold tunes the thresholded chain"):
+    loop.train_and_evaluate(config, tmp_path / "run")
