@@ -68,7 +68,7 @@ def tune_thresholds(config, workdir, check_stop=None) -> dict:
                                        taus).items():
       found[tau].append(cert)
   label = np.concatenate(labels)
-  summaries = {tau: _summary(label, certs, default_sigma(grid, tau))
+  summaries = {tau: summary(label, certs, default_sigma(grid, tau))
                for tau, certs in found.items()}
   out = workdir.results_path("tune_thresholded" + ("_experts" if checked else "")
                              ).with_suffix(".json")
@@ -92,7 +92,7 @@ def default_sigma(grid, tau: float) -> float:
   return float(grid[-1] if tau >= 0.5 else grid[0])
 
 
-def _summary(label, certs, default) -> dict:
+def summary(label, certs, default) -> dict:
   prediction = np.concatenate([c.prediction for c in certs])
   radius = np.concatenate([c.radius for c in certs])
   sigma = np.concatenate([c.sigma for c in certs])

@@ -5,19 +5,24 @@ or a kill) and resumed, the run gives the same tuned τ and results file as an u
 one."""
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from configs import fashion_mnist_sound
 from helpers import Killed, rows_without_time, sigterm_during_step, stop_after, write_npz
-from instars_jax import certification, tune
+from instars_jax import analyze, certification, tune
 from instars_jax.certificates import thresholded
 from instars_jax.selection import estimator
 from instars_jax.storage import checkpoints, results
 from instars_jax.storage.workdir import Workdir
 from instars_jax.train import loop, steps
 from instars_jax.train.stages import sigma_estimators, sigma_experts
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import selector_levers  # noqa: E402
 
 
 def toy_recipe(tmp_path):
@@ -39,8 +44,31 @@ def certified(config, workdir):
   return certification.certify_test_set(run, workdir)
 
 
+def levers_of_the_run(straight, expert, straight_rows, tuned, capsys):
+  """bench/selector_levers.py on the run: τ chosen on the held-out examples as the tuning stage
+  chose it, and the test row at that τ is certify.py's, from class tests shared across the
+  node n variants; the choices and the oracle read off the experts' fixed-σ rows."""
+  fixed = []
+  for workdir, overrides in ((expert, {}), (straight, {"certify.sigma_mode": "fixed"})):
+    config = certification.run_config(workdir, overrides)  # the expert: fixed σ by itself
+    fixed.append(str(certification.certify_test_set(config, workdir)))
+  capsys.readouterr()
+  selector_levers.main(["--runs", str(straight), "--node-n", "0,300", "--experts",
+                        fashion_mnist_sound.EXPERTS, "--fixed", ",".join(fixed), "--n", "100",
+                        "--skip", "2", "--taus", "0.2,0.6,0.9"])
+  out = json.loads(capsys.readouterr().out)
+  same_n, more_n = out["variants"]
+  assert same_n["tau"] == tuned["settings"]["certify.thresholded.threshold"]
+  assert (same_n["node_n"], more_n["node_n"]) == (100, 300)
+  written = analyze.summarize(straight_rows)
+  assert same_n["test"]["acr"] == pytest.approx(written["acr"], abs=1e-5)
+  assert same_n["test"]["certified_accuracy"] == pytest.approx(written["certified_accuracy"])
+  assert same_n["price"] == pytest.approx(same_n["choices_acr"] - same_n["test"]["acr"])
+  assert out["oracle"]["acr"] >= max(out["fixed_acr"].values())
+
+
 def test_the_recipe_stopped_in_every_stage_resumes_to_the_same_tuned_tau_and_results(
-    tmp_path, monkeypatch):
+    tmp_path, monkeypatch, capsys):
   config = toy_recipe(tmp_path)
   straight = tmp_path / "straight"
   loop.train_and_evaluate(config, straight)
@@ -57,6 +85,8 @@ def test_the_recipe_stopped_in_every_stage_resumes_to_the_same_tuned_tau_and_res
   straight_rows = certified(config, straight)
   meta = results.read_metadata(straight_rows)
   assert meta["certificate"] == "thresholded" and [e["sigma"] for e in meta["experts"]] == [0.5, 1.0]
+
+  levers_of_the_run(straight, expert, straight_rows, tuned, capsys)
 
   resumed = tmp_path / "resumed"
   with sigterm_during_step(monkeypatch, 2, steps):  # the base model, its second step

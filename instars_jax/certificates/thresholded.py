@@ -114,19 +114,26 @@ def certify_thresholded(smoothed, chain, grid, x, ids, beta, tau) -> Certified:
   return router.certify_chain(smoothed, chain, grid, x, ids, beta, Stream.THRESHOLDED, decide)
 
 
-def sweep(smoothed, chain, grid, x, ids, beta, thresholds) -> dict:
+def class_tests(smoothed, grid, x, ids, beta) -> dict:
+  """{float32 σ: sampler.Certificate over every input}: the chain's class test (CERTIFY at
+  α − β on its stream) of every input at every grid σ."""
+  class_key = jax.random.fold_in(smoothed.key, Stream.CLASS_TEST)
+  return {np.float32(s): smoothed.certify(x, s, ids, key=class_key, alpha=smoothed.alpha - beta)
+          for s in grid}
+
+
+def sweep(smoothed, chain, grid, x, ids, beta, thresholds, tests=None) -> dict:
   """{τ: Certified}: certify_thresholded at each τ of `thresholds`, from one pass of every node
-  over every input and one class test of every input at every grid σ, on the same streams, so
-  each τ's rows are those certify_thresholded writes (a tuning aid: K − 1 + K passes for any
-  number of τ)."""
+  over every input and one class test of every input at every grid σ (`class_tests`, or
+  `tests` drawn by it before for the same inputs and run), on the same streams, so each τ's
+  rows are those certify_thresholded writes (a tuning aid: K − 1 + K passes for any number
+  of τ)."""
   x, _, ids = sampler.validate_instances(x, 1.0, ids)
   row = {int(i): r for r, i in enumerate(ids)}
   key_of = lambda depth: router.node_key(smoothed.key, Stream.THRESHOLDED, len(grid) - 1 - depth)
   lower = {id(node): node_counts(smoothed, node, x, ids, key_of(depth))
            for depth, node in enumerate(chain)}
-  class_key = jax.random.fold_in(smoothed.key, Stream.CLASS_TEST)
-  tests = {np.float32(s): smoothed.certify(x, s, ids, key=class_key, alpha=smoothed.alpha - beta)
-           for s in grid}
+  tests = class_tests(smoothed, grid, x, ids, beta) if tests is None else tests
   recorded = _Recorded(smoothed.key, smoothed.alpha, tests, row)
   found = {}
   for tau in thresholds:

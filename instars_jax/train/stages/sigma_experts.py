@@ -5,7 +5,8 @@ experts, one base classifier behind each grid σ).
 
 Each expert's config is this run's with train.insta = False, train.sigma = σ and none of the
 package's later stages (no estimator, fine-tuning, experts or tuning): the same data, held-out
-share, seed, model, loss and epochs, so it holds out the same examples. It is trained by the
+share, seed, model, loss and epochs, so it holds out the same examples; certify.py
+--workdir=WORKDIR/experts/sigma_<σ> certifies it alone at σ (certify.sigma_mode = fixed). It is trained by the
 loop's own entry point and resumes from its own checkpoints; a stop inside it checkpoints it
 and stops the whole run, which a rerun resumes there.
 
@@ -39,10 +40,11 @@ def expert_config(config, sigma: float):
   """The config of the expert at `sigma` (module doc)."""
   expert = config.copy_and_resolve_references()
   expert.train.update(insta=False, sigma=float(sigma))
-  expert.train.estimator.epochs = 0
+  expert.train.estimator.update(epochs=0, experts="")
   expert.train.finetune.epochs = 0
   expert.train.experts.sigmas = ()
   expert.train.tune.threshold = False
+  expert.certify.update(sigma_mode="fixed", experts="")  # certify.py certifies it at its σ
   return expert
 
 

@@ -1,0 +1,134 @@
+"""The levers on the sound selector's price (issue 38), measured on one set of σ experts and
+the same images: for each selector run (a workdir with the router's nodes, e.g. one trained
+with another train.estimator.node_sigma_factor) and each node n, τ is chosen on the held-out
+examples (tune.py's sweep, both default routes), and the thresholded chain's sound row is
+computed on the test images at that τ. Beside it, from the experts' own fixed-σ rows (their
+certify.py TSVs): the choices' ACR (each test image at the σ the chain chose, with that
+expert's CERTIFY at α, no selector cap), the price (choices − sound) and the label oracle.
+
+    python bench/selector_levers.py --runs runs/h3/sel,runs/h3/sel_f2 --node-n 0,20000 \
+        --experts runs/h3/cohen_0.5,runs/h3/cohen_1.0 \
+        --fixed runs/h3/cohen_0.5/certify/fixed_sigma.tsv,runs/h3/cohen_1.0/certify/fixed_sigma.tsv \
+        [--n 10000 --skip 20 --taus 0.05,...,0.99] --out levers.json
+
+The class tests at every grid σ are drawn once per split and shared by every variant
+(thresholded.sweep's `tests`): each variant's rows are those certify.py writes with its
+settings (the same run key, streams and α split). Prints JSON; --out keeps it too.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from instars_jax import analyze, certification, data, tune  # noqa: E402
+from instars_jax.certificates import router, thresholded  # noqa: E402
+from instars_jax.selection import estimator  # noqa: E402
+from instars_jax.storage import results  # noqa: E402
+from instars_jax.storage.workdir import Workdir  # noqa: E402
+
+TAUS = (0.05, 0.1, 0.2, 0.3, 0.45, 0.55, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
+
+
+def variant_config(run: str, node_n: int, split: str, args):
+  config = certification.run_config(run, {
+      "certify.n": args.n, "certify.skip": args.skip, "certify.experts": args.experts,
+      "certify.estimator.n": node_n, "certify.sigma_mode": "instance",
+      "certify.certificate": "thresholded", "certify.thresholded.sweep": args.taus})
+  config.certify.split = split
+  return config
+
+
+def swept(run: str, node_n: int, split: str, args, cache: dict) -> dict:
+  """{τ: summary} of the variant on `split`, with the chain's σ per image and the labels."""
+  config = variant_config(run, node_n, split, args)
+  workdir = Workdir(run)
+  metadata = certification.run_metadata(config, thresholded, workdir)
+  if split not in cache:
+    dataset = data.from_config(config)
+    part = dataset.holdout if split == "holdout" else dataset.test
+    cache[split] = {"dataset": dataset,
+                    "batch": part.take(certification.selected_indices(len(part), args.skip, -1))}
+  batch = cache[split]["batch"]
+  smoothed = certification.smoothed_model(config, workdir, cache[split]["dataset"], metadata)
+  grid = np.asarray(estimator.grid_of(config), np.float32)
+  beta = thresholded.alpha_split(config)[1]
+  x, ids = batch["image"], batch["index"]
+  if "tests" not in cache[split]:
+    cache[split]["tests"] = thresholded.class_tests(smoothed, grid, x, ids, beta)
+  chain = router.loaded_nodes(smoothed, config)
+  found = thresholded.sweep(smoothed, chain, grid, x, ids, beta, args.taus, cache[split]["tests"])
+  return {tau: tune.summary(batch["label"], [cert], tune.default_sigma(grid, tau))
+          | {"sigma": cert.sigma, "idx": ids, "node_sigma": [node.sigma for node in chain],
+             "node_n": chain[0].n}
+          for tau, cert in found.items()}
+
+
+def fixed_rows(paths) -> dict:
+  """{float32 σ: {idx: (radius, correct)}} from the experts' fixed-σ TSVs."""
+  rows = {}
+  for path in paths:
+    table = results.read_results(path)
+    sigma = np.float32(results.read_metadata(path)["sigma"])
+    rows[sigma] = {int(i): (float(r), int(c) == 1)
+                   for i, r, c in zip(table["idx"], table["radius"], table["correct"])}
+  return rows
+
+
+def choices_acr(sigma, ids, fixed: dict) -> float:
+  """ACR of each image at the σ the chain chose, with that expert's own CERTIFY at α."""
+  radius = [fixed[np.float32(s)][int(i)] for s, i in zip(sigma, ids)]
+  return float(np.mean([r if c else 0.0 for r, c in radius]))
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--runs", required=True, help="selector workdirs, commas between")
+  parser.add_argument("--node-n", default="0", help="node n values (0: --n), commas between")
+  parser.add_argument("--experts", required=True, help="certify.experts: one run per grid σ")
+  parser.add_argument("--fixed", required=True, help="the experts' fixed-σ TSVs, grid order")
+  parser.add_argument("--n", type=int, default=10_000)
+  parser.add_argument("--skip", type=int, default=20)
+  parser.add_argument("--taus", default=",".join(map(str, TAUS)))
+  parser.add_argument("--out", default="")
+  args = parser.parse_args(argv)
+  args.taus = tuple(float(t) for t in args.taus.split(","))
+  fixed_paths = args.fixed.split(",")
+  fixed = fixed_rows(fixed_paths)
+  fixed_acr = {f"{s:g}": analyze.summarize(p)["acr"] for s, p in zip(fixed, fixed_paths)}
+  oracle = analyze.oracle_summary(fixed_paths)
+  best_fixed = max(fixed_acr.values())
+  caches = {}
+  variants = []
+  for run in args.runs.split(","):
+    for node_n in (int(v) for v in args.node_n.split(",")):
+      held_out = swept(run, node_n, "holdout", args, caches)
+      tau = tune.best_threshold(held_out)
+      test = swept(run, node_n, "test", args, caches)[tau]
+      choices = choices_acr(test["sigma"], test["idx"], fixed)
+      variants.append({
+          "run": run, "node_n": test["node_n"], "node_sigma": test["node_sigma"], "tau": tau,
+          "held_out": {f"{t:g}": {k: v for k, v in s.items() if k not in ("sigma", "idx")}
+                       for t, s in held_out.items()},
+          "test": {k: v for k, v in test.items() if k not in ("sigma", "idx")},
+          "sound_ratio": test["acr"] / best_fixed, "choices_acr": choices,
+          "choices_ratio": choices / best_fixed, "price": choices - test["acr"],
+          "sigma_shares": {f"{s:g}": float(np.mean(test["sigma"] == s))
+                           for s in np.unique(test["sigma"])}})
+      print(json.dumps(variants[-1] | {"held_out": "..."}), file=sys.stderr, flush=True)
+  out = {"fixed_acr": fixed_acr, "oracle": oracle, "oracle_ratio": oracle["acr"] / best_fixed,
+         "n": args.n, "skip": args.skip, "experts": args.experts, "variants": variants}
+  text = json.dumps(out, indent=1, default=float)
+  if args.out:
+    Path(args.out).write_text(text)
+  print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
