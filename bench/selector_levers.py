@@ -39,7 +39,8 @@ def variant_config(run: str, node_n: int, split: str, args):
   config = certification.run_config(run, {
       "certify.n": args.n, "certify.skip": args.skip, "certify.experts": args.experts,
       "certify.estimator.n": node_n, "certify.sigma_mode": "instance",
-      "certify.certificate": "thresholded", "certify.thresholded.sweep": args.taus})
+      "certify.certificate": "thresholded", "certify.thresholded.sweep": args.taus,
+      "certify.thresholded.shared_samples": args.shared})
   config.certify.split = split
   return config
 
@@ -60,9 +61,10 @@ def swept(run: str, node_n: int, split: str, args, cache: dict) -> dict:
   beta = thresholded.alpha_split(config)[1]
   x, ids = batch["image"], batch["index"]
   if "tests" not in cache[split]:
-    cache[split]["tests"] = thresholded.class_tests(smoothed, grid, x, ids, beta)
+    cache[split]["tests"] = thresholded.class_tests(smoothed, grid, x, ids, beta, args.shared)
   chain = router.loaded_nodes(smoothed, config)
-  found = thresholded.sweep(smoothed, chain, grid, x, ids, beta, args.taus, cache[split]["tests"])
+  found = thresholded.sweep(smoothed, chain, grid, x, ids, beta, args.taus, cache[split]["tests"],
+                            args.shared)
   return {tau: tune.summary(batch["label"], [cert], tune.default_sigma(grid, tau))
           | {"sigma": cert.sigma, "idx": ids, "node_sigma": [node.sigma for node in chain],
              "node_n": chain[0].n}
@@ -95,6 +97,8 @@ def main(argv=None) -> int:
   parser.add_argument("--n", type=int, default=10_000)
   parser.add_argument("--skip", type=int, default=20)
   parser.add_argument("--taus", default=",".join(map(str, TAUS)))
+  parser.add_argument("--shared", action="store_true",
+                      help="certify.thresholded.shared_samples for every variant")
   parser.add_argument("--out", default="")
   args = parser.parse_args(argv)
   args.taus = tuple(float(t) for t in args.taus.split(","))

@@ -65,7 +65,7 @@ def tune_thresholds(config, workdir, check_stop=None) -> dict:
     batch = dataset.holdout.take(todo[start: start + per_call])
     labels.append(batch["label"])
     for tau, cert in thresholded.sweep(smoothed, chain, grid, batch["image"], batch["index"], beta,
-                                       taus).items():
+                                       taus, shared=c.thresholded.shared_samples).items():
       found[tau].append(cert)
   label = np.concatenate(labels)
   summaries = {tau: summary(label, certs, default_sigma(grid, tau))

@@ -17,6 +17,7 @@ from instars_jax.certificates import thresholded
 from instars_jax.smoothing import bounds, sampler
 from instars_jax.smoothing.sequential import rules
 from instars_jax.smoothing.streams import Stream
+from instars_jax.selection.estimator import Estimator
 
 
 def node_lower_counts(smoothed, chain, grid, x, ids):
@@ -164,6 +165,130 @@ def test_a_node_radius_with_its_exact_probability_is_the_distance_to_its_boundar
   np.testing.assert_array_equal(moves, x7 <= boundary)
   np.testing.assert_array_equal(keeps, x7 > boundary)
   np.testing.assert_allclose(radius, np.abs(x7 - boundary), rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# thresholded with shared samples: the class test on its path's last node's z_j
+
+
+def test_shared_samples_give_the_class_test_the_node_s_very_draws(linear, monkeypatch):
+  # The node (σ 1.0 against 0.5, smoothed at 1.0) votes "lower" where x_7 + 1.0 ε_7 > 0 and
+  # the class model says 0 where x_7 + σ ε_7 > 0: at x_7 = 0 both depend on the sign of z_7
+  # alone, so on shared samples the class test's count of class 0 at either route σ is the
+  # node's count of "lower", sample for sample; apart, they differ.
+  grid, beta = np.float32([0.5, 1.0]), 5e-4
+  node = x7_chain(scale=100.0, sigmas=(1.0, 0.5), n=300)[0]
+  node = type(node)(node.grid, 1.0, fn=lambda z: jnp.stack([z[:, 7], -z[:, 7]], -1) * 100.0,
+                    n=300)
+  x = linear.points_at_distance(np.full(3, 1.0))
+  x[:, 7] = 0.0
+  ids = np.arange(3)
+  sign = lambda z: jnp.stack([z[:, 7], -z[:, 7]], -1) * 100.0
+  smoothed = SmoothedModel(sign, 2, jax.random.PRNGKey(5), n0=16, n=300, alpha=1e-3,
+                           batch_size=4096)
+  stream = jax.random.fold_in(jax.random.fold_in(smoothed.key, Stream.THRESHOLDED), 1)
+  lower = thresholded.node_counts(smoothed, node, x, ids, thresholded.counts_key(stream, True))
+  for shared in (True, False):
+    tests = thresholded.class_tests(smoothed, grid, x, ids, beta, shared)
+    for sigma in grid:
+      same = np.array_equal(tests[sigma].counts[:, 0], lower)
+      assert same == shared, (shared, sigma)
+  assert 100 < lower.min() and lower.max() < 200
+  # The α split pinned as without sharing: each node bound at β/(2(K − 1)), the class test
+  # at α − β.
+  calls, class_alphas = recorded_bounds(monkeypatch), []
+  certify = sampler.certify
+  monkeypatch.setattr(sampler, "certify", lambda *a, **k: class_alphas.append(k["alpha"])
+                      or certify(*a, **k))
+  cert = thresholded.certify_thresholded(smoothed, [node], grid, x, ids, beta, 0.9, True)
+  assert cert.num_samples.tolist() == [300] * 3
+  assert class_alphas == [pytest.approx(1e-3 - beta)]
+  assert [level for _, _, level in calls["lower"] + calls["upper"]] == [beta / 2] * 2
+
+
+# The non-linear problem: only x_0 matters. f says class 0 where |x_0| < 1 (a slab); the node,
+# smoothed at 1.0, votes "lower" (σ = 0.25) where x_0 > 0.8, so q(x) = Φ(x_0 − 0.8) and at
+# τ = 0.7 the route is σ = 0.25 beyond x_0 = 0.8 + Φ⁻¹(0.7): σ(x) matters, since g_1.0's
+# slab ends near 0.94 and g_0.25's at 1.
+SLAB, CUT, SHARED_TAU, SHARED_GRID = 1.0, 0.8, 0.7, (0.25, 1.0)
+
+
+def slab(z):
+  inside = (SLAB - jnp.abs(z[:, 0])) * 100.0
+  return jnp.stack([inside, -inside], axis=-1)
+
+
+def exact_g(x0, sigma):
+  """The exact smoothed slab classifier along x_0: 0 where P(|x_0 + σε| < 1) > 1/2."""
+  p0 = stats.norm.cdf((SLAB - x0) / sigma) - stats.norm.cdf((-SLAB - x0) / sigma)
+  return np.where(p0 > 0.5, 0, 1)
+
+
+def exact_G(x0):
+  route_low = stats.norm.cdf(x0 - CUT) >= SHARED_TAU
+  return np.where(route_low, exact_g(x0, SHARED_GRID[0]), exact_g(x0, SHARED_GRID[1]))
+
+
+def false_certificates(x0, prediction, radius) -> int:
+  """How many certificates claim a class that the exact G(x') = g_σ(x')(x') breaks somewhere
+  in their ball (f and the node read x_0 alone, so the ball's worst points lie along it)."""
+  false = 0
+  for centre, c, r in zip(x0, prediction, radius):
+    if c == ij.ABSTAIN:
+      continue
+    along = centre + np.linspace(-r, r, 2001)[1:-1] if r > 0 else np.array([centre])
+    false += int(np.any(exact_G(along) != c))
+  return false
+
+
+def chain_on_shared_samples(x0, rng, *, n, n0, alpha, beta, filtered):
+  """The thresholded chain of one node on shared samples, in numpy: the class test at the
+  route σ on the node's own z_j. `filtered`: the variant the proof does not allow, counting
+  only the samples on which the node voted for the route taken."""
+  z = rng.standard_normal((len(x0), n))
+  votes_lower = x0[:, None] + z > CUT
+  count = votes_lower.sum(axis=1)
+  lower = bounds.clopper_pearson_lower(count, n, beta / 2)
+  upper = bounds.clopper_pearson_upper(count, n, beta / 2)
+  moves, keeps = lower >= SHARED_TAU, upper < SHARED_TAU
+  node_radius = np.where(moves, stats.norm.ppf(lower) - stats.norm.ppf(SHARED_TAU),
+                         stats.norm.ppf(SHARED_TAU) - stats.norm.ppf(np.minimum(upper, SHARED_TAU)))
+  sigma = np.where(moves, SHARED_GRID[0], SHARED_GRID[1])
+  selection = np.abs(x0[:, None] + sigma[:, None] * rng.standard_normal((len(x0), n0))) < SLAB
+  guess = np.where(selection.mean(axis=1) > 0.5, 0, 1)
+  says = np.abs(x0[:, None] + sigma[:, None] * z) < SLAB  # class 0 on each shared sample
+  hits = np.where(guess[:, None] == 0, says, ~says)
+  used = np.where(moves[:, None], votes_lower, ~votes_lower) if filtered else np.ones_like(says)
+  p_lower = bounds.clopper_pearson_lower((hits & used).sum(axis=1), used.sum(axis=1), alpha - beta)
+  certified = (moves | keeps) & (p_lower >= 0.5)
+  radius = np.minimum(node_radius, sigma * stats.norm.ppf(np.maximum(p_lower, 0.5)))
+  return np.where(certified, guess, ij.ABSTAIN), np.where(certified, radius, 0.0)
+
+
+def test_shared_samples_never_certify_falsely_where_a_class_test_filtered_by_the_node_does():
+  # 400 inputs over x_0 ∈ [−2.5, 2.5], n = 400, α = 1e-3 (β = α/2): the package's chain on
+  # shared samples and the numpy chain on shared samples give no false certificate against the
+  # exact G; the variant counting only the samples that voted for the route inflates p_A
+  # where the node and the slab read the same noise (kept inputs near x_0 = 0.5: 0.89
+  # against 0.63) and certifies falsely, many times.
+  rng = np.random.default_rng(0)
+  x0 = np.sort(rng.uniform(-2.5, 2.5, 400))
+  x = np.zeros((len(x0), 8), np.float32)
+  x[:, 0] = x0
+  alpha, beta, n = 1e-3, 5e-4, 400
+  node = Estimator((0.25, 1.0), 1.0, fn=lambda z: jnp.stack([z[:, 0] - CUT, CUT - z[:, 0]], -1)
+                   * 100.0, n=n)
+  smoothed = SmoothedModel(slab, 2, jax.random.PRNGKey(21), n0=32, n=n, alpha=alpha,
+                           batch_size=65536)
+  cert = thresholded.certify_thresholded(smoothed, [node], np.float32(SHARED_GRID), x,
+                                         np.arange(len(x)), beta, SHARED_TAU, True)
+  certified = cert.prediction != ij.ABSTAIN
+  assert certified.mean() > 0.6 and set(cert.sigma[certified]) == set(np.float32(SHARED_GRID))
+  assert false_certificates(x0, cert.prediction, cert.radius) == 0
+  sound = chain_on_shared_samples(x0, rng, n=n, n0=32, alpha=alpha, beta=beta, filtered=False)
+  assert false_certificates(x0, *sound) == 0
+  filtered = chain_on_shared_samples(x0, rng, n=n, n0=32, alpha=alpha, beta=beta, filtered=True)
+  assert false_certificates(x0, *filtered) >= 20
 
 
 # ---------------------------------------------------------------------------

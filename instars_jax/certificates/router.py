@@ -111,12 +111,15 @@ def node_key(key, stream, k):
   return jax.random.fold_in(jax.random.fold_in(key, stream), k)
 
 
-def certify_chain(smoothed, nodes, grid, x, ids, beta, stream, decide) -> Certified:
+def certify_chain(smoothed, nodes, grid, x, ids, beta, stream, decide,
+                  class_key=None) -> Certified:
   """A certificate of G(x) = g_{σ(x)}(x) with σ(x) from a chain of binary selectors over
   `grid`, node K (for grid[K − 1]) first: `decide(node, x, ids, key, β_node)` gives, for each
   input at a node, (goes lower, stays at the node's σ, radius within which that decision
   holds), neither where it abstains. Radius = min(radii on the path, class radius); the nodes
-  share β equally, each with its own stream, and the class test gets α − β."""
+  share β equally, each with its own stream, and the class test gets α − β, on its own stream
+  or, with `class_key(k)`, on the key that function gives for grid index k (the inputs of
+  each chosen σ tested apart: the noise of an input depends only on its key and id)."""
   x, _, ids = sampler.validate_instances(x, 1.0, ids)
   if not 0 < beta < smoothed.alpha:
     raise ValueError(f"beta must lie in (0, alpha={smoothed.alpha}); got {beta}")
@@ -135,9 +138,27 @@ def certify_chain(smoothed, nodes, grid, x, ids, beta, stream, decide) -> Certif
     if not len(active):
       break
   sigma = grid[level]
-  cls = smoothed.certify(x, sigma, ids, key=jax.random.fold_in(smoothed.key, Stream.CLASS_TEST),
-                         alpha=smoothed.alpha - beta)
+  cls = class_test(smoothed, x, sigma, ids, level, beta, class_key)
   certified = ~abstain & (cls.prediction != sampler.ABSTAIN)
   radius = np.where(certified, np.minimum(path, cls.radius), 0.0)
   prediction = np.where(certified, cls.prediction, sampler.ABSTAIN).astype(np.int32)
   return Certified(prediction, radius, sigma, cls.num_samples)
+
+
+def class_test(smoothed, x, sigma, ids, level, beta, class_key=None) -> sampler.Certificate:
+  """CERTIFY at α − β of every input at its chosen σ: on the class-test stream, or on
+  `class_key(k)` for the inputs at grid index k (certify_chain)."""
+  if class_key is None:
+    return smoothed.certify(x, sigma, ids, key=jax.random.fold_in(smoothed.key, Stream.CLASS_TEST),
+                            alpha=smoothed.alpha - beta)
+  parts = {k: smoothed.certify(x[level == k], sigma[level == k], ids[level == k],
+                               key=class_key(k), alpha=smoothed.alpha - beta)
+           for k in np.unique(level)}
+  fields = []
+  for f in range(len(sampler.Certificate._fields)):
+    first = parts[level[0]][f]
+    out = np.zeros((len(x),) + first.shape[1:], first.dtype)
+    for k, part in parts.items():
+      out[level == k] = part[f]
+    fields.append(out)
+  return sampler.Certificate(*fields)

@@ -29,6 +29,23 @@ Failure probability. β = `certify.estimator.beta_share` · α for the selector:
 node, fixed in advance for every node that may be evaluated, split β/(2(K − 1)) for each of
 its two bounds; α − β for the class test (union bound). Each node draws its own n samples
 (`certify.estimator.n`, 0: certify.n) from its own stream.
+
+Shared samples (`certify.thresholded.shared_samples`). The class test at σ_k then draws its
+n estimation samples from the same standard normal vectors z_1 … z_n as node k, the last node
+on the path of an input kept at σ_k (node 2 for σ_1): the node sees x + σ_node z_j, the class
+test x + σ_k z_j, so a selector head on the expert could answer both from one forward pass.
+The α split is unchanged. Let E be the event that every node's interval holds at x; by the
+union bound P(not E) ≤ β, whatever the samples are shared with. On E, each node that decides
+decides as its true q_k(x) does, so a certificate that does not abstain has the true path,
+which x alone fixes, and its class test is CERTIFY at the fixed σ*(x) of the fixed expert,
+whose failure event F has P(F) ≤ α − β under the law of its own samples: z_j ~ N(0, I)
+i.i.d., whatever the node did with them. A wrong certificate needs not E, or E and F: at
+most β + (α − β) = α. No independence of the node's samples and the class test's is used
+(DualRS, Theorem 4.2, does not assume it either). What the proof does not allow is a class
+test that depends on the node's outcome beyond the path, for example one that counts only
+the samples on which the node voted for the route taken: that is no longer CERTIFY on
+N(0, I) samples at a fixed σ, and tests/test_soundness.py shows it certifying falsely where
+this one does not.
 """
 
 from __future__ import annotations
@@ -54,6 +71,8 @@ DEFAULTS = {
     "threshold": 0.8,  # τ in (0, 1); below 1/2 the lower σ is the default route
     # the τ python -m instars_jax.tune tries, both default routes
     "sweep": (0.05, 0.1, 0.2, 0.3, 0.45, 0.55, 0.6, 0.7, 0.8, 0.9, 0.95),
+    # the class test at σ_k on the samples of node k, the last on its path (module doc)
+    "shared_samples": False,
 }
 alpha_split = locally_constant.alpha_split
 sigmas = locally_constant.sigmas
@@ -67,21 +86,23 @@ def validate(config) -> None:
 
 
 def file_stem(config) -> str:
-  return f"{NAME}_{config.certify.thresholded.threshold:g}"
+  t = config.certify.thresholded
+  return f"{NAME}_{t.threshold:g}" + ("_shared" if t.shared_samples else "")
 
 
 def metadata(config, workdir) -> dict:
+  t = config.certify.thresholded
   return router.metadata(config, workdir) | {
-      "thresholded": {"threshold": config.certify.thresholded.threshold}}
+      "thresholded": {"threshold": t.threshold, "shared_samples": t.shared_samples}}
 
 
 def prepare(smoothed, config):
   chain = router.loaded_nodes(smoothed, config)
   grid, beta = np.asarray(estimator.grid_of(config), np.float32), alpha_split(config)[1]
-  tau = config.certify.thresholded.threshold
+  t = config.certify.thresholded
 
   def certify(x, ids) -> Certified:
-    return certify_thresholded(smoothed, chain, grid, x, ids, beta, tau)
+    return certify_thresholded(smoothed, chain, grid, x, ids, beta, t.threshold, t.shared_samples)
 
   return certify
 
@@ -106,23 +127,42 @@ def node_decision(lower_counts, node, beta_node, tau):
   return moves, keeps, np.where(moves | keeps, sigma * margin, 0.0)
 
 
-def certify_thresholded(smoothed, chain, grid, x, ids, beta, tau) -> Certified:
+def counts_key(node_stream, shared: bool):
+  """The key of a node's counts from its stream's key: the stream itself, or with shared
+  samples the estimation key a class test on that stream draws (sampler.certify's
+  Stream.ESTIMATE), so that both see the same z_j."""
+  return jax.random.fold_in(node_stream, Stream.ESTIMATE) if shared else node_stream
+
+
+def shared_class_key(smoothed, grid):
+  """With shared samples, the class test's key at grid index k: the stream of node k, the
+  last node on the path of an input kept at σ_k (node 2, index 1, for σ_1)."""
+  del grid
+  return lambda k: router.node_key(smoothed.key, Stream.THRESHOLDED, max(int(k), 1))
+
+
+def certify_thresholded(smoothed, chain, grid, x, ids, beta, tau, shared=False) -> Certified:
   """The thresholded chain's certificate (module doc): `chain` holds the nodes' Estimators
-  from the top of `grid` down (the node for grid[k] at position K − 1 − k)."""
+  from the top of `grid` down (the node for grid[k] at position K − 1 − k); `shared`: the
+  class test on its path's last node's samples."""
   def decide(node, x, ids, key, beta_node):
-    return node_decision(node_counts(smoothed, node, x, ids, key), node, beta_node, tau)
-  return router.certify_chain(smoothed, chain, grid, x, ids, beta, Stream.THRESHOLDED, decide)
+    counts = node_counts(smoothed, node, x, ids, counts_key(key, shared))
+    return node_decision(counts, node, beta_node, tau)
+  return router.certify_chain(smoothed, chain, grid, x, ids, beta, Stream.THRESHOLDED, decide,
+                              shared_class_key(smoothed, grid) if shared else None)
 
 
-def class_tests(smoothed, grid, x, ids, beta) -> dict:
+def class_tests(smoothed, grid, x, ids, beta, shared=False) -> dict:
   """{float32 σ: sampler.Certificate over every input}: the chain's class test (CERTIFY at
-  α − β on its stream) of every input at every grid σ."""
-  class_key = jax.random.fold_in(smoothed.key, Stream.CLASS_TEST)
-  return {np.float32(s): smoothed.certify(x, s, ids, key=class_key, alpha=smoothed.alpha - beta)
-          for s in grid}
+  α − β on its stream, or with `shared` on the samples of the node that keeps an input at
+  that σ) of every input at every grid σ."""
+  keys = (shared_class_key(smoothed, grid) if shared
+          else lambda k: jax.random.fold_in(smoothed.key, Stream.CLASS_TEST))
+  return {np.float32(s): smoothed.certify(x, s, ids, key=keys(k), alpha=smoothed.alpha - beta)
+          for k, s in enumerate(grid)}
 
 
-def sweep(smoothed, chain, grid, x, ids, beta, thresholds, tests=None) -> dict:
+def sweep(smoothed, chain, grid, x, ids, beta, thresholds, tests=None, shared=False) -> dict:
   """{τ: Certified}: certify_thresholded at each τ of `thresholds`, from one pass of every node
   over every input and one class test of every input at every grid σ (`class_tests`, or
   `tests` drawn by it before for the same inputs and run), on the same streams, so each τ's
@@ -130,10 +170,10 @@ def sweep(smoothed, chain, grid, x, ids, beta, thresholds, tests=None) -> dict:
   of τ)."""
   x, _, ids = sampler.validate_instances(x, 1.0, ids)
   row = {int(i): r for r, i in enumerate(ids)}
-  key_of = lambda depth: router.node_key(smoothed.key, Stream.THRESHOLDED, len(grid) - 1 - depth)
-  lower = {id(node): node_counts(smoothed, node, x, ids, key_of(depth))
+  stream = lambda depth: router.node_key(smoothed.key, Stream.THRESHOLDED, len(grid) - 1 - depth)
+  lower = {id(node): node_counts(smoothed, node, x, ids, counts_key(stream(depth), shared))
            for depth, node in enumerate(chain)}
-  tests = class_tests(smoothed, grid, x, ids, beta) if tests is None else tests
+  tests = class_tests(smoothed, grid, x, ids, beta, shared) if tests is None else tests
   recorded = _Recorded(smoothed.key, smoothed.alpha, tests, row)
   found = {}
   for tau in thresholds:

@@ -48,7 +48,8 @@ def stages(context) -> list:
 def tuning_inputs(config) -> dict:
   """The settings the choice of τ depends on beyond the trained models."""
   c = config.certify
-  return {"sweep": list(c.thresholded.sweep), "n": c.n, "n0": c.n0, "alpha": c.alpha,
+  return {"sweep": list(c.thresholded.sweep), "shared_samples": c.thresholded.shared_samples,
+          "n": c.n, "n0": c.n0, "alpha": c.alpha,
           "skip": c.skip, "max": c.max, "experts": c.experts,
           "estimator": json.loads(c.estimator.to_json())}
 
