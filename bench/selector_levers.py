@@ -1,8 +1,9 @@
 """The levers on the sound selector's price (issue 38), measured on one set of σ experts and
 the same images: for each selector run (a workdir with the router's nodes, e.g. one trained
 with another train.estimator.node_sigma_factor) and each node n, τ is chosen on the held-out
-examples (tune.py's sweep, both default routes), and the thresholded chain's sound row is
-computed on the test images at that τ. Beside it, from the experts' own fixed-σ rows (their
+examples (tune.py's sweep: once among τ ≥ 1/2, the largest σ the default route, and once
+among all, the default route chosen too), and the thresholded chain's sound row is computed
+on the test images at that τ. Beside it, from the experts' own fixed-σ rows (their
 certify.py TSVs): the choices' ACR (each test image at the σ the chain chose, with that
 expert's CERTIFY at α, no selector cap), the price (choices − sound) and the label oracle.
 
@@ -112,19 +113,23 @@ def main(argv=None) -> int:
   for run in args.runs.split(","):
     for node_n in (int(v) for v in args.node_n.split(",")):
       held_out = swept(run, node_n, "holdout", args, caches)
-      tau = tune.best_threshold(held_out)
-      test = swept(run, node_n, "test", args, caches)[tau]
-      choices = choices_acr(test["sigma"], test["idx"], fixed)
-      variants.append({
-          "run": run, "node_n": test["node_n"], "node_sigma": test["node_sigma"], "tau": tau,
-          "held_out": {f"{t:g}": {k: v for k, v in s.items() if k not in ("sigma", "idx")}
-                       for t, s in held_out.items()},
-          "test": {k: v for k, v in test.items() if k not in ("sigma", "idx")},
-          "sound_ratio": test["acr"] / best_fixed, "choices_acr": choices,
-          "choices_ratio": choices / best_fixed, "price": choices - test["acr"],
-          "sigma_shares": {f"{s:g}": float(np.mean(test["sigma"] == s))
-                           for s in np.unique(test["sigma"])}})
-      print(json.dumps(variants[-1] | {"held_out": "..."}), file=sys.stderr, flush=True)
+      test = swept(run, node_n, "test", args, caches)
+      for default, taus in (("largest σ", [t for t in args.taus if t >= 0.5]),
+                            ("chosen on held-out", list(args.taus))):
+        tau = tune.best_threshold({t: held_out[t] for t in taus})
+        row = test[tau]
+        choices = choices_acr(row["sigma"], row["idx"], fixed)
+        variants.append({
+            "run": run, "node_n": row["node_n"], "node_sigma": row["node_sigma"],
+            "default_route": default, "tau": tau,
+            "held_out": {f"{t:g}": {k: v for k, v in s.items() if k not in ("sigma", "idx")}
+                         for t, s in held_out.items()},
+            "test": {k: v for k, v in row.items() if k not in ("sigma", "idx")},
+            "sound_ratio": row["acr"] / best_fixed, "choices_acr": choices,
+            "choices_ratio": choices / best_fixed, "price": choices - row["acr"],
+            "sigma_shares": {f"{s:g}": float(np.mean(row["sigma"] == s))
+                             for s in np.unique(row["sigma"])}})
+        print(json.dumps(variants[-1] | {"held_out": "..."}), file=sys.stderr, flush=True)
   out = {"fixed_acr": fixed_acr, "oracle": oracle, "oracle_ratio": oracle["acr"] / best_fixed,
          "n": args.n, "skip": args.skip, "experts": args.experts, "variants": variants}
   text = json.dumps(out, indent=1, default=float)

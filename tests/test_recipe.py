@@ -57,8 +57,9 @@ def levers_of_the_run(straight, expert, straight_rows, tuned, capsys):
                         fashion_mnist_sound.EXPERTS, "--fixed", ",".join(fixed), "--n", "100",
                         "--skip", "2", "--taus", "0.2,0.6,0.9"])
   out = json.loads(capsys.readouterr().out)
-  same_n, more_n = out["variants"]
+  high, same_n, _, more_n = out["variants"]
   assert same_n["tau"] == tuned["settings"]["certify.thresholded.threshold"]
+  assert high["tau"] >= 0.5 and high["default_route"] == "largest σ"
   assert (same_n["node_n"], more_n["node_n"]) == (100, 300)
   written = analyze.summarize(straight_rows)
   assert same_n["test"]["acr"] == pytest.approx(written["acr"], abs=1e-5)
