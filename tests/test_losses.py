@@ -216,7 +216,7 @@ def test_noise_copies_depend_only_on_key_example_and_copy():
 
 @pytest.mark.parametrize("key, value, message", [
     ("loss", "hinge", r"train.loss must be one of \['consistency', 'gaussian', 'macer', "
-                      r"'smoothadv', 'stability'\] or a dotted module path; got 'hinge'"),
+                      r"'node_margin', 'smoothadv', 'stability'\] or a dotted module path; got 'hinge'"),
     ("consistency.num_noise_vec", 0, "train.consistency.num_noise_vec must be >= 1; got 0"),
     ("consistency.lbd", -1.0, "train.consistency.lbd must be >= 0; got -1.0"),
     ("smoothadv.epsilon", -0.5, "train.smoothadv.epsilon must be >= 0; got -0.5"),
@@ -246,7 +246,8 @@ def test_bad_loss_settings_are_refused_before_anything_runs(tmp_path, key, value
 
 def test_every_loss_module_declares_its_section_in_the_default_config():
   config = default.get_config()
-  assert losses.names() == ["consistency", "gaussian", "macer", "smoothadv", "stability"]
+  assert losses.names() == ["consistency", "gaussian", "macer", "node_margin", "smoothadv",
+                            "stability"]
   for name in losses.names():
     assert config.train[name].to_dict() == losses.unset(name)
     assert set(losses.resolve(name, config.train[name].to_dict(), None)) == set(
@@ -301,7 +302,7 @@ def test_the_estimator_trains_with_a_loss_module_that_takes_soft_labels():
   config.train.estimator.loss = "macer"
   with pytest.raises(ValueError, match=re.escape(
       "train.estimator.loss=macer needs class labels; the σ-estimators train on soft labels: "
-      "use one of ['consistency', 'gaussian', 'stability']")):
+      "use one of ['consistency', 'gaussian', 'node_margin', 'stability']")):
     sigma_estimators.validate(config)
   config.train.estimator.loss = "stability"
   config.train.estimator.consistency.eta = 0.5
@@ -334,18 +335,19 @@ BIAS = np.array([0.1, -0.2, 0.05])
 class Tiny(nn.Module):
   """Flattened pixels (batch-normalised with `batch_norm`) to logits through one Dense layer."""
   batch_norm: bool = False
+  classes: int = KERNEL.shape[1]
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = x.reshape(x.shape[0], -1)
     if self.batch_norm:
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
-    return nn.Dense(KERNEL.shape[1])(x)
+    return nn.Dense(self.classes)(x)
 
 
 def tiny_state(batch_norm=False, learning_rate=1.0, kernel=KERNEL, bias=BIAS):
   """The tiny model with the hand-set weights, under plain SGD (an update is −rate × grad)."""
-  model = Tiny(batch_norm)
+  model = Tiny(batch_norm, np.shape(kernel)[1])
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + SHAPE))
   params = dict(variables["params"]) | {"Dense_0": {"kernel": jnp.asarray(kernel, jnp.float32),
                                                     "bias": jnp.asarray(bias, jnp.float32)}}
@@ -456,6 +458,52 @@ def test_each_loss_s_training_gradient_matches_finite_differences_of_its_formula
   grads, _ = step_grads(state, loss, batch)
   for got, expected in zip(grads, finite_difference_grads(mean_loss)):
     np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-6)
+
+
+def numpy_node_margin(logits, targets, *, lbd, mu, gamma, beta, threshold):
+  """node_margin's formula in float64 (its module doc) on soft targets [B, 2]; also which
+  examples are in the hinge."""
+  p = numpy_softmax(logits)
+  classification = -(targets[None] * np.log(p)).sum(-1).mean(0)
+  kl, _ = numpy_consistency_terms(logits)
+  q_lower = numpy_softmax(beta * logits).mean(0)[:, 0]
+  xi = stats.norm.ppf(q_lower) - stats.norm.ppf(threshold)
+  margin = np.where(targets.argmax(-1) == 0, xi, -xi)
+  applies = margin > 0
+  hinge = np.where(applies, np.maximum(0.0, gamma - margin), 0.0)
+  return classification + lbd * kl + mu * targets.sum(-1) * hinge, applies
+
+
+def test_node_margin_s_gradient_matches_finite_differences_and_mu_0_is_consistency():
+  # A two-bin tiny model; soft targets of weight 0.5-2 on both bins. The hinge holds the
+  # examples the node already routes as their label says, short of the margin γ; it must
+  # carry the gradient through q̄ (a stop_gradient there, or on p̄, gives another one).
+  kernel, bias = KERNEL[:, :2], BIAS[:2]
+  settings = {"num_noise_vec": 3, "lbd": 2.0, "mu": 1.5, "gamma": 1.5, "beta": 2.0,
+              "threshold": 0.6}
+  loss = loss_of("node_margin", **settings)
+  state = tiny_state(kernel=kernel, bias=bias)
+  images, _, sigma, keys = tiny_batch()
+  weight = np.array([0.5, 1.0, 2.0, 1.0, 0.7, 1.3])
+  top = np.array([1, 0, 0, 0, 1, 1])  # q̄_0 = 0.33, 0.95, 0.32, 0.81, 0.68, 0.43: 4 in the hinge
+  targets = jnp.asarray(weight[:, None] * np.where(top[:, None] == np.arange(2), 0.8, 0.2),
+                        jnp.float32)
+  inputs = np.asarray(loss.inputs(images, targets, sigma, keys, predict=None, epoch=0))
+  own = {k: v for k, v in settings.items() if k != "num_noise_vec"}
+  _, applies = numpy_node_margin(numpy_logits(inputs, kernel, bias), np.asarray(targets), **own)
+  assert 0 < applies.sum() < len(applies)
+  mean_loss = lambda k, b: numpy_node_margin(numpy_logits(inputs, k, b), np.asarray(targets),
+                                             **own)[0].mean()
+  grads, _ = step_grads(state, loss, (images, targets, sigma, keys))
+  for got, expected in zip(grads, finite_difference_grads(mean_loss, kernel, bias)):
+    np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-6)
+  logits = jnp.asarray(numpy_logits(inputs, kernel, bias), jnp.float32)
+  plain = loss_of("consistency", num_noise_vec=3, lbd=2.0, eta=0.0, batching="whole")
+  without = loss_of("node_margin", **(settings | {"mu": 0.0}))
+  np.testing.assert_allclose(without.objective(logits, targets, sigma, epoch=0)[0],
+                             plain.objective(logits, targets, sigma, epoch=0)[0], rtol=1e-6)
+  with pytest.raises(ValueError, match="node_margin trains binary σ-selection nodes"):
+    loss.objective(jnp.zeros((3, 6, 3)), targets, sigma, epoch=0)
 
 
 def test_stability_passes_clean_and_noisy_images_apart_through_batchnorm():

@@ -69,7 +69,8 @@ DEFAULTS = {
     "label_samples": 16,  # noise vectors per example for its labels' radius profile
     "temperature": 0.1,  # soft labels softmax(R_k / temperature)
     # The loss the estimators train with on their soft labels (a module of train/losses/
-    # that takes soft targets: consistency | gaussian | stability). Consistency (Jeong & Shin
+    # that takes soft targets: consistency | gaussian | stability | node_margin, the last for
+    # router nodes: a radius hinge at the chain's τ). Consistency (Jeong & Shin
     # 2020) with λ = 10, m = 2 makes the smoothed estimator confident, so its radius is
     # rarely the smaller of the two; train.estimator.consistency.eta is DualRS's entropy term η·H(p̄).
     "loss": "consistency",
