@@ -54,6 +54,9 @@ class WithoutSteps:
   and takes no steps of its own: the loop calls its start and finish only."""
   steps_per_epoch, first_step, last_step, batch_size = 1, 0, 0, 0
 
+  def __init__(self, context):
+    self.context = context
+
   def finish(self, state, base_state):
     del state
     return base_state

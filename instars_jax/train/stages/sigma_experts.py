@@ -65,9 +65,6 @@ class ExpertsStage(WithoutSteps):
   """Trains (or resumes, or finds finished) each expert run in turn."""
   name = "experts"
 
-  def __init__(self, context):
-    self.context = context
-
   def start(self, base_state, offset: int):
     del offset
     c = self.context

@@ -57,9 +57,6 @@ def tuning_inputs(config) -> dict:
 class TuneStage(WithoutSteps):
   name = "tune"
 
-  def __init__(self, context):
-    self.context = context
-
   def start(self, base_state, offset: int):
     del offset
     c = self.context
