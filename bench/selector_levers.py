@@ -12,9 +12,11 @@ expert's CERTIFY at α, no selector cap), the price (choices − sound) and the 
         --fixed runs/h3/cohen_0.5/certify/fixed_sigma.tsv,runs/h3/cohen_1.0/certify/fixed_sigma.tsv \
         [--n 10000 --skip 20 --taus 0.05,...,0.99] --out levers.json
 
-The class tests at every grid σ are drawn once per split and shared by every variant
-(thresholded.sweep's `tests`): each variant's rows are those certify.py writes with its
-settings (the same run key, streams and α split). Prints JSON; --out keeps it too.
+The class tests at every grid σ are drawn once per split and shared by the variants that
+would draw the same ones (the same seed, α split, n and experts; thresholded.sweep's
+`tests`): each variant's rows are those certify.py writes with its settings. An image whose
+certificate abstains at a node is reported at σ_1, as the certificate reports it, and its
+choice is scored there. Prints JSON; --out keeps it too.
 """
 
 import argparse
@@ -61,10 +63,12 @@ def swept(run: str, node_n: int, split: str, args, cache: dict) -> dict:
   grid = np.asarray(estimator.grid_of(config), np.float32)
   beta = thresholded.alpha_split(config)[1]
   x, ids = batch["image"], batch["index"]
-  if "tests" not in cache[split]:
-    cache[split]["tests"] = thresholded.class_tests(smoothed, grid, x, ids, beta, args.shared)
+  c = config.certify  # class tests are shared only by runs that would draw the same ones
+  drawn = ("tests", split, config.seed, c.alpha, beta, c.n, c.n0, c.experts, args.shared)
+  if drawn not in cache:
+    cache[drawn] = thresholded.class_tests(smoothed, grid, x, ids, beta, args.shared)
   chain = router.loaded_nodes(smoothed, config)
-  found = thresholded.sweep(smoothed, chain, grid, x, ids, beta, args.taus, cache[split]["tests"],
+  found = thresholded.sweep(smoothed, chain, grid, x, ids, beta, args.taus, cache[drawn],
                             args.shared)
   return {tau: tune.summary(batch["label"], [cert], tune.default_sigma(grid, tau))
           | {"sigma": cert.sigma, "idx": ids, "node_sigma": [node.sigma for node in chain],

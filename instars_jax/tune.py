@@ -6,9 +6,9 @@ chain's nodes). The held-out examples (every certify.skip-th below certify.max) 
 once per node and once per grid σ (certificates/thresholded.py's `sweep`: each τ's rows are
 exactly those certify.py would write with that τ), and for every τ of
 certify.thresholded.sweep the command prints the sound ACR and certified accuracy there, the
-share of examples moved off the default route's σ (the largest for τ ≥ 1/2, the smallest
-below) and the share that abstain, and writes them to
-DIR/certify/tune_thresholded[_experts].json. Pass the best τ to certify.py as
+share of examples certified off the default route's σ (the largest for τ ≥ 1/2, the
+smallest below) and the share that abstain, and writes them to
+DIR/certify/tune_thresholded[_experts][_shared].json. Pass the best τ to certify.py as
 --config.certify.thresholded.threshold. σ experts (certify.experts) are used as certify.py
 would use them. A tuning aid: it does not resume; rerunning recomputes the same numbers.
 """
@@ -71,6 +71,7 @@ def tune_thresholds(config, workdir, check_stop=None) -> dict:
   summaries = {tau: summary(label, certs, default_sigma(grid, tau))
                for tau, certs in found.items()}
   out = workdir.results_path("tune_thresholded" + ("_experts" if checked else "")
+                             + ("_shared" if c.thresholded.shared_samples else "")
                              ).with_suffix(".json")
   out.parent.mkdir(parents=True, exist_ok=True)
   write_json_atomic(out, {"certificate": thresholded.NAME, "sound": thresholded.SOUND,
@@ -102,7 +103,8 @@ def summary(label, certs, default) -> dict:
           "certified_accuracy": {analyze.radius_key(r): float(a)
                                  for r, a in zip(analyze.DEFAULT_RADII, accuracy)},
           "default_sigma": default,
-          "moved": float(np.mean(sigma != np.float32(default))),
+          # certified at a σ off the default route (a node's abstention reports σ_1: excluded)
+          "moved": float(np.mean((sigma != np.float32(default)) & (prediction != sampler.ABSTAIN))),
           "abstain": float(np.mean(prediction == sampler.ABSTAIN))}
 
 

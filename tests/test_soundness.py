@@ -206,6 +206,48 @@ def test_shared_samples_give_the_class_test_the_node_s_very_draws(linear, monkey
   assert [level for _, _, level in calls["lower"] + calls["upper"]] == [beta / 2] * 2
 
 
+@pytest.mark.parametrize("tau", [0.8, 0.2])
+def test_the_chain_on_shared_samples_recomputes_from_its_nodes_draws_and_sweeps_alike(linear,
+                                                                                     tau):
+  # The x_7 chain (K = 3) with shared samples: each node's counts come from
+  # fold_in(its stream, ESTIMATE), and each input's class test is CERTIFY at its σ on the
+  # stream of the last node on its path (node index max(k, 1)), so the rows recompute from
+  # those draws; they differ from the unshared chain's, and the sweep gives the same rows.
+  beta, grid = 5e-4, np.float32([0.25, 0.5, 1.0])
+  chain = x7_chain(scale=100.0, sigmas=(0.3, 0.2), n=200)
+  x = linear.points_at_distance(np.array([0.9, 0.8, 0.7, 0.3, 0.2, 0.25, 0.6, 0.35]))
+  x[:, 7] = [1.0, 0.6, 0.4, -0.05, -0.3, -1.0, 0.9, -0.6]
+  ids = np.arange(50, 58)
+  smoothed = SmoothedModel(linear, 2, jax.random.PRNGKey(13), n0=16, n=200, alpha=1e-3,
+                           batch_size=4096)
+  streams = [jax.random.fold_in(jax.random.fold_in(smoothed.key, Stream.THRESHOLDED),
+                                len(grid) - 1 - depth) for depth in range(len(chain))]
+  counts = [np.asarray(ij.sample_counts(node.fn, x, node.sigma,
+                                        jax.random.fold_in(stream, Stream.ESTIMATE), num=node.n,
+                                        batch_size=4096, num_classes=2, ids=ids))[:, 0]
+            for node, stream in zip(chain, streams)]
+  sigma, path, abstains, _ = thresholded_path(counts, chain, grid, beta, tau)
+  assert len(set(sigma[~abstains])) >= 2
+  level = np.searchsorted(grid, sigma)
+  cls = [ij.certify(linear, x[i:i + 1], sigma[i], streams[len(grid) - 1 - max(level[i], 1)],
+                    n0=16, n=200, alpha=1e-3 - beta, batch_size=4096, num_classes=2,
+                    ids=ids[i:i + 1]) for i in range(len(x))]
+  radius = np.array([c.radius[0] for c in cls])
+  prediction = np.array([c.prediction[0] for c in cls])
+  certified = ~abstains & (prediction != ij.ABSTAIN)
+  assert np.sum(certified & (radius < path)) >= 2  # the class test's own radius is reported
+  cert = thresholded.certify_thresholded(smoothed, chain, grid, x, ids, beta, tau, True)
+  np.testing.assert_array_equal(cert.sigma, sigma)
+  np.testing.assert_array_equal(cert.prediction, np.where(certified, prediction, ij.ABSTAIN))
+  np.testing.assert_allclose(cert.radius, np.where(certified, np.minimum(path, radius), 0.0),
+                             rtol=1e-13, atol=0)
+  apart = thresholded.certify_thresholded(smoothed, chain, grid, x, ids, beta, tau, False)
+  assert not np.array_equal(apart.radius, cert.radius)
+  swept = thresholded.sweep(smoothed, chain, grid, x, ids, beta, (tau,), shared=True)[tau]
+  for field in ("prediction", "radius", "sigma", "num_samples"):
+    np.testing.assert_array_equal(getattr(swept, field), getattr(cert, field))
+
+
 # The non-linear problem: only x_0 matters. f says class 0 where |x_0| < 1 (a slab); the node,
 # smoothed at 1.0, votes "lower" (σ = 0.25) where x_0 > 0.8, so q(x) = Φ(x_0 − 0.8) and at
 # τ = 0.7 the route is σ = 0.25 beyond x_0 = 0.8 + Φ⁻¹(0.7): σ(x) matters, since g_1.0's

@@ -2,17 +2,18 @@
 (train with --config.train.estimator.router=True). Sound for the input-dependent classifier
 G(x) = g_{σ(x)}(x).
 
-Node k (k = K … 2) decides "σ_k" against "a lower σ", smoothed at σ_k, the largest σ it
-decides between (or at a multiple of it, train.estimator.node_sigma_factor: the σ saved with
-the node is the one its radius uses): node K first; where it says "lower", node K − 1; and so on down to σ_1. Each
+Node k (k = K … 2) decides "σ_k" against "a lower σ", smoothed at σ'_k: σ_k, the largest σ it
+decides between, or a multiple of it (train.estimator.node_sigma_factor; the σ saved with the
+node is the one its radius uses): node K first; where it says "lower", node K − 1; and so on
+down to σ_1. Each
 node is a smoothed classifier over two bins certified like locally_constant's estimator
 (`locally_constant.certify_estimator`: its decision with the radius within which it holds,
 or an abstention where the node is unsure: with two bins there is no undecided route, so a
 node's whole budget goes to CERTIFY). A node at σ_k sees the input through less noise than
 an estimator at the top of the grid, so it can tell apart inputs that only a small σ
-certifies well. Its radius is at most σ_k Φ⁻¹((β/(K−1))^(1/n)) (all n samples in one bin),
-below the class test's cap σ_k Φ⁻¹((α−β)^(1/n)) whenever β/(K−1) < α − β: on inputs whose
-class radius reaches the cap, the node's cap binds.
+certifies well. Its radius is at most σ'_k Φ⁻¹((β/(K−1))^(1/n)) (all n samples in one bin),
+below the class test's cap σ_k Φ⁻¹((α−β)^(1/n)) whenever σ'_k = σ_k and β/(K−1) < α − β: on
+inputs whose class radius reaches the cap, the node's cap binds (a larger σ'_k lifts it).
 
 Guarantee. The radius is min(radii of the nodes on the path, class radius). With probability
 ≥ 1 − β every node on the path decides as certified within its radius (each node's tests at
@@ -37,7 +38,8 @@ NAME = __name__.rpartition(".")[2]  # the kind is named by its file
 SOUND = True
 MULTI_HOST = True
 MEANING = ("sound for G(x) = g_sigma(x)(x) with sigma picked by a tree of smoothed, certified "
-           "binary sigma estimators, node k deciding sigma_k against lower, smoothed at sigma_k: "
+           "binary sigma estimators, node k deciding sigma_k against lower, smoothed at its own "
+           "sigma (sigma_k unless train.estimator.node_sigma_factor says otherwise): "
            "radius = min(radii of the nodes on the path, class radius); failure probability "
            "alpha = beta (split equally over the nodes) + the class test's alpha")
 validate = locally_constant.validate

@@ -15,12 +15,13 @@ K = 2, the chain starts at σ_1 and moves up). `python -m instars_jax.tune` pick
 data from both sides, so the default route is the one most held-out images are best served by.
 
 Certificate. For each node on the path, a two-sided Clopper–Pearson interval L ≤ q_k(x) ≤ U
-from n samples. The node moved x with radius σ_k (Φ⁻¹(L) − Φ⁻¹(τ)) where L ≥ τ, kept it with
-radius σ_k (Φ⁻¹(τ) − Φ⁻¹(U)) where U < τ, and the certificate abstains otherwise. Then
+from n samples. With σ'_k the node's own σ, the node moved x with radius σ'_k (Φ⁻¹(L) −
+Φ⁻¹(τ)) where L ≥ τ, kept it with radius σ'_k (Φ⁻¹(τ) − Φ⁻¹(U)) where U < τ, and the
+certificate abstains otherwise. Then
 
     R = min(the radii of the nodes on the path, the class radius of CERTIFY at σ(x)).
 
-Proof. x ↦ Φ⁻¹(q_k(x)) is 1/σ_k-Lipschitz (Salman et al., NeurIPS 2019, Lemma 2; the
+Proof. x ↦ Φ⁻¹(q_k(x)) is 1/σ'_k-Lipschitz (Salman et al., NeurIPS 2019, Lemma 2; the
 statement behind Cohen et al.'s Theorem 1), so within its radius each node on the path
 decides at x' as it did at x, the path is the same and σ(x') = σ(x); within the class radius
 g_{σ(x)}(x') = c (Cohen et al., Theorem 1). So G(x') = c for ‖x' − x‖ < R.
@@ -31,9 +32,10 @@ its two bounds; α − β for the class test (union bound). Each node draws its 
 (`certify.estimator.n`, 0: certify.n) from its own stream.
 
 Shared samples (`certify.thresholded.shared_samples`). The class test at σ_k then draws its
-n estimation samples from the same standard normal vectors z_1 … z_n as node k, the last node
-on the path of an input kept at σ_k (node 2 for σ_1): the node sees x + σ_node z_j, the class
-test x + σ_k z_j, so a selector head on the expert could answer both from one forward pass.
+estimation samples from the same standard normal vectors z_j as node k, the last node on the
+path of an input kept at σ_k (node 2 for σ_1; the first min(node n, certify.n) of them where
+the two n differ): the node sees x + σ'_k z_j, the class test x + σ_k z_j, so where
+σ'_k = σ_k a selector head on the expert could answer both from one forward pass.
 The α split is unchanged. Let E be the event that every node's interval holds at x; by the
 union bound P(not E) ≤ β, whatever the samples are shared with. On E, each node that decides
 decides as its true q_k(x) does, so a certificate that does not abstain has the true path,
@@ -188,7 +190,9 @@ def sweep(smoothed, chain, grid, x, ids, beta, thresholds, tests=None, shared=Fa
 
 class _Recorded:
   """A run whose class tests were all drawn before: `certify` looks up each input's
-  certificate at its σ (by id) in `tests` ({σ: sampler.Certificate over every input})."""
+  certificate at its σ (by id) in `tests` ({σ: sampler.Certificate over every input}),
+  ignoring the key it is given: `tests` were drawn on the keys the chain would pass
+  (class_tests, shared or not)."""
 
   def __init__(self, key, alpha, tests, row):
     self.key, self.alpha, self.tests, self.row = key, alpha, tests, row
