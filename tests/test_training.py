@@ -260,7 +260,7 @@ def test_experts_label_the_estimator_and_held_out_examples_score_each_epoch(inst
   insta_config.train.estimator.experts = as_experts(insta_config, workdir, tmp_path)
   context = stages.Context.start(insta_config, Workdir(workdir), data.from_config(insta_config),
                                  Sharder(), None)
-  labellers = sigma_estimators.stages(context)[0].labellers
+  labellers = sigma_estimators.labelling_experts(context)
   assert [e["sigma"] for e in labellers] == [0.25, 0.5, 1.0]
   state = ij.load_train_state(workdir)
   profile = sigma_estimators.cached_profile(context, state, labellers)
