@@ -33,6 +33,7 @@ from instars_jax import analyze, certification, data, tune  # noqa: E402
 from instars_jax.certificates import router, thresholded  # noqa: E402
 from instars_jax.selection import estimator  # noqa: E402
 from instars_jax.storage import results  # noqa: E402
+from instars_jax.storage.results import format_down  # noqa: E402
 from instars_jax.storage.workdir import Workdir  # noqa: E402
 
 TAUS = (0.05, 0.1, 0.2, 0.3, 0.45, 0.55, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99)
@@ -93,12 +94,46 @@ def choices_acr(sigma, ids, fixed: dict) -> float:
   return float(np.mean([r if c else 0.0 for r, c in radius]))
 
 
+def table(out: dict) -> str:
+  """The markdown table of a levers JSON: the fixed rows, each variant's sound row with its
+  ratio, share moved, choices' ratio and price, the oracle, and each sound row's gap to the
+  fixed rows' envelope (points); aggregates rounded down."""
+  fixed = out["fixed"]
+  radii = list(next(iter(fixed.values()))["certified_accuracy"])
+  best = max(f["acr"] for f in fixed.values())
+  head = ("| row | τ | " + " | ".join(f"r = {r}" for r in radii)
+          + " | ACR | × best fixed | moved | choices × | price |")
+  lines = [head, "|---" * (len(radii) + 7) + "|"]
+  down = lambda v: format_down(v, 3)
+  cells = lambda acc: " | ".join(down(a) for a in acc.values())
+  for sigma, f in fixed.items():
+    lines.append(f"| fixed σ = {sigma} | | {cells(f['certified_accuracy'])} | {down(f['acr'])} "
+                 f"| {down(f['acr'] / best)} | | | |")
+  envelope = {r: max(f["certified_accuracy"][r] for f in fixed.values()) for r in radii}
+  gaps = []
+  for v in out["variants"]:
+    name = (f"{Path(v['run']).name}, node σ {'/'.join(f'{s:g}' for s in v['node_sigma'])}, "
+            f"node n {v['node_n']}, default: {v['default_route']}")
+    t = v["test"]
+    lines.append(f"| {name} | {v['tau']:g} | {cells(t['certified_accuracy'])} | {down(t['acr'])} "
+                 f"| {down(v['sound_ratio'])} | {t['moved']:.1%} | {down(v['choices_ratio'])} "
+                 f"| {format_down(v['price'], 3)} |")
+    gaps.append(f"| gap to the envelope, points: {name} | | " + " | ".join(
+        f"{100 * (t['certified_accuracy'][r] - envelope[r]):+.1f}" for r in radii) + " | | | | | |")
+  o = out["oracle"]
+  lines.append(f"| label oracle over the experts (not a certificate) | | "
+               f"{cells(o['certified_accuracy'])} | {down(o['acr'])} | {down(o['acr'] / best)} "
+               "| | | |")
+  return "\n".join(lines + gaps)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--runs", required=True, help="selector workdirs, commas between")
+  parser.add_argument("--table", default="", help="print the table of this levers JSON, only")
+  parser.add_argument("--runs", help="selector workdirs, commas between")
   parser.add_argument("--node-n", default="0", help="node n values (0: --n), commas between")
-  parser.add_argument("--experts", required=True, help="certify.experts: one run per grid σ")
-  parser.add_argument("--fixed", required=True, help="the experts' fixed-σ TSVs, grid order")
+  parser.add_argument("--experts", help="certify.experts: one run per grid σ")
+  parser.add_argument("--fixed", help="the experts' fixed-σ TSVs, grid order")
   parser.add_argument("--n", type=int, default=10_000)
   parser.add_argument("--skip", type=int, default=20)
   parser.add_argument("--taus", default=",".join(map(str, TAUS)))
@@ -106,6 +141,11 @@ def main(argv=None) -> int:
                       help="certify.thresholded.shared_samples for every variant")
   parser.add_argument("--out", default="")
   args = parser.parse_args(argv)
+  if args.table:
+    print(table(json.loads(Path(args.table).read_text())))
+    return 0
+  if not (args.runs and args.experts and args.fixed):
+    parser.error("--runs, --experts and --fixed are required (or --table FILE)")
   args.taus = tuple(float(t) for t in args.taus.split(","))
   fixed_paths = args.fixed.split(",")
   fixed = fixed_rows(fixed_paths)
@@ -134,7 +174,8 @@ def main(argv=None) -> int:
             "sigma_shares": {f"{s:g}": float(np.mean(row["sigma"] == s))
                              for s in np.unique(row["sigma"])}})
         print(json.dumps(variants[-1] | {"held_out": "..."}), file=sys.stderr, flush=True)
-  out = {"fixed_acr": fixed_acr, "oracle": oracle, "oracle_ratio": oracle["acr"] / best_fixed,
+  out = {"fixed": {f"{s:g}": analyze.summarize(p) for s, p in zip(fixed, fixed_paths)},
+         "fixed_acr": fixed_acr, "oracle": oracle, "oracle_ratio": oracle["acr"] / best_fixed,
          "n": args.n, "skip": args.skip, "experts": args.experts, "variants": variants}
   text = json.dumps(out, indent=1, default=float)
   if args.out:

@@ -66,6 +66,8 @@ def levers_of_the_run(straight, expert, straight_rows, tuned, capsys):
   assert same_n["test"]["certified_accuracy"] == pytest.approx(written["certified_accuracy"])
   assert same_n["price"] == pytest.approx(same_n["choices_acr"] - same_n["test"]["acr"])
   assert out["oracle"]["acr"] >= max(out["fixed_acr"].values())
+  shown = selector_levers.table(out).splitlines()  # header, 2 fixed, 4 variants, oracle, 4 gaps
+  assert len(shown) == 2 + 2 + 4 + 1 + 4 and shown[2].startswith("| fixed σ = 0.5 | |")
 
 
 def test_the_recipe_stopped_in_every_stage_resumes_to_the_same_tuned_tau_and_results(
