@@ -20,6 +20,7 @@ choice is scored there. Prints JSON; --out keeps it too.
 """
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from instars_jax import analyze, certification, data, tune  # noqa: E402
 from instars_jax.certificates import router, thresholded  # noqa: E402
 from instars_jax.selection import estimator  # noqa: E402
+from instars_jax.smoothing import sampler  # noqa: E402
 from instars_jax.storage import results  # noqa: E402
 from instars_jax.storage.results import format_down  # noqa: E402
 from instars_jax.storage.workdir import Workdir  # noqa: E402
@@ -65,16 +67,40 @@ def swept(run: str, node_n: int, split: str, args, cache: dict) -> dict:
   beta = thresholded.alpha_split(config)[1]
   x, ids = batch["image"], batch["index"]
   c = config.certify  # class tests are shared only by runs that would draw the same ones
-  drawn = ("tests", split, config.seed, c.alpha, beta, c.n, c.n0, c.experts, args.shared)
-  if drawn not in cache:
-    cache[drawn] = thresholded.class_tests(smoothed, grid, x, ids, beta, args.shared)
+  drawn = ["tests", split, args.skip, config.seed, c.alpha, beta, c.n, c.n0,
+           metadata.get("experts") or metadata["checkpoint"], args.shared]
+  tests = class_tests(smoothed, grid, x, ids, beta, args, drawn, cache)
   chain = router.loaded_nodes(smoothed, config)
-  found = thresholded.sweep(smoothed, chain, grid, x, ids, beta, args.taus, cache[drawn],
-                            args.shared)
+  found = thresholded.sweep(smoothed, chain, grid, x, ids, beta, args.taus, tests, args.shared)
   return {tau: tune.summary(batch["label"], [cert], tune.default_sigma(grid, tau))
           | {"sigma": cert.sigma, "idx": ids, "node_sigma": [node.sigma for node in chain],
              "node_n": chain[0].n}
           for tau, cert in found.items()}
+
+
+def class_tests(smoothed, grid, x, ids, beta, args, drawn: list, cache: dict) -> dict:
+  """thresholded.class_tests for the inputs, drawn once per `drawn` (what they depend on):
+  kept in `cache`, and with --cache-dir on disk, so that a later invocation (other selector
+  runs on the same experts and images) samples only its nodes."""
+  key = hashlib.sha1(json.dumps(drawn, default=str).encode()).hexdigest()[:16]
+  if key in cache:
+    return cache[key]
+  path = Path(args.cache_dir) / f"class_tests_{key}.npz" if args.cache_dir else None
+  fields = sampler.Certificate._fields
+  if path is not None and path.exists():
+    with np.load(path) as saved:
+      tests = {np.float32(s): sampler.Certificate(*(saved[f"{s:g}_{f}"] for f in fields))
+               for s in grid}
+  else:
+    tests = thresholded.class_tests(smoothed, grid, x, ids, beta, args.shared)
+    if path is not None:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      tmp = path.with_name(f".{path.stem}.tmp.npz")
+      np.savez(tmp, **{f"{s:g}_{f}": np.asarray(v) for s, cert in tests.items()
+                       for f, v in zip(fields, cert)})
+      tmp.replace(path)
+  cache[key] = tests
+  return tests
 
 
 def fixed_rows(paths) -> dict:
@@ -127,6 +153,14 @@ def table(out: dict) -> str:
   return "\n".join(lines + gaps)
 
 
+def summary(args, fixed_paths, variants) -> dict:
+  fixed = {f"{results.read_metadata(p)['sigma']:g}": analyze.summarize(p) for p in fixed_paths}
+  oracle = analyze.oracle_summary(fixed_paths)
+  best = max(f["acr"] for f in fixed.values())
+  return {"fixed": fixed, "oracle": oracle, "oracle_ratio": oracle["acr"] / best, "n": args.n,
+          "skip": args.skip, "experts": args.experts, "variants": variants}
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--table", default="", help="print the table of this levers JSON, only")
@@ -139,6 +173,8 @@ def main(argv=None) -> int:
   parser.add_argument("--taus", default=",".join(map(str, TAUS)))
   parser.add_argument("--shared", action="store_true",
                       help="certify.thresholded.shared_samples for every variant")
+  parser.add_argument("--cache-dir", default="",
+                      help="keep the class tests here for later invocations on other runs")
   parser.add_argument("--out", default="")
   args = parser.parse_args(argv)
   if args.table:
@@ -149,9 +185,7 @@ def main(argv=None) -> int:
   args.taus = tuple(float(t) for t in args.taus.split(","))
   fixed_paths = args.fixed.split(",")
   fixed = fixed_rows(fixed_paths)
-  fixed_acr = {f"{s:g}": analyze.summarize(p)["acr"] for s, p in zip(fixed, fixed_paths)}
-  oracle = analyze.oracle_summary(fixed_paths)
-  best_fixed = max(fixed_acr.values())
+  best_fixed = max(analyze.summarize(p)["acr"] for p in fixed_paths)
   caches = {}
   variants = []
   for run in args.runs.split(","):
@@ -174,10 +208,10 @@ def main(argv=None) -> int:
             "sigma_shares": {f"{s:g}": float(np.mean(row["sigma"] == s))
                              for s in np.unique(row["sigma"])}})
         print(json.dumps(variants[-1] | {"held_out": "..."}), file=sys.stderr, flush=True)
-  out = {"fixed": {f"{s:g}": analyze.summarize(p) for s, p in zip(fixed, fixed_paths)},
-         "fixed_acr": fixed_acr, "oracle": oracle, "oracle_ratio": oracle["acr"] / best_fixed,
-         "n": args.n, "skip": args.skip, "experts": args.experts, "variants": variants}
-  text = json.dumps(out, indent=1, default=float)
+        if args.out:  # what is measured so far, kept as it comes
+          Path(args.out).write_text(json.dumps(summary(args, fixed_paths, variants), indent=1,
+                                               default=float))
+  text = json.dumps(summary(args, fixed_paths, variants), indent=1, default=float)
   if args.out:
     Path(args.out).write_text(text)
   print(text)
