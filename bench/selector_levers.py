@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from instars_jax import analyze, certification, data, tune  # noqa: E402
-from instars_jax.certificates import router, thresholded  # noqa: E402
+from instars_jax.certificates import fixed_sigma, router, thresholded  # noqa: E402
 from instars_jax.selection import estimator  # noqa: E402
 from instars_jax.smoothing import sampler  # noqa: E402
 from instars_jax.storage import results  # noqa: E402
@@ -51,25 +51,45 @@ def variant_config(run: str, node_n: int, split: str, args):
   return config
 
 
-def swept(run: str, node_n: int, split: str, args, cache: dict) -> dict:
-  """{τ: summary} of the variant on `split`, with the chain's σ per image and the labels."""
-  config = variant_config(run, node_n, split, args)
-  workdir = Workdir(run)
-  metadata = certification.run_metadata(config, thresholded, workdir)
+def split_batch(config, split: str, args, cache: dict) -> dict:
+  """{"dataset", "batch"}: the split's selected examples (every --skip-th), loaded once."""
   if split not in cache:
     dataset = data.from_config(config)
     part = dataset.holdout if split == "holdout" else dataset.test
     cache[split] = {"dataset": dataset,
                     "batch": part.take(certification.selected_indices(len(part), args.skip, -1))}
-  batch = cache[split]["batch"]
-  smoothed = certification.smoothed_model(config, workdir, cache[split]["dataset"], metadata)
+  return cache[split]
+
+
+def split_class_tests(run: str, split: str, args, cache: dict) -> dict:
+  """The class tests of the chain on `split` (class_tests), from the run's model and experts
+  as a fixed-σ certification records them (the chain's smoothed model is the same)."""
+  config = variant_config(run, 0, split, args)
+  workdir = Workdir(run)
+  metadata = certification.run_metadata(config, fixed_sigma, workdir)
+  loaded = split_batch(config, split, args, cache)
+  smoothed = certification.smoothed_model(config, workdir, loaded["dataset"], metadata)
   grid = np.asarray(estimator.grid_of(config), np.float32)
   beta = thresholded.alpha_split(config)[1]
-  x, ids = batch["image"], batch["index"]
   c = config.certify  # class tests are shared only by runs that would draw the same ones
   drawn = ["tests", split, args.skip, config.seed, c.alpha, beta, c.n, c.n0,
            metadata.get("experts") or metadata["checkpoint"], args.shared]
-  tests = class_tests(smoothed, grid, x, ids, beta, args, drawn, cache)
+  batch = loaded["batch"]
+  return class_tests(smoothed, grid, batch["image"], batch["index"], beta, args, drawn, cache)
+
+
+def swept(run: str, node_n: int, split: str, args, cache: dict) -> dict:
+  """{τ: summary} of the variant on `split`, with the chain's σ per image and the labels."""
+  config = variant_config(run, node_n, split, args)
+  workdir = Workdir(run)
+  metadata = certification.run_metadata(config, thresholded, workdir)
+  loaded = split_batch(config, split, args, cache)
+  smoothed = certification.smoothed_model(config, workdir, loaded["dataset"], metadata)
+  grid = np.asarray(estimator.grid_of(config), np.float32)
+  beta = thresholded.alpha_split(config)[1]
+  batch = loaded["batch"]
+  x, ids = batch["image"], batch["index"]
+  tests = split_class_tests(run, split, args, cache)
   chain = router.loaded_nodes(smoothed, config)
   found = thresholded.sweep(smoothed, chain, grid, x, ids, beta, args.taus, tests, args.shared)
   return {tau: tune.summary(batch["label"], [cert], tune.default_sigma(grid, tau))
@@ -175,6 +195,9 @@ def main(argv=None) -> int:
                       help="certify.thresholded.shared_samples for every variant")
   parser.add_argument("--cache-dir", default="",
                       help="keep the class tests here for later invocations on other runs")
+  parser.add_argument("--class-tests-only", action="store_true",
+                      help="draw the class tests of the first run into --cache-dir and stop "
+                           "(they need no selector: its nodes may still be training)")
   parser.add_argument("--out", default="")
   args = parser.parse_args(argv)
   if args.table:
@@ -184,9 +207,13 @@ def main(argv=None) -> int:
     parser.error("--runs, --experts and --fixed are required (or --table FILE)")
   args.taus = tuple(float(t) for t in args.taus.split(","))
   fixed_paths = args.fixed.split(",")
+  caches = {}
+  if args.class_tests_only:
+    for split in ("holdout", "test"):
+      split_class_tests(args.runs.split(",")[0], split, args, caches)
+    return 0
   fixed = fixed_rows(fixed_paths)
   best_fixed = max(analyze.summarize(p)["acr"] for p in fixed_paths)
-  caches = {}
   variants = []
   for run in args.runs.split(","):
     for node_n in (int(v) for v in args.node_n.split(",")):

@@ -56,12 +56,11 @@ def levers_of_the_run(straight, expert, straight_rows, tuned, capsys, monkeypatc
   args = ["--runs", str(straight), "--node-n", "0,300", "--experts", fashion_mnist_sound.EXPERTS,
           "--fixed", ",".join(fixed), "--n", "100", "--skip", "2", "--taus", "0.2,0.6,0.9",
           "--cache-dir", str(straight / "levers")]
-  selector_levers.main(args)
-  out = json.loads(capsys.readouterr().out)
-  with monkeypatch.context() as m:  # a second invocation reads the class tests kept on disk
+  selector_levers.main(args + ["--class-tests-only"])  # no selector needed for these
+  with monkeypatch.context() as m:  # the next invocation reads the class tests kept on disk
     m.setattr(thresholded, "class_tests", None)
     selector_levers.main(args)
-  assert json.loads(capsys.readouterr().out) == out
+  out = json.loads(capsys.readouterr().out)
   high, same_n, _, more_n = out["variants"]
   assert same_n["tau"] == tuned["settings"]["certify.thresholded.threshold"]
   assert high["tau"] >= 0.5 and high["default_route"] == "largest σ"
