@@ -61,33 +61,30 @@ def split_batch(config, split: str, args, cache: dict) -> dict:
   return cache[split]
 
 
-def split_class_tests(run: str, split: str, args, cache: dict) -> dict:
-  """The class tests of the chain on `split` (class_tests), from the run's model and experts
-  as a fixed-σ certification records them (the chain's smoothed model is the same)."""
-  config = variant_config(run, 0, split, args)
+def prepared(run: str, node_n: int, split: str, args, cache: dict, kind) -> tuple:
+  """(config, smoothed model as `kind` certifies, grid, β, batch) of a variant on `split`."""
+  config = variant_config(run, node_n, split, args)
   workdir = Workdir(run)
-  metadata = certification.run_metadata(config, fixed_sigma, workdir)
+  metadata = certification.run_metadata(config, kind, workdir)
   loaded = split_batch(config, split, args, cache)
   smoothed = certification.smoothed_model(config, workdir, loaded["dataset"], metadata)
   grid = np.asarray(estimator.grid_of(config), np.float32)
-  beta = thresholded.alpha_split(config)[1]
-  c = config.certify  # class tests are shared only by runs that would draw the same ones
+  return config, smoothed, grid, thresholded.alpha_split(config)[1], loaded["batch"]
+
+
+def split_class_tests(run: str, split: str, args, cache: dict) -> dict:
+  """The class tests of the chain on `split` (class_tests), from the run's model and experts
+  as a fixed-σ certification records them (the chain's smoothed model is the same)."""
+  config, smoothed, grid, beta, batch = prepared(run, 0, split, args, cache, fixed_sigma)
+  c, metadata = config.certify, smoothed.metadata  # shared only by runs that draw the same
   drawn = ["tests", split, args.skip, config.seed, c.alpha, beta, c.n, c.n0,
            metadata.get("experts") or metadata["checkpoint"], args.shared]
-  batch = loaded["batch"]
   return class_tests(smoothed, grid, batch["image"], batch["index"], beta, args, drawn, cache)
 
 
 def swept(run: str, node_n: int, split: str, args, cache: dict) -> dict:
   """{τ: summary} of the variant on `split`, with the chain's σ per image and the labels."""
-  config = variant_config(run, node_n, split, args)
-  workdir = Workdir(run)
-  metadata = certification.run_metadata(config, thresholded, workdir)
-  loaded = split_batch(config, split, args, cache)
-  smoothed = certification.smoothed_model(config, workdir, loaded["dataset"], metadata)
-  grid = np.asarray(estimator.grid_of(config), np.float32)
-  beta = thresholded.alpha_split(config)[1]
-  batch = loaded["batch"]
+  config, smoothed, grid, beta, batch = prepared(run, node_n, split, args, cache, thresholded)
   x, ids = batch["image"], batch["index"]
   tests = split_class_tests(run, split, args, cache)
   chain = router.loaded_nodes(smoothed, config)
