@@ -106,7 +106,7 @@ class SmoothedModel:
     for s in np.unique(sigma):
       rows = padded_rows(np.flatnonzero(sigma == s))
       parts[s] = sampler.certify(self.model_at(s), x[rows], s, key, ids=ids[rows], **settings)
-    return sampler.Certificate(*(_stitch(sigma, {s: cert[i] for s, cert in parts.items()})
+    return sampler.Certificate(*(stitch(sigma, {s: cert[i] for s, cert in parts.items()})
                                  for i in range(len(sampler.Certificate._fields))))
 
 
@@ -118,7 +118,7 @@ def padded_rows(rows: np.ndarray) -> np.ndarray:
   return np.concatenate([rows, np.full(size - len(rows), rows[0], rows.dtype)])
 
 
-def _stitch(sigma, by_sigma: dict) -> np.ndarray:
+def stitch(sigma, by_sigma: dict) -> np.ndarray:
   """One array over all inputs from the per-σ arrays (padded) of the inputs at each σ."""
   first = next(iter(by_sigma.values()))
   out = np.zeros((len(sigma),) + first.shape[1:], first.dtype)

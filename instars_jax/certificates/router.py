@@ -29,6 +29,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from instars_jax import certificates
 from instars_jax.certificates import Certified, locally_constant
 from instars_jax.smoothing import sampler
 from instars_jax.smoothing.streams import Stream
@@ -153,14 +154,9 @@ def class_test(smoothed, x, sigma, ids, level, beta, class_key=None) -> sampler.
   if class_key is None:
     return smoothed.certify(x, sigma, ids, key=jax.random.fold_in(smoothed.key, Stream.CLASS_TEST),
                             alpha=smoothed.alpha - beta)
-  parts = {k: smoothed.certify(x[level == k], sigma[level == k], ids[level == k],
-                               key=class_key(k), alpha=smoothed.alpha - beta)
+  parts = {sigma[level == k][0]: smoothed.certify(x[level == k], sigma[level == k],
+                                                  ids[level == k], key=class_key(k),
+                                                  alpha=smoothed.alpha - beta)
            for k in np.unique(level)}
-  fields = []
-  for f in range(len(sampler.Certificate._fields)):
-    first = parts[level[0]][f]
-    out = np.zeros((len(x),) + first.shape[1:], first.dtype)
-    for k, part in parts.items():
-      out[level == k] = part[f]
-    fields.append(out)
-  return sampler.Certificate(*fields)
+  return sampler.Certificate(*(certificates.stitch(sigma, {s: part[f] for s, part in parts.items()})
+                               for f in range(len(sampler.Certificate._fields))))

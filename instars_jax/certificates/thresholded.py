@@ -136,10 +136,9 @@ def counts_key(node_stream, shared: bool):
   return jax.random.fold_in(node_stream, Stream.ESTIMATE) if shared else node_stream
 
 
-def shared_class_key(smoothed, grid):
+def shared_class_key(smoothed):
   """With shared samples, the class test's key at grid index k: the stream of node k, the
   last node on the path of an input kept at σ_k (node 2, index 1, for σ_1)."""
-  del grid
   return lambda k: router.node_key(smoothed.key, Stream.THRESHOLDED, max(int(k), 1))
 
 
@@ -151,14 +150,14 @@ def certify_thresholded(smoothed, chain, grid, x, ids, beta, tau, shared=False) 
     counts = node_counts(smoothed, node, x, ids, counts_key(key, shared))
     return node_decision(counts, node, beta_node, tau)
   return router.certify_chain(smoothed, chain, grid, x, ids, beta, Stream.THRESHOLDED, decide,
-                              shared_class_key(smoothed, grid) if shared else None)
+                              shared_class_key(smoothed) if shared else None)
 
 
 def class_tests(smoothed, grid, x, ids, beta, shared=False) -> dict:
   """{float32 σ: sampler.Certificate over every input}: the chain's class test (CERTIFY at
   α − β on its stream, or with `shared` on the samples of the node that keeps an input at
   that σ) of every input at every grid σ."""
-  keys = (shared_class_key(smoothed, grid) if shared
+  keys = (shared_class_key(smoothed) if shared
           else lambda k: jax.random.fold_in(smoothed.key, Stream.CLASS_TEST))
   return {np.float32(s): smoothed.certify(x, s, ids, key=keys(k), alpha=smoothed.alpha - beta)
           for k, s in enumerate(grid)}
