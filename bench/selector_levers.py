@@ -5,9 +5,16 @@ examples (tune.py's sweep: once among τ ≥ 1/2, the largest σ the default rou
 among all, the default route chosen too), and the thresholded chain's sound row is computed
 on the test images at that τ. Beside it, from the experts' own fixed-σ rows (their
 certify.py TSVs): the choices' ACR (each test image at the σ the chain chose, with that
-expert's CERTIFY at α, no selector cap), the price (choices − sound) and the label oracle.
+expert's CERTIFY at α, no selector cap), the price (choices − sound) and the label oracle,
+and where the price goes (price_parts: the class test's smaller α, the nodes' caps; moved and
+kept images apart). --project 10,100 adds, from the same node counts, the rows the nodes would
+give with 10× and 100× their n at the share of bin 0 they saw: the ceiling of a larger node
+n, labelled projected, not certificates. --screen compares selector runs on the held-out
+examples alone (no expert TSVs needed, no test-split passes): each variant's row at the τ best
+on those same images, against fixed rows read off the class tests at α − β, so its price is
+the nodes' caps alone; the JSON's "split" says which split its "test" rows are on.
 
-    python bench/selector_levers.py --runs runs/h3/sel,runs/h3/sel_f2 --node-n 0,20000 \
+    python bench/selector_levers.py --runs runs/h3/sel,runs/h3/sel_f2 --node-n 0,20000 --project 10 \
         --experts runs/h3/cohen_0.5,runs/h3/cohen_1.0 \
         --fixed runs/h3/cohen_0.5/certify/fixed_sigma.tsv,runs/h3/cohen_1.0/certify/fixed_sigma.tsv \
         [--n 10000 --skip 20 --taus 0.05,...,0.99] --out levers.json
@@ -20,6 +27,7 @@ choice is scored there. Prints JSON; --out keeps it too.
 """
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
@@ -82,17 +90,63 @@ def split_class_tests(run: str, split: str, args, cache: dict) -> dict:
   return class_tests(smoothed, grid, batch["image"], batch["index"], beta, args, drawn, cache)
 
 
-def swept(run: str, node_n: int, split: str, args, cache: dict) -> dict:
-  """{τ: summary} of the variant on `split`, with the chain's σ per image and the labels."""
+def projected(scale: int):
+  """The nodes' decision as if each had drawn scale × n samples and seen the same share in
+  bin 0 (p̂ held): the ceiling of the larger-n lever read off the n samples drawn. Not a
+  certificate (the counts are not drawn); scale 1 is the chain's own decision."""
+  if scale == 1:
+    return thresholded.node_decision
+
+  def decision(counts, node, beta_node, tau):
+    scaled = np.round(np.asarray(counts, np.float64) * scale).astype(np.int64)
+    return thresholded.node_decision(scaled, dataclasses.replace(node, n=node.n * scale),
+                                     beta_node, tau)
+  return decision
+
+
+def swept(run: str, node_n: int, split: str, args, cache: dict, fixed=None) -> dict:
+  """{scale: {τ: summary}} of the variant on `split`, for its own node n (scale 1) and each
+  --project scale, with the chain's σ per image; on the test split (`fixed`: the experts'
+  rows) each summary adds where its price goes (price_parts)."""
   config, smoothed, grid, beta, batch = prepared(run, node_n, split, args, cache, thresholded)
-  x, ids = batch["image"], batch["index"]
+  x, ids, labels = batch["image"], batch["index"], batch["label"]
   tests = split_class_tests(run, split, args, cache)
   chain = router.loaded_nodes(smoothed, config)
-  found = thresholded.sweep(smoothed, chain, grid, x, ids, beta, args.taus, tests, args.shared)
-  return {tau: tune.summary(batch["label"], [cert], tune.default_sigma(grid, tau))
-          | {"sigma": cert.sigma, "idx": ids, "node_sigma": [node.sigma for node in chain],
-             "node_n": chain[0].n}
-          for tau, cert in found.items()}
+  counts = thresholded.chain_counts(smoothed, chain, grid, x, ids, args.shared)
+  out = {}
+  for scale in (1, *args.project):
+    found = thresholded.sweep(smoothed, chain, grid, x, ids, beta, args.taus, tests, args.shared,
+                              counts, projected(scale))
+    out[scale] = {
+        tau: tune.summary(labels, [cert], tune.default_sigma(grid, tau))
+        | {"sigma": cert.sigma, "idx": ids, "node_sigma": [node.sigma for node in chain],
+           "node_n": chain[0].n * scale}
+        | ({"price_parts": price_parts(cert, ids, tests, labels, fixed, tune.default_sigma(grid, tau))}
+           if fixed is not None else {})
+        for tau, cert in found.items()}
+  return out
+
+
+def price_parts(cert, ids, tests, labels, fixed: dict, default: float) -> dict:
+  """Where the price goes, in ACR (each part a sum over its images ÷ all images, so the parts
+  add up): per group of images (moved: certified off the default σ; kept: certified at it;
+  node abstained: the class test certified, a node on the path did not decide), "choices" is
+  the expert's own CERTIFY at α at the chosen σ, "class_test" the chain's class test at
+  α − β there (other samples: the difference is the smaller α and sampling noise), "sound"
+  the certificate, min(node radii, class radius). `cert` and `tests` in the order of `ids`."""
+  chosen = np.asarray(cert.sigma, np.float32)
+  expert = np.array([r if c else 0.0 for r, c in (fixed[s][int(i)] for s, i in zip(chosen, ids))])
+  test_at = lambda field: np.array([tests[s][field][j] for j, s in enumerate(chosen)])
+  class_radius = np.where(test_at(0) == labels, test_at(1), 0.0)
+  sound = np.where(cert.prediction == labels, cert.radius, 0.0)
+  node_abstained = (cert.prediction == sampler.ABSTAIN) & (test_at(0) != sampler.ABSTAIN)
+  moved = (chosen != np.float32(default)) & ~node_abstained
+  groups = {"all": np.ones(len(chosen), bool), "moved": moved,
+            "kept": ~moved & ~node_abstained, "node abstained": node_abstained}
+  return {name: {"images": int(mask.sum()), "choices": float(expert[mask].sum() / len(mask)),
+                 "class_test": float(class_radius[mask].sum() / len(mask)),
+                 "sound": float(sound[mask].sum() / len(mask))}
+          for name, mask in groups.items()}
 
 
 def class_tests(smoothed, grid, x, ids, beta, args, drawn: list, cache: dict) -> dict:
@@ -149,14 +203,16 @@ def table(out: dict) -> str:
   lines = [head, "|---" * (len(radii) + 7) + "|"]
   down = lambda v: format_down(v, 3)
   cells = lambda acc: " | ".join(down(a) for a in acc.values())
+  source = " (class test at α − β)" * (out.get("fixed_rows", "").startswith("class"))
   for sigma, f in fixed.items():
-    lines.append(f"| fixed σ = {sigma} | | {cells(f['certified_accuracy'])} | {down(f['acr'])} "
+    lines.append(f"| fixed σ = {sigma}{source} | | {cells(f['certified_accuracy'])} | {down(f['acr'])} "
                  f"| {down(f['acr'] / best)} | | | |")
   envelope = {r: max(f["certified_accuracy"][r] for f in fixed.values()) for r in radii}
   gaps = []
   for v in out["variants"]:
     name = (f"{Path(v['run']).name}, node σ {'/'.join(f'{s:g}' for s in v['node_sigma'])}, "
-            f"node n {v['node_n']}, default: {v['default_route']}")
+            f"node n {v['node_n']}{' projected, not a certificate' * v.get('projected', False)}"
+            f", default: {v['default_route']}")
     t = v["test"]
     lines.append(f"| {name} | {v['tau']:g} | {cells(t['certified_accuracy'])} | {down(t['acr'])} "
                  f"| {down(v['sound_ratio'])} | {t['moved']:.1%} | {down(v['choices_ratio'])} "
@@ -167,15 +223,54 @@ def table(out: dict) -> str:
   lines.append(f"| label oracle over the experts (not a certificate) | | "
                f"{cells(o['certified_accuracy'])} | {down(o['acr'])} | {down(o['acr'] / best)} "
                "| | | |")
-  return "\n".join(lines + gaps)
+  return "\n".join(lines + gaps + ["", parts_table(out)])
 
 
-def summary(args, fixed_paths, variants) -> dict:
-  fixed = {f"{results.read_metadata(p)['sigma']:g}": analyze.summarize(p) for p in fixed_paths}
-  oracle = analyze.oracle_summary(fixed_paths)
-  best = max(f["acr"] for f in fixed.values())
-  return {"fixed": fixed, "oracle": oracle, "oracle_ratio": oracle["acr"] / best, "n": args.n,
-          "skip": args.skip, "experts": args.experts, "variants": variants}
+def parts_table(out: dict) -> str:
+  """Where each variant's price goes (price_parts): per group of test images, the choices'
+  ACR, the class test's at α − β and the sound one, and the two parts of the price."""
+  lines = ["| variant | τ | images | share | choices | class test (α − β) | sound "
+           "| price: class test | price: node caps |", "|---" * 9 + "|"]
+  down = lambda v: format_down(v, 3)
+  for v in out["variants"]:
+    name = (f"{Path(v['run']).name}, node n {v['node_n']}"
+            f"{' (projected)' * v.get('projected', False)}, default: {v['default_route']}")
+    for group, p in v["test"].get("price_parts", {}).items():
+      share = p["images"] / v["test"]["price_parts"]["all"]["images"]
+      lines.append(f"| {name} | {v['tau']:g} | {group} | {share:.1%} | {down(p['choices'])} "
+                   f"| {down(p['class_test'])} | {down(p['sound'])} "
+                   f"| {p['choices'] - p['class_test']:.3f} | {p['class_test'] - p['sound']:.3f} |")
+  return "\n".join(lines)
+
+
+def rows_summary(rows: dict) -> dict:
+  """{"certified_accuracy", "acr"} of one fixed row ({idx: (radius, correct)})."""
+  radius, correct = (np.array(v) for v in zip(*rows.values()))
+  return {"certified_accuracy": {analyze.radius_key(r): float(a) for r, a in zip(
+              analyze.DEFAULT_RADII, analyze.certified_accuracy(radius, correct, analyze.DEFAULT_RADII))},
+          "acr": analyze.average_certified_radius(radius, correct)}
+
+
+def tests_as_fixed(tests: dict, batch: dict) -> dict:
+  """fixed_rows' {σ: {idx: (radius, correct)}} from the chain's class tests (CERTIFY at α − β
+  on the chain's stream): the fixed-σ rows of --screen, where no expert TSVs cover the split."""
+  return {s: {int(i): (float(r), int(p) == int(label)) for i, r, p, label in
+              zip(batch["index"], t.radius, t.prediction, batch["label"])}
+          for s, t in tests.items()}
+
+
+def summary(args, fixed: dict, variants) -> dict:
+  """The levers JSON: the fixed rows, the label oracle over them (per image the largest radius
+  where correct), and the variants."""
+  ids = list(next(iter(fixed.values())))
+  oracle = rows_summary({i: max((rows[i] for rows in fixed.values()),
+                                key=lambda rc: rc[0] * rc[1]) for i in ids})
+  fixed_out = {f"{s:g}": rows_summary(rows) for s, rows in fixed.items()}
+  best = max(f["acr"] for f in fixed_out.values())
+  return {"fixed": fixed_out, "oracle": oracle, "oracle_ratio": oracle["acr"] / best,
+          "fixed_rows": "expert TSVs at α" if args.fixed else "class tests at α − β",
+          "split": "holdout" if args.screen else "test", "n": args.n, "skip": args.skip,
+          "experts": args.experts, "variants": variants}
 
 
 def main(argv=None) -> int:
@@ -183,8 +278,14 @@ def main(argv=None) -> int:
   parser.add_argument("--table", default="", help="print the table of this levers JSON, only")
   parser.add_argument("--runs", help="selector workdirs, commas between")
   parser.add_argument("--node-n", default="0", help="node n values (0: --n), commas between")
+  parser.add_argument("--project", type=lambda v: [int(s) for s in v.split(",") if s],
+                      default=[], help="node n scales to project from the counts drawn "
+                      "(projected: p̂ held, not a certificate), commas between")
   parser.add_argument("--experts", help="certify.experts: one run per grid σ")
-  parser.add_argument("--fixed", help="the experts' fixed-σ TSVs, grid order")
+  parser.add_argument("--fixed", default="", help="the experts' fixed-σ TSVs, grid order")
+  parser.add_argument("--screen", action="store_true",
+                      help="held-out examples only: each variant's row at the τ best on them "
+                      "(chosen on the same images), the fixed rows from the class tests")
   parser.add_argument("--n", type=int, default=10_000)
   parser.add_argument("--skip", type=int, default=20)
   parser.add_argument("--taus", default=",".join(map(str, TAUS)))
@@ -200,42 +301,49 @@ def main(argv=None) -> int:
   if args.table:
     print(table(json.loads(Path(args.table).read_text())))
     return 0
-  if not (args.runs and args.experts and args.fixed):
-    parser.error("--runs, --experts and --fixed are required (or --table FILE)")
+  if not (args.runs and args.experts and (args.fixed or args.screen)):
+    parser.error("--runs, --experts and --fixed or --screen are required (or --table FILE)")
+  if args.screen and args.fixed:
+    parser.error("--screen reads its fixed rows off the held-out class tests: drop --fixed")
   args.taus = tuple(float(t) for t in args.taus.split(","))
-  fixed_paths = args.fixed.split(",")
   caches = {}
+  first = args.runs.split(",")[0]
   if args.class_tests_only:
-    for split in ("holdout", "test"):
-      split_class_tests(args.runs.split(",")[0], split, args, caches)
+    for split in ("holdout",) if args.screen else ("holdout", "test"):
+      split_class_tests(first, split, args, caches)
     return 0
-  fixed = fixed_rows(fixed_paths)
-  best_fixed = max(analyze.summarize(p)["acr"] for p in fixed_paths)
+  if args.fixed:
+    fixed = fixed_rows(args.fixed.split(","))
+  else:
+    tests = split_class_tests(first, "holdout", args, caches)
+    fixed = tests_as_fixed(tests, caches["holdout"]["batch"])
+  best_fixed = max(rows_summary(rows)["acr"] for rows in fixed.values())
   variants = []
   for run in args.runs.split(","):
     for node_n in (int(v) for v in args.node_n.split(",")):
-      held_out = swept(run, node_n, "holdout", args, caches)
-      test = swept(run, node_n, "test", args, caches)
-      for default, taus in (("largest σ", [t for t in args.taus if t >= 0.5]),
-                            ("chosen on held-out", list(args.taus))):
-        tau = tune.best_threshold({t: held_out[t] for t in taus})
-        row = test[tau]
-        choices = choices_acr(row["sigma"], row["idx"], fixed)
-        variants.append({
-            "run": run, "node_n": row["node_n"], "node_sigma": row["node_sigma"],
-            "default_route": default, "tau": tau,
-            "held_out": {f"{t:g}": {k: v for k, v in s.items() if k not in ("sigma", "idx")}
-                         for t, s in held_out.items()},
-            "test": {k: v for k, v in row.items() if k not in ("sigma", "idx")},
-            "sound_ratio": row["acr"] / best_fixed, "choices_acr": choices,
-            "choices_ratio": choices / best_fixed, "price": choices - row["acr"],
-            "sigma_shares": {f"{s:g}": float(np.mean(row["sigma"] == s))
-                             for s in np.unique(row["sigma"])}})
-        print(json.dumps(variants[-1] | {"held_out": "..."}), file=sys.stderr, flush=True)
-        if args.out:  # what is measured so far, kept as it comes
-          Path(args.out).write_text(json.dumps(summary(args, fixed_paths, variants), indent=1,
-                                               default=float))
-  text = json.dumps(summary(args, fixed_paths, variants), indent=1, default=float)
+      held_outs = swept(run, node_n, "holdout", args, caches, fixed if args.screen else None)
+      rows = held_outs if args.screen else swept(run, node_n, "test", args, caches, fixed)
+      for scale, held_out in held_outs.items():
+        for default, taus in (("largest σ", [t for t in args.taus if t >= 0.5]),
+                              ("chosen on held-out", list(args.taus))):
+          tau = tune.best_threshold({t: held_out[t] for t in taus})
+          row = rows[scale][tau]
+          choices = choices_acr(row["sigma"], row["idx"], fixed)
+          variants.append({
+              "run": run, "node_n": row["node_n"], "node_sigma": row["node_sigma"],
+              "projected": scale != 1, "default_route": default, "tau": tau,
+              "held_out": {f"{t:g}": {k: v for k, v in s.items() if k not in ("sigma", "idx")}
+                           for t, s in held_out.items()},
+              "test": {k: v for k, v in row.items() if k not in ("sigma", "idx")},
+              "sound_ratio": row["acr"] / best_fixed, "choices_acr": choices,
+              "choices_ratio": choices / best_fixed, "price": choices - row["acr"],
+              "sigma_shares": {f"{s:g}": float(np.mean(row["sigma"] == s))
+                               for s in np.unique(row["sigma"])}})
+          print(json.dumps(variants[-1] | {"held_out": "..."}), file=sys.stderr, flush=True)
+          if args.out:  # what is measured so far, kept as it comes
+            Path(args.out).write_text(json.dumps(summary(args, fixed, variants), indent=1,
+                                                 default=float))
+  text = json.dumps(summary(args, fixed, variants), indent=1, default=float)
   if args.out:
     Path(args.out).write_text(text)
   print(text)

@@ -55,13 +55,13 @@ def levers_of_the_run(straight, expert, straight_rows, tuned, capsys, monkeypatc
   capsys.readouterr()
   args = ["--runs", str(straight), "--node-n", "0,300", "--experts", fashion_mnist_sound.EXPERTS,
           "--fixed", ",".join(fixed), "--n", "100", "--skip", "2", "--taus", "0.2,0.6,0.9",
-          "--cache-dir", str(straight / "levers")]
+          "--cache-dir", str(straight / "levers"), "--project", "10"]
   selector_levers.main(args + ["--class-tests-only"])  # no selector needed for these
   with monkeypatch.context() as m:  # the next invocation reads the class tests kept on disk
     m.setattr(thresholded, "class_tests", None)
     selector_levers.main(args)
   out = json.loads(capsys.readouterr().out)
-  high, same_n, _, more_n = out["variants"]
+  high, same_n, high_10, same_10, _, more_n, _, _ = out["variants"]
   assert same_n["tau"] == tuned["settings"]["certify.thresholded.threshold"]
   assert high["tau"] >= 0.5 and high["default_route"] == "largest σ"
   assert (same_n["node_n"], more_n["node_n"]) == (100, 300)
@@ -69,9 +69,28 @@ def levers_of_the_run(straight, expert, straight_rows, tuned, capsys, monkeypatc
   assert same_n["test"]["acr"] == pytest.approx(written["acr"], abs=1e-5)
   assert same_n["test"]["certified_accuracy"] == pytest.approx(written["certified_accuracy"])
   assert same_n["price"] == pytest.approx(same_n["choices_acr"] - same_n["test"]["acr"])
+  parts = same_n["test"]["price_parts"]
+  assert parts["all"]["choices"] == pytest.approx(same_n["choices_acr"])
+  assert parts["all"]["sound"] == pytest.approx(same_n["test"]["acr"])
+  for field in ("images", "choices", "class_test", "sound"):
+    assert parts["all"][field] == pytest.approx(sum(parts[g][field] for g in
+                                                    ("moved", "kept", "node abstained")))
+  # 10× the node's n at the share it saw: bounds nearer p̂, so no radius shrinks at any τ
+  assert (high_10["projected"], same_10["node_n"], same_n["projected"]) == (True, 1000, False)
+  for tau, own in same_n["held_out"].items():
+    assert same_10["held_out"][tau]["acr"] >= own["acr"] - 1e-12
+  assert any(same_10["held_out"][t]["acr"] > own["acr"] for t, own in same_n["held_out"].items())
   assert out["oracle"]["acr"] >= max(f["acr"] for f in out["fixed"].values())
-  shown = selector_levers.table(out).splitlines()  # header, 2 fixed, 4 variants, oracle, 4 gaps
-  assert len(shown) == 2 + 2 + 4 + 1 + 4 and shown[2].startswith("| fixed σ = 0.5 | |")
+  selector_levers.main([a for a in args[:-2] if a not in ("--fixed", ",".join(fixed))]
+                       + ["--screen"])  # held-out rows only, fixed rows from tests
+  screened = json.loads(capsys.readouterr().out)
+  chosen = screened["variants"][1]
+  assert screened["split"] == "holdout" and chosen["tau"] == same_n["tau"]
+  assert chosen["test"]["acr"] == same_n["held_out"][f"{same_n['tau']:g}"]["acr"]
+  for part in chosen["test"]["price_parts"].values():  # the fixed rows are the class tests
+    assert part["choices"] == pytest.approx(part["class_test"])
+  shown = selector_levers.table(out).splitlines()  # header, 2 fixed, 8 variants, oracle, 8 gaps
+  assert len(shown) == 2 + 2 + 8 + 1 + 8 + 1 + 2 + 8 * 4 and shown[2].startswith("| fixed σ = 0.5 | |")
 
 
 def test_the_recipe_stopped_in_every_stage_resumes_to_the_same_tuned_tau_and_results(

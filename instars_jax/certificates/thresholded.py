@@ -163,25 +163,32 @@ def class_tests(smoothed, grid, x, ids, beta, shared=False) -> dict:
           for k, s in enumerate(grid)}
 
 
-def sweep(smoothed, chain, grid, x, ids, beta, thresholds, tests=None, shared=False) -> dict:
+def chain_counts(smoothed, chain, grid, x, ids, shared=False) -> dict:
+  """{id(node): int[b]}: every node's bin-0 counts over every input, on the streams the chain
+  draws them from (certify_thresholded), one pass per node."""
+  stream = lambda depth: router.node_key(smoothed.key, Stream.THRESHOLDED, len(grid) - 1 - depth)
+  return {id(node): node_counts(smoothed, node, x, ids, counts_key(stream(depth), shared))
+          for depth, node in enumerate(chain)}
+
+
+def sweep(smoothed, chain, grid, x, ids, beta, thresholds, tests=None, shared=False,
+          counts=None, decision=node_decision) -> dict:
   """{τ: Certified}: certify_thresholded at each τ of `thresholds`, from one pass of every node
-  over every input and one class test of every input at every grid σ (`class_tests`, or
-  `tests` drawn by it before for the same inputs and run), on the same streams, so each τ's
-  rows are those certify_thresholded writes (a tuning aid: K − 1 + K passes for any number
-  of τ)."""
+  over every input (`chain_counts`, or `counts` drawn by it before) and one class test of
+  every input at every grid σ (`class_tests`, or `tests` drawn by it before for the same
+  inputs and run), on the same streams, so each τ's rows are those certify_thresholded writes
+  (a tuning aid: K − 1 + K passes for any number of τ). `decision` replaces node_decision
+  only to project what another n would give (bench/selector_levers.py), not to certify."""
   x, _, ids = sampler.validate_instances(x, 1.0, ids)
   row = {int(i): r for r, i in enumerate(ids)}
-  stream = lambda depth: router.node_key(smoothed.key, Stream.THRESHOLDED, len(grid) - 1 - depth)
-  lower = {id(node): node_counts(smoothed, node, x, ids, counts_key(stream(depth), shared))
-           for depth, node in enumerate(chain)}
+  lower = chain_counts(smoothed, chain, grid, x, ids, shared) if counts is None else counts
   tests = class_tests(smoothed, grid, x, ids, beta, shared) if tests is None else tests
   recorded = _Recorded(smoothed.key, smoothed.alpha, tests, row)
   found = {}
   for tau in thresholds:
     def decide(node, x_part, ids_part, key, beta_node, tau=tau):
       del x_part, key
-      counts = lower[id(node)][[row[int(i)] for i in ids_part]]
-      return node_decision(counts, node, beta_node, tau)
+      return decision(lower[id(node)][[row[int(i)] for i in ids_part]], node, beta_node, tau)
     found[tau] = router.certify_chain(recorded, chain, grid, x, ids, beta, Stream.THRESHOLDED,
                                       decide)
   return found
