@@ -677,6 +677,10 @@ def test_an_outside_loss_and_stage_with_their_sections_run_by_dotted_path(tmp_pa
   bad.train.probe.note = ""
   with pytest.raises(ValueError, match="train.probe.note must not be empty"):
     loop.train_and_evaluate(bad, tmp_path / "bad")
+  with_experts = config()  # an expert's run could not switch the outside stage off
+  with_experts.train.experts.sigmas = (0.5,)
+  with pytest.raises(ValueError, match=r"the stage module my_pkg.probe declares no OFF"):
+    loop.validate_config(with_experts, 1)
   unnamed = default.get_config()
   unnamed.train.loss = "my_pkg.scaled"
   with pytest.raises(ValueError, match=r"train.loss=my_pkg.scaled has no section "

@@ -9,6 +9,9 @@ config (--config=configs/x.py:my_pkg.my_stage; config.plugins). A stage module d
                         run's, because the stage compares the settings its checkpoints were
                         made with itself (a finished run can add the stage); otherwise a
                         changed setting refuses the resume (Workdir.check_resumable)
+  OFF                   a literal dict, required after the base model (ORDER > 0): values
+                        of its section's settings with which it adds no stage; an expert's
+                        run (sigma_experts) trains the base model alone (`base_only`)
   validate(config)      ValueError naming a bad value of its settings
   stages(context)       the stages it adds for the run's config (none, one, or one per
                         σ-estimator)
@@ -98,6 +101,23 @@ def self_checked_sections(config) -> tuple:
   return tuple(f"train.{plugins.section_name(__name__, name)}." for name in modules(config)
                if plugins.literals(plugins.source_path(__name__, name),
                                    "CHECKS_OWN_RESUME").get("CHECKS_OWN_RESUME"))
+
+
+def base_only(config):
+  """A copy of `config` whose run trains the base model alone: every later stage module's OFF
+  applied to its section. ValueError naming a later stage module that declares no OFF."""
+  alone = config.copy_and_resolve_references()
+  for name in modules(config):
+    path = plugins.source_path(__name__, name)
+    if plugins.literal(path, "ORDER") <= 0:
+      continue
+    off = plugins.literals(path, "OFF").get("OFF")
+    if off is None:
+      raise ValueError(f"the stage module {name} declares no OFF (its settings that add no "
+                       "stage), so a run of the base model alone (train.experts) cannot "
+                       "switch it off")
+    alone.train[plugins.section_name(__name__, name)].update(off)
+  return alone
 
 
 def for_config(context: Context) -> list:

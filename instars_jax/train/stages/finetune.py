@@ -21,6 +21,7 @@ from instars_jax.train.interface import resume, stage_manager
 from instars_jax.train.stages.base import FINETUNE, BaseStage
 
 ORDER = 2
+OFF = {"epochs": 0}  # adds no stage (stages/__init__.py)
 # DualRS's last step, train.finetune: after the estimator, fine-tune the base model this many
 # epochs (cosine from learning_rate), each training example at the σ the estimator picks.
 DEFAULTS = {"epochs": 0, "learning_rate": 0.01}

@@ -58,6 +58,7 @@ from instars_jax.train.interface import resume, stage_manager
 
 ORDER = 1
 SECTION = "estimator"
+OFF = {"epochs": 0, "experts": ""}  # adds no stage and names no expert
 INITS = ("scratch", "base")
 # The σ-estimator of the sound instance-wise certificate (selection/estimator.py), trained after
 # the base model in the same train.py run; 0 epochs: none. Its loss's settings are the

@@ -3,8 +3,8 @@
 base model and before the σ-estimators that they label (selection/experts.py: DualRS's
 experts, one base classifier behind each grid σ).
 
-Each expert's config is this run's with train.insta = False, train.sigma = σ and none of the
-package's later stages (no estimator, fine-tuning, experts or tuning): the same data, held-out
+Each expert's config is this run's with train.insta = False, train.sigma = σ and every later
+stage switched off by its module's OFF (stages.base_only): the same data, held-out
 share, seed, model, loss and epochs, so it holds out the same examples; certify.py
 --workdir=WORKDIR/experts/sigma_<σ> certifies it alone at σ (certify.sigma_mode = fixed). It is trained by the
 loop's own entry point and resumes from its own checkpoints; a stop inside it checkpoints it
@@ -21,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from instars_jax.train.stages import base_only
 from instars_jax.train.interface import WithoutSteps
 
 ORDER = 0.5
 SECTION = "experts"
+OFF = {"sigmas": ()}  # adds no stage (stages/__init__.py)
 DEFAULTS = {
     # σ of the fixed-σ experts to train in WORKDIR/experts/sigma_<σ> (): none.
     "sigmas": (),
@@ -38,12 +40,8 @@ def expert_dir(workdir, sigma: float) -> Path:
 
 def expert_config(config, sigma: float):
   """The config of the expert at `sigma` (module doc)."""
-  expert = config.copy_and_resolve_references()
+  expert = base_only(config)
   expert.train.update(insta=False, sigma=float(sigma))
-  expert.train.estimator.update(epochs=0, experts="")
-  expert.train.finetune.epochs = 0
-  expert.train.experts.sigmas = ()
-  expert.train.tune.threshold = False
   expert.certify.update(sigma_mode="fixed", experts="")  # certify.py certifies it at its σ
   return expert
 
@@ -52,6 +50,8 @@ def validate(config) -> None:
   sigmas = tuple(float(s) for s in config.train.experts.sigmas)
   if not all(np.isfinite(s) and s > 0 for s in sigmas) or len(set(sigmas)) < len(sigmas):
     raise ValueError(f"train.experts.sigmas must list distinct σ > 0; got {sigmas}")
+  if sigmas:
+    base_only(config)  # every later stage can be switched off in the experts' runs
   if not config.train.insta and np.float32(config.train.sigma) in np.float32(sigmas):
     raise ValueError(f"train.experts.sigmas lists σ = {config.train.sigma:g}, the base model's "
                      "own train.sigma: name the base run ({workdir}) as that expert instead")

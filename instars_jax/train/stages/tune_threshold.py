@@ -24,6 +24,7 @@ from instars_jax.train.interface import WithoutSteps
 
 ORDER = 3
 SECTION = "tune"
+OFF = {"threshold": False}  # adds no stage (stages/__init__.py)
 DEFAULTS = {
     # After the router's nodes: choose certify.thresholded.threshold on the held-out examples.
     "threshold": False,
