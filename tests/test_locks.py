@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from instars_jax.storage import locks
+from instars_jax.storage import checkpoints, locks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,3 +38,18 @@ def test_kill_9_leaves_no_stale_lock(tmp_path):
   began = time.monotonic()
   with locks.exclusive(tmp_path / "b.lock", "x"):
     assert time.monotonic() - began < 1
+
+
+def test_a_stop_received_by_a_nested_stop_request_reaches_the_outer_one_at_exit():
+  # A stage's own run (an expert's) holds its StopRequest inside the run's: a SIGTERM that
+  # arrives as the inner run finishes must still stop the run; outside any, it is not raised.
+  before = signal.getsignal(signal.SIGTERM)
+  with checkpoints.StopRequest() as outer:
+    with checkpoints.StopRequest() as inner:
+      os.kill(os.getpid(), signal.SIGTERM)
+      assert inner.requested and not outer.requested
+    assert outer.requested
+    with checkpoints.StopRequest() as quiet:
+      pass
+    assert not quiet.requested
+  assert signal.getsignal(signal.SIGTERM) == before

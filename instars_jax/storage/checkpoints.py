@@ -38,13 +38,19 @@ class Interrupted(Exception):
 class StopRequest:
   """Turns SIGTERM (what a preemption sends) and SIGINT into `requested`, for the duration of
   a `with` block. With several hosts SIGTERM belongs to JAX's preemption notifier (a Python
-  handler would disable it), which orbax's `reached_preemption` reads."""
+  handler would disable it), which orbax's `reached_preemption` reads. Nested (a stage's own
+  run inside the run), a signal the inner one received is passed on to the outer one at exit,
+  so a stop that came as the inner run finished still stops the run."""
 
   def __init__(self):
     self.requested = False
+    self.received = []
 
   def __enter__(self):
-    handler = lambda signum, frame: setattr(self, "requested", True)
+    def handler(signum, frame):
+      del frame
+      self.requested = True
+      self.received.append(signum)
     self.previous = {}
     signals = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
     if threading.current_thread() is threading.main_thread():  # elsewhere signals can't be set
@@ -54,6 +60,11 @@ class StopRequest:
   def __exit__(self, *exc):
     for sig, previous in self.previous.items():
       signal.signal(sig, previous)
+    outer = {sig: h for sig, h in self.previous.items()
+             if getattr(h, "__qualname__", "").startswith(f"{StopRequest.__qualname__}.")}
+    for sig in dict.fromkeys(self.received):
+      if sig in outer:
+        outer[sig](sig, None)
 
 
 def manager(directory, every_steps: int = 0, keep=()) -> ocp.CheckpointManager:
