@@ -121,8 +121,8 @@ def swept(run: str, node_n: int, split: str, args, cache: dict, fixed=None) -> d
         tau: tune.summary(labels, [cert], tune.default_sigma(grid, tau))
         | {"sigma": cert.sigma, "idx": ids, "node_sigma": [node.sigma for node in chain],
            "node_n": chain[0].n * scale}
-        | ({"price_parts": price_parts(cert, ids, tests, labels, fixed, tune.default_sigma(grid, tau))}
-           if fixed is not None else {})
+        | ({"price_parts": price_parts(cert, ids, tests, labels, fixed,
+                                       tune.default_sigma(grid, tau))} if fixed is not None else {})
         for tau, cert in found.items()}
   return out
 
@@ -205,7 +205,8 @@ def table(out: dict) -> str:
   cells = lambda acc: " | ".join(down(a) for a in acc.values())
   source = " (class test at α − β)" * (out.get("fixed_rows", "").startswith("class"))
   for sigma, f in fixed.items():
-    lines.append(f"| fixed σ = {sigma}{source} | | {cells(f['certified_accuracy'])} | {down(f['acr'])} "
+    lines.append(f"| fixed σ = {sigma}{source} | | {cells(f['certified_accuracy'])} "
+                 f"| {down(f['acr'])} "
                  f"| {down(f['acr'] / best)} | | | |")
   envelope = {r: max(f["certified_accuracy"][r] for f in fixed.values()) for r in radii}
   gaps = []
@@ -246,8 +247,9 @@ def parts_table(out: dict) -> str:
 def rows_summary(rows: dict) -> dict:
   """{"certified_accuracy", "acr"} of one fixed row ({idx: (radius, correct)})."""
   radius, correct = (np.array(v) for v in zip(*rows.values()))
-  return {"certified_accuracy": {analyze.radius_key(r): float(a) for r, a in zip(
-              analyze.DEFAULT_RADII, analyze.certified_accuracy(radius, correct, analyze.DEFAULT_RADII))},
+  radii = analyze.DEFAULT_RADII
+  accuracy = analyze.certified_accuracy(radius, correct, radii)
+  return {"certified_accuracy": {analyze.radius_key(r): float(a) for r, a in zip(radii, accuracy)},
           "acr": analyze.average_certified_radius(radius, correct)}
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from configs import fashion_mnist_sound
+from configs import cifar10_sound, fashion_mnist_sound
 from helpers import Killed, rows_without_time, sigterm_during_step, stop_after, write_npz
 from instars_jax import analyze, certification, tune
 from instars_jax.certificates import thresholded
@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import selector_levers  # noqa: E402
 
 
-def toy_recipe(tmp_path):
-  config = fashion_mnist_sound.get_config()
+def toy_recipe(tmp_path, recipe=fashion_mnist_sound):
+  config = recipe.get_config()
   config.dataset = f"npz:{write_npz(tmp_path / 'toy.npz', n_train=96, n_test=16)}"
   config.train.update(epochs=2, stage1_epochs=1, batch_size=32, holdout=0.25, eval_examples=16)
   config.train.table.n = 100
@@ -90,7 +90,8 @@ def levers_of_the_run(straight, expert, straight_rows, tuned, capsys, monkeypatc
   for part in chosen["test"]["price_parts"].values():  # the fixed rows are the class tests
     assert part["choices"] == pytest.approx(part["class_test"])
   shown = selector_levers.table(out).splitlines()  # header, 2 fixed, 8 variants, oracle, 8 gaps
-  assert len(shown) == 2 + 2 + 8 + 1 + 8 + 1 + 2 + 8 * 4 and shown[2].startswith("| fixed σ = 0.5 | |")
+  assert len(shown) == 2 + 2 + 8 + 1 + 8 + 1 + 2 + 8 * 4  # and the price parts: 8 × 4 groups
+  assert shown[2].startswith("| fixed σ = 0.5 | |")
 
 
 def test_the_recipe_stopped_in_every_stage_resumes_to_the_same_tuned_tau_and_results(
@@ -153,3 +154,25 @@ def test_experts_are_refused_at_the_base_model_s_own_sigma(tmp_path):
   config.train.holdout = 0.0
   with pytest.raises(ValueError, match="train.tune.threshold tunes the thresholded chain"):
     loop.train_and_evaluate(config, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_the_cifar10_recipe_trains_three_experts_two_nodes_and_tunes_at_toy_size(tmp_path):
+  # configs/cifar10_sound.py's stages with K = 3 (LeNet on the toy data instead of ResNet-20):
+  # the σ = 0.25 and 0.5 experts in runs of their own, one node per σ above the lowest, each
+  # labelled by all three experts, τ tuned, and certify.py's sound row behind three experts.
+  config = toy_recipe(tmp_path, cifar10_sound)
+  config.model.name, config.train.augment = "lenet", "none"
+  run = tmp_path / "run"
+  loop.train_and_evaluate(config, run)
+  for sigma in (0.25, 0.5):
+    saved = Workdir(sigma_experts.expert_dir(run, sigma)).read_config()
+    assert (saved.train.sigma, saved.train.estimator.epochs, tuple(saved.train.experts.sigmas)) == (
+        sigma, 0, ())
+  for node, sigma in ((1, 0.5), (2, 1.0)):
+    _, settings = estimator.load(run / "router" / f"node_{node}", run)
+    assert settings["sigma"] == sigma and settings["experts"] == cifar10_sound.EXPERTS
+  rows = certified(config, run)
+  meta = results.read_metadata(rows)
+  assert [e["sigma"] for e in meta["experts"]] == [0.25, 0.5, 1.0]
+  assert set(results.read_results(rows)["sigma"]) <= {0.25, 0.5, 1.0}

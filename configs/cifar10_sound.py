@@ -1,0 +1,46 @@
+"""The sound instance-wise recipe of configs/fashion_mnist_sound.py on the JPEG re-encoded
+CIFAR-10 of ../shared (issue 38), with Cohen et al.'s three σ as the grid:
+
+    python train.py --config=configs/cifar10_sound.py --workdir=DIR \
+        --config.data_dir=../shared/data/cifar10-jpeg-q75.tar.xz
+    python certify.py --workdir=DIR             # the sound row: thresholded, τ tuned
+    python certify.py --workdir=DIR --config.certify.sigma_mode=fixed   # σ = 1.0 expert
+    python certify.py --workdir=DIR/experts/sigma_0.5                   # σ = 0.5 expert
+    python certify.py --workdir=DIR/experts/sigma_0.25                  # σ = 0.25 expert
+
+Stages of the one train.py run, each resuming after SIGTERM or kill -9:
+1. base: ResNet-20 (configs/cifar10_small.py's recipe, 15 epochs) at σ = 1.0, the grid's top
+   expert, on 90% of the training set (10% held out, seed 0, for the selector and τ);
+2. sigma_experts: the σ = 0.25 and σ = 0.5 experts, runs of their own in DIR/experts/;
+3. sigma_estimators: two router nodes (σ = 1.0 against the lower σ, σ = 0.5 against 0.25),
+   labelled by the three experts' radius profiles (label_samples noise vectors per σ,
+   n = 10,000), gain-weighted and bin-balanced, initialised from the base model, 2 epochs;
+4. tune_threshold: τ of the thresholded chain on the held-out examples (every 20th: 250).
+
+Full size wants an accelerator (the labels' profile pass alone is 45,000 × 100 × 3 ResNet-20
+passes). Sized down for a CPU, say so in the results: for example --config.train.examples=
+10000 --config.train.epochs=8 --config.train.estimator.label_samples=16
+--config.certify.n=2000 (bench/selector_levers.py then reads the experts' fixed rows and the
+label oracle off the same images).
+"""
+
+from configs import cifar10_small
+
+EXPERTS = "{workdir}/experts/sigma_0.25,{workdir}/experts/sigma_0.5,{workdir}"  # grid order
+
+
+def get_config(outside: str = ""):  # outside plug-ins: configs/default.get_config
+  config = cifar10_small.get_config(outside)
+  config.train.insta = False
+  config.train.stage1_noise = "sigma"  # every epoch at train.sigma (Cohen et al.)
+  config.train.sigma = 1.0
+  config.train.holdout = 0.1
+  config.train.table.grid = (0.25, 0.5, 1.0)
+  config.train.table.n = 10_000
+  config.train.experts.sigmas = (0.25, 0.5)
+  config.train.estimator.update(epochs=2, router=True, label_samples=100, experts=EXPERTS,
+                                gain_weight=True, balance_bins=True)
+  config.train.tune.threshold = True
+  config.certify.update(sigma_mode="instance", certificate="thresholded", experts=EXPERTS,
+                        n=10_000, skip=20, max=-1)
+  return config
