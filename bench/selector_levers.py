@@ -8,8 +8,8 @@ certify.py TSVs): the choices' ACR (each test image at the σ the chain chose, w
 expert's CERTIFY at α, no selector cap), the price (choices − sound) and the label oracle,
 and where the price goes (price_parts: the class test's smaller α, the nodes' caps; moved and
 kept images apart). --project 10,100 adds, from the same node counts, the rows the nodes would
-give with 10× and 100× their n at the share of bin 0 they saw: the ceiling of a larger node
-n, labelled projected, not certificates. --screen compares selector runs on the held-out
+give with 10× and 100× their n at the share of bin 0 they saw: what a larger node n buys,
+extrapolated with p̂ held, labelled projected (neither certificates nor bounds). --screen compares selector runs on the held-out
 examples alone (no expert TSVs needed, no test-split passes): each variant's row at the τ best
 on those same images, against fixed rows read off the class tests at α − β, so its price is
 the nodes' caps alone; the JSON's "split" says which split its "test" rows are on.
@@ -92,8 +92,9 @@ def split_class_tests(run: str, split: str, args, cache: dict) -> dict:
 
 def projected(scale: int):
   """The nodes' decision as if each had drawn scale × n samples and seen the same share in
-  bin 0 (p̂ held): the ceiling of the larger-n lever read off the n samples drawn. Not a
-  certificate (the counts are not drawn); scale 1 is the chain's own decision."""
+  bin 0 (p̂ held): what a larger node n would give, extrapolated from the n samples drawn.
+  Neither a certificate (the counts are not drawn) nor a bound (a real draw may land on the
+  other side of τ); scale 1 is the chain's own decision."""
   if scale == 1:
     return thresholded.node_decision
 
@@ -130,7 +131,8 @@ def swept(run: str, node_n: int, split: str, args, cache: dict, fixed=None) -> d
 def price_parts(cert, ids, tests, labels, fixed: dict, default: float) -> dict:
   """Where the price goes, in ACR (each part a sum over its images ÷ all images, so the parts
   add up): per group of images (moved: certified off the default σ; kept: certified at it;
-  node abstained: the class test certified, a node on the path did not decide), "choices" is
+  node abstained: the class test certified, a node on the path did not decide; class test
+  abstained: at the σ chosen, or at σ_1 where a node abstained too), "choices" is
   the expert's own CERTIFY at α at the chosen σ, "class_test" the chain's class test at
   α − β there (other samples: the difference is the smaller α and sampling noise), "sound"
   the certificate, min(node radii, class radius). `cert` and `tests` in the order of `ids`."""
@@ -139,10 +141,12 @@ def price_parts(cert, ids, tests, labels, fixed: dict, default: float) -> dict:
   test_at = lambda field: np.array([tests[s][field][j] for j, s in enumerate(chosen)])
   class_radius = np.where(test_at(0) == labels, test_at(1), 0.0)
   sound = np.where(cert.prediction == labels, cert.radius, 0.0)
-  node_abstained = (cert.prediction == sampler.ABSTAIN) & (test_at(0) != sampler.ABSTAIN)
-  moved = (chosen != np.float32(default)) & ~node_abstained
-  groups = {"all": np.ones(len(chosen), bool), "moved": moved,
-            "kept": ~moved & ~node_abstained, "node abstained": node_abstained}
+  certified = cert.prediction != sampler.ABSTAIN
+  class_certified = test_at(0) != sampler.ABSTAIN
+  off_default = chosen != np.float32(default)
+  groups = {"all": np.ones(len(chosen), bool), "moved": certified & off_default,
+            "kept": certified & ~off_default, "node abstained": ~certified & class_certified,
+            "class test abstained": ~certified & ~class_certified}
   return {name: {"images": int(mask.sum()), "choices": float(expert[mask].sum() / len(mask)),
                  "class_test": float(class_radius[mask].sum() / len(mask)),
                  "sound": float(sound[mask].sum() / len(mask))}
@@ -224,6 +228,9 @@ def table(out: dict) -> str:
   lines.append(f"| label oracle over the experts (not a certificate) | | "
                f"{cells(o['certified_accuracy'])} | {down(o['acr'])} | {down(o['acr'] / best)} "
                "| | | |")
+  if out.get("split") == "holdout":  # --screen
+    lines.insert(0, "Held-out examples (--screen): each variant's τ chosen on these same "
+                    "images, the fixed rows the class tests at α − β.\n")
   return "\n".join(lines + gaps + ["", parts_table(out)])
 
 
@@ -242,6 +249,14 @@ def parts_table(out: dict) -> str:
                    f"| {down(p['class_test'])} | {down(p['sound'])} "
                    f"| {p['choices'] - p['class_test']:.3f} | {p['class_test'] - p['sound']:.3f} |")
   return "\n".join(lines)
+
+
+def scales(text: str) -> list:
+  """--project's node n scales: integers ≥ 2."""
+  values = [int(s) for s in text.split(",") if s]
+  if any(v < 2 for v in values):
+    raise argparse.ArgumentTypeError(f"projection scales must be integers >= 2; got {text}")
+  return values
 
 
 def rows_summary(rows: dict) -> dict:
@@ -265,8 +280,10 @@ def summary(args, fixed: dict, variants) -> dict:
   """The levers JSON: the fixed rows, the label oracle over them (per image the largest radius
   where correct), and the variants."""
   ids = list(next(iter(fixed.values())))
-  oracle = rows_summary({i: max((rows[i] for rows in fixed.values()),
-                                key=lambda rc: rc[0] * rc[1]) for i in ids})
+  if any(set(rows) != set(ids) for rows in fixed.values()):
+    raise ValueError("the fixed rows hold different images")
+  oracle = rows_summary({i: max((rows[i] for rows in fixed.values()),  # correct, then largest
+                                key=lambda rc: (rc[1], rc[0])) for i in ids})
   fixed_out = {f"{s:g}": rows_summary(rows) for s, rows in fixed.items()}
   best = max(f["acr"] for f in fixed_out.values())
   return {"fixed": fixed_out, "oracle": oracle, "oracle_ratio": oracle["acr"] / best,
@@ -280,7 +297,7 @@ def main(argv=None) -> int:
   parser.add_argument("--table", default="", help="print the table of this levers JSON, only")
   parser.add_argument("--runs", help="selector workdirs, commas between")
   parser.add_argument("--node-n", default="0", help="node n values (0: --n), commas between")
-  parser.add_argument("--project", type=lambda v: [int(s) for s in v.split(",") if s],
+  parser.add_argument("--project", type=scales,
                       default=[], help="node n scales to project from the counts drawn "
                       "(projected: p̂ held, not a certificate), commas between")
   parser.add_argument("--experts", help="certify.experts: one run per grid σ")
@@ -322,6 +339,9 @@ def main(argv=None) -> int:
   best_fixed = max(rows_summary(rows)["acr"] for rows in fixed.values())
   variants = []
   for run in args.runs.split(","):
+    if args.screen and split_class_tests(run, "holdout", args, caches) is not tests:
+      raise ValueError(f"{run} draws other class tests than {first}: --screen's fixed rows "
+                       "are the first run's")
     for node_n in (int(v) for v in args.node_n.split(",")):
       held_outs = swept(run, node_n, "holdout", args, caches, fixed if args.screen else None)
       rows = held_outs if args.screen else swept(run, node_n, "test", args, caches, fixed)
@@ -336,7 +356,8 @@ def main(argv=None) -> int:
               "projected": scale != 1, "default_route": default, "tau": tau,
               "held_out": {f"{t:g}": {k: v for k, v in s.items() if k not in ("sigma", "idx")}
                            for t, s in held_out.items()},
-              "test": {k: v for k, v in row.items() if k not in ("sigma", "idx")},
+              "test": {k: v for k, v in row.items() if k not in ("sigma", "idx")}
+                      | {"projected": scale != 1},
               "sound_ratio": row["acr"] / best_fixed, "choices_acr": choices,
               "choices_ratio": choices / best_fixed, "price": choices - row["acr"],
               "sigma_shares": {f"{s:g}": float(np.mean(row["sigma"] == s))

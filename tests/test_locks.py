@@ -53,3 +53,11 @@ def test_a_stop_received_by_a_nested_stop_request_reaches_the_outer_one_at_exit(
       pass
     assert not quiet.requested
   assert signal.getsignal(signal.SIGTERM) == before
+  called = []  # a handler not a StopRequest's gets nothing passed on: the stop was handled
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: called.append(signum))
+  try:
+    with checkpoints.StopRequest() as alone:
+      os.kill(os.getpid(), signal.SIGTERM)
+    assert alone.requested and called == []
+  finally:
+    signal.signal(signal.SIGTERM, previous)

@@ -6,6 +6,7 @@ one."""
 
 import json
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,24 @@ def toy_recipe(tmp_path, recipe=fashion_mnist_sound):
   config.certify.update(n0=16, n=100, batch=64, instances=4, skip=2)
   config.certify.thresholded.sweep = (0.2, 0.6, 0.9)
   return config
+
+
+def test_an_expert_s_config_switches_off_every_stage_after_the_base_model():
+  from instars_jax import plugins
+  from instars_jax.train import stages
+  for recipe in (fashion_mnist_sound, cifar10_sound):
+    config = recipe.get_config()
+    config.train.finetune.epochs = 3  # on here, off in the experts
+    alone = sigma_experts.expert_config(config, 0.5)
+    later = [name for name in stages.modules(config) if name != stages.BASE]
+    assert len(later) == 4
+    for name in later:
+      module = plugins.load(stages.__name__, name)
+      try:
+        on = bool(module.stages(SimpleNamespace(config=config)))
+      except AttributeError:  # it went on to build its stage from the run's context: on
+        on = True
+      assert on and module.stages(SimpleNamespace(config=alone)) == []
 
 
 def certified(config, workdir):
@@ -73,10 +92,14 @@ def levers_of_the_run(straight, expert, straight_rows, tuned, capsys, monkeypatc
   assert parts["all"]["choices"] == pytest.approx(same_n["choices_acr"])
   assert parts["all"]["sound"] == pytest.approx(same_n["test"]["acr"])
   for field in ("images", "choices", "class_test", "sound"):
-    assert parts["all"][field] == pytest.approx(sum(parts[g][field] for g in
-                                                    ("moved", "kept", "node abstained")))
+    assert parts["all"][field] == pytest.approx(sum(parts[g][field] for g in (
+        "moved", "kept", "node abstained", "class test abstained")))
+  for group in ("moved", "kept"):  # the nodes' caps only take radius away
+    assert parts[group]["class_test"] >= parts[group]["sound"] - 1e-12
+  assert parts["moved"]["images"] / parts["all"]["images"] == pytest.approx(same_n["test"]["moved"])
   # 10× the node's n at the share it saw: bounds nearer p̂, so no radius shrinks at any τ
   assert (high_10["projected"], same_10["node_n"], same_n["projected"]) == (True, 1000, False)
+  assert same_10["test"]["projected"] and not same_n["test"]["projected"]
   for tau, own in same_n["held_out"].items():
     assert same_10["held_out"][tau]["acr"] >= own["acr"] - 1e-12
   assert any(same_10["held_out"][t]["acr"] > own["acr"] for t, own in same_n["held_out"].items())
@@ -90,7 +113,7 @@ def levers_of_the_run(straight, expert, straight_rows, tuned, capsys, monkeypatc
   for part in chosen["test"]["price_parts"].values():  # the fixed rows are the class tests
     assert part["choices"] == pytest.approx(part["class_test"])
   shown = selector_levers.table(out).splitlines()  # header, 2 fixed, 8 variants, oracle, 8 gaps
-  assert len(shown) == 2 + 2 + 8 + 1 + 8 + 1 + 2 + 8 * 4  # and the price parts: 8 × 4 groups
+  assert len(shown) == 2 + 2 + 8 + 1 + 8 + 1 + 2 + 8 * 5  # and the price parts: 8 × 5 groups
   assert shown[2].startswith("| fixed σ = 0.5 | |")
 
 

@@ -47,6 +47,7 @@ class StopRequest:
     self.received = []
 
   def __enter__(self):
+    self.received = []
     def handler(signum, frame):
       del frame
       self.requested = True

@@ -9,7 +9,7 @@ config (--config=configs/x.py:my_pkg.my_stage; config.plugins). A stage module d
                         run's, because the stage compares the settings its checkpoints were
                         made with itself (a finished run can add the stage); otherwise a
                         changed setting refuses the resume (Workdir.check_resumable)
-  OFF                   a literal dict, required after the base model (ORDER > 0): values
+  OFF                   a literal dict, required of every stage module but the base: values
                         of its section's settings with which it adds no stage; an expert's
                         run (sigma_experts) trains the base model alone (`base_only`)
   validate(config)      ValueError naming a bad value of its settings
@@ -81,6 +81,8 @@ class Context:
     return cls(config, workdir, dataset, sharder, stop, facts, history, train_run)
 
 
+BASE = "base"  # the stage module of the base model, which base_only keeps
+
 def modules(config) -> list:
   """The stage modules of the package and the outside ones config.plugins names, in the order
   of their ORDER."""
@@ -108,15 +110,19 @@ def base_only(config):
   applied to its section. ValueError naming a later stage module that declares no OFF."""
   alone = config.copy_and_resolve_references()
   for name in modules(config):
-    path = plugins.source_path(__name__, name)
-    if plugins.literal(path, "ORDER") <= 0:
+    if name == BASE:
       continue
-    off = plugins.literals(path, "OFF").get("OFF")
+    off = plugins.literals(plugins.source_path(__name__, name), "OFF").get("OFF")
     if off is None:
       raise ValueError(f"the stage module {name} declares no OFF (its settings that add no "
                        "stage), so a run of the base model alone (train.experts) cannot "
                        "switch it off")
-    alone.train[plugins.section_name(__name__, name)].update(off)
+    section = alone.train[plugins.section_name(__name__, name)]
+    unknown = sorted(set(off) - set(section))
+    if unknown:
+      raise ValueError(f"the stage module {name}'s OFF names settings its section lacks: "
+                       f"{', '.join(unknown)}")
+    section.update(off)
   return alone
 
 
