@@ -16,10 +16,10 @@ Stages of the one train.py run, each resuming after SIGTERM or kill -9:
 4. tune_threshold: τ of the thresholded chain on 300 held-out examples (every 20th), both
    default routes swept, written to DIR/tuned.json.
 certify.py then certifies the thresholded chain with the two experts behind its class test
-(the best sound kind on held-out data here) at the tuned τ. Not yet run end to end at this
-size: its stages, run apart on a shared 2-core Zen 3, took 8 + 14 min (the experts), about
-50 min (the labels' profiles, 16 min alone on an Intel Xeon), 8 min an epoch for the node
-(with the held-out scoring; 83 s alone on the Xeon) and about 13 min for τ (docs/results.md).
+(the best sound kind on held-out data here) at the tuned τ. Stages 1–3 ran at this size in one
+run on a 2-core Zen 3 beside other jobs: 830 s, 822 s, 78 min for the labels' profiles and
+9 min for the node's 2 epochs; the tuning (about 13 min) and the test certification have not
+been run at this size yet (docs/results.md).
 tests/test_recipe.py runs every stage at toy size, stopped in each and resumed.
 """
 
