@@ -25,22 +25,12 @@ label oracle off the same images).
 """
 
 from configs import cifar10_small
+from configs.fashion_mnist_sound import sound_recipe
 
 EXPERTS = "{workdir}/experts/sigma_0.25,{workdir}/experts/sigma_0.5,{workdir}"  # grid order
 
 
 def get_config(outside: str = ""):  # outside plug-ins: configs/default.get_config
-  config = cifar10_small.get_config(outside)
-  config.train.insta = False
-  config.train.stage1_noise = "sigma"  # every epoch at train.sigma (Cohen et al.)
-  config.train.sigma = 1.0
-  config.train.holdout = 0.1
-  config.train.table.grid = (0.25, 0.5, 1.0)
-  config.train.table.n = 10_000
-  config.train.experts.sigmas = (0.25, 0.5)
-  config.train.estimator.update(epochs=2, router=True, label_samples=100, experts=EXPERTS,
-                                gain_weight=True, balance_bins=True)
-  config.train.tune.threshold = True
-  config.certify.update(sigma_mode="instance", certificate="thresholded", experts=EXPERTS,
-                        n=10_000, skip=20, max=-1)
+  config = sound_recipe(cifar10_small.get_config(outside), (0.25, 0.5, 1.0), EXPERTS)
+  config.certify.max = -1  # every 20th of all 10,000 test images (cifar10_small: the first 2,000)
   return config
