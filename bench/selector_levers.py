@@ -118,13 +118,14 @@ def swept(run: str, node_n: int, split: str, args, cache: dict, fixed=None) -> d
   for scale in (1, *args.project):
     found = thresholded.sweep(smoothed, chain, grid, x, ids, beta, args.taus, tests, args.shared,
                               counts, projected(scale))
-    out[scale] = {
-        tau: tune.summary(labels, [cert], tune.default_sigma(grid, tau))
-        | {"sigma": cert.sigma, "idx": ids, "node_sigma": [node.sigma for node in chain],
-           "node_n": chain[0].n * scale}
-        | ({"price_parts": price_parts(cert, ids, tests, labels, fixed,
-                                       tune.default_sigma(grid, tau))} if fixed is not None else {})
-        for tau, cert in found.items()}
+    out[scale] = {}
+    for tau, cert in found.items():
+      default = tune.default_sigma(grid, tau)
+      out[scale][tau] = tune.summary(labels, [cert], default) | {
+          "sigma": cert.sigma, "idx": ids, "node_sigma": [node.sigma for node in chain],
+          "node_n": chain[0].n * scale}
+      if fixed is not None:
+        out[scale][tau]["price_parts"] = price_parts(cert, ids, tests, labels, fixed, default)
   return out
 
 
@@ -138,11 +139,13 @@ def price_parts(cert, ids, tests, labels, fixed: dict, default: float) -> dict:
   the certificate, min(node radii, class radius). `cert` and `tests` in the order of `ids`."""
   chosen = np.asarray(cert.sigma, np.float32)
   expert = np.array([r if c else 0.0 for r, c in (fixed[s][int(i)] for s, i in zip(chosen, ids))])
-  test_at = lambda field: np.array([tests[s][field][j] for j, s in enumerate(chosen)])
-  class_radius = np.where(test_at(0) == labels, test_at(1), 0.0)
+  class_prediction, class_radius = (
+      np.array([getattr(tests[s], field)[j] for j, s in enumerate(chosen)])
+      for field in ("prediction", "radius"))
+  class_radius = np.where(class_prediction == labels, class_radius, 0.0)
   sound = np.where(cert.prediction == labels, cert.radius, 0.0)
   certified = cert.prediction != sampler.ABSTAIN
-  class_certified = test_at(0) != sampler.ABSTAIN
+  class_certified = class_prediction != sampler.ABSTAIN
   off_default = chosen != np.float32(default)
   groups = {"all": np.ones(len(chosen), bool), "moved": certified & off_default,
             "kept": certified & ~off_default, "node abstained": ~certified & class_certified,
@@ -260,12 +263,8 @@ def scales(text: str) -> list:
 
 
 def rows_summary(rows: dict) -> dict:
-  """{"certified_accuracy", "acr"} of one fixed row ({idx: (radius, correct)})."""
-  radius, correct = (np.array(v) for v in zip(*rows.values()))
-  radii = analyze.DEFAULT_RADII
-  accuracy = analyze.certified_accuracy(radius, correct, radii)
-  return {"certified_accuracy": {analyze.radius_key(r): float(a) for r, a in zip(radii, accuracy)},
-          "acr": analyze.average_certified_radius(radius, correct)}
+  """analyze.radius_summary of one fixed row ({idx: (radius, correct)})."""
+  return analyze.radius_summary(*(np.array(v) for v in zip(*rows.values())))
 
 
 def tests_as_fixed(tests: dict, batch: dict) -> dict:
@@ -282,8 +281,8 @@ def summary(args, fixed: dict, variants) -> dict:
   ids = list(next(iter(fixed.values())))
   if any(set(rows) != set(ids) for rows in fixed.values()):
     raise ValueError("the fixed rows hold different images")
-  oracle = rows_summary({i: max((rows[i] for rows in fixed.values()),  # correct, then largest
-                                key=lambda rc: (rc[1], rc[0])) for i in ids})
+  stacked = np.array([[rows[i] for i in ids] for rows in fixed.values()])  # [σ, image, 2]
+  oracle = analyze.radius_summary(*analyze.label_oracle(stacked[..., 0], stacked[..., 1]))
   fixed_out = {f"{s:g}": rows_summary(rows) for s, rows in fixed.items()}
   best = max(f["acr"] for f in fixed_out.values())
   return {"fixed": fixed_out, "oracle": oracle, "oracle_ratio": oracle["acr"] / best,

@@ -51,20 +51,24 @@ def radius_key(r: float) -> str:
   return f"{r:g}"
 
 
+def radius_summary(radius, correct, radii=DEFAULT_RADII) -> dict:
+  """{"certified_accuracy": {r: fraction}, "acr"} of rows with these radii and correctness."""
+  accuracy = certified_accuracy(radius, correct, radii)
+  return {"certified_accuracy": {radius_key(r): float(a) for r, a in zip(radii, accuracy)},
+          "acr": average_certified_radius(radius, correct)}
+
+
 def summarize(path, radii=DEFAULT_RADII) -> dict:
   """One file's numbers: {"file", "n", "certificate", "certified_accuracy", "acr"}."""
   table = results.read_results(path)
   metadata = results.read_metadata(path)
-  accuracy = certified_accuracy(table["radius"], table["correct"], radii)
   return {
       "file": str(path),
       "n": int(len(table["idx"])),
       "certificate": metadata.get("certificate", UNLABELLED),
       "sound": metadata.get("sound", True),
       "certificate_meaning": metadata.get("certificate_meaning", ""),
-      "certified_accuracy": {radius_key(r): float(a) for r, a in zip(radii, accuracy)},
-      "acr": average_certified_radius(table["radius"], table["correct"]),
-  }
+  } | radius_summary(table["radius"], table["correct"], radii)
 
 
 ORACLE = "label oracle (knows the label: not a certificate)"
@@ -74,10 +78,8 @@ def oracle_summary(paths, radii=DEFAULT_RADII) -> dict:
   """summarize's dict for the label oracle over `paths` (`oracle_radii`)."""
   radius, hit = oracle_radii(paths)
   return {"file": "oracle over " + ", ".join(Path(p).name for p in paths), "n": len(radius),
-          "certificate": ORACLE, "sound": False, "certificate_meaning": "",
-          "certified_accuracy": {radius_key(r): float(a) for r, a in
-                                 zip(radii, certified_accuracy(radius, hit, radii))},
-          "acr": average_certified_radius(radius, hit)}
+          "certificate": ORACLE, "sound": False,
+          "certificate_meaning": ""} | radius_summary(radius, hit, radii)
 
 
 def oracle_radii(paths) -> tuple:
@@ -93,8 +95,14 @@ def oracle_radii(paths) -> tuple:
   labels = [t["label"][o] for t, o in zip(tables, order)]
   if any(not np.array_equal(label, labels[0]) for label in labels[1:]):
     raise ValueError("--oracle needs files with the same labels for each test image")
-  correct = np.stack([t["correct"][o] == 1 for t, o in zip(tables, order)])
-  radius = np.stack([t["radius"][o] for t, o in zip(tables, order)])
+  return label_oracle(np.stack([t["radius"][o] for t, o in zip(tables, order)]),
+                      np.stack([t["correct"][o] == 1 for t, o in zip(tables, order)]))
+
+
+def label_oracle(radius, correct) -> tuple:
+  """(radius, correct) of the label oracle from [files, images] arrays of the same images:
+  per image the largest radius among the files where it is correct (0 where none is)."""
+  correct = np.asarray(correct, bool)
   best = np.max(np.where(correct, radius, -np.inf), axis=0)
   hit = correct.any(axis=0)
   return np.where(hit, best, 0.0), hit.astype(int)

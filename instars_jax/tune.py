@@ -97,15 +97,11 @@ def summary(label, certs, default) -> dict:
   prediction = np.concatenate([c.prediction for c in certs])
   radius = np.concatenate([c.radius for c in certs])
   sigma = np.concatenate([c.sigma for c in certs])
-  correct = prediction == label
-  accuracy = analyze.certified_accuracy(radius, correct, analyze.DEFAULT_RADII)
-  return {"acr": analyze.average_certified_radius(radius, correct),
-          "certified_accuracy": {analyze.radius_key(r): float(a)
-                                 for r, a in zip(analyze.DEFAULT_RADII, accuracy)},
-          "default_sigma": default,
-          # certified at a σ off the default route (a node's abstention reports σ_1: excluded)
-          "moved": float(np.mean((sigma != np.float32(default)) & (prediction != sampler.ABSTAIN))),
-          "abstain": float(np.mean(prediction == sampler.ABSTAIN))}
+  return analyze.radius_summary(radius, prediction == label) | {
+      "default_sigma": default,
+      # certified at a σ off the default route (a node's abstention reports σ_1: excluded)
+      "moved": float(np.mean((sigma != np.float32(default)) & (prediction != sampler.ABSTAIN))),
+      "abstain": float(np.mean(prediction == sampler.ABSTAIN))}
 
 
 def best_threshold(summaries: dict) -> float:

@@ -46,26 +46,25 @@ class StopRequest:
     self.requested = False
     self.received = []
 
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = True
+    self.received.append(signum)
+
   def __enter__(self):
-    self.received = []
-    def handler(signum, frame):
-      del frame
-      self.requested = True
-      self.received.append(signum)
-    self.previous = {}
+    self.received, self.previous = [], {}
     signals = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
     if threading.current_thread() is threading.main_thread():  # elsewhere signals can't be set
-      self.previous = {sig: signal.signal(sig, handler) for sig in signals}
+      self.previous = {sig: signal.signal(sig, self._handle) for sig in signals}
     return self
 
   def __exit__(self, *exc):
     for sig, previous in self.previous.items():
       signal.signal(sig, previous)
-    outer = {sig: h for sig, h in self.previous.items()
-             if getattr(h, "__qualname__", "").startswith(f"{StopRequest.__qualname__}.")}
     for sig in dict.fromkeys(self.received):
-      if sig in outer:
-        outer[sig](sig, None)
+      outer = self.previous.get(sig)
+      if isinstance(getattr(outer, "__self__", None), StopRequest):
+        outer(sig, None)
 
 
 def manager(directory, every_steps: int = 0, keep=()) -> ocp.CheckpointManager:

@@ -83,6 +83,7 @@ class Context:
 
 BASE = "base"  # the stage module of the base model, which base_only keeps
 
+
 def modules(config) -> list:
   """The stage modules of the package and the outside ones config.plugins names, in the order
   of their ORDER."""
