@@ -20,7 +20,7 @@ from helpers import (Killed, as_experts, event_values, make_toy_config, metrics_
 from configs import default
 from instars_jax import data
 from instars_jax.storage import checkpoints
-from instars_jax.storage.workdir import CONFIG_FILE, Workdir
+from instars_jax.storage.workdir import CONFIG_FILE, TrainingFacts, Workdir
 from instars_jax.parallel import Sharder
 from instars_jax.selection import estimator
 from instars_jax.train import actions, loop, sigma_table, stages, steps
@@ -47,6 +47,23 @@ def same_params(a, b) -> None:
   for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
     np.testing.assert_array_equal(x, y)
 
+
+
+def test_the_per_epoch_test_accuracy_reads_every_class_of_a_split_stored_class_by_class():
+  # A model that always says class 0, on 3 classes stored 10 by 10 (as cifar10_jpeg's test
+  # split is): 6 examples spread evenly hold 2 of class 0 (1/3); the first 6 would all be.
+  config = default.get_config()
+  config.train.update(eval_examples=6, batch_size=4)
+  state = state_lib.create_train_state(
+      config, TrainingFacts((28, 28, 1), 3, "fashion_mnist", 30, 1, "toy"))
+  head = state.params["Dense_1"]
+  params = {**state.params, "Dense_1": {"kernel": jnp.zeros_like(head["kernel"]),
+                                       "bias": jnp.array([1.0, 0.0, 0.0])}}
+  state = state.replace(params=params)
+  split = data.Split(np.zeros((30, 28, 28), np.uint8), np.repeat(np.arange(3), 10))
+  accuracy = steps.evaluate(state, split, Sharder(), config, 0.5)
+  assert accuracy == {"test_clean_accuracy": pytest.approx(1 / 3),
+                      "test_noisy_accuracy": pytest.approx(1 / 3)}
 
 def test_killed_training_resumes_to_the_same_parameters_and_metrics(tmp_path, monkeypatch):
   config = make_toy_config(tmp_path)

@@ -120,9 +120,12 @@ def eval_step(state: TrainState, batch, key, sigma):
 
 
 def evaluate(state, split, sharder, config, sigma) -> dict:
-  """Clean and noisy test accuracy on the first `train.eval_examples` test examples."""
+  """Clean and noisy test accuracy on `train.eval_examples` test examples spread evenly over
+  the split (every (len // eval_examples)-th): a split stored class by class, as
+  cifar10_jpeg's is, gives every class its share, where its first examples would be one class."""
   limit = min(len(split), config.train.eval_examples or len(split))
-  subset = data.Split(split.images, split.labels[:limit])
+  chosen = np.arange(limit) * (len(split) // limit)
+  subset = split.subset(chosen)
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), Stream.EVAL_NOISE)
   totals = {"clean": 0.0, "noisy": 0.0, "count": 0.0}
   for batch in data.batches(subset, config.train.batch_size, host_id=jax.process_index(),
