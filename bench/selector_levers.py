@@ -42,7 +42,6 @@ from instars_jax import analyze, certification, data, tune  # noqa: E402
 from instars_jax.certificates import fixed_sigma, router, thresholded  # noqa: E402
 from instars_jax.selection import estimator  # noqa: E402
 from instars_jax.smoothing import sampler  # noqa: E402
-from instars_jax.storage import results  # noqa: E402
 from instars_jax.storage.results import format_down  # noqa: E402
 from instars_jax.storage.workdir import Workdir  # noqa: E402
 
@@ -181,23 +180,6 @@ def class_tests(smoothed, grid, x, ids, beta, args, drawn: list, cache: dict) ->
   return tests
 
 
-def fixed_rows(paths) -> dict:
-  """{float32 σ: {idx: (radius, correct)}} from the experts' fixed-σ TSVs."""
-  rows = {}
-  for path in paths:
-    table = results.read_results(path)
-    sigma = np.float32(results.read_metadata(path)["sigma"])
-    rows[sigma] = {int(i): (float(r), int(c) == 1)
-                   for i, r, c in zip(table["idx"], table["radius"], table["correct"])}
-  return rows
-
-
-def choices_acr(sigma, ids, fixed: dict) -> float:
-  """ACR of each image at the σ the chain chose, with that expert's own CERTIFY at α."""
-  radius = [fixed[np.float32(s)][int(i)] for s, i in zip(sigma, ids)]
-  return float(np.mean([r if c else 0.0 for r, c in radius]))
-
-
 def table(out: dict) -> str:
   """The markdown table of a levers JSON: the fixed rows, each variant's sound row with its
   ratio, share moved, choices' ratio and price, the oracle, and each sound row's gap to the
@@ -331,7 +313,7 @@ def main(argv=None) -> int:
       split_class_tests(first, split, args, caches)
     return 0
   if args.fixed:
-    fixed = fixed_rows(args.fixed.split(","))
+    fixed = analyze.fixed_rows(args.fixed.split(","))
   else:
     tests = split_class_tests(first, "holdout", args, caches)
     fixed = tests_as_fixed(tests, caches["holdout"]["batch"])
@@ -349,7 +331,7 @@ def main(argv=None) -> int:
                               ("chosen on held-out", list(args.taus))):
           tau = tune.best_threshold({t: held_out[t] for t in taus})
           row = rows[scale][tau]
-          choices = choices_acr(row["sigma"], row["idx"], fixed)
+          choices = analyze.choices_acr(row["sigma"], row["idx"], fixed)
           variants.append({
               "run": run, "node_n": row["node_n"], "node_sigma": row["node_sigma"],
               "projected": scale != 1, "default_route": default, "tau": tau,

@@ -108,6 +108,41 @@ def label_oracle(radius, correct) -> tuple:
   return np.where(hit, best, 0.0), hit.astype(int)
 
 
+def fixed_rows(paths) -> dict:
+  """{float32 σ: {idx: (radius, correct)}} from fixed-σ results files (one σ each)."""
+  rows = {}
+  for path in paths:
+    table = results.read_results(path)
+    sigma = np.float32(results.read_metadata(path)["sigma"])
+    rows[sigma] = {int(i): (float(r), int(c) == 1)
+                   for i, r, c in zip(table["idx"], table["radius"], table["correct"])}
+  return rows
+
+
+def choices_acr(sigma, ids, fixed: dict) -> float:
+  """The choices' ACR: each image at the σ an instance-wise row chose, with that σ's own
+  fixed-σ certificate (`fixed_rows`), no selector's cap or α split. The row's price is this
+  minus its own ACR."""
+  radius = [fixed[np.float32(s)][int(i)] for s, i in zip(sigma, ids)]
+  return float(np.mean([r if c else 0.0 for r, c in radius]))
+
+
+def with_choices(summaries, oracle_paths) -> list:
+  """The summaries of instance-wise rows whose every σ has a fixed-σ file among
+  `oracle_paths` on the same images, with `choices_acr` and `price` (choices − ACR)."""
+  fixed = fixed_rows([p for p in oracle_paths if "sigma" in results.read_metadata(p)])
+  out = []
+  for s in summaries:
+    table = results.read_results(s["file"])
+    if ("sigma" in table and "sigma" not in results.read_metadata(s["file"])
+        and all(int(i) in fixed.get(np.float32(v), ()) for v, i in zip(table["sigma"],
+                                                                     table["idx"]))):
+      choices = choices_acr(table["sigma"], table["idx"], fixed)
+      s = s | {"choices_acr": choices, "price": choices - s["acr"]}
+    out.append(s)
+  return out
+
+
 def with_oracle_shares(summaries, oracle: dict, pool) -> list:
   """The summaries with each one's `oracle_gain_share`: (ACR − best of `pool`) / (oracle ACR −
   best of `pool`), `pool` being the summaries of the oracle's files."""
@@ -122,8 +157,10 @@ def markdown_table(summaries, radii=DEFAULT_RADII) -> str:
   (and each one's share of the oracle's gain, when the summaries have it), every number
   rounded down (results.format_down; --format json gives them in full)."""
   shares = all("oracle_gain_share" in s for s in summaries)
+  prices = any("price" in s for s in summaries)
   header = (["file", "n"] + [f"r = {radius_key(r)}" for r in radii] + ["ACR"]
-            + (["share of oracle gain"] if shares else []) + ["certificate"])
+            + (["share of oracle gain"] if shares else [])
+            + (["choices' ACR", "price"] if prices else []) + ["certificate"])
   lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
   for s in summaries:
     cells = [s["file"], str(s["n"])]
@@ -132,6 +169,9 @@ def markdown_table(summaries, radii=DEFAULT_RADII) -> str:
     if shares:
       share = format_down(s["oracle_gain_share"], 2)
       cells += [share if share.startswith("-") else "+" + share]
+    if prices:
+      cells += ([format_down(s["choices_acr"], 3), format_down(s["price"], 3)] if "price" in s
+                else ["", ""])
     cells += [shown_kind(s["certificate"], s["sound"])]
     lines.append("| " + " | ".join(cells) + " |")
   meanings = {shown_kind(s["certificate"], s["sound"]): s["certificate_meaning"]
@@ -241,7 +281,7 @@ def main(argv=None) -> int:
     summaries = [summarize(f, args.radii) for f in files]
     if args.oracle:
       oracle = oracle_summary(args.oracle, args.radii)
-      summaries = with_oracle_shares(summaries + [oracle], oracle,
+      summaries = with_oracle_shares(with_choices(summaries, args.oracle) + [oracle], oracle,
                                      summaries[: len(args.oracle)])
   except (FileNotFoundError, ValueError) as error:
     parser.error(str(error))

@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,10 +147,11 @@ def test_writer_resumes_and_drops_a_torn_line(small_results):
   np.testing.assert_allclose(table["radius"], [0.8, 0.3, 0.0, 0.9, 0.5])
 
 
-def write_rows(path, rows, metadata):
+def write_rows(path, rows, metadata, sigmas=None):
   writer = results.ResultsWriter(path)
+  sigmas = sigmas or [metadata.get("sigma", 0.5)] * len(rows)
   writer.write([dict(idx=i, label=y, predict=p, radius=r, correct=int(p == y), time=0.1,
-                     sigma=0.5, samples=100) for i, y, p, r in rows])
+                     sigma=s, samples=100) for (i, y, p, r), s in zip(rows, sigmas)])
   results.write_metadata(path, metadata)
   return path
 
@@ -183,3 +185,26 @@ def test_the_label_oracle_takes_the_largest_correct_radius_per_image(tmp_path, c
     analyze.main(["--oracle", str(small), str(other)])
   assert "same test images" in capsys.readouterr().err
 
+
+def test_an_instance_wise_row_s_choices_and_price_are_read_off_the_fixed_sigma_files(tmp_path,
+                                                                                    capsys):
+  # The chooser certifies images 0 and 2 at σ = 1.0 (0.6, 1.0), 1 at 0.5 (0.3), 3 wrongly at
+  # 0.5: ACR 0.475. Its choices on the experts' own rows: 0.8 + 0.4 + 1.2 + 0 → 0.6; price 0.125.
+  small = write_rows(tmp_path / "small.tsv", [(0, 1, 1, 0.3), (1, 2, 2, 0.4), (2, 0, 1, 0.2),
+                                              (3, 1, 0, 0.1)], {"sigma": 0.5})
+  large = write_rows(tmp_path / "large.tsv", [(0, 1, 1, 0.8), (1, 2, 0, 0.5), (2, 0, 0, 1.2),
+                                              (3, 1, 2, 0.9)], {"sigma": 1.0})
+  rows = [(0, 1, 1, 0.6), (1, 2, 2, 0.3), (2, 0, 0, 1.0), (3, 1, 2, 0.0)]
+  chooser = write_rows(tmp_path / "chooser.tsv", rows, {"certificate": "thresholded"},
+                       sigmas=[1.0, 0.5, 1.0, 0.5])
+  elsewhere = write_rows(tmp_path / "elsewhere.tsv", rows, {"certificate": "thresholded"},
+                         sigmas=[1.0, 0.25, 1.0, 0.5])  # σ = 0.25 has no file: no price
+  assert analyze.main([str(chooser), str(elsewhere), "--oracle", str(small), str(large),
+                       "--format", "json"]) == 0
+  summaries = {Path(r["file"]).stem: r for r in json.loads(capsys.readouterr().out)}
+  assert summaries["chooser"]["acr"] == pytest.approx(0.475)
+  assert summaries["chooser"]["choices_acr"] == pytest.approx(0.6)
+  assert summaries["chooser"]["price"] == pytest.approx(0.125)
+  assert not {"price", "choices_acr"} & (summaries["elsewhere"].keys() | summaries["small"].keys())
+  analyze.main([str(chooser), "--oracle", str(small), str(large), "--radii", "0"])
+  assert "| choices' ACR | price |" in capsys.readouterr().out
