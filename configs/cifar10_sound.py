@@ -21,9 +21,9 @@ Full size wants an accelerator (the labels' profile pass alone is 45,000 × 100 
 passes). A CPU cannot size it down usefully: on a 2-core Zen 3, ResNet-20 trains at about 35
 images/s, and a run with --config.train.examples=5000 --config.train.epochs=6
 --config.train.estimator.epochs=1 --config.train.estimator.label_samples=16
---config.certify.n=1000 --config.certify.skip=50 (16 min an expert beside another job) gave experts at 21–31%
-noisy accuracy and 234 of 5,000 training examples with any positive radius to label the nodes
-by (docs/results.md).
+--config.certify.n=1000 --config.certify.skip=50 (16 min an expert beside another job) gave
+experts at 21–31% noisy accuracy and 234 of 5,000 training examples with any positive radius
+to label the nodes by (docs/results.md).
 """
 
 from configs import cifar10_small
