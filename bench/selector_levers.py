@@ -137,7 +137,7 @@ def price_parts(cert, ids, tests, labels, fixed: dict, default: float) -> dict:
   α − β there (other samples: the difference is the smaller α and sampling noise), "sound"
   the certificate, min(node radii, class radius). `cert` and `tests` in the order of `ids`."""
   chosen = np.asarray(cert.sigma, np.float32)
-  expert = np.array([r if c else 0.0 for r, c in (fixed[s][int(i)] for s, i in zip(chosen, ids))])
+  expert = analyze.choices_radii(chosen, ids, fixed)
   class_prediction, class_radius = (
       np.array([getattr(tests[s], field)[j] for j, s in enumerate(chosen)])
       for field in ("prediction", "radius"))

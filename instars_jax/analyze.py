@@ -119,12 +119,16 @@ def fixed_rows(paths) -> dict:
   return rows
 
 
+def choices_radii(sigma, ids, fixed: dict) -> np.ndarray:
+  """Each image's radius (0 where wrong) at the σ an instance-wise row chose, with that σ's
+  own fixed-σ certificate (`fixed_rows`): no selector's cap or α split."""
+  return np.array([r if c else 0.0 for r, c in (fixed[np.float32(s)][int(i)]
+                                                  for s, i in zip(sigma, ids))])
+
+
 def choices_acr(sigma, ids, fixed: dict) -> float:
-  """The choices' ACR: each image at the σ an instance-wise row chose, with that σ's own
-  fixed-σ certificate (`fixed_rows`), no selector's cap or α split. The row's price is this
-  minus its own ACR."""
-  radius = [fixed[np.float32(s)][int(i)] for s, i in zip(sigma, ids)]
-  return float(np.mean([r if c else 0.0 for r, c in radius]))
+  """The choices' ACR (the mean of `choices_radii`); a row's price is this minus its ACR."""
+  return float(np.mean(choices_radii(sigma, ids, fixed)))
 
 
 def with_choices(summaries, oracle_paths) -> list:
