@@ -94,14 +94,19 @@ def test_certify_py_reads_the_run_from_its_workdir_alone(trained):
   # from its training command) certify it; the command line may change certify.* only.
   _, workdir, _ = trained
   done = run_cli("certify.py", f"--workdir={workdir}", "--config.certify.sigma_mode=instance",
-                 "--config.certify.max=8")
+                 "--config.certify.max=8", "--config.certify.name=eight")  # its own file
   assert done.returncode == 0, done.stderr[-2000:]
   assert "| locally_constant |" in done.stdout
-  meta = json.loads((workdir / "certify" / "locally_constant.json").read_text())
+  meta = json.loads((workdir / "certify" / "eight.json").read_text())
   assert meta["n"] == 100 and meta["max"] == 8
   assert meta["checkpoint"] == 6 and meta["estimator"]["step"] >= 1
-  # An outside kind's section, named after configs/default.py (which then gives only the
-  # flags' types: the run's settings still come from its workdir).
+
+
+@pytest.mark.slow
+def test_certify_py_takes_an_outside_kind_s_section_after_configs_default(trained):
+  # The kind's section is named after configs/default.py, which then gives only the flags'
+  # types: the run's settings still come from its workdir.
+  _, workdir, _ = trained
   package = workdir.parent / "outside" / "my_pkg"
   package.mkdir(parents=True)
   (package / "__init__.py").write_text("")
@@ -119,13 +124,11 @@ def test_certify_py_reads_the_run_from_its_workdir_alone(trained):
   assert meta["certificate"] == "fixed_deep" and meta["n"] == 100 and meta["max"] == 2
 
 
-# Cases whose failure comes from one mechanism each (flag parsing, config keys, a library
-# ValueError, a missing or damaged run, a busy workdir): `make test` runs these; the rest,
-# the same mechanisms on other inputs, run in the slow tier.
-QUICK = ("unknown config key 'epoch'", "invalid literal for int() with base 10: 'two'",
-         "unexpected arguments: extra", "--config.train.sigma is a setting of the trained run",
-         "certify.alpha must lie in (0, 1)", "no training run in", "is corrupt or incomplete",
-         "the training run in")
+# Cases whose failure comes from one mechanism each (config keys, a command line against the
+# saved run, a library ValueError, a damaged run, a busy workdir): `make test` runs these; the
+# rest, the same mechanisms on other inputs and flag parsing, run in the slow tier.
+QUICK = ("unknown config key 'epoch'", "--config.train.sigma is a setting of the trained run",
+         "certify.alpha must lie in (0, 1)", "is corrupt or incomplete", "the training run in")
 
 
 def bad_input_cases(common, workdir, tmp_path) -> dict:
@@ -193,5 +196,5 @@ def test_bad_input_ends_with_one_line_and_exit_status_2(trained, tmp_path, quick
                 for expected, p in started.items()}
   for expected, (out, err, code) in finished.items():
     one_line_error(subprocess.CompletedProcess((), code, out, err), expected)
-  assert len(cases) == (len(QUICK) if quick else 10)
+  assert len(cases) == (len(QUICK) if quick else 13)
   assert not any((tmp_path / name / "certify").exists() for name in ("stale", "damaged"))

@@ -474,6 +474,7 @@ def numpy_node_margin(logits, targets, *, lbd, mu, gamma, beta, threshold):
   return classification + lbd * kl + mu * targets.sum(-1) * hinge, applies
 
 
+@pytest.mark.slow
 def test_node_margin_s_gradient_matches_finite_differences_and_mu_0_is_consistency():
   # A two-bin tiny model; soft targets of weight 0.5-2 on both bins. The hinge holds the
   # examples the node already routes as their label says, short of the margin γ; it must

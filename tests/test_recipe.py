@@ -63,10 +63,14 @@ def certified(config, workdir):
   return certification.certify_test_set(run, workdir)
 
 
-def levers_of_the_run(straight, expert, straight_rows, tuned, capsys, monkeypatch):
+@pytest.mark.slow
+def test_the_levers_bench_on_the_recipe_s_run(straight_run, capsys, monkeypatch):
   """bench/selector_levers.py on the run: τ chosen on the held-out examples as the tuning stage
   chose it, and the test row at that τ is certify.py's, from class tests shared across the
   node n variants; the choices and the oracle read off the experts' fixed-σ rows."""
+  _, straight, straight_rows = straight_run
+  expert = sigma_experts.expert_dir(straight, 0.5)
+  tuned = json.loads(Workdir(straight).tuned_path.read_text())
   fixed = []
   for workdir, overrides in ((expert, {}), (straight, {"certify.sigma_mode": "fixed"})):
     config = certification.run_config(workdir, overrides)  # the expert: fixed σ by itself
@@ -117,11 +121,19 @@ def levers_of_the_run(straight, expert, straight_rows, tuned, capsys, monkeypatc
   assert shown[2].startswith("| fixed σ = 0.5 | |")
 
 
-def test_the_recipe_stopped_in_every_stage_resumes_to_the_same_tuned_tau_and_results(
-    tmp_path, monkeypatch, capsys):
-  config = toy_recipe(tmp_path)
-  straight = tmp_path / "straight"
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  """The toy recipe run uninterrupted: its config, workdir and certify.py's results file."""
+  root = tmp_path_factory.mktemp("recipe")
+  config = toy_recipe(root)
+  straight = root / "straight"
   loop.train_and_evaluate(config, straight)
+  return config, straight, certified(config, straight)
+
+
+def test_the_recipe_stopped_in_every_stage_resumes_to_the_same_tuned_tau_and_results(
+    straight_run, tmp_path, monkeypatch):
+  config, straight, straight_rows = straight_run
   expert = sigma_experts.expert_dir(straight, 0.5)
   saved = Workdir(expert).read_config()
   assert (saved.train.insta, saved.train.sigma, saved.train.holdout) == (False, 0.5, 0.25)
@@ -132,11 +144,8 @@ def test_the_recipe_stopped_in_every_stage_resumes_to_the_same_tuned_tau_and_res
   assert tuned["settings"]["certify.thresholded.threshold"] in (0.2, 0.6, 0.9)
   swept = tune.tune_thresholds(config, straight)  # the stage's choice is the sweep's best
   assert tuned["settings"]["certify.thresholded.threshold"] == tune.best_threshold(swept)
-  straight_rows = certified(config, straight)
   meta = results.read_metadata(straight_rows)
   assert meta["certificate"] == "thresholded" and [e["sigma"] for e in meta["experts"]] == [0.5, 1.0]
-
-  levers_of_the_run(straight, expert, straight_rows, tuned, capsys, monkeypatch)
 
   resumed = tmp_path / "resumed"
   with sigterm_during_step(monkeypatch, 2, steps):  # the base model, its second step

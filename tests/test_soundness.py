@@ -206,7 +206,7 @@ def test_shared_samples_give_the_class_test_the_node_s_very_draws(linear, monkey
   assert [level for _, _, level in calls["lower"] + calls["upper"]] == [beta / 2] * 2
 
 
-@pytest.mark.parametrize("tau", [0.8, 0.2])
+@pytest.mark.parametrize("tau", [0.8, pytest.param(0.2, marks=pytest.mark.slow)])
 def test_the_chain_on_shared_samples_recomputes_from_its_nodes_draws_and_sweeps_alike(linear,
                                                                                      tau):
   # The x_7 chain (K = 3) with shared samples: each node's counts come from
