@@ -18,8 +18,9 @@ PARTS = ("profile", "ablation_jax", "ablation_noise", "ablation_torch", "recipes
          "cohen_cifar10")
 
 
-@pytest.mark.parametrize("name, published", [("resnet20", 40.8e6), ("resnet110", 253e6),
-                                             ("resnet50", 4.1e9)])
+@pytest.mark.parametrize("name, published", [
+    ("resnet20", 40.8e6), pytest.param("resnet110", 253e6, marks=pytest.mark.slow),
+    pytest.param("resnet50", 4.1e9, marks=pytest.mark.slow)])
 def test_multiply_adds_match_the_published_counts(name, published):
   assert common.multiply_adds(name) == pytest.approx(published, rel=0.01)
 

@@ -61,7 +61,7 @@ def test_killed_certification_resumes_to_the_same_rows(run, monkeypatch):
   assert len(results.read_results(straight)["idx"]) == 12  # every 2nd of 24 test images
 
 
-@pytest.mark.parametrize("stage", ["model", "estimator"])
+@pytest.mark.parametrize("stage", ["model", pytest.param("estimator", marks=pytest.mark.slow)])
 def test_a_results_file_holds_one_model_a_resume_after_a_new_checkpoint_is_refused(run, stage,
                                                                                   monkeypatch):
   # Stopped part-way, then the model (or the estimator) got a newer checkpoint: the same

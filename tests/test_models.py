@@ -15,8 +15,9 @@ from instars_jax.train import state as state_lib
 
 
 @pytest.mark.parametrize("name, shape, classes", [
-    ("lenet", (28, 28), 10), ("resnet20", (32, 32, 3), 10), ("resnet110", (32, 32, 3), 10),
-    ("resnet50", (224, 224, 3), 1000)])
+    ("lenet", (28, 28), 10), ("resnet20", (32, 32, 3), 10),
+    pytest.param("resnet110", (32, 32, 3), 10, marks=pytest.mark.slow),
+    pytest.param("resnet50", (224, 224, 3), 1000, marks=pytest.mark.slow)])
 def test_model_shapes(name, shape, classes):
   model = models.create_model(name, classes)
   x = jax.ShapeDtypeStruct((2,) + shape, jnp.float32)

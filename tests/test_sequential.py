@@ -274,7 +274,8 @@ def decision_crossing_rate(theta, alpha, streams, n_max=20_000, lowered_by=0.0, 
   return np.mean(np.any(np.asarray(evidence) >= -np.log(alpha) - lowered_by, axis=1))
 
 
-@pytest.mark.parametrize("theta", [0.5, 0.9, 0.99, 0.999])
+@pytest.mark.parametrize("theta", [0.5, pytest.param(0.9, marks=pytest.mark.slow),
+                                   pytest.param(0.99, marks=pytest.mark.slow), 0.999])
 def test_decision_tests_prove_a_false_claim_with_probability_at_most_alpha(theta):
   # At p = θ, the least favourable null: 10^5 streams, at most α within 3 Monte Carlo errors.
   alpha, streams = 0.05, 100_000
