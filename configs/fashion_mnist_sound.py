@@ -18,8 +18,8 @@ Stages of the one train.py run, each resuming after SIGTERM or kill -9:
 certify.py then certifies the thresholded chain with the two experts behind its class test
 (the best sound kind on held-out data here) at the tuned τ. The run at this size, on a 2-core
 Zen 3 beside other jobs: 830 s, 822 s, 78 min for the labels' profiles, 9 min for the node's
-2 epochs and 54 min for τ (0.9); its sound row on 250 test images was 0.972× the σ = 1.0
-expert's ACR (docs/results.md).
+2 epochs and 54 min for τ (0.9); its sound row on the 500 test images is 0.957× the σ = 1.0
+expert's ACR (28 min for certify.py; docs/results.md).
 tests/test_recipe.py runs every stage at toy size, stopped in each and resumed.
 """
 
