@@ -653,7 +653,7 @@ def stages(context):
 '''
 
 
-@pytest.mark.slow  # make test loads outside modules by dotted path in test_data and test_certification
+@pytest.mark.slow  # make test loads outside modules by dotted path: test_data, test_certification
 def test_an_outside_loss_and_stage_with_their_sections_run_by_dotted_path(tmp_path, monkeypatch):
   # Two modules outside the package, named to the config (configs/x.py:my_pkg.scaled,...),
   # with no other edit: the loss trains (weight 1 exactly as Gaussian augmentation, weight 2
