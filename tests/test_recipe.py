@@ -19,7 +19,7 @@ from instars_jax.certificates import thresholded
 from instars_jax.selection import estimator
 from instars_jax.storage import checkpoints, results
 from instars_jax.storage.workdir import Workdir
-from instars_jax.train import loop, steps
+from instars_jax.train import loop, sigma_table, steps
 from instars_jax.train.stages import sigma_estimators, sigma_experts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -30,7 +30,7 @@ def toy_recipe(tmp_path, recipe=fashion_mnist_sound):
   config = recipe.get_config()
   config.dataset = f"npz:{write_npz(tmp_path / 'toy.npz', n_train=96, n_test=16)}"
   config.train.update(epochs=2, stage1_epochs=1, batch_size=32, holdout=0.25, eval_examples=16)
-  config.train.table.n = 100
+  config.train.table.update(n=100, chunk=32)  # the labels' pass in chunks of 32, 32, 8
   config.train.estimator.update(epochs=1, label_samples=4)
   config.certify.update(n0=16, n=100, batch=64, instances=4, skip=2)
   config.certify.thresholded.sweep = (0.2, 0.6, 0.9)
@@ -156,6 +156,20 @@ def test_the_recipe_stopped_in_every_stage_resumes_to_the_same_tuned_tau_and_res
     with pytest.raises(Killed):
       loop.train_and_evaluate(config, resumed)
   assert checkpoints.manager(sigma_experts.expert_dir(resumed, 0.5)).latest_step() == 2
+  parts = resumed / "estimator" / "profile_parts.npz"
+  with sigterm_during_step(monkeypatch, 2, sigma_table, "_profile_radii"):  # the labels' pass
+    with pytest.raises(checkpoints.Interrupted, match="labels' profile pass"):
+      loop.train_and_evaluate(config, resumed)
+  with np.load(parts) as kept:
+    assert {k: len(kept[k]) for k in kept.files if k != "settings"} == {
+        "ESTIMATOR_LABELS_sigma_0.5": 64}  # the chunk it was in, kept
+  with monkeypatch.context() as m:  # killed in the pass's third chunk from there
+    stop_after(sigma_table, "_profile_radii", 3, m)
+    with pytest.raises(Killed):
+      loop.train_and_evaluate(config, resumed)
+  with np.load(parts) as kept:
+    assert {k: len(kept[k]) for k in kept.files if k != "settings"} == {
+        "ESTIMATOR_LABELS_sigma_0.5": 72, "ESTIMATOR_LABELS_sigma_1": 32}
   with sigterm_during_step(monkeypatch, 1, sigma_estimators):  # the router node
     with pytest.raises(checkpoints.Interrupted):
       loop.train_and_evaluate(config, resumed)
@@ -169,6 +183,11 @@ def test_the_recipe_stopped_in_every_stage_resumes_to_the_same_tuned_tau_and_res
       loop.train_and_evaluate(config, resumed)
   loop.train_and_evaluate(config, resumed)
   assert Workdir(resumed).tuned_path.read_text() == Workdir(straight).tuned_path.read_text()
+  assert not parts.exists()
+  with np.load(parts.with_name("profile.npz")) as got, \
+       np.load(straight / "estimator" / "profile.npz") as expected:
+    for key in ("profile", "holdout"):  # (their settings name each run's own experts)
+      np.testing.assert_array_equal(got[key], expected[key])
   with monkeypatch.context() as m:  # a finished run: every stage finds its work done
     stop_after(thresholded, "sweep", 1, m)
     stop_after(steps, "train_step", 1, m)

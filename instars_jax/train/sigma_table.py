@@ -83,19 +83,27 @@ def _profile_radii(apply_fn, batch, key, factors, *, grid, samples):
   return grid_radii(true_label_probability(apply_fn, batch, key, grid, samples), grid, factors)
 
 
-def profile_of(apply_fn, split, config, visit: "Visit", grid: tuple) -> np.ndarray:
+def profile_of(apply_fn, split, config, visit: "Visit", grid: tuple, done=None,
+               after_chunk=None) -> np.ndarray:
   """float32[len(visit.order), len(grid)]: the radius profile that an update computes, of
   the one classifier `apply_fn` (a pytree, e.g. models.bind_variables) at `grid`, for the
-  examples visit.order of `split`, on this host (no table is written)."""
+  examples visit.order of `split`, on this host (no table is written). `done`: the rows of
+  its first examples from an earlier pass, which it goes on from (each example's noise
+  depends on its index alone, so the rows are the same); `after_chunk(rows so far)` is called
+  after each chunk."""
   factors = radius_factor_table(config.train.table.n, config.train.table.alpha)
-  chunk, out = config.train.table.chunk, []
-  for batch in data.batches(split, chunk, order=visit.order, settings=config.input):
+  out = [np.zeros((0, len(grid)), np.float32) if done is None else np.asarray(done)]
+  chunk, left = config.train.table.chunk, visit.order[len(out[0]):]
+  for batch in (data.batches(split, chunk, order=left, settings=config.input) if len(left)
+                else ()):
     real = len(batch["index"])
     batch = {k: parallel.pad_rows(v, chunk) for k, v in batch.items()}
     radii = _profile_radii(apply_fn, batch, visit.key, factors, grid=tuple(grid),
                            samples=visit.samples)
     out.append(np.asarray(radii)[:real])
-  return np.concatenate(out) if out else np.zeros((0, len(grid)), np.float32)
+    if after_chunk is not None:
+      after_chunk(np.concatenate(out))
+  return np.concatenate(out)
 
 
 def update_due(config, epoch: int) -> bool:

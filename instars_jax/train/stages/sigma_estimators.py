@@ -4,7 +4,8 @@ models alike):
 
 1. Labels. Each training example's radius profile R_k at every grid σ (`sigma_table.update`
    with `train.estimator.label_samples` noise vectors on the final base model, computed once and
-   kept in WORKDIR/estimator/profile.npz) becomes the soft label softmax(R_k / τ), R clipped
+   kept in WORKDIR/estimator/profile.npz; the experts' pass is kept chunk by chunk on the way,
+   ProfileParts) becomes the soft label softmax(R_k / τ), R clipped
    at 0; examples whose R is 0 at every σ are dropped (no σ certifies them, so they say
    nothing about which σ is best). Router node k's labels are over (max_{j<k} R_j, R_k).
 2. Loss. `train.estimator.loss`, a module of train/losses/ that takes soft targets, by default
@@ -251,19 +252,60 @@ def profile_from_base(config, dataset, base_state, sharder) -> np.ndarray:
   return np.asarray(profiled.sigma_profile)
 
 
-def profile_from_experts(config, split, fns: dict, stream: Stream) -> np.ndarray:
+def profile_from_experts(config, split, fns: dict, stream: Stream, parts=None) -> np.ndarray:
   """float32[N, K]: column k the radius profile of expert k (`fns`, experts.load's {σ: fn})
-  at its σ_k, for every example of `split`, on the same noise vectors at every σ."""
-  visit = labels_visit(config, len(split), stream)
-  return np.concatenate([sigma_table.profile_of(fns[np.float32(s)], split, config, visit, (s,))
-                         for s in estimator.grid_of(config)], axis=1)
+  at its σ_k, for every example of `split`, on the same noise vectors at every σ; kept
+  chunk by chunk in `parts` (ProfileParts) where given."""
+  columns = []
+  for s in estimator.grid_of(config):
+    name = f"{stream.name}_sigma_{s:g}"
+    done, after_chunk = ((parts.rows(name), functools.partial(parts.keep, name)) if parts
+                         else (None, None))
+    columns.append(sigma_table.profile_of(fns[np.float32(s)], split, config,
+                                          labels_visit(config, len(split), stream), (s,),
+                                          done, after_chunk))
+  return np.concatenate(columns, axis=1)
 
 
-def heldout_profile(config, dataset, base_state, fns: dict) -> np.ndarray:
+class ProfileParts:
+  """The experts' label profile pass in parts: each column's rows so far (a split at one σ),
+  written atomically to WORKDIR/estimator/profile_parts.npz after every chunk, under the
+  pass's settings, and the run's stop checked there. A rerun with the same settings goes on
+  from the rows kept (sigma_table.profile_of: the same rows), so a SIGTERM inside the pass
+  stops it within a chunk and a kill -9 loses at most one; removed once profile.npz is
+  written."""
+
+  def __init__(self, context, settings: str):
+    self.path = context.workdir.estimator_dir / "profile_parts.npz"
+    self.settings, self.check_stop, self.kept = settings, context.check_stop, {}
+    if self.path.exists():
+      with np.load(self.path) as saved:
+        if str(saved["settings"]) == settings:
+          self.kept = {k: saved[k] for k in saved.files if k != "settings"}
+
+  def rows(self, name: str):
+    return self.kept.get(name)
+
+  def keep(self, name: str, rows) -> None:
+    self.kept[name] = rows
+    if jax.process_index() == 0:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      tmp = self.path.with_name(".profile_parts.tmp.npz")
+      np.savez(tmp, settings=self.settings, **self.kept)
+      tmp.replace(self.path)
+    self.check_stop("the rest of the labels' profile pass (it goes on from the rows kept)")
+
+  def remove(self) -> None:
+    if jax.process_index() == 0:
+      self.path.unlink(missing_ok=True)
+
+
+def heldout_profile(config, dataset, base_state, fns: dict, parts=None) -> np.ndarray:
   """float32[H, K]: the held-out examples' profile, from the classifiers of the training
-  labels (the experts' `fns`, or with none the base model at every grid σ)."""
+  labels (the experts' `fns`, kept in `parts` where given, or with none the base model at
+  every grid σ)."""
   if fns:
-    return profile_from_experts(config, dataset.holdout, fns, Stream.ESTIMATOR_HOLDOUT)
+    return profile_from_experts(config, dataset.holdout, fns, Stream.ESTIMATOR_HOLDOUT, parts)
   visit = labels_visit(config, len(dataset.holdout), Stream.ESTIMATOR_HOLDOUT)
   return sigma_table.profile_of(state_lib.logits_fn(base_state), dataset.holdout, config, visit,
                                 estimator.grid_of(config))
@@ -287,15 +329,18 @@ def cached_profile(context, base_state, checked: list) -> dict:
       if str(saved["settings"]) == key and "holdout" in saved:
         return {"train": saved["profile"], "holdout": saved["holdout"]}
   fns = experts.load(checked)  # once, for both splits
-  profile = (profile_from_experts(c.config, c.dataset.train, fns, Stream.ESTIMATOR_LABELS)
+  parts = ProfileParts(c, key) if fns else None
+  profile = (profile_from_experts(c.config, c.dataset.train, fns, Stream.ESTIMATOR_LABELS, parts)
              if fns else profile_from_base(c.config, c.dataset, base_state, c.sharder))
-  holdout = (heldout_profile(c.config, c.dataset, base_state, fns)
+  holdout = (heldout_profile(c.config, c.dataset, base_state, fns, parts)
              if c.dataset.holdout is not None else np.zeros((0, profile.shape[1]), np.float32))
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{PROFILE_FILE}.tmp.npz")
     np.savez(tmp, profile=profile, holdout=holdout, settings=key)
     tmp.replace(path)
+  if parts is not None:
+    parts.remove()
   return {"train": profile, "holdout": holdout}
 
 
