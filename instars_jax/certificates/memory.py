@@ -9,7 +9,6 @@ is per_sigma's α per answer. Runs on one host, since the order is part of the c
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,6 +16,7 @@ import numpy as np
 
 from instars_jax.certificates import ROUNDING_MARGIN, Certified, per_sigma
 from instars_jax.smoothing.sampler import ABSTAIN
+from instars_jax.storage.files import write_npz_atomic
 
 NAME = __name__.rpartition(".")[2]  # the kind is named by its file
 SOUND = True
@@ -114,9 +114,7 @@ def append_memory(directory, memory: Memory, start: int) -> None:
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   part = directory / f"part_{len(list(directory.glob('part_*.npz'))):08d}.npz"
-  tmp = directory / f".{part.name}.tmp.npz"
-  np.savez(tmp, **{k: v[start:] for k, v in memory._asdict().items()})
-  os.replace(tmp, part)
+  write_npz_atomic(part, **{k: v[start:] for k, v in memory._asdict().items()})
 
 
 def load_memory(directory, dim: int, keep_ids=None) -> Memory:

@@ -6,7 +6,6 @@ with Pillow and cached as arrays under `cache_dir`. Held in memory.
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 
 from instars_jax.data.splits import (Dataset, DatasetError, Options, Split, default_cache_dir,
                                      stats_for)
+from instars_jax.storage.files import write_npz_atomic
 
 NAMES = ("cifar10_jpeg",)  # the config.dataset values this source reads
 
@@ -33,11 +33,7 @@ def load(spec: str, options: Options) -> Dataset:
   cache = Path(options.cache_dir) if options.cache_dir else default_cache_dir()
   cached = cache / f"cifar10_jpeg_{archive.stat().st_size}.npz"
   if not cached.exists():
-    arrays = decode_archive(archive)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(cached.stem + f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, cached)
+    write_npz_atomic(cached, **decode_archive(archive))
   with np.load(cached) as arrays:
     return Dataset(spec, Split(arrays["x_train"], arrays["y_train"]),
                    Split(arrays["x_test"], arrays["y_test"]), 10,

@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 
 def raise_write_error(error: BaseException, what: str) -> None:
   """ValueError("cannot write {what}: ...") when an OSError is among the causes of `error`;
@@ -27,3 +29,12 @@ def write_json_atomic(path, content: dict) -> None:
     os.replace(tmp, path)
   except OSError as error:
     raise_write_error(error, str(path))
+
+
+def write_npz_atomic(path, **arrays) -> None:
+  """np.savez of `arrays` under a temporary name in `path`'s folder, then renamed into place."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)

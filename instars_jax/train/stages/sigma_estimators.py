@@ -50,7 +50,7 @@ import numpy as np
 from instars_jax import data, models, plugins
 from instars_jax.selection import estimator, experts
 from instars_jax.storage import checkpoints, events
-from instars_jax.storage.files import write_json_atomic
+from instars_jax.storage.files import write_json_atomic, write_npz_atomic
 from instars_jax.storage.workdir import Workdir
 from instars_jax.smoothing.streams import Stream, numpy_rng
 from instars_jax.train import actions, losses, sigma_table, steps
@@ -289,10 +289,7 @@ class ProfileParts:
   def keep(self, name: str, rows) -> None:
     self.kept[name] = rows
     if jax.process_index() == 0:
-      self.path.parent.mkdir(parents=True, exist_ok=True)
-      tmp = self.path.with_name(".profile_parts.tmp.npz")
-      np.savez(tmp, settings=self.settings, **self.kept)
-      tmp.replace(self.path)
+      write_npz_atomic(self.path, settings=self.settings, **self.kept)
     self.check_stop("the rest of the labels' profile pass (it goes on from the rows kept)")
 
   def remove(self) -> None:
@@ -335,10 +332,7 @@ def cached_profile(context, base_state, checked: list) -> dict:
   holdout = (heldout_profile(c.config, c.dataset, base_state, fns, parts)
              if c.dataset.holdout is not None else np.zeros((0, profile.shape[1]), np.float32))
   if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{PROFILE_FILE}.tmp.npz")
-    np.savez(tmp, profile=profile, holdout=holdout, settings=key)
-    tmp.replace(path)
+    write_npz_atomic(path, profile=profile, holdout=holdout, settings=key)
   if parts is not None:
     parts.remove()
   return {"train": profile, "holdout": holdout}
