@@ -94,8 +94,7 @@ def profile_of(apply_fn, split, config, visit: "Visit", grid: tuple, done=None,
   factors = radius_factor_table(config.train.table.n, config.train.table.alpha)
   out = [np.zeros((0, len(grid)), np.float32) if done is None else np.asarray(done)]
   chunk, left = config.train.table.chunk, visit.order[len(out[0]):]
-  for batch in (data.batches(split, chunk, order=left, settings=config.input) if len(left)
-                else ()):
+  for batch in data.batches(split, chunk, order=left, settings=config.input):
     real = len(batch["index"])
     batch = {k: parallel.pad_rows(v, chunk) for k, v in batch.items()}
     radii = _profile_radii(apply_fn, batch, visit.key, factors, grid=tuple(grid),

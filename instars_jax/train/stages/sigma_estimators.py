@@ -256,13 +256,12 @@ def profile_from_experts(config, split, fns: dict, stream: Stream, parts=None) -
   """float32[N, K]: column k the radius profile of expert k (`fns`, experts.load's {σ: fn})
   at its σ_k, for every example of `split`, on the same noise vectors at every σ; kept
   chunk by chunk in `parts` (ProfileParts) where given."""
-  columns = []
+  visit, columns = labels_visit(config, len(split), stream), []
   for s in estimator.grid_of(config):
     name = f"{stream.name}_sigma_{s:g}"
-    done, after_chunk = ((parts.rows(name), functools.partial(parts.keep, name)) if parts
+    done, after_chunk = ((parts.kept.get(name), functools.partial(parts.keep, name)) if parts
                          else (None, None))
-    columns.append(sigma_table.profile_of(fns[np.float32(s)], split, config,
-                                          labels_visit(config, len(split), stream), (s,),
+    columns.append(sigma_table.profile_of(fns[np.float32(s)], split, config, visit, (s,),
                                           done, after_chunk))
   return np.concatenate(columns, axis=1)
 
@@ -282,9 +281,6 @@ class ProfileParts:
       with np.load(self.path) as saved:
         if str(saved["settings"]) == settings:
           self.kept = {k: saved[k] for k in saved.files if k != "settings"}
-
-  def rows(self, name: str):
-    return self.kept.get(name)
 
   def keep(self, name: str, rows) -> None:
     self.kept[name] = rows
