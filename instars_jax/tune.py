@@ -10,18 +10,24 @@ share of examples certified off the default route's σ (the largest for τ ≥ 1
 smallest below) and the share that abstain, and writes them to
 DIR/certify/tune_thresholded[_experts][_shared].json. Pass the best τ to certify.py as
 --config.certify.thresholded.threshold. σ experts (certify.experts) are used as certify.py
-would use them. A tuning aid: it does not resume; rerunning recomputes the same numbers.
+would use them. Each sampling call's rows are kept in parts (storage/parts.py, beside the
+.json, under the sweep's settings) until the .json is written, so a rerun after a stop or a
+kill goes on from the calls kept, with the same rows (each sample depends only on the run's
+key and the example's index).
 """
 
 from __future__ import annotations
+
+import json
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
 from instars_jax import analyze, certification, data
-from instars_jax.certificates import router, thresholded
+from instars_jax.certificates import Certified, router, thresholded
 from instars_jax.storage.files import write_json_atomic
+from instars_jax.storage.parts import Parts
 from instars_jax.storage.results import format_down
 from instars_jax.storage.workdir import Workdir
 from instars_jax.smoothing import sampler
@@ -55,24 +61,33 @@ def tune_thresholds(config, workdir, check_stop=None) -> dict:
   grid = np.asarray(estimator.grid_of(config), np.float32)
   beta, taus = thresholded.alpha_split(config)[1], tuple(config.certify.thresholded.sweep)
   c = config.certify
-  todo = certification.selected_indices(len(dataset.holdout), c.skip, c.max)
-  per_call = c.instances * jax.local_device_count()
-  found = {tau: [] for tau in taus}
-  labels = []
-  for start in tqdm(range(0, len(todo), per_call), desc="tune", unit="call", disable=None):
-    if check_stop is not None:
-      check_stop("tuning τ (it starts over)")
-    batch = dataset.holdout.take(todo[start: start + per_call])
-    labels.append(batch["label"])
-    for tau, cert in thresholded.sweep(smoothed, chain, grid, batch["image"], batch["index"], beta,
-                                       taus, shared=c.thresholded.shared_samples).items():
-      found[tau].append(cert)
-  label = np.concatenate(labels)
-  summaries = {tau: summary(label, certs, default_sigma(grid, tau))
-               for tau, certs in found.items()}
   out = workdir.results_path("tune_thresholded" + ("_experts" if checked else "")
                              + ("_shared" if c.thresholded.shared_samples else "")
                              ).with_suffix(".json")
+  parts = Parts(out.with_suffix(".parts"), json.dumps(
+      {"certify": json.loads(c.to_json()), "seed": config.seed, "holdout": config.train.holdout,
+       "checkpoint": metadata["checkpoint"], "router_nodes": metadata["router"]["nodes"],
+       "experts": checked}, sort_keys=True), writer=jax.process_index() == 0)
+  kept = parts.load()
+  todo = certification.selected_indices(len(dataset.holdout), c.skip, c.max)
+  todo = todo[~np.isin(todo, [i for part in kept for i in part["index"]])]
+  per_call = c.instances * jax.local_device_count()
+  for start in tqdm(range(0, len(todo), per_call), desc="tune", unit="call", disable=None):
+    if check_stop is not None:
+      check_stop("tuning τ (it goes on from the calls kept)")
+    batch = dataset.holdout.take(todo[start: start + per_call])
+    certs = thresholded.sweep(smoothed, chain, grid, batch["image"], batch["index"], beta, taus,
+                              shared=c.thresholded.shared_samples)
+    part = {"index": batch["index"], "label": batch["label"]}
+    for t, tau in enumerate(taus):
+      part |= {f"{field}_{t}": value for field, value in certs[tau]._asdict().items()}
+    parts.append(**part)
+    kept.append(part)
+  label = np.concatenate([part["label"] for part in kept])
+  found = {tau: [Certified(*(part[f"{field}_{t}"] for field in Certified._fields))
+                 for part in kept] for t, tau in enumerate(taus)}
+  summaries = {tau: summary(label, certs, default_sigma(grid, tau))
+               for tau, certs in found.items()}
   out.parent.mkdir(parents=True, exist_ok=True)
   write_json_atomic(out, {"certificate": thresholded.NAME, "sound": thresholded.SOUND,
                           "certificate_meaning": thresholded.MEANING,
@@ -81,6 +96,7 @@ def tune_thresholds(config, workdir, check_stop=None) -> dict:
                           "checkpoint": metadata["checkpoint"],
                           "router_nodes": metadata["router"]["nodes"],
                           "thresholds": {f"{t:g}": s for t, s in summaries.items()}})
+  parts.remove()
   print(f"{thresholded.NAME} (sound) on {len(label)} held-out training examples")
   print(table(summaries))
   print(f"written: {out}")

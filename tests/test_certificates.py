@@ -16,6 +16,7 @@ from instars_jax.smoothing import bounds
 from instars_jax.certificates import SmoothedModel, locally_constant
 from instars_jax.certificates import memory as memory_kind
 from instars_jax.selection.estimator import Estimator
+from instars_jax.storage.parts import Parts
 
 DIM = 16
 
@@ -121,7 +122,21 @@ def test_memory_round_trips_in_appended_parts(tmp_path):
   np.testing.assert_array_equal(kept.ids, [0, 2])
   assert len(list(directory.glob("part_*.npz"))) == 1
   np.testing.assert_array_equal(memory_kind.load_memory(directory, 3).ids, [0, 2])
+  for i in (4, 5):  # numbered after the consolidated part: in order, none overwritten
+    stored = len(kept.ids)
+    _, _, kept = memory_kind.answer_with_memory(kept, np.full(3, 10.0 * i), 0, 1.0, i)
+    memory_kind.append_memory(directory, kept, stored)
+  np.testing.assert_array_equal(memory_kind.load_memory(directory, 3).ids, [0, 2, 4, 5])
   assert len(memory_kind.load_memory(tmp_path / "none.memory", 3).ids) == 0
+
+
+def test_parts_of_other_settings_are_removed_and_a_reader_never_writes(tmp_path):
+  Parts(tmp_path / "p", "n=10").append(rows=np.arange(3))
+  Parts(tmp_path / "p", "n=10", writer=False).append(rows=np.arange(2))
+  assert [p["rows"].tolist() for p in Parts(tmp_path / "p", "n=10").load()] == [[0, 1, 2]]
+  reader = Parts(tmp_path / "p", "n=20", writer=False)
+  assert reader.paths() and reader.load() == []  # a reader removes nothing, and reads none
+  assert Parts(tmp_path / "p", "n=20").load() == [] and not (tmp_path / "p").exists()
 
 
 def test_locally_constant_never_certifies_intersecting_balls(island_points):

@@ -18,6 +18,7 @@ from instars_jax import analyze, certification, tune
 from instars_jax.certificates import thresholded
 from instars_jax.selection import estimator
 from instars_jax.storage import checkpoints, results
+from instars_jax.storage.parts import Parts
 from instars_jax.storage.workdir import Workdir
 from instars_jax.train import loop, sigma_table, steps
 from instars_jax.train.stages import sigma_estimators, sigma_experts
@@ -156,20 +157,17 @@ def test_the_recipe_stopped_in_every_stage_resumes_to_the_same_tuned_tau_and_res
     with pytest.raises(Killed):
       loop.train_and_evaluate(config, resumed)
   assert checkpoints.manager(sigma_experts.expert_dir(resumed, 0.5)).latest_step() == 2
-  parts = resumed / "estimator" / "profile_parts.npz"
+  parts = resumed / "estimator" / "profile_parts"
   with sigterm_during_step(monkeypatch, 2, sigma_table, "_profile_radii"):  # the labels' pass
     with pytest.raises(checkpoints.Interrupted, match="labels' profile pass"):
       loop.train_and_evaluate(config, resumed)
-  with np.load(parts) as kept:
-    assert {k: len(kept[k]) for k in kept.files if k != "settings"} == {
-        "ESTIMATOR_LABELS_sigma_0.5": 64}  # the chunk it was in, kept
+  assert [len(p["rows"]) for p in Parts(parts).load()] == [32, 32]  # the chunk it was in, kept
   with monkeypatch.context() as m:  # killed in the pass's third chunk from there
     stop_after(sigma_table, "_profile_radii", 3, m)
     with pytest.raises(Killed):
       loop.train_and_evaluate(config, resumed)
-  with np.load(parts) as kept:
-    assert {k: len(kept[k]) for k in kept.files if k != "settings"} == {
-        "ESTIMATOR_LABELS_sigma_0.5": 72, "ESTIMATOR_LABELS_sigma_1": 32}
+  assert [(str(p["column"]), len(p["rows"])) for p in Parts(parts).load()] == [
+      *[("ESTIMATOR_LABELS_sigma_0.5", n) for n in (32, 32, 8)], ("ESTIMATOR_LABELS_sigma_1", 32)]
   with sigterm_during_step(monkeypatch, 1, sigma_estimators):  # the router node
     with pytest.raises(checkpoints.Interrupted):
       loop.train_and_evaluate(config, resumed)
@@ -177,13 +175,17 @@ def test_the_recipe_stopped_in_every_stage_resumes_to_the_same_tuned_tau_and_res
     with pytest.raises(checkpoints.Interrupted, match="tuning"):
       loop.train_and_evaluate(config, resumed)
   assert not Workdir(resumed).tuned_path.exists()
-  with monkeypatch.context() as m:  # tuning, killed in its second call
+  tuning = Parts(next((resumed / "certify").glob("tune_thresholded*.parts")))
+  with monkeypatch.context() as m:  # tuning, killed in its second call from there
     stop_after(thresholded, "sweep", 2, m)
     with pytest.raises(Killed):
       loop.train_and_evaluate(config, resumed)
-  loop.train_and_evaluate(config, resumed)
+  assert [len(p["index"]) for p in tuning.load()] == [4, 4]  # 12 held-out examples, 4 a call
+  with monkeypatch.context() as m:  # the third call only: a second one would be killed
+    stop_after(thresholded, "sweep", 2, m)
+    loop.train_and_evaluate(config, resumed)
   assert Workdir(resumed).tuned_path.read_text() == Workdir(straight).tuned_path.read_text()
-  assert not parts.exists()
+  assert not parts.exists() and not tuning.directory.exists()
   with np.load(parts.with_name("profile.npz")) as got, \
        np.load(straight / "estimator" / "profile.npz") as expected:
     for key in ("profile", "holdout"):  # (their settings name each run's own experts)

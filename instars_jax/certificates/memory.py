@@ -9,14 +9,13 @@ is per_sigma's α per answer. Runs on one host, since the order is part of the c
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from instars_jax.certificates import ROUNDING_MARGIN, Certified, per_sigma
 from instars_jax.smoothing.sampler import ABSTAIN
-from instars_jax.storage.files import write_npz_atomic
+from instars_jax.storage.parts import Parts
 
 NAME = __name__.rpartition(".")[2]  # the kind is named by its file
 SOUND = True
@@ -105,16 +104,11 @@ def answer_with_memory(memory: Memory, x, prediction: int, radius: float, idx: i
 
 
 def append_memory(directory, memory: Memory, start: int) -> None:
-  """Saves the entries memory[start:] as the next part of the memory in `directory`.
-
-  Each batch adds one part, written atomically, so a run's I/O grows with what it answers,
-  not with what it has answered before."""
-  if start >= len(memory.ids):
-    return
-  directory = Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  part = directory / f"part_{len(list(directory.glob('part_*.npz'))):08d}.npz"
-  write_npz_atomic(part, **{k: v[start:] for k, v in memory._asdict().items()})
+  """Saves the entries memory[start:] as the next part of the memory in `directory`
+  (storage/parts.py: each batch adds one part, so a run's I/O grows with what it answers, not
+  with what it has answered before)."""
+  if start < len(memory.ids):
+    Parts(directory).append(**{k: v[start:] for k, v in memory._asdict().items()})
 
 
 def load_memory(directory, dim: int, keep_ids=None) -> Memory:
@@ -122,20 +116,16 @@ def load_memory(directory, dim: int, keep_ids=None) -> Memory:
 
   With keep_ids, entries of other test points are dropped (a kill can save a batch's memory
   before its rows reach the results file), and the parts are rewritten as one."""
-  directory = Path(directory)
-  parts = sorted(directory.glob("part_*.npz")) if directory.is_dir() else []
-  if not parts:
+  parts = Parts(directory)
+  loaded = [Memory(**part) for part in parts.load()]
+  if not loaded:
     return Memory.empty(dim)
-  loaded = []
-  for part in parts:
-    with np.load(part) as f:
-      loaded.append(Memory(**{k: f[k] for k in Memory._fields}))
   memory = Memory(*(np.concatenate(column) for column in zip(*loaded)))
   if keep_ids is not None:
     keep = np.isin(memory.ids, np.fromiter(keep_ids, np.int64))
     if not keep.all():
-      memory = Memory(*(column[keep] for column in memory))
-      for part in parts:
-        part.unlink()
-      append_memory(directory, memory, 0)
+      memory, old = Memory(*(column[keep] for column in memory)), parts.paths()
+      append_memory(directory, memory, 0)  # then the old parts: a kill between
+      for path in old:  # keeps some balls twice, which answer alike
+        path.unlink()
   return memory

@@ -89,8 +89,8 @@ def profile_of(apply_fn, split, config, visit: "Visit", grid: tuple, done=None,
   the one classifier `apply_fn` (a pytree, e.g. models.bind_variables) at `grid`, for the
   examples visit.order of `split`, on this host (no table is written). `done`: the rows of
   its first examples from an earlier pass, which it goes on from (each example's noise
-  depends on its index alone, so the rows are the same); `after_chunk(rows so far)` is called
-  after each chunk."""
+  depends on its index alone, so the rows are the same); `after_chunk(rows)` is called with
+  each chunk's rows."""
   factors = radius_factor_table(config.train.table.n, config.train.table.alpha)
   out = [np.zeros((0, len(grid)), np.float32) if done is None else np.asarray(done)]
   chunk, left = config.train.table.chunk, visit.order[len(out[0]):]
@@ -101,7 +101,7 @@ def profile_of(apply_fn, split, config, visit: "Visit", grid: tuple, done=None,
                            samples=visit.samples)
     out.append(np.asarray(radii)[:real])
     if after_chunk is not None:
-      after_chunk(np.concatenate(out))
+      after_chunk(out[-1])
   return np.concatenate(out)
 
 

@@ -51,6 +51,7 @@ from instars_jax import data, models, plugins
 from instars_jax.selection import estimator, experts
 from instars_jax.storage import checkpoints, events
 from instars_jax.storage.files import write_json_atomic, write_npz_atomic
+from instars_jax.storage.parts import Parts
 from instars_jax.storage.workdir import Workdir
 from instars_jax.smoothing.streams import Stream, numpy_rng
 from instars_jax.train import actions, losses, sigma_table, steps
@@ -267,30 +268,27 @@ def profile_from_experts(config, split, fns: dict, stream: Stream, parts=None) -
 
 
 class ProfileParts:
-  """The experts' label profile pass in parts: each column's rows so far (a split at one σ),
-  written atomically to WORKDIR/estimator/profile_parts.npz after every chunk, under the
-  pass's settings, and the run's stop checked there. A rerun with the same settings goes on
-  from the rows kept (sigma_table.profile_of: the same rows), so a SIGTERM inside the pass
-  stops it within a chunk and a kill -9 loses at most one; removed once profile.npz is
-  written."""
+  """The experts' labels' profile pass in parts (storage/parts.py,
+  WORKDIR/estimator/profile_parts/): one part per chunk of a column (a split at one σ), under
+  the pass's settings, and the run's stop checked after each. A rerun with the same settings
+  goes on from the rows kept (`kept`, {column: rows}; sigma_table.profile_of: the same rows),
+  so a SIGTERM inside the pass stops it within a chunk and a kill -9 loses at most one;
+  removed once profile.npz is written."""
 
   def __init__(self, context, settings: str):
-    self.path = context.workdir.estimator_dir / "profile_parts.npz"
-    self.settings, self.check_stop, self.kept = settings, context.check_stop, {}
-    if self.path.exists():
-      with np.load(self.path) as saved:
-        if str(saved["settings"]) == settings:
-          self.kept = {k: saved[k] for k in saved.files if k != "settings"}
+    self.parts = Parts(context.workdir.estimator_dir / "profile_parts", settings,
+                       writer=jax.process_index() == 0)
+    self.check_stop, columns = context.check_stop, {}
+    for part in self.parts.load():
+      columns.setdefault(str(part["column"]), []).append(part["rows"])
+    self.kept = {name: np.concatenate(rows) for name, rows in columns.items()}
 
   def keep(self, name: str, rows) -> None:
-    self.kept[name] = rows
-    if jax.process_index() == 0:
-      write_npz_atomic(self.path, settings=self.settings, **self.kept)
+    self.parts.append(column=np.asarray(name), rows=rows)
     self.check_stop("the rest of the labels' profile pass (it goes on from the rows kept)")
 
   def remove(self) -> None:
-    if jax.process_index() == 0:
-      self.path.unlink(missing_ok=True)
+    self.parts.remove()
 
 
 def heldout_profile(config, dataset, base_state, fns: dict, parts=None) -> np.ndarray:

@@ -7,9 +7,8 @@ train.holdout kept out of every earlier stage, never on test images.
 The τ of the largest held-out ACR is written to WORKDIR/tuned.json (storage/workdir.py), which
 certify.py --workdir=DIR reads as the run's certify.thresholded.threshold, under the command
 line's. The file also keeps what the choice was made from (`inputs`): a rerun with the same
-inputs finds it done; one with others tunes again. The sweep keeps nothing half done: a stop
-or a kill inside it starts it over on the rerun, and its numbers are the same (every sample
-depends only on the run's key and the example's index).
+inputs finds it done; one with others tunes again. A stop or a kill inside the sweep loses at
+most its sampling call in flight: the rerun goes on from the calls kept (tune.py).
 """
 
 from __future__ import annotations
