@@ -20,6 +20,7 @@ from helpers import (Killed, as_experts, event_values, make_toy_config, metrics_
 from configs import default
 from instars_jax import data
 from instars_jax.storage import checkpoints
+from instars_jax.storage.parts import Parts
 from instars_jax.storage.workdir import CONFIG_FILE, TrainingFacts, Workdir
 from instars_jax.parallel import Sharder
 from instars_jax.selection import estimator
@@ -234,12 +235,21 @@ def test_bad_knobs_are_rejected(insta_config, tmp_path, key, value, message):
 def test_estimator_stage_resumes_after_a_kill_to_the_same_estimator(insta_config, tmp_path,
                                                                     monkeypatch):
   insta_config.train.estimator.update(epochs=2, label_samples=4)
+  insta_config.train.table.chunk = 32  # the base model's labels' pass in three chunks
   loop.train_and_evaluate(insta_config, tmp_path / "straight")
+  parts = Parts(tmp_path / "resumed" / "estimator" / "profile_parts")
+  with sigterm_during_step(monkeypatch, 2, sigma_estimators.ProfileParts, "keep"):
+    with pytest.raises(checkpoints.Interrupted, match="labels' profile pass"):
+      loop.train_and_evaluate(insta_config, tmp_path / "resumed")
+  assert [len(part["rows"]) for part in parts.load()] == [32, 32]  # stopped after its 2nd chunk
   with monkeypatch.context() as m:  # killed in the estimator's second epoch
     stop_after(sigma_estimators, "train_step", 3 + 2, m)
     with pytest.raises(Killed):
       loop.train_and_evaluate(insta_config, tmp_path / "resumed")
-  assert (tmp_path / "resumed" / "estimator" / "profile.npz").exists()
+  assert not parts.directory.exists()
+  with np.load(tmp_path / "resumed" / "estimator" / "profile.npz") as got, \
+       np.load(tmp_path / "straight" / "estimator" / "profile.npz") as expected:
+    np.testing.assert_array_equal(got["profile"], expected["profile"])
   loop.train_and_evaluate(insta_config, tmp_path / "resumed")
   (f, straight), (g, resumed) = (estimator.load(tmp_path / d / "estimator", tmp_path / d)
                                  for d in ("straight", "resumed"))

@@ -4,7 +4,7 @@ models alike):
 
 1. Labels. Each training example's radius profile R_k at every grid σ (`sigma_table.update`
    with `train.estimator.label_samples` noise vectors on the final base model, computed once and
-   kept in WORKDIR/estimator/profile.npz; the experts' pass is kept chunk by chunk on the way,
+   kept in WORKDIR/estimator/profile.npz; the pass is kept chunk by chunk on the way,
    ProfileParts) becomes the soft label softmax(R_k / τ), R clipped
    at 0; examples whose R is 0 at every σ are dropped (no σ certifies them, so they say
    nothing about which σ is best). Router node k's labels are over (max_{j<k} R_j, R_k).
@@ -244,13 +244,22 @@ def labels_visit(config, size: int, stream: Stream = Stream.ESTIMATOR_LABELS):
   return sigma_table.Visit(np.arange(size), key, config.train.estimator.label_samples)
 
 
-def profile_from_base(config, dataset, base_state, sharder) -> np.ndarray:
+def profile_from_base(config, dataset, base_state, sharder, parts) -> np.ndarray:
   """float32[N, K]: the base model's radius profile of every training example over the grid,
-  with `train.estimator.label_samples` noise vectors (on a copy of its state: the base model's own
-  table is left as is)."""
-  profiled = sigma_table.update(jax.tree_util.tree_map(jnp.copy, base_state), dataset.train,
-                                sharder, config, labels_visit(config, len(dataset.train)))
-  return np.asarray(profiled.sigma_profile)
+  with `train.estimator.label_samples` noise vectors, one chunk of `train.table.chunk` at a
+  time on all devices (sigma_table.update on a copy of its state: the base model's own table
+  is left as is), each chunk kept in `parts` (ProfileParts) and the pass going on from them."""
+  visit, chunk = labels_visit(config, len(dataset.train)), config.train.table.chunk
+  done, after_chunk = parts.column(Stream.ESTIMATOR_LABELS.name)
+  rows = [np.zeros((0, len(estimator.grid_of(config))), np.float32) if done is None else done]
+  profiled = jax.tree_util.tree_map(jnp.copy, base_state)
+  for start in range(len(rows[0]), len(visit.order), chunk):
+    order = visit.order[start: start + chunk]
+    profiled = sigma_table.update(profiled, dataset.train, sharder, config,
+                                  visit._replace(order=order))
+    rows.append(np.asarray(profiled.sigma_profile)[order])
+    after_chunk(rows[-1])
+  return np.concatenate(rows)
 
 
 def profile_from_experts(config, split, fns: dict, stream: Stream, parts=None) -> np.ndarray:
@@ -259,20 +268,18 @@ def profile_from_experts(config, split, fns: dict, stream: Stream, parts=None) -
   chunk by chunk in `parts` (ProfileParts) where given."""
   visit, columns = labels_visit(config, len(split), stream), []
   for s in estimator.grid_of(config):
-    name = f"{stream.name}_sigma_{s:g}"
-    done, after_chunk = ((parts.kept.get(name), functools.partial(parts.keep, name)) if parts
-                         else (None, None))
+    done, after_chunk = parts.column(f"{stream.name}_sigma_{s:g}") if parts else (None, None)
     columns.append(sigma_table.profile_of(fns[np.float32(s)], split, config, visit, (s,),
                                           done, after_chunk))
   return np.concatenate(columns, axis=1)
 
 
 class ProfileParts:
-  """The experts' labels' profile pass in parts (storage/parts.py,
+  """The labels' profile pass in parts (storage/parts.py,
   WORKDIR/estimator/profile_parts/): one part per chunk of a column (a split at one σ), under
   the pass's settings, and the run's stop checked after each. A rerun with the same settings
-  goes on from the rows kept (`kept`, {column: rows}; sigma_table.profile_of: the same rows),
-  so a SIGTERM inside the pass stops it within a chunk and a kill -9 loses at most one;
+  goes on from the rows kept (each example's noise depends on its index alone, so
+  sigma_table.profile_of and sigma_table.update give the same rows), so a SIGTERM inside the pass stops it within a chunk and a kill -9 loses at most one;
   removed once profile.npz is written."""
 
   def __init__(self, context, settings: str):
@@ -283,6 +290,10 @@ class ProfileParts:
       columns.setdefault(str(part["column"]), []).append(part["rows"])
     self.kept = {name: np.concatenate(rows) for name, rows in columns.items()}
 
+  def column(self, name: str):
+    """(the rows kept of column `name` or None, the callback that keeps each next chunk)."""
+    return self.kept.get(name), functools.partial(self.keep, name)
+
   def keep(self, name: str, rows) -> None:
     self.parts.append(column=np.asarray(name), rows=rows)
     self.check_stop("the rest of the labels' profile pass (it goes on from the rows kept)")
@@ -291,15 +302,15 @@ class ProfileParts:
     self.parts.remove()
 
 
-def heldout_profile(config, dataset, base_state, fns: dict, parts=None) -> np.ndarray:
+def heldout_profile(config, dataset, base_state, fns: dict, parts) -> np.ndarray:
   """float32[H, K]: the held-out examples' profile, from the classifiers of the training
-  labels (the experts' `fns`, kept in `parts` where given, or with none the base model at
-  every grid σ)."""
+  labels (the experts' `fns`, or with none the base model at every grid σ), kept in `parts`."""
   if fns:
     return profile_from_experts(config, dataset.holdout, fns, Stream.ESTIMATOR_HOLDOUT, parts)
   visit = labels_visit(config, len(dataset.holdout), Stream.ESTIMATOR_HOLDOUT)
   return sigma_table.profile_of(state_lib.logits_fn(base_state), dataset.holdout, config, visit,
-                                estimator.grid_of(config))
+                                estimator.grid_of(config),
+                                *parts.column(Stream.ESTIMATOR_HOLDOUT.name))
 
 
 def cached_profile(context, base_state, checked: list) -> dict:
@@ -320,15 +331,14 @@ def cached_profile(context, base_state, checked: list) -> dict:
       if str(saved["settings"]) == key and "holdout" in saved:
         return {"train": saved["profile"], "holdout": saved["holdout"]}
   fns = experts.load(checked)  # once, for both splits
-  parts = ProfileParts(c, key) if fns else None
+  parts = ProfileParts(c, key)
   profile = (profile_from_experts(c.config, c.dataset.train, fns, Stream.ESTIMATOR_LABELS, parts)
-             if fns else profile_from_base(c.config, c.dataset, base_state, c.sharder))
+             if fns else profile_from_base(c.config, c.dataset, base_state, c.sharder, parts))
   holdout = (heldout_profile(c.config, c.dataset, base_state, fns, parts)
              if c.dataset.holdout is not None else np.zeros((0, profile.shape[1]), np.float32))
   if jax.process_index() == 0:
     write_npz_atomic(path, profile=profile, holdout=holdout, settings=key)
-  if parts is not None:
-    parts.remove()
+  parts.remove()
   return {"train": profile, "holdout": holdout}
 
 
