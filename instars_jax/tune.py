@@ -64,10 +64,10 @@ def tune_thresholds(config, workdir, check_stop=None) -> dict:
   out = workdir.results_path("tune_thresholded" + ("_experts" if checked else "")
                              + ("_shared" if c.thresholded.shared_samples else "")
                              ).with_suffix(".json")
-  parts = Parts(out.with_suffix(".parts"), json.dumps(
-      {"certify": json.loads(c.to_json()), "seed": config.seed, "holdout": config.train.holdout,
-       "checkpoint": metadata["checkpoint"], "router_nodes": metadata["router"]["nodes"],
-       "experts": checked}, sort_keys=True), writer=jax.process_index() == 0)
+  swept = {"sweep": list(taus), "shared_samples": c.thresholded.shared_samples}
+  parts = Parts(out.with_suffix(".parts"),  # under what a results file's rows depend on
+                json.dumps(metadata | {"thresholded": swept}, sort_keys=True),
+                writer=jax.process_index() == 0)
   kept = parts.load()
   todo = certification.selected_indices(len(dataset.holdout), c.skip, c.max)
   todo = todo[~np.isin(todo, [i for part in kept for i in part["index"]])]

@@ -97,7 +97,8 @@ def test_two_hosts_of_two_devices_give_one_device_s_results_and_stop_together(
   two devices. On its own two devices, the sampler, CERTIFY (fixed and sequential) and the σ
   search give the one-device numbers (11 instances: one padded). Across the four, data-
   parallel training (each host its shard of every batch, one orbax checkpoint directory) and
-  certification (one merged TSV) give the one-device run. Then, in a long run, SIGTERM to
+  certification (one merged TSV) give the one-device run. A stage's stop check asked of one
+  process stops both. Then, in a long run, SIGTERM to
   process 1 only: at JAX's preemption sync point both save the same step and stop."""
   write_npz(tmp_path / "toy.npz", n_train=64, n_test=16)
   processes = start_two_processes("multihost_probe.py", tmp_path)
@@ -112,6 +113,7 @@ def test_two_hosts_of_two_devices_give_one_device_s_results_and_stop_together(
   assert local == one
   assert two["devices"] == 4
   assert_same_run(one_device_run, two)
+  assert next(lines) == {"stage_stop": "stopped"}  # process 1's stop reached process 0
   assert sorted(p.name for p in (tmp_path / "run" / "certify").glob("*.tsv")) == [
       "sigma_0.25.host0of2.tsv", "sigma_0.25.host1of2.tsv", "sigma_0.25.tsv"]
   metrics = tmp_path / "long" / "metrics.jsonl"

@@ -123,9 +123,11 @@ def load_memory(directory, dim: int, keep_ids=None) -> Memory:
   memory = Memory(*(np.concatenate(column) for column in zip(*loaded)))
   if keep_ids is not None:
     keep = np.isin(memory.ids, np.fromiter(keep_ids, np.int64))
-    if not keep.all():
-      memory, old = Memory(*(column[keep] for column in memory)), parts.paths()
-      append_memory(directory, memory, 0)  # then the old parts: a kill between
-      for path in old:  # keeps some balls twice, which answer alike
+    first = np.zeros_like(keep)
+    first[np.unique(memory.ids, return_index=True)[1]] = True
+    if not (keep & first).all():  # a kill in a consolidation below can leave balls twice
+      memory, old = Memory(*(column[keep & first] for column in memory)), parts.paths()
+      append_memory(directory, memory, 0)  # then the old parts
+      for path in old:
         path.unlink()
   return memory

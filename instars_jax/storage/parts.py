@@ -25,6 +25,7 @@ class Parts:
 
   def __init__(self, directory, settings: str | None = None, writer: bool = True):
     self.directory, self.settings, self.writer = Path(directory), settings, writer
+    self.next_number = None  # after the last part's, read once
     if self.directory.is_dir() and not self.same_settings():
       self.remove()
 
@@ -51,10 +52,13 @@ class Parts:
       self.directory.mkdir(parents=True)
       if self.settings is not None:
         (self.directory / SETTINGS_FILE).write_text(self.settings)
-    paths = self.paths()
-    number = int(paths[-1].stem.removeprefix("part_")) + 1 if paths else 0
-    write_npz_atomic(self.directory / f"part_{number:08d}.npz", **arrays)
+    if self.next_number is None:
+      paths = self.paths()
+      self.next_number = int(paths[-1].stem.removeprefix("part_")) + 1 if paths else 0
+    write_npz_atomic(self.directory / f"part_{self.next_number:08d}.npz", **arrays)
+    self.next_number += 1
 
   def remove(self) -> None:
     if self.writer:
       shutil.rmtree(self.directory, ignore_errors=True)
+      self.next_number = None

@@ -139,19 +139,24 @@ class Visit(NamedTuple):
   samples: int
 
 
-def update(state, split, sharder, config, visit: Visit):
+def update(state, split, sharder, config, visit: Visit, after_chunk=None):
   """One pass of `profile_step` over the examples `visit.order` of the training split, in
-  chunks of `train.table.chunk` (all devices)."""
+  chunks of `train.table.chunk` (all devices); `after_chunk(state, indices)` is called after
+  each chunk with the split indices it profiled."""
   table = config.train.table
   key, order, samples = visit.key, visit.order, visit.samples
   per_host = table.chunk // jax.process_count()
   grid = tuple(float(s) for s in table.grid)
   factors = radius_factor_table(config.train.table.n, config.train.table.alpha)
-  for batch in data.batches(split, table.chunk, host_id=jax.process_index(),
-                            host_count=jax.process_count(), order=order, settings=config.input):
+  for start, batch in zip(range(0, len(order), table.chunk),
+                          data.batches(split, table.chunk, host_id=jax.process_index(),
+                                       host_count=jax.process_count(), order=order,
+                                       settings=config.input)):
     # The last chunk is padded with copies of its first example: same index, same values.
     batch = {k: parallel.pad_rows(v, per_host) for k, v in batch.items()}
     state = profile_step(state, sharder.batch(batch), key, factors, grid=grid, samples=samples)
+    if after_chunk is not None:
+      after_chunk(state, order[start: start + table.chunk])
   return state
 
 

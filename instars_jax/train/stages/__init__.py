@@ -31,6 +31,8 @@ import json
 from typing import Callable
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from instars_jax import data, plugins
 from instars_jax.storage import checkpoints
@@ -54,8 +56,13 @@ class Context:
 
   def check_stop(self, doing: str) -> None:
     """checkpoints.Interrupted where a stop was requested (between a stage's own units of
-    work that keep nothing half done: `doing` says what a rerun starts again)."""
-    if self.stop is not None and self.stop.requested:
+    work that keep nothing half done: `doing` says what a rerun starts again). Every host calls
+    it at the same units, and with several they stop together where any was asked to, so none
+    is left waiting in the next unit's collectives."""
+    requested = self.stop is not None and self.stop.requested
+    if jax.process_count() > 1:
+      requested = bool(np.any(multihost_utils.process_allgather(np.asarray(requested))))
+    if requested:
       raise checkpoints.Interrupted(f"stopped before {doing}: rerun the same command to "
                                     "resume there")
 

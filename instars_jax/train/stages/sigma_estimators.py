@@ -249,16 +249,16 @@ def profile_from_base(config, dataset, base_state, sharder, parts) -> np.ndarray
   with `train.estimator.label_samples` noise vectors, one chunk of `train.table.chunk` at a
   time on all devices (sigma_table.update on a copy of its state: the base model's own table
   is left as is), each chunk kept in `parts` (ProfileParts) and the pass going on from them."""
-  visit, chunk = labels_visit(config, len(dataset.train)), config.train.table.chunk
-  done, after_chunk = parts.column(Stream.ESTIMATOR_LABELS.name)
+  visit = labels_visit(config, len(dataset.train))
+  done, keep = parts.column(Stream.ESTIMATOR_LABELS.name)
   rows = [np.zeros((0, len(estimator.grid_of(config))), np.float32) if done is None else done]
-  profiled = jax.tree_util.tree_map(jnp.copy, base_state)
-  for start in range(len(rows[0]), len(visit.order), chunk):
-    order = visit.order[start: start + chunk]
-    profiled = sigma_table.update(profiled, dataset.train, sharder, config,
-                                  visit._replace(order=order))
-    rows.append(np.asarray(profiled.sigma_profile)[order])
-    after_chunk(rows[-1])
+
+  def after_chunk(state, indices):
+    rows.append(np.asarray(state.sigma_profile[jnp.asarray(indices)]))
+    keep(rows[-1])
+
+  sigma_table.update(jax.tree_util.tree_map(jnp.copy, base_state), dataset.train, sharder,
+                     config, visit._replace(order=visit.order[len(rows[0]):]), after_chunk)
   return np.concatenate(rows)
 
 
@@ -278,8 +278,8 @@ class ProfileParts:
   """The labels' profile pass in parts (storage/parts.py,
   WORKDIR/estimator/profile_parts/): one part per chunk of a column (a split at one σ), under
   the pass's settings, and the run's stop checked after each. A rerun with the same settings
-  goes on from the rows kept (each example's noise depends on its index alone, so
-  sigma_table.profile_of and sigma_table.update give the same rows), so a SIGTERM inside the pass stops it within a chunk and a kill -9 loses at most one;
+  goes on from the rows kept (each example's noise depends on its index alone, so the
+  function that began a column gives the same rows on), so a SIGTERM inside the pass stops it within a chunk and a kill -9 loses at most one;
   removed once profile.npz is written."""
 
   def __init__(self, context, settings: str):
@@ -326,12 +326,13 @@ def cached_profile(context, base_state, checked: list) -> dict:
   if checked:  # a profile of the base model keeps the key it had before experts existed
     settings["experts"] = checked
   key = json.dumps(settings, sort_keys=True)
+  parts = ProfileParts(c, key)
   if path.exists():
     with np.load(path) as saved:
       if str(saved["settings"]) == key and "holdout" in saved:
+        parts.remove()  # left by a kill between profile.npz and their removal
         return {"train": saved["profile"], "holdout": saved["holdout"]}
   fns = experts.load(checked)  # once, for both splits
-  parts = ProfileParts(c, key)
   profile = (profile_from_experts(c.config, c.dataset.train, fns, Stream.ESTIMATOR_LABELS, parts)
              if fns else profile_from_base(c.config, c.dataset, base_state, c.sharder, parts))
   holdout = (heldout_profile(c.config, c.dataset, base_state, fns, parts)
