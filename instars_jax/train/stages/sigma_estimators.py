@@ -275,12 +275,13 @@ def profile_from_experts(config, split, fns: dict, stream: Stream, parts=None) -
 
 
 class ProfileParts:
-  """The labels' profile pass in parts (storage/parts.py,
-  WORKDIR/estimator/profile_parts/): one part per chunk of a column (a split at one σ), under
-  the pass's settings, and the run's stop checked after each. A rerun with the same settings
-  goes on from the rows kept (each example's noise depends on its index alone, so the
-  function that began a column gives the same rows on), so a SIGTERM inside the pass stops it within a chunk and a kill -9 loses at most one;
-  removed once profile.npz is written."""
+  """The labels' profile pass in parts (storage/parts.py, WORKDIR/estimator/profile_parts/):
+  one part per chunk of a column (a split at one expert's σ, or at the whole grid for the base
+  model), under the pass's settings, and the run's stop checked after each. A rerun with the
+  same settings goes on from the rows kept (each example's noise depends on its index alone,
+  so the function that began a column gives the same rows on), so a SIGTERM inside the pass
+  stops it within a chunk and a kill -9 loses at most one; removed once profile.npz is
+  written."""
 
   def __init__(self, context, settings: str):
     self.parts = Parts(context.workdir.estimator_dir / "profile_parts", settings,
