@@ -274,7 +274,7 @@ def profile_from_experts(config, split, fns: dict, stream: Stream, parts=None) -
   return np.concatenate(columns, axis=1)
 
 
-class ProfileParts:
+class ProfileParts(Parts):
   """The labels' profile pass in parts (storage/parts.py, WORKDIR/estimator/profile_parts/):
   one part per chunk of a column (a split at one expert's σ, or at the whole grid for the base
   model), under the pass's settings, and the run's stop checked after each. A rerun with the
@@ -284,10 +284,10 @@ class ProfileParts:
   written."""
 
   def __init__(self, context, settings: str):
-    self.parts = Parts(context.workdir.estimator_dir / "profile_parts", settings,
-                       writer=jax.process_index() == 0)
+    super().__init__(context.workdir.estimator_dir / "profile_parts", settings,
+                     writer=jax.process_index() == 0)
     self.check_stop, columns = context.check_stop, {}
-    for part in self.parts.load():
+    for part in self.load():
       columns.setdefault(str(part["column"]), []).append(part["rows"])
     self.kept = {name: np.concatenate(rows) for name, rows in columns.items()}
 
@@ -296,11 +296,8 @@ class ProfileParts:
     return self.kept.get(name), functools.partial(self.keep, name)
 
   def keep(self, name: str, rows) -> None:
-    self.parts.append(column=np.asarray(name), rows=rows)
+    self.append(column=np.asarray(name), rows=rows)
     self.check_stop("the rest of the labels' profile pass (it goes on from the rows kept)")
-
-  def remove(self) -> None:
-    self.parts.remove()
 
 
 def heldout_profile(config, dataset, base_state, fns: dict, parts) -> np.ndarray:
